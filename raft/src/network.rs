@@ -1,0 +1,158 @@
+//! Node-to-node transport: Raft RPCs and leader requests over HTTP, bodies in msgpack.
+//!
+//! One pooled `reqwest::Client` per node carries everything (keep-alive connections are
+//! reused across heartbeats and appends). Every request carries the cluster token. Transport
+//! failures are reported to openraft as `Unreachable`, so it backs off instead of spinning
+//! on a dead peer.
+
+use std::time::Duration;
+
+use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
+use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+    VoteResponse,
+};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::log_store::{decode, encode};
+use crate::{Node, NodeId, TypeConfig};
+
+/// Paths of the node-to-node routes, relative to a node's address.
+pub mod paths {
+    pub const APPEND: &str = "raft/append";
+    pub const VOTE: &str = "raft/vote";
+    pub const SNAPSHOT: &str = "raft/snapshot";
+    pub const LEADER: &str = "raft/leader";
+}
+
+pub const MSGPACK: &str = "application/msgpack";
+
+/// Why a call to a peer failed.
+#[derive(Debug, thiserror::Error)]
+pub enum TransportError {
+    /// The request never reached the peer (connection refused, no route): safe to retry.
+    #[error("cannot connect to {addr}: {source}")]
+    Connect { addr: String, source: reqwest::Error },
+    /// The request may or may not have reached the peer.
+    #[error("request to {addr} failed: {message}")]
+    Failed { addr: String, message: String },
+}
+
+/// The pooled HTTP client every node uses to reach its peers.
+#[derive(Clone)]
+pub struct PeerClient {
+    http: reqwest::Client,
+    token: Option<String>,
+}
+
+impl PeerClient {
+    pub fn new(token: Option<String>) -> Self {
+        let http = reqwest::Client::builder()
+            .pool_idle_timeout(Duration::from_secs(60))
+            .pool_max_idle_per_host(32)
+            .tcp_nodelay(true)
+            .connect_timeout(Duration::from_millis(500))
+            .build()
+            .expect("the HTTP client builds with static settings");
+        PeerClient { http, token }
+    }
+
+    /// POSTs `body` as msgpack to `addr/path` and decodes the msgpack answer.
+    pub async fn call<Req: Serialize, Resp: DeserializeOwned>(
+        &self,
+        addr: &str,
+        path: &str,
+        body: &Req,
+        timeout: Duration,
+    ) -> Result<Resp, TransportError> {
+        let failed = |message: String| TransportError::Failed { addr: addr.to_string(), message };
+        let bytes = encode(body).map_err(|e| failed(format!("encode: {e}")))?;
+        let url = format!("{}/{}", addr.trim_end_matches('/'), path);
+        let mut req = self.http.post(&url).header("content-type", MSGPACK).body(bytes).timeout(timeout);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.map_err(|e| {
+            if e.is_connect() {
+                TransportError::Connect { addr: addr.to_string(), source: e }
+            } else {
+                failed(e.to_string())
+            }
+        })?;
+        let status = resp.status();
+        let body = resp.bytes().await.map_err(|e| failed(e.to_string()))?;
+        if !status.is_success() {
+            let text = String::from_utf8_lossy(&body);
+            return Err(failed(format!("HTTP {status}: {}", text.chars().take(300).collect::<String>())));
+        }
+        decode(&body).map_err(|e| failed(format!("decode: {e}")))
+    }
+}
+
+/// Builds one [`PeerNetwork`] per replication target.
+pub struct NetworkFactory {
+    pub client: PeerClient,
+}
+
+impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
+    type Network = PeerNetwork;
+
+    async fn new_client(&mut self, target: NodeId, node: &Node) -> Self::Network {
+        PeerNetwork { client: self.client.clone(), target, addr: node.addr.clone() }
+    }
+}
+
+pub struct PeerNetwork {
+    client: PeerClient,
+    target: NodeId,
+    addr: String,
+}
+
+impl PeerNetwork {
+    async fn rpc<Req, Resp, E>(
+        &self,
+        path: &str,
+        req: &Req,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, Node, RaftError<NodeId, E>>>
+    where
+        Req: Serialize,
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
+        let result: Result<Resp, RaftError<NodeId, E>> =
+            self.client.call(&self.addr, path, req, option.hard_ttl()).await.map_err(|e| match e {
+                TransportError::Connect { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+                TransportError::Failed { .. } => RPCError::Network(NetworkError::new(&e)),
+            })?;
+        result.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, Node::new(&self.addr), e)))
+    }
+}
+
+impl RaftNetwork<TypeConfig> for PeerNetwork {
+    async fn append_entries(
+        &mut self,
+        rpc: AppendEntriesRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        self.rpc(paths::APPEND, &rpc, &option).await
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        rpc: InstallSnapshotRequest<TypeConfig>,
+        option: RPCOption,
+    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>> {
+        self.rpc(paths::SNAPSHOT, &rpc, &option).await
+    }
+
+    async fn vote(
+        &mut self,
+        rpc: VoteRequest<NodeId>,
+        option: RPCOption,
+    ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
+        self.rpc(paths::VOTE, &rpc, &option).await
+    }
+}

@@ -1,0 +1,503 @@
+//! [`RaftNode`]: one server's Raft instance plus what the API needs from it.
+//!
+//! Any node accepts any request. A request that must run on the leader
+//! ([`LeaderRequest`]) runs locally when this node leads and is otherwise forwarded once to
+//! the leader over `/raft/leader`; the leader never forwards further. A request is retried
+//! only while it is certain it was not proposed (no leader known, the peer was not the
+//! leader, the connection was refused); once a request may have reached the log, its
+//! outcome is reported, never silently repeated, so a compare-and-swap cannot win twice.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use flotilla_store::{Command, Response};
+use openraft::error::{
+    ChangeMembershipError, CheckIsLeaderError, ClientWriteError, InitializeError, RaftError,
+};
+use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{ErrorKind, NodeError, StartError};
+use crate::log_store::LogStore;
+use crate::network::{paths, NetworkFactory, PeerClient, TransportError};
+use crate::state_machine::{SharedState, StateMachineStore};
+use crate::{Node, NodeId, Raft};
+
+/// Settings of one node. Timing defaults suit nodes on one LAN with an fsync well under
+/// the heartbeat interval (each AppendEntries call must finish within it).
+#[derive(Clone, Debug)]
+pub struct NodeConfig {
+    pub id: NodeId,
+    pub data_dir: PathBuf,
+    pub cluster_token: Option<String>,
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot after this many entries since the last one.
+    pub snapshot_logs: u64,
+    /// Entries kept in the log behind the last snapshot (for slow followers).
+    pub max_logs_keep: u64,
+    /// How long a request waits for a leader or a commit before it gives up.
+    pub request_timeout_ms: u64,
+    pub cache_capacity_bytes: u64,
+}
+
+impl NodeConfig {
+    pub fn new(id: NodeId, data_dir: PathBuf) -> Self {
+        NodeConfig {
+            id,
+            data_dir,
+            cluster_token: None,
+            heartbeat_ms: 150,
+            election_timeout_min_ms: 500,
+            election_timeout_max_ms: 1000,
+            snapshot_logs: 5000,
+            max_logs_keep: 1000,
+            request_timeout_ms: 5000,
+            cache_capacity_bytes: 64 * 1024 * 1024,
+        }
+    }
+}
+
+/// What only the leader can do.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum LeaderRequest {
+    Write(Command),
+    /// The leader confirms its leadership with a quorum and returns the index a follower
+    /// must have applied before it may serve a linearizable read (ReadIndex).
+    ReadIndex,
+    AddLearner { id: NodeId, addr: String },
+    SetVoters { ids: BTreeSet<NodeId> },
+    RemoveNode { id: NodeId },
+    Status,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub enum LeaderResponse {
+    Written { index: u64, response: Response },
+    ReadIndex(u64),
+    Membership { index: u64 },
+    Status(ClusterStatus),
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    pub id: NodeId,
+    pub addr: String,
+    /// `voter` or `learner`.
+    pub role: String,
+    /// Last log index known to be on that node (leader's view; `null` when unknown).
+    pub matched_index: Option<u64>,
+    /// How many entries it is behind the leader's last log index (`null` when unknown).
+    pub lag: Option<u64>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub leader_id: Option<NodeId>,
+    /// The node that answered.
+    pub node_id: NodeId,
+    pub state: String,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub last_log_index: u64,
+    pub snapshot_index: Option<u64>,
+    pub purged_index: Option<u64>,
+    pub membership_index: Option<u64>,
+    pub nodes: Vec<NodeStatus>,
+}
+
+/// A failed attempt: retry (it certainly did not take effect) or give up with this error.
+enum Attempt {
+    Retry(String),
+    Fail(NodeError),
+}
+
+pub struct RaftNode {
+    pub id: NodeId,
+    pub raft: Raft,
+    pub state: SharedState,
+    peers: PeerClient,
+    db: sled::Db,
+    log: LogStore,
+    sm: StateMachineStore,
+    request_timeout: Duration,
+}
+
+impl RaftNode {
+    /// Opens (or creates) the node's store under `data_dir/raft` and starts Raft.
+    pub async fn start(cfg: NodeConfig) -> Result<Arc<RaftNode>, StartError> {
+        let path = cfg.data_dir.join("raft");
+        let open_err = |e: Box<dyn std::error::Error + Send + Sync>| StartError::Open {
+            path: path.display().to_string(),
+            id: cfg.id,
+            source: e,
+        };
+        std::fs::create_dir_all(&path).map_err(|e| open_err(Box::new(e)))?;
+        let db = sled::Config::new()
+            .path(&path)
+            .cache_capacity(cfg.cache_capacity_bytes)
+            .mode(sled::Mode::HighThroughput)
+            .open()
+            .map_err(|e| open_err(Box::new(e)))?;
+
+        let meta = db.open_tree("meta").map_err(|e| open_err(Box::new(e)))?;
+        match meta.get("node_id").map_err(|e| open_err(Box::new(e)))? {
+            Some(found) => {
+                let found = u64::from_be_bytes(found.as_ref().try_into().unwrap_or([0; 8]));
+                if found != cfg.id {
+                    return Err(StartError::WrongNode { path: path.display().to_string(), found, wanted: cfg.id });
+                }
+            }
+            None => {
+                meta.insert("node_id", &cfg.id.to_be_bytes()).map_err(|e| open_err(Box::new(e)))?;
+                db.flush().map_err(|e| open_err(Box::new(e)))?;
+            }
+        }
+
+        let log = LogStore::open(&db).map_err(|e| open_err(Box::new(e)))?;
+        let sm = StateMachineStore::open(&db).map_err(|e| open_err(Box::new(e)))?;
+        let state = sm.shared();
+
+        let raft_config = openraft::Config {
+            cluster_name: "flotilla".into(),
+            heartbeat_interval: cfg.heartbeat_ms,
+            election_timeout_min: cfg.election_timeout_min_ms,
+            election_timeout_max: cfg.election_timeout_max_ms,
+            install_snapshot_timeout: 10_000,
+            snapshot_policy: SnapshotPolicy::LogsSinceLast(cfg.snapshot_logs),
+            max_in_snapshot_log_to_keep: cfg.max_logs_keep,
+            ..Default::default()
+        }
+        .validate()
+        .map_err(|e| StartError::Config(e.to_string()))?;
+
+        let peers = PeerClient::new(cfg.cluster_token.clone());
+        let network = NetworkFactory { client: peers.clone() };
+        let raft = Raft::new(cfg.id, Arc::new(raft_config), network, log.clone(), sm.clone())
+            .await
+            .map_err(|e| StartError::Raft(e.to_string()))?;
+
+        Ok(Arc::new(RaftNode {
+            id: cfg.id,
+            raft,
+            state,
+            peers,
+            db,
+            log,
+            sm,
+            request_timeout: Duration::from_millis(cfg.request_timeout_ms),
+        }))
+    }
+
+    /// Stops Raft and flushes the store. Stop serving RPCs before calling this.
+    pub async fn shutdown(&self) {
+        if let Err(e) = self.raft.shutdown().await {
+            tracing::warn!(error = %e, "raft shutdown");
+        }
+        if let Err(e) = self.db.flush_async().await {
+            tracing::error!(error = %e, "final flush of the store failed");
+        }
+    }
+
+    pub fn current_leader(&self) -> Option<NodeId> {
+        self.raft.metrics().borrow().current_leader
+    }
+
+    pub fn is_leader(&self) -> bool {
+        self.current_leader() == Some(self.id)
+    }
+
+    fn leader_addr(&self, leader: NodeId) -> Option<String> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        m.membership_config.membership().get_node(&leader).map(|n| n.addr.clone())
+    }
+
+    /// Entries kept in the log, and the size of the snapshot on disk (for metrics).
+    pub fn storage_sizes(&self) -> (usize, u64) {
+        (self.log.entry_count(), self.sm.snapshot_size_bytes())
+    }
+
+    /// Proposes `cmd` through the leader and returns its log index and response.
+    pub async fn write(&self, cmd: Command) -> Result<(u64, Response), NodeError> {
+        cmd.validate().map_err(|e| NodeError::bad_request(e.to_string()))?;
+        match self.leader_request(LeaderRequest::Write(cmd)).await? {
+            LeaderResponse::Written { index, response } => Ok((index, response)),
+            other => Err(NodeError::internal("write", format!("unexpected leader response {other:?}"))),
+        }
+    }
+
+    /// Returns once this replica has applied every write acknowledged before the call.
+    pub async fn linearizable_barrier(&self) -> Result<(), NodeError> {
+        let index = match self.leader_request(LeaderRequest::ReadIndex).await? {
+            LeaderResponse::ReadIndex(i) => i,
+            other => return Err(NodeError::internal("read index", format!("unexpected leader response {other:?}"))),
+        };
+        self.wait_applied(index).await
+    }
+
+    /// Waits until this replica has applied `index`.
+    pub async fn wait_applied(&self, index: u64) -> Result<(), NodeError> {
+        let mut rx = self.state.subscribe();
+        let result = tokio::time::timeout(self.request_timeout, rx.wait_for(|applied| *applied >= index)).await;
+        match result.map(|r| r.map(|_| ())) {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(NodeError::unavailable("node is shutting down")),
+            Err(_) => Err(NodeError::unavailable(format!("this node has not caught up to index {index} in time"))),
+        }
+    }
+
+    /// Runs `req` on the leader, wherever it is, retrying only what surely did not happen.
+    pub async fn leader_request(&self, req: LeaderRequest) -> Result<LeaderResponse, NodeError> {
+        let deadline = Instant::now() + self.request_timeout;
+        let mut delay = Duration::from_millis(10);
+        loop {
+            let attempt = match self.current_leader() {
+                Some(leader) if leader == self.id => self.run_on_leader(req.clone()).await,
+                Some(leader) => match self.leader_addr(leader) {
+                    Some(addr) => self.forward(leader, &addr, &req).await,
+                    None => Err(Attempt::Retry(format!("leader {leader} is not in this node's membership yet"))),
+                },
+                None => Err(Attempt::Retry("no leader is elected (is the cluster initialized?)".into())),
+            };
+            match attempt {
+                Ok(resp) => return Ok(resp),
+                Err(Attempt::Fail(e)) => return Err(e),
+                Err(Attempt::Retry(why)) => {
+                    if Instant::now() + delay > deadline {
+                        return Err(NodeError::unavailable(format!("no leader could take the request: {why}")));
+                    }
+                    tracing::debug!(%why, "retrying leader request");
+                    tokio::time::sleep(delay).await;
+                    delay = (delay * 2).min(Duration::from_millis(200));
+                }
+            }
+        }
+    }
+
+    async fn forward(&self, leader: NodeId, addr: &str, req: &LeaderRequest) -> Result<LeaderResponse, Attempt> {
+        let timeout = self.request_timeout + Duration::from_secs(1);
+        let result: Result<Result<LeaderResponse, NodeError>, TransportError> =
+            self.peers.call(addr, paths::LEADER, req, timeout).await;
+        match result {
+            Ok(Ok(resp)) => Ok(resp),
+            Ok(Err(e)) if e.kind == ErrorKind::Unavailable && e.message.starts_with(NOT_LEADER) => {
+                Err(Attempt::Retry(e.message))
+            }
+            Ok(Err(e)) => Err(Attempt::Fail(e)),
+            Err(e @ TransportError::Connect { .. }) => Err(Attempt::Retry(format!("leader {leader}: {e}"))),
+            Err(e) => Err(Attempt::Fail(NodeError::unavailable(format!(
+                "lost contact with leader {leader} during the request; it may or may not have been applied: {e}"
+            )))),
+        }
+    }
+
+    /// Entry point of `/raft/leader`: runs the request here, and only if this node leads.
+    pub async fn handle_leader_request(&self, req: LeaderRequest) -> Result<LeaderResponse, NodeError> {
+        self.run_on_leader(req).await.map_err(|a| match a {
+            Attempt::Retry(why) => NodeError::unavailable(why),
+            Attempt::Fail(e) => e,
+        })
+    }
+
+    async fn run_on_leader(&self, req: LeaderRequest) -> Result<LeaderResponse, Attempt> {
+        let work = async {
+            match req {
+                LeaderRequest::Write(cmd) => {
+                    let r = self.raft.client_write(cmd).await.map_err(write_err)?;
+                    Ok(LeaderResponse::Written { index: r.log_id.index, response: r.data })
+                }
+                LeaderRequest::ReadIndex => {
+                    let (read, _applied) = self.raft.get_read_log_id().await.map_err(read_err)?;
+                    Ok(LeaderResponse::ReadIndex(read.map_or(0, |l| l.index)))
+                }
+                LeaderRequest::AddLearner { id, addr } => self.add_learner(id, addr).await,
+                LeaderRequest::SetVoters { ids } => self.set_voters(ids).await,
+                LeaderRequest::RemoveNode { id } => self.remove_node(id).await,
+                LeaderRequest::Status => {
+                    if !self.is_leader() {
+                        return Err(Attempt::Retry(format!("{NOT_LEADER}: node {} is not the leader", self.id)));
+                    }
+                    Ok(LeaderResponse::Status(self.local_status().await))
+                }
+            }
+        };
+        match tokio::time::timeout(self.request_timeout, work).await {
+            Ok(r) => r,
+            Err(_) => Err(Attempt::Fail(NodeError::unavailable(
+                "the leader did not commit the request in time (no quorum?); it may or may not be applied later",
+            ))),
+        }
+    }
+
+    async fn add_learner(&self, id: NodeId, addr: String) -> Result<LeaderResponse, Attempt> {
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let m = membership.membership();
+        if m.voter_ids().any(|v| v == id) {
+            return Err(Attempt::Fail(NodeError::conflict(format!("node {id} is already a voter"))));
+        }
+        if let Some(existing) = m.get_node(&id) {
+            if existing.addr != addr {
+                return Err(Attempt::Fail(NodeError::conflict(format!(
+                    "node {id} is already a learner at {}; remove it first to change its address",
+                    existing.addr
+                ))));
+            }
+        }
+        if m.nodes().count() >= flotilla_store::limits::MAX_CLUSTER_NODES {
+            return Err(Attempt::Fail(NodeError::conflict("the cluster already has the most nodes allowed")));
+        }
+        let r = self
+            .raft
+            .change_membership(ChangeMembers::AddNodes(BTreeMap::from([(id, Node::new(addr))])), true)
+            .await
+            .map_err(write_err)?;
+        Ok(LeaderResponse::Membership { index: r.log_id.index })
+    }
+
+    async fn set_voters(&self, ids: BTreeSet<NodeId>) -> Result<LeaderResponse, Attempt> {
+        if ids.is_empty() {
+            return Err(Attempt::Fail(NodeError::bad_request("the set of voters must not be empty")));
+        }
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        for id in &ids {
+            if membership.membership().get_node(id).is_none() {
+                return Err(Attempt::Fail(NodeError::bad_request(format!(
+                    "node {id} is not a member; add it as a learner first"
+                ))));
+            }
+        }
+        let r = self.raft.change_membership(ChangeMembers::ReplaceAllVoters(ids), true).await.map_err(write_err)?;
+        Ok(LeaderResponse::Membership { index: r.log_id.index })
+    }
+
+    async fn remove_node(&self, id: NodeId) -> Result<LeaderResponse, Attempt> {
+        let membership = self.raft.metrics().borrow().membership_config.clone();
+        let m = membership.membership();
+        if m.get_node(&id).is_none() {
+            return Err(Attempt::Fail(NodeError::not_found(format!("node {id} is not a member of the cluster"))));
+        }
+        let voters: BTreeSet<NodeId> = m.voter_ids().collect();
+        let change = if voters.contains(&id) {
+            if voters.len() == 1 {
+                return Err(Attempt::Fail(NodeError::conflict(format!("node {id} is the last voter; it cannot be removed"))));
+            }
+            ChangeMembers::RemoveVoters(BTreeSet::from([id]))
+        } else {
+            ChangeMembers::RemoveNodes(BTreeSet::from([id]))
+        };
+        let r = self.raft.change_membership(change, false).await.map_err(write_err)?;
+        Ok(LeaderResponse::Membership { index: r.log_id.index })
+    }
+
+    /// Bootstraps a new cluster from this node; returns once a leader has committed the
+    /// first membership.
+    pub async fn initialize(&self, nodes: BTreeMap<NodeId, String>) -> Result<(), NodeError> {
+        if nodes.is_empty() {
+            return Err(NodeError::bad_request("at least one node is needed"));
+        }
+        if nodes.len() > flotilla_store::limits::MAX_CLUSTER_NODES {
+            return Err(NodeError::bad_request("too many nodes"));
+        }
+        let members: BTreeMap<NodeId, Node> = nodes.into_iter().map(|(id, addr)| (id, Node::new(addr))).collect();
+        self.raft.initialize(members).await.map_err(|e| match e {
+            RaftError::APIError(InitializeError::NotAllowed(_)) => {
+                NodeError::conflict("this node is already part of an initialized cluster; nothing was changed")
+            }
+            RaftError::APIError(InitializeError::NotInMembers(_)) => {
+                NodeError::bad_request(format!("this node (id {}) must be one of the nodes", self.id))
+            }
+            RaftError::Fatal(f) => NodeError::unavailable(f.to_string()),
+        })?;
+        let wait = self.raft.wait(Some(self.request_timeout * 2));
+        wait.metrics(
+            |m| m.current_leader.is_some() && m.last_applied.map(|l| l.index) >= m.membership_config.log_id().map(|l| l.index),
+            "a leader commits the initial membership",
+        )
+        .await
+        .map_err(|e| NodeError::unavailable(format!("initialized, but no leader was elected yet: {e}")))?;
+        Ok(())
+    }
+
+    /// The cluster as the leader sees it (with replication progress), from any node.
+    pub async fn cluster_status(&self) -> Result<ClusterStatus, NodeError> {
+        match self.leader_request(LeaderRequest::Status).await? {
+            LeaderResponse::Status(s) => Ok(s),
+            other => Err(NodeError::internal("status", format!("unexpected leader response {other:?}"))),
+        }
+    }
+
+    /// This node's own view, without asking anyone.
+    pub async fn local_status(&self) -> ClusterStatus {
+        let m = self.raft.metrics().borrow().clone();
+        let commit_index = self.raft.with_raft_state(|s| s.committed.map_or(0, |l| l.index)).await.unwrap_or(0);
+        let last_log_index = m.last_log_index.unwrap_or(0);
+        let membership = m.membership_config.membership();
+        let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
+        let nodes = membership
+            .nodes()
+            .map(|(id, node)| {
+                let matched_index = if *id == m.id {
+                    m.last_log_index
+                } else {
+                    m.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| l.index)
+                };
+                let matched_index = if m.state == ServerState::Leader || *id == m.id { matched_index } else { None };
+                NodeStatus {
+                    id: *id,
+                    addr: node.addr.clone(),
+                    role: if voters.contains(id) { "voter" } else { "learner" }.into(),
+                    matched_index,
+                    lag: matched_index.map(|i| last_log_index.saturating_sub(i)),
+                }
+            })
+            .collect();
+        ClusterStatus {
+            leader_id: m.current_leader,
+            node_id: m.id,
+            state: format!("{:?}", m.state).to_lowercase(),
+            term: m.current_term,
+            commit_index,
+            applied_index: m.last_applied.map_or(0, |l| l.index),
+            last_log_index,
+            snapshot_index: m.snapshot.map(|l| l.index),
+            purged_index: m.purged.map(|l| l.index),
+            membership_index: m.membership_config.log_id().map(|l| l.index),
+            nodes,
+        }
+    }
+}
+
+/// Prefix of the message a non-leader answers on `/raft/leader`, so the caller retries.
+const NOT_LEADER: &str = "not the leader";
+
+fn write_err(e: RaftError<NodeId, ClientWriteError<NodeId, Node>>) -> Attempt {
+    match e {
+        RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
+            Attempt::Retry(format!("{NOT_LEADER}; leader is {:?}", f.leader_id))
+        }
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => match c {
+            ChangeMembershipError::InProgress(_) => {
+                Attempt::Fail(NodeError::conflict(format!("another membership change is in progress: {c}")))
+            }
+            other => Attempt::Fail(NodeError::bad_request(other.to_string())),
+        },
+        RaftError::Fatal(f) => Attempt::Fail(NodeError::unavailable(format!("raft stopped: {f}"))),
+    }
+}
+
+fn read_err(e: RaftError<NodeId, CheckIsLeaderError<NodeId, Node>>) -> Attempt {
+    match e {
+        RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => {
+            Attempt::Retry(format!("{NOT_LEADER}; leader is {:?}", f.leader_id))
+        }
+        RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => {
+            Attempt::Fail(NodeError::unavailable(format!("the leader cannot reach a quorum: {q}")))
+        }
+        RaftError::Fatal(f) => Attempt::Fail(NodeError::unavailable(format!("raft stopped: {f}"))),
+    }
+}

@@ -1,0 +1,38 @@
+//! The receiving side of node-to-node Raft RPCs: msgpack in, msgpack out. The API crate
+//! mounts these on `/raft/*` behind the cluster token; this module owns the encoding so
+//! that both ends of the wire live in one crate.
+
+use crate::log_store::{decode, encode};
+use crate::node::LeaderRequest;
+use crate::{NodeError, RaftNode};
+
+#[derive(Clone, Copy, Debug)]
+pub enum RpcKind {
+    Append,
+    Vote,
+    Snapshot,
+    Leader,
+}
+
+/// The body could not be decoded: a 400 for the caller.
+#[derive(Debug, thiserror::Error)]
+#[error("malformed raft RPC body: {0}")]
+pub struct MalformedRpc(String);
+
+/// Handles one RPC body and returns the encoded `Result` to send back.
+pub async fn handle(node: &RaftNode, kind: RpcKind, body: &[u8]) -> Result<Vec<u8>, MalformedRpc> {
+    let bad = |e: rmp_serde::decode::Error| MalformedRpc(e.to_string());
+    let encoded = match kind {
+        RpcKind::Append => encode(&node.raft.append_entries(decode(body).map_err(bad)?).await),
+        RpcKind::Vote => encode(&node.raft.vote(decode(body).map_err(bad)?).await),
+        RpcKind::Snapshot => encode(&node.raft.install_snapshot(decode(body).map_err(bad)?).await),
+        RpcKind::Leader => {
+            let req: LeaderRequest = decode(body).map_err(bad)?;
+            encode(&node.handle_leader_request(req).await)
+        }
+    };
+    Ok(encoded.unwrap_or_else(|e| {
+        let err: Result<(), NodeError> = Err(NodeError::internal("encoding an RPC response", e));
+        encode(&err).unwrap_or_default()
+    }))
+}

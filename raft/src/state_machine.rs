@@ -1,0 +1,225 @@
+//! The state machine: the replicated [`State`] in memory, its snapshots on sled.
+//!
+//! `apply` is pure computation on memory (no I/O): the Raft log is the durable record of
+//! every change, and the state is rebuilt at start-up from the last snapshot plus the
+//! committed entries after it (openraft re-applies them, since the log store keeps the
+//! committed index). Snapshots are persisted (tree `snapshot`, flushed) before openraft may
+//! purge the log entries they cover, so the pair "snapshot + log" always holds every
+//! committed write.
+//!
+//! Readers share the state through [`SharedState`]; `applied` publishes the last applied
+//! index so that a linearizable read can wait until this replica has caught up.
+
+use std::io::Cursor;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, RwLock, RwLockReadGuard};
+
+use flotilla_store::{Response, State};
+use openraft::storage::RaftStateMachine;
+use openraft::{
+    EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
+    StorageError, StorageIOError, StoredMembership,
+};
+use serde::{Deserialize, Serialize};
+use tokio::sync::watch;
+
+use crate::log_store::{decode, encode};
+use crate::{Entry, Node, NodeId, TypeConfig};
+
+const KEY_CURRENT: &[u8] = b"current";
+
+/// The state machine's data: what a snapshot holds.
+#[derive(Debug, Default)]
+pub struct StateMachineData {
+    pub last_applied: Option<LogId<NodeId>>,
+    pub last_membership: StoredMembership<NodeId, Node>,
+    pub state: State,
+}
+
+/// A snapshot as kept on disk: its metadata and the encoded [`State`].
+#[derive(Serialize, Deserialize)]
+struct StoredSnapshot {
+    meta: SnapshotMeta<NodeId, Node>,
+    data: Vec<u8>,
+}
+
+/// Read access to the replicated state for the API and the scheduler.
+#[derive(Clone)]
+pub struct SharedState {
+    inner: Arc<RwLock<StateMachineData>>,
+    applied: watch::Receiver<u64>,
+}
+
+impl SharedState {
+    /// A read guard on the state; hold it briefly (never across an `.await`).
+    pub fn read(&self) -> RwLockReadGuard<'_, StateMachineData> {
+        self.inner.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Last applied log index on this replica.
+    pub fn applied_index(&self) -> u64 {
+        *self.applied.borrow()
+    }
+
+    /// A receiver that changes whenever this replica applies entries.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.applied.clone()
+    }
+}
+
+#[derive(Clone)]
+pub struct StateMachineStore {
+    inner: Arc<RwLock<StateMachineData>>,
+    db: sled::Db,
+    snapshots: sled::Tree,
+    applied_tx: Arc<watch::Sender<u64>>,
+    snapshot_seq: Arc<AtomicU64>,
+}
+
+fn sm_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    StorageIOError::new(ErrorSubject::StateMachine, verb, openraft::AnyError::new(&e)).into()
+}
+
+fn snap_err(meta: Option<&SnapshotMeta<NodeId, Node>>, verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+    let subject = match meta {
+        Some(m) => ErrorSubject::Snapshot(Some(m.signature())),
+        None => ErrorSubject::Snapshot(None),
+    };
+    StorageIOError::new(subject, verb, openraft::AnyError::new(&e)).into()
+}
+
+impl StateMachineStore {
+    /// Opens the snapshot tree and loads the last snapshot, if any, into memory.
+    pub fn open(db: &sled::Db) -> Result<Self, StorageError<NodeId>> {
+        let snapshots = db.open_tree("snapshot").map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
+        let mut data = StateMachineData::default();
+        if let Some(bytes) = snapshots.get(KEY_CURRENT).map_err(|e| snap_err(None, ErrorVerb::Read, e))? {
+            let stored: StoredSnapshot = decode(&bytes).map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
+            data.state = decode(&stored.data).map_err(|e| snap_err(Some(&stored.meta), ErrorVerb::Read, e))?;
+            data.last_applied = stored.meta.last_log_id;
+            data.last_membership = stored.meta.last_membership.clone();
+        }
+        let applied = data.last_applied.map_or(0, |l| l.index);
+        let (applied_tx, _) = watch::channel(applied);
+        Ok(StateMachineStore {
+            inner: Arc::new(RwLock::new(data)),
+            db: db.clone(),
+            snapshots,
+            applied_tx: Arc::new(applied_tx),
+            snapshot_seq: Arc::new(AtomicU64::new(0)),
+        })
+    }
+
+    pub fn shared(&self) -> SharedState {
+        SharedState { inner: self.inner.clone(), applied: self.applied_tx.subscribe() }
+    }
+
+    fn write(&self) -> std::sync::RwLockWriteGuard<'_, StateMachineData> {
+        self.inner.write().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn persist_snapshot(&self, meta: &SnapshotMeta<NodeId, Node>, data: &[u8]) -> Result<(), StorageError<NodeId>> {
+        let stored = StoredSnapshot { meta: meta.clone(), data: data.to_vec() };
+        let bytes = encode(&stored).map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
+        self.snapshots.insert(KEY_CURRENT, bytes).map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
+        self.db.flush_async().await.map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
+        Ok(())
+    }
+
+    /// Size in bytes of the snapshot kept on disk (0 when there is none).
+    pub fn snapshot_size_bytes(&self) -> u64 {
+        self.snapshots.get(KEY_CURRENT).ok().flatten().map_or(0, |b| b.len() as u64)
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let (data, last_applied, last_membership) = {
+            let sm = self.inner.read().unwrap_or_else(|p| p.into_inner());
+            let data = encode(&sm.state).map_err(|e| sm_err(ErrorVerb::Read, e))?;
+            (data, sm.last_applied, sm.last_membership.clone())
+        };
+        let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+        let snapshot_id = match last_applied {
+            Some(l) => format!("{}-{}-{}", l.leader_id, l.index, seq),
+            None => format!("none-{seq}"),
+        };
+        let meta = SnapshotMeta { last_log_id: last_applied, last_membership, snapshot_id };
+        self.persist_snapshot(&meta, &data).await?;
+        tracing::info!(last_log_id = ?meta.last_log_id, size_bytes = data.len(), "snapshot built");
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachineStore {
+    type SnapshotBuilder = StateMachineStore;
+
+    async fn applied_state(
+        &mut self,
+    ) -> Result<(Option<LogId<NodeId>>, StoredMembership<NodeId, Node>), StorageError<NodeId>> {
+        let sm = self.inner.read().unwrap_or_else(|p| p.into_inner());
+        Ok((sm.last_applied, sm.last_membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> Result<Vec<Response>, StorageError<NodeId>>
+    where
+        I: IntoIterator<Item = Entry> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut responses = Vec::new();
+        let last = {
+            let mut sm = self.write();
+            for entry in entries {
+                sm.last_applied = Some(entry.log_id);
+                let response = match entry.payload {
+                    EntryPayload::Blank => Response::None,
+                    EntryPayload::Normal(cmd) => sm.state.apply(entry.log_id.index, &cmd),
+                    EntryPayload::Membership(m) => {
+                        sm.last_membership = StoredMembership::new(Some(entry.log_id), m);
+                        Response::None
+                    }
+                };
+                responses.push(response);
+            }
+            sm.last_applied.map_or(0, |l| l.index)
+        };
+        self.applied_tx.send_replace(last);
+        Ok(responses)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(
+        &mut self,
+        meta: &SnapshotMeta<NodeId, Node>,
+        snapshot: Box<Cursor<Vec<u8>>>,
+    ) -> Result<(), StorageError<NodeId>> {
+        let data = snapshot.into_inner();
+        let state: State = decode(&data).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
+        // Persist first: if we crash after this, start-up loads the new snapshot.
+        self.persist_snapshot(meta, &data).await?;
+        {
+            let mut sm = self.write();
+            sm.state = state;
+            sm.last_applied = meta.last_log_id;
+            sm.last_membership = meta.last_membership.clone();
+        }
+        self.applied_tx.send_replace(meta.last_log_id.map_or(0, |l| l.index));
+        tracing::info!(last_log_id = ?meta.last_log_id, size_bytes = data.len(), "snapshot installed");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
+        let Some(bytes) = self.snapshots.get(KEY_CURRENT).map_err(|e| snap_err(None, ErrorVerb::Read, e))? else {
+            return Ok(None);
+        };
+        let stored: StoredSnapshot = decode(&bytes).map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
+        Ok(Some(Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(stored.data)) }))
+    }
+}

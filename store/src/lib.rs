@@ -1,0 +1,16 @@
+//! The replicated domain of flotilla: the state every server node holds, the one
+//! [`Command`] enum that changes it, and the limits that bound it.
+//!
+//! Everything here is pure: [`State::apply`] is a deterministic function of the current
+//! state, the Raft log index and the command, with no I/O, clocks or randomness, so every
+//! replica and every replay of the log reaches the same state.
+//!
+//! This crate must never depend on openraft, sled, tokio or any network code: it is the
+//! bottom of the stack (store ← raft ← scheduler ← api).
+
+pub mod command;
+pub mod limits;
+pub mod state;
+
+pub use command::{Command, CommandError, Response};
+pub use state::{KvEntry, State};
