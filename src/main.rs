@@ -1,1 +1,437 @@
-fn main(){}
+//! The `flotilla` binary: a thin command line over the crates. Servers are assembled in
+//! `flotilla_api::server`; client commands go through `flotilla_api::Client`.
+//!
+//! Exit codes: 0 ok, 1 request refused or failed (message on stderr), 2 usage error.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand, ValueEnum};
+use flotilla_api::server::{serve_node, ServerConfig};
+use flotilla_api::types::ClusterStatus;
+use flotilla_api::{Client, ClientError};
+use flotilla_raft::NodeConfig;
+
+#[derive(Parser)]
+#[command(name = "flotilla", version, about = "A self-contained run scheduler: Raft-replicated servers, Docker executors.")]
+struct Cli {
+    /// Log format on stderr.
+    #[arg(long, global = true, env = "FLOTILLA_LOG_FORMAT", value_enum, default_value = "text")]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(clap::Args, Clone)]
+struct ClientArgs {
+    /// Any server node's URL.
+    #[arg(long, env = "FLOTILLA_SERVER", default_value = "http://127.0.0.1:7700")]
+    server: String,
+    /// File holding the API token (the FLOTILLA_TOKEN variable may hold the token itself).
+    #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
+    token_file: Option<PathBuf>,
+    /// Print JSON instead of tables.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(clap::Args)]
+struct RaftTuning {
+    /// Raft heartbeat interval; every AppendEntries call must finish within it.
+    #[arg(long, env = "FLOTILLA_HEARTBEAT_MS", default_value_t = 150)]
+    heartbeat_ms: u64,
+    /// Minimum election timeout (the maximum is twice this).
+    #[arg(long, env = "FLOTILLA_ELECTION_TIMEOUT_MS", default_value_t = 500)]
+    election_timeout_ms: u64,
+    /// Build a snapshot every this many log entries.
+    #[arg(long, env = "FLOTILLA_SNAPSHOT_LOGS", default_value_t = 5000)]
+    snapshot_logs: u64,
+    /// Log entries kept behind the last snapshot for slow followers.
+    #[arg(long, env = "FLOTILLA_MAX_LOGS_KEEP", default_value_t = 1000)]
+    max_logs_keep: u64,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Run a server node: Raft member, REST API and (when leader) the scheduler.
+    Server {
+        #[arg(long, env = "FLOTILLA_ID")]
+        id: u64,
+        #[arg(long, env = "FLOTILLA_LISTEN", default_value = "127.0.0.1:7700")]
+        listen: SocketAddr,
+        #[arg(long, env = "FLOTILLA_DATA_DIR")]
+        data_dir: PathBuf,
+        /// URL other nodes and clients reach this node at (default http://LISTEN).
+        #[arg(long, env = "FLOTILLA_ADVERTISE")]
+        advertise: Option<String>,
+        /// API token file. Without one, only a loopback listener is allowed.
+        #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        /// Token file for Raft RPC between nodes (default: --token-file).
+        #[arg(long, env = "FLOTILLA_CLUSTER_TOKEN_FILE")]
+        cluster_token_file: Option<PathBuf>,
+        #[command(flatten)]
+        tuning: RaftTuning,
+    },
+    /// One-process development setup: a self-initialised single-node cluster.
+    Dev {
+        #[arg(long, env = "FLOTILLA_DATA_DIR", default_value = "./.flotilla")]
+        data_dir: PathBuf,
+        #[arg(long, env = "FLOTILLA_LISTEN", default_value = "127.0.0.1:7700")]
+        listen: SocketAddr,
+        #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+    },
+    /// Cluster bootstrap and membership.
+    Cluster {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: ClusterCmd,
+    },
+    /// The coordination key/value store.
+    Kv {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: KvCmd,
+    },
+    /// Maintenance mode.
+    Maintenance {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: MaintenanceCmd,
+    },
+}
+
+#[derive(Subcommand)]
+enum ClusterCmd {
+    /// Bootstrap a new cluster from these nodes (ID=URL, repeatable).
+    Init {
+        #[arg(long = "node", value_parser = parse_node, required = true)]
+        nodes: Vec<(u64, String)>,
+    },
+    /// Leader, term, commit index, members and replication lag.
+    Status {
+        /// This node's own view, without asking the leader.
+        #[arg(long)]
+        stale: bool,
+    },
+    /// Add a node as a learner; waits for the change to commit.
+    AddLearner {
+        #[arg(long = "node", value_parser = parse_node)]
+        node: (u64, String),
+    },
+    /// Make a learner a voter.
+    Promote { id: u64 },
+    /// Remove a voter or learner from the cluster.
+    Remove { id: u64 },
+}
+
+#[derive(Subcommand)]
+enum KvCmd {
+    Get {
+        key: String,
+        #[arg(long)]
+        stale: bool,
+    },
+    Put {
+        key: String,
+        value: String,
+        /// Only if the key's revision is this (0: only if it does not exist).
+        #[arg(long)]
+        prev_revision: Option<u64>,
+    },
+    Del {
+        key: String,
+        #[arg(long)]
+        prev_revision: Option<u64>,
+    },
+    Ls {
+        #[arg(default_value = "")]
+        prefix: String,
+        #[arg(long, default_value_t = 100)]
+        limit: usize,
+        #[arg(long)]
+        start_after: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum MaintenanceCmd {
+    Enable,
+    Disable,
+    Status,
+}
+
+fn parse_node(s: &str) -> Result<(u64, String), String> {
+    let (id, url) = s.split_once('=').ok_or_else(|| format!("{s:?} is not ID=URL"))?;
+    let id = id.trim().parse().map_err(|_| format!("{id:?} is not a node id"))?;
+    if !(url.starts_with("http://") || url.starts_with("https://")) {
+        return Err(format!("{url:?} is not an http(s):// URL"));
+    }
+    Ok((id, url.trim_end_matches('/').to_string()))
+}
+
+/// A failure the CLI reports: exit 1 for a refused or failed request, 2 for bad usage.
+enum Failure {
+    Refused(String),
+    Usage(String),
+}
+
+impl From<ClientError> for Failure {
+    fn from(e: ClientError) -> Self {
+        Failure::Refused(e.to_string())
+    }
+}
+
+fn read_token(path: &Option<PathBuf>) -> Result<Option<String>, Failure> {
+    match path {
+        None => Ok(None),
+        Some(p) => {
+            let t = std::fs::read_to_string(p)
+                .map_err(|e| Failure::Usage(format!("cannot read token file {}: {e}", p.display())))?;
+            let t = t.trim().to_string();
+            if t.is_empty() {
+                return Err(Failure::Usage(format!("token file {} is empty", p.display())));
+            }
+            Ok(Some(t))
+        }
+    }
+}
+
+fn client(args: &ClientArgs) -> Result<Client, Failure> {
+    let token = match read_token(&args.token_file)? {
+        Some(t) => Some(t),
+        None => std::env::var("FLOTILLA_TOKEN").ok().filter(|t| !t.is_empty()),
+    };
+    Ok(Client::new(&args.server, token))
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
+    match format {
+        LogFormat::Json => builder.json().init(),
+        LogFormat::Text => builder.init(),
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate()).expect("install SIGTERM handler");
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term.recv() => {}
+    }
+    tracing::info!("shutting down");
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::Refused(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::from(1)
+        }
+        Err(Failure::Usage(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), Failure> {
+    match cli.command {
+        Cmd::Server { id, listen, data_dir, advertise, token_file, cluster_token_file, tuning } => {
+            init_logging(cli.log_format);
+            let api_token = read_token(&token_file)?;
+            let cluster_token = match cluster_token_file {
+                Some(_) => read_token(&cluster_token_file)?,
+                None => api_token.clone(),
+            };
+            require_token_off_loopback(listen, &api_token)?;
+            let mut cfg = NodeConfig::new(id, data_dir);
+            cfg.cluster_token = cluster_token.clone();
+            cfg.heartbeat_ms = tuning.heartbeat_ms;
+            cfg.election_timeout_min_ms = tuning.election_timeout_ms;
+            cfg.election_timeout_max_ms = tuning.election_timeout_ms * 2;
+            cfg.snapshot_logs = tuning.snapshot_logs;
+            cfg.max_logs_keep = tuning.max_logs_keep;
+            let advertise = advertise.unwrap_or_else(|| format!("http://{listen}"));
+            let server_cfg = ServerConfig { api_token, cluster_token };
+            serve_node(cfg, listen, server_cfg, |_, addr| tracing::info!(id, %addr, %advertise, "node serving"), shutdown_signal())
+                .await
+                .map_err(|e| Failure::Refused(e.to_string()))
+        }
+        Cmd::Dev { data_dir, listen, token_file } => {
+            init_logging(cli.log_format);
+            let api_token = read_token(&token_file)?;
+            require_token_off_loopback(listen, &api_token)?;
+            dev(data_dir, listen, api_token).await
+        }
+        Cmd::Cluster { client: args, command } => cluster(&client(&args)?, args.json, command).await,
+        Cmd::Kv { client: args, command } => kv(&client(&args)?, args.json, command).await,
+        Cmd::Maintenance { client: args, command } => {
+            let c = client(&args)?;
+            match command {
+                MaintenanceCmd::Enable => c.set_maintenance(true).await?,
+                MaintenanceCmd::Disable => c.set_maintenance(false).await?,
+                MaintenanceCmd::Status => {
+                    let m = c.maintenance().await?;
+                    if args.json {
+                        print_json(&m);
+                    } else {
+                        println!("maintenance: {}", if m.enabled { "enabled" } else { "disabled" });
+                        for (id, on) in &m.nodes {
+                            println!("  node {id}: {}", if *on { "in maintenance" } else { "serving" });
+                        }
+                        for id in &m.unreachable {
+                            println!("  node {id}: unreachable");
+                        }
+                    }
+                }
+            }
+            Ok(())
+        }
+    }
+}
+
+fn require_token_off_loopback(listen: SocketAddr, token: &Option<String>) -> Result<(), Failure> {
+    if token.is_none() && !listen.ip().is_loopback() {
+        return Err(Failure::Usage(format!(
+            "listening on {listen} (not loopback) needs --token-file: unauthenticated access is only allowed on loopback"
+        )));
+    }
+    Ok(())
+}
+
+async fn dev(data_dir: PathBuf, listen: SocketAddr, api_token: Option<String>) -> Result<(), Failure> {
+    let cfg = NodeConfig::new(1, data_dir.clone());
+    let server_cfg = ServerConfig { api_token: api_token.clone(), cluster_token: api_token };
+    let data_dir_shown = data_dir.display().to_string();
+    serve_node(
+        cfg,
+        listen,
+        server_cfg,
+        move |node, addr| {
+            let node = node.clone();
+            let url = format!("http://{addr}");
+            tokio::spawn(async move {
+                let fresh = node.raft.metrics().borrow().membership_config.membership().nodes().next().is_none();
+                if fresh {
+                    if let Err(e) = node.initialize([(1, url.clone())].into()).await {
+                        tracing::error!(error = %e, "cannot initialise the dev cluster");
+                        return;
+                    }
+                }
+                println!("flotilla dev: API at {url} (data in {data_dir_shown})");
+            });
+        },
+        shutdown_signal(),
+    )
+    .await
+    .map_err(|e| Failure::Refused(e.to_string()))
+}
+
+fn print_json<T: serde::Serialize>(v: &T) {
+    println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
+}
+
+fn print_status(s: &ClusterStatus) {
+    let leader = s.leader_id.map_or("none".to_string(), |l| l.to_string());
+    println!("leader: {leader}  term: {}  commit index: {}  (answered by node {})", s.term, s.commit_index, s.node_id);
+    println!("{:<6} {:<8} {:<32} {:>10} {:>6}", "ID", "ROLE", "ADDRESS", "MATCHED", "LAG");
+    for n in &s.nodes {
+        let matched = n.matched_index.map_or("-".into(), |m| m.to_string());
+        let lag = n.lag.map_or("-".into(), |l| l.to_string());
+        let role = if Some(n.id) == s.leader_id { "leader" } else { n.role.as_str() };
+        println!("{:<6} {:<8} {:<32} {:>10} {:>6}", n.id, role, n.addr, matched, lag);
+    }
+}
+
+async fn cluster(c: &Client, json: bool, cmd: ClusterCmd) -> Result<(), Failure> {
+    let status = match cmd {
+        ClusterCmd::Init { nodes } => {
+            for (id, url) in &nodes {
+                Client::new(url, None)
+                    .health()
+                    .await
+                    .map_err(|e| Failure::Refused(format!("node {id} is not reachable at {url}: {e}")))?;
+            }
+            c.cluster_init(&nodes).await?
+        }
+        ClusterCmd::Status { stale } => c.cluster(stale).await?,
+        ClusterCmd::AddLearner { node: (id, url) } => c.add_learner(id, &url).await?,
+        ClusterCmd::Promote { id } => {
+            let current = c.cluster(false).await?;
+            if !current.nodes.iter().any(|n| n.id == id) {
+                return Err(Failure::Refused(format!("node {id} is not a member; add it as a learner first")));
+            }
+            let mut voters: Vec<u64> = current.nodes.iter().filter(|n| n.role == "voter").map(|n| n.id).collect();
+            if voters.contains(&id) {
+                return Err(Failure::Refused(format!("node {id} is already a voter")));
+            }
+            voters.push(id);
+            c.set_voters(&voters).await?
+        }
+        ClusterCmd::Remove { id } => {
+            c.remove_node(id).await?;
+            c.cluster(false).await?
+        }
+    };
+    if json {
+        print_json(&status);
+    } else {
+        print_status(&status);
+    }
+    Ok(())
+}
+
+async fn kv(c: &Client, json: bool, cmd: KvCmd) -> Result<(), Failure> {
+    match cmd {
+        KvCmd::Get { key, stale } => {
+            let item = c.kv_get(&key, stale).await?;
+            if json {
+                print_json(&item);
+            } else {
+                println!("{}", item.value);
+            }
+        }
+        KvCmd::Put { key, value, prev_revision } => {
+            let revision = c.kv_put(&key, &value, prev_revision).await?;
+            if json {
+                print_json(&serde_json::json!({ "revision": revision }));
+            } else {
+                println!("revision {revision}");
+            }
+        }
+        KvCmd::Del { key, prev_revision } => c.kv_delete(&key, prev_revision).await?,
+        KvCmd::Ls { prefix, limit, start_after } => {
+            let list = c.kv_list(&prefix, start_after.as_deref(), limit, false).await?;
+            if json {
+                print_json(&list);
+            } else {
+                for item in &list.items {
+                    println!("{}\t{}\t{}", item.key, item.revision, item.value);
+                }
+                if list.more {
+                    eprintln!("(more keys; continue with --start-after {:?})", list.items.last().map(|i| &i.key));
+                }
+            }
+        }
+    }
+    Ok(())
+}
+

@@ -1,1 +1,15 @@
+//! flotilla's HTTP face: the warp server of a node ([`server`]), its JSON error type
+//! ([`error`]), its metrics ([`metrics`]), the JSON shapes ([`types`]) and a typed client
+//! ([`client`]) used by the CLI, the executor and the tests.
+//!
+//! Handlers translate HTTP into calls on `flotilla_raft::RaftNode` and back; they hold no
+//! state of their own and never touch sled: every change is a Raft command.
 
+pub mod client;
+pub mod error;
+pub mod metrics;
+pub mod server;
+pub mod types;
+
+pub use client::{Client, ClientError};
+pub use error::{ApiError, ErrorBody};

@@ -1,0 +1,177 @@
+//! A typed client of the public API. A refused request keeps the server's status, code and
+//! message, so the CLI can print exactly what the server said.
+
+use std::time::Duration;
+
+use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+
+use crate::error::ErrorBody;
+use crate::types::*;
+
+/// Characters escaped in a key path segment ('/' is kept: keys may be paths).
+const KEY: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'#').add(b'%').add(b'?').add(b'<').add(b'>').add(b'`').add(b'{').add(b'}');
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// The server answered with an error.
+    #[error("{message} (HTTP {status}, {code})")]
+    Api { status: u16, code: String, message: String },
+    /// The server could not be reached or the answer could not be read.
+    #[error("cannot reach {url}: {message}")]
+    Transport { url: String, message: String },
+}
+
+impl ClientError {
+    pub fn status(&self) -> Option<u16> {
+        match self {
+            ClientError::Api { status, .. } => Some(*status),
+            ClientError::Transport { .. } => None,
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct Client {
+    base: String,
+    token: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Client {
+    pub fn new(base: &str, token: Option<String>) -> Self {
+        let http = reqwest::Client::builder()
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(Duration::from_secs(60))
+            .build()
+            .expect("static client settings");
+        Client { base: base.trim_end_matches('/').to_string(), token, http }
+    }
+
+    pub fn base(&self) -> &str {
+        &self.base
+    }
+
+    async fn send<T: DeserializeOwned>(&self, method: reqwest::Method, path: &str, body: Option<&impl Serialize>) -> Result<Option<T>, ClientError> {
+        let url = format!("{}{}", self.base, path);
+        let mut req = self.http.request(method, &url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        if let Some(b) = body {
+            req = req.json(b);
+        }
+        let transport = |e: reqwest::Error| ClientError::Transport { url: url.clone(), message: e.to_string() };
+        let resp = req.send().await.map_err(transport)?;
+        let status = resp.status().as_u16();
+        let bytes = resp.bytes().await.map_err(transport)?;
+        if !(200..300).contains(&status) {
+            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
+                Ok(e) => ClientError::Api { status, code: e.code, message: e.message },
+                Err(_) => ClientError::Api {
+                    status,
+                    code: "unknown".into(),
+                    message: String::from_utf8_lossy(&bytes).chars().take(300).collect(),
+                },
+            });
+        }
+        if status == 204 || bytes.is_empty() {
+            return Ok(None);
+        }
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| ClientError::Transport { url: url.clone(), message: format!("unreadable answer: {e}") })
+    }
+
+    async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
+        self.send::<T>(reqwest::Method::GET, path, None::<&()>).await?.ok_or_else(|| self.empty(path))
+    }
+
+    async fn with_body<T: DeserializeOwned>(&self, method: reqwest::Method, path: &str, body: &impl Serialize) -> Result<T, ClientError> {
+        self.send::<T>(method, path, Some(body)).await?.ok_or_else(|| self.empty(path))
+    }
+
+    async fn no_content(&self, method: reqwest::Method, path: &str) -> Result<(), ClientError> {
+        self.send::<serde_json::Value>(method, path, None::<&()>).await.map(|_| ())
+    }
+
+    fn empty(&self, path: &str) -> ClientError {
+        ClientError::Transport { url: format!("{}{}", self.base, path), message: "empty answer".into() }
+    }
+
+    fn key_path(key: &str) -> String {
+        format!("/api/v1/kv/{}", utf8_percent_encode(key.trim_start_matches('/'), KEY))
+    }
+
+    pub async fn health(&self) -> Result<Health, ClientError> {
+        self.get("/healthz").await
+    }
+
+    pub async fn kv_put(&self, key: &str, value: &str, prev_revision: Option<u64>) -> Result<u64, ClientError> {
+        let mut path = Self::key_path(key);
+        if let Some(p) = prev_revision {
+            path.push_str(&format!("?prev_revision={p}"));
+        }
+        let r: Revision = self.with_body(reqwest::Method::PUT, &path, &KvPutRequest { value: value.into() }).await?;
+        Ok(r.revision)
+    }
+
+    pub async fn kv_get(&self, key: &str, stale: bool) -> Result<KvItem, ClientError> {
+        let mut path = Self::key_path(key);
+        if stale {
+            path.push_str("?stale=true");
+        }
+        self.get(&path).await
+    }
+
+    pub async fn kv_delete(&self, key: &str, prev_revision: Option<u64>) -> Result<(), ClientError> {
+        let mut path = Self::key_path(key);
+        if let Some(p) = prev_revision {
+            path.push_str(&format!("?prev_revision={p}"));
+        }
+        self.no_content(reqwest::Method::DELETE, &path).await
+    }
+
+    pub async fn kv_list(&self, prefix: &str, start_after: Option<&str>, limit: usize, stale: bool) -> Result<KvList, ClientError> {
+        let mut q = vec![("prefix", prefix.to_string()), ("limit", limit.to_string())];
+        if let Some(a) = start_after {
+            q.push(("start_after", a.to_string()));
+        }
+        if stale {
+            q.push(("stale", "true".into()));
+        }
+        let qs = serde_urlencoded::to_string(&q).unwrap_or_default();
+        self.get(&format!("/api/v1/kv?{qs}")).await
+    }
+
+    pub async fn maintenance(&self) -> Result<Maintenance, ClientError> {
+        self.get("/api/v1/maintenance").await
+    }
+
+    pub async fn set_maintenance(&self, enabled: bool) -> Result<(), ClientError> {
+        let method = if enabled { reqwest::Method::PUT } else { reqwest::Method::DELETE };
+        self.no_content(method, "/api/v1/maintenance").await
+    }
+
+    pub async fn cluster(&self, stale: bool) -> Result<ClusterStatus, ClientError> {
+        self.get(if stale { "/api/v1/cluster?stale=true" } else { "/api/v1/cluster" }).await
+    }
+
+    pub async fn cluster_init(&self, nodes: &[(u64, String)]) -> Result<ClusterStatus, ClientError> {
+        let body = InitRequest { nodes: nodes.iter().map(|(id, a)| (id.to_string(), a.clone())).collect() };
+        self.with_body(reqwest::Method::POST, "/api/v1/cluster/init", &body).await
+    }
+
+    pub async fn add_learner(&self, id: u64, addr: &str) -> Result<ClusterStatus, ClientError> {
+        self.with_body(reqwest::Method::POST, "/api/v1/cluster/learners", &AddLearnerRequest { id, addr: addr.into() }).await
+    }
+
+    pub async fn set_voters(&self, ids: &[u64]) -> Result<ClusterStatus, ClientError> {
+        self.with_body(reqwest::Method::POST, "/api/v1/cluster/voters", &VotersRequest { ids: ids.to_vec() }).await
+    }
+
+    pub async fn remove_node(&self, id: u64) -> Result<(), ClientError> {
+        self.no_content(reqwest::Method::DELETE, &format!("/api/v1/cluster/nodes/{id}")).await
+    }
+}

@@ -1,0 +1,524 @@
+//! The HTTP server of a node: public API, health and metrics, and the node-to-node Raft
+//! routes, all on one listener.
+//!
+//! Routing is one `match` over (method, path segments) after one warp filter has gathered
+//! the request. That keeps every answer — unknown routes, wrong methods, oversized or
+//! malformed bodies, auth failures — in the same JSON error shape, decided in one place.
+//! Bodies are read as a stream with a hard cap per route family, so a huge or chunked
+//! body is refused without being buffered.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use flotilla_raft::network::MSGPACK;
+use flotilla_raft::rpc::{self, RpcKind};
+use flotilla_raft::{LeaderRequest, RaftNode};
+use flotilla_store::limits::{DEFAULT_LIST_LIMIT, MAX_API_BODY_BYTES, MAX_LIST_LIMIT, MAX_NODE_ADDR_BYTES, MAX_RAFT_BODY_BYTES};
+use flotilla_store::{Command, Response};
+use futures::{Stream, StreamExt};
+use percent_encoding::percent_decode_str;
+use serde::de::DeserializeOwned;
+use serde::Serialize;
+use tokio::net::TcpListener;
+use warp::http::{Method, StatusCode};
+use warp::Filter;
+
+use crate::error::ApiError;
+use crate::metrics::Metrics;
+use crate::types::*;
+
+pub struct ServerConfig {
+    /// Bearer token for `/api/v1/*`; `None` accepts unauthenticated requests.
+    pub api_token: Option<String>,
+    /// Bearer token for `/raft/*`; `None` accepts unauthenticated requests.
+    pub cluster_token: Option<String>,
+}
+
+/// What every handler can reach.
+pub struct Ctx {
+    pub node: Arc<RaftNode>,
+    pub cfg: ServerConfig,
+    pub metrics: Metrics,
+    peers: reqwest::Client,
+}
+
+impl Ctx {
+    pub fn new(node: Arc<RaftNode>, cfg: ServerConfig) -> Arc<Ctx> {
+        let peers = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(500))
+            .timeout(Duration::from_secs(2))
+            .build()
+            .expect("static client settings");
+        Arc::new(Ctx { node, cfg, metrics: Metrics::default(), peers })
+    }
+}
+
+/// Serves `ctx` on `listener` until `shutdown` resolves; in-flight requests finish first.
+pub async fn run(listener: TcpListener, ctx: Arc<Ctx>, shutdown: impl Future<Output = ()> + Send + 'static) {
+    let routes = warp::method()
+        .and(warp::path::full())
+        .and(warp::query::raw().or(warp::any().map(String::new)).unify())
+        .and(warp::header::optional::<String>("authorization"))
+        .and(warp::header::optional::<String>("content-length"))
+        .and(warp::body::stream())
+        .then(move |method: Method, path: warp::path::FullPath, query: String, auth, len, body| {
+            let ctx = ctx.clone();
+            let path = path.as_str().to_string();
+            async move { handle(ctx, method, path, query, auth, len, body).await }
+        });
+    warp::serve(routes).incoming(listener).graceful(shutdown).run().await;
+}
+
+/// Binds the listener (so a port conflict is reported before anything starts).
+pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    TcpListener::bind(addr).await
+}
+
+enum Reply {
+    Json(u16, Vec<u8>),
+    Text(u16, &'static str, String),
+    Msgpack(Vec<u8>),
+    Empty,
+}
+
+fn json<T: Serialize>(status: u16, v: &T) -> Reply {
+    Reply::Json(status, serde_json::to_vec(v).unwrap_or_default())
+}
+
+impl warp::Reply for Reply {
+    fn into_response(self) -> warp::reply::Response {
+        let (status, ct, body): (u16, &str, Vec<u8>) = match self {
+            Reply::Json(s, b) => (s, "application/json", b),
+            Reply::Text(s, ct, t) => (s, ct, t.into_bytes()),
+            Reply::Msgpack(b) => (200, MSGPACK, b),
+            Reply::Empty => (204, "application/json", Vec::new()),
+        };
+        let mut resp = warp::reply::Response::new(body.into());
+        *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+        resp.headers_mut().insert("content-type", warp::http::HeaderValue::from_static(match ct {
+            "application/json" => "application/json",
+            MSGPACK => MSGPACK,
+            _ => "text/plain; version=0.0.4; charset=utf-8",
+        }));
+        resp
+    }
+}
+
+async fn handle<S, B>(
+    ctx: Arc<Ctx>,
+    method: Method,
+    path: String,
+    query: String,
+    auth: Option<String>,
+    content_length: Option<String>,
+    body: S,
+) -> Reply
+where
+    S: Stream<Item = Result<B, warp::Error>> + Send + Unpin,
+    B: Buf,
+{
+    let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    let route = route_label(&segments);
+    let result = async {
+        let limit = if segments.first() == Some(&"raft") { MAX_RAFT_BODY_BYTES } else { MAX_API_BODY_BYTES };
+        if let Some(len) = content_length {
+            let len: u64 = len.trim().parse().map_err(|_| ApiError::bad_request("invalid content-length"))?;
+            if len > limit {
+                return Err(ApiError::payload_too_large(limit));
+            }
+        }
+        let body = read_body(body, limit).await?;
+        let query: HashMap<String, String> =
+            serde_urlencoded::from_str(&query).map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
+        let req = Request { method, segments: &segments, query, auth, body };
+        dispatch(&ctx, req).await
+    }
+    .await;
+    let reply = result.unwrap_or_else(|e| {
+        if e.status >= 500 {
+            tracing::warn!(status = e.status, message = %e.message, %path, "request failed");
+        }
+        json(e.status, &e.body())
+    });
+    let status = match &reply {
+        Reply::Json(s, _) | Reply::Text(s, _, _) => *s,
+        Reply::Msgpack(_) => 200,
+        Reply::Empty => 204,
+    };
+    ctx.metrics.request(route, status);
+    reply
+}
+
+async fn read_body<S, B>(mut body: S, limit: u64) -> Result<Bytes, ApiError>
+where
+    S: Stream<Item = Result<B, warp::Error>> + Unpin,
+    B: Buf,
+{
+    let mut buf = BytesMut::new();
+    while let Some(chunk) = body.next().await {
+        let chunk = chunk.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
+        if (buf.len() + chunk.remaining()) as u64 > limit {
+            return Err(ApiError::payload_too_large(limit));
+        }
+        buf.put(chunk);
+    }
+    Ok(buf.freeze())
+}
+
+struct Request<'a> {
+    method: Method,
+    segments: &'a [&'a str],
+    query: HashMap<String, String>,
+    auth: Option<String>,
+    body: Bytes,
+}
+
+impl Request<'_> {
+    fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+        if self.body.is_empty() {
+            return Err(ApiError::bad_request("request body is empty; a JSON object is expected"));
+        }
+        serde_json::from_slice(&self.body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+    }
+
+    fn flag(&self, name: &str) -> Result<bool, ApiError> {
+        match self.query.get(name).map(String::as_str) {
+            None | Some("false") | Some("0") => Ok(false),
+            Some("true") | Some("1") | Some("") => Ok(true),
+            Some(other) => Err(ApiError::bad_request(format!("query parameter {name}={other:?} is not a boolean"))),
+        }
+    }
+
+    fn number(&self, name: &str) -> Result<Option<u64>, ApiError> {
+        self.query
+            .get(name)
+            .map(|v| v.parse().map_err(|_| ApiError::bad_request(format!("query parameter {name}={v:?} is not a number"))))
+            .transpose()
+    }
+}
+
+/// Constant-time comparison of the presented bearer token with the expected one.
+fn authorized(expected: &Option<String>, auth: &Option<String>) -> bool {
+    let Some(expected) = expected else { return true };
+    let Some(presented) = auth.as_deref().and_then(|a| a.strip_prefix("Bearer ")) else { return false };
+    let (a, b) = (expected.as_bytes(), presented.trim().as_bytes());
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// A bounded set of labels for the request metrics.
+fn route_label(segments: &[&str]) -> &'static str {
+    match segments {
+        ["healthz"] => "healthz",
+        ["readyz"] => "readyz",
+        ["metrics"] => "metrics",
+        ["raft", ..] => "raft",
+        ["api", "v1", "kv", ..] => "kv",
+        ["api", "v1", "cluster", ..] => "cluster",
+        ["api", "v1", "maintenance"] => "maintenance",
+        _ => "other",
+    }
+}
+
+async fn dispatch(ctx: &Ctx, req: Request<'_>) -> Result<Reply, ApiError> {
+    let node = &ctx.node;
+    let m = req.method.clone();
+    match req.segments {
+        ["healthz"] if m == Method::GET => Ok(json(200, &Health { status: "ok".into(), node_id: node.id })),
+        ["readyz"] if m == Method::GET => readyz(ctx).await,
+        ["metrics"] if m == Method::GET => Ok(Reply::Text(200, "text/plain", render_metrics(ctx).await)),
+        ["healthz"] | ["readyz"] | ["metrics"] => Err(ApiError::method_not_allowed()),
+        ["raft", kind] => {
+            if !authorized(&ctx.cfg.cluster_token, &req.auth) {
+                return Err(ApiError::unauthorized());
+            }
+            if m != Method::POST {
+                return Err(ApiError::method_not_allowed());
+            }
+            let kind = match *kind {
+                "append" => RpcKind::Append,
+                "vote" => RpcKind::Vote,
+                "snapshot" => RpcKind::Snapshot,
+                "leader" => RpcKind::Leader,
+                _ => return Err(ApiError::not_found("no such raft route")),
+            };
+            let out = rpc::handle(node, kind, &req.body).await.map_err(|e| ApiError::bad_request(e.to_string()))?;
+            Ok(Reply::Msgpack(out))
+        }
+        ["api", "v1", rest @ ..] => {
+            if !authorized(&ctx.cfg.api_token, &req.auth) {
+                return Err(ApiError::unauthorized());
+            }
+            api_v1(ctx, rest, &req).await
+        }
+        _ => Err(ApiError::not_found(format!("no route for {} /{}", m, req.segments.join("/")))),
+    }
+}
+
+async fn api_v1(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -> Result<Reply, ApiError> {
+    let node = &ctx.node;
+    let m = &req.method;
+    match rest {
+        ["cluster"] if m == Method::GET => {
+            let status = if req.flag("stale")? { node.local_status().await } else { node.cluster_status().await? };
+            Ok(json(200, &status))
+        }
+        ["cluster", "init"] if m == Method::POST => {
+            let body: InitRequest = req.json()?;
+            let mut nodes = BTreeMap::new();
+            for (id, addr) in body.nodes {
+                let id: u64 = id.parse().map_err(|_| ApiError::bad_request(format!("node id {id:?} is not a number")))?;
+                nodes.insert(id, check_addr(&addr)?);
+            }
+            node.initialize(nodes).await?;
+            Ok(json(200, &node.cluster_status().await?))
+        }
+        ["cluster", "learners"] if m == Method::POST => {
+            let body: AddLearnerRequest = req.json()?;
+            let addr = check_addr(&body.addr)?;
+            membership(ctx, LeaderRequest::AddLearner { id: body.id, addr }).await?;
+            Ok(json(200, &node.cluster_status().await?))
+        }
+        ["cluster", "voters"] if m == Method::POST => {
+            let body: VotersRequest = req.json()?;
+            let ids: BTreeSet<u64> = body.ids.into_iter().collect();
+            membership(ctx, LeaderRequest::SetVoters { ids }).await?;
+            Ok(json(200, &node.cluster_status().await?))
+        }
+        ["cluster", "nodes", id] if m == Method::DELETE => {
+            let id: u64 = id.parse().map_err(|_| ApiError::bad_request(format!("node id {id:?} is not a number")))?;
+            membership(ctx, LeaderRequest::RemoveNode { id }).await?;
+            Ok(Reply::Empty)
+        }
+        ["cluster", ..] => route_or_405(rest),
+        ["kv"] if m == Method::GET => kv_list(ctx, req).await,
+        ["kv", key @ ..] if !key.is_empty() => {
+            let key = decode_key(key)?;
+            match *m {
+                Method::GET => kv_get(ctx, req, key).await,
+                Method::PUT => {
+                    let body: KvPutRequest = req.json()?;
+                    let prev_revision = req.number("prev_revision")?;
+                    let cmd = Command::KvPut { key, value: body.value, prev_revision };
+                    match write(ctx, cmd).await? {
+                        Response::KvPut { revision } => Ok(json(200, &Revision { revision })),
+                        other => Err(unexpected(other)),
+                    }
+                }
+                Method::DELETE => {
+                    let prev_revision = req.number("prev_revision")?;
+                    match write(ctx, Command::KvDelete { key, prev_revision }).await? {
+                        Response::KvDelete { .. } => Ok(Reply::Empty),
+                        other => Err(unexpected(other)),
+                    }
+                }
+                _ => Err(ApiError::method_not_allowed()),
+            }
+        }
+        ["kv"] => Err(ApiError::method_not_allowed()),
+        ["maintenance"] => match *m {
+            Method::GET if req.flag("local")? => {
+                let enabled = node.state.read().state.maintenance;
+                Ok(json(200, &LocalMaintenance { node_id: node.id, enabled }))
+            }
+            Method::GET => maintenance_status(ctx, req).await,
+            Method::PUT | Method::DELETE => {
+                let enabled = *m == Method::PUT;
+                write(ctx, Command::SetMaintenance { enabled }).await?;
+                Ok(Reply::Empty)
+            }
+            _ => Err(ApiError::method_not_allowed()),
+        },
+        _ => Err(ApiError::not_found(format!("no route for {} /api/v1/{}", m, rest.join("/")))),
+    }
+}
+
+fn route_or_405(rest: &[&str]) -> Result<Reply, ApiError> {
+    match rest {
+        ["cluster"] | ["cluster", "init"] | ["cluster", "learners"] | ["cluster", "voters"] | ["cluster", "nodes", _] => {
+            Err(ApiError::method_not_allowed())
+        }
+        _ => Err(ApiError::not_found(format!("no route for /api/v1/{}", rest.join("/")))),
+    }
+}
+
+fn unexpected(r: Response) -> ApiError {
+    match r {
+        Response::Rejected(e) => e.into(),
+        other => {
+            tracing::error!(response = ?other, "unexpected response to a command");
+            ApiError::internal()
+        }
+    }
+}
+
+fn check_addr(addr: &str) -> Result<String, ApiError> {
+    let ok = (addr.starts_with("http://") || addr.starts_with("https://"))
+        && addr.len() <= MAX_NODE_ADDR_BYTES
+        && reqwest::Url::parse(addr).map(|u| u.host().is_some()).unwrap_or(false);
+    if !ok {
+        return Err(ApiError::bad_request(format!("node address {addr:?} must be an http(s)://host:port URL")));
+    }
+    Ok(addr.trim_end_matches('/').to_string())
+}
+
+fn decode_key(segments: &[&str]) -> Result<String, ApiError> {
+    let raw = segments.join("/");
+    let key = percent_decode_str(&raw).decode_utf8().map_err(|_| ApiError::bad_request("key is not valid UTF-8"))?.into_owned();
+    flotilla_store::command::validate_key(&key)?;
+    Ok(key)
+}
+
+/// Proposes a command and records its latency; refusals become 4xx errors.
+async fn write(ctx: &Ctx, cmd: Command) -> Result<Response, ApiError> {
+    let kind = cmd.kind();
+    let start = Instant::now();
+    let result = ctx.node.write(cmd).await;
+    ctx.metrics.write(kind, matches!(&result, Ok((_, r)) if !matches!(r, Response::Rejected(_))), start.elapsed());
+    let (_, response) = result?;
+    match response {
+        Response::Rejected(e) => Err(e.into()),
+        ok => Ok(ok),
+    }
+}
+
+async fn membership(ctx: &Ctx, req: LeaderRequest) -> Result<(), ApiError> {
+    ctx.node.leader_request(req).await?;
+    Ok(())
+}
+
+/// Linearizable unless `?stale=true`.
+async fn read_barrier(ctx: &Ctx, req: &Request<'_>) -> Result<(), ApiError> {
+    if !req.flag("stale")? {
+        ctx.node.linearizable_barrier().await?;
+    }
+    Ok(())
+}
+
+async fn kv_get(ctx: &Ctx, req: &Request<'_>, key: String) -> Result<Reply, ApiError> {
+    read_barrier(ctx, req).await?;
+    let sm = ctx.node.state.read();
+    let entry = sm.state.kv.get(&key).ok_or_else(|| ApiError::not_found(format!("key {key:?} not found")))?;
+    let item = KvItem { key, value: entry.value.clone(), revision: entry.revision, create_revision: entry.create_revision };
+    Ok(json(200, &item))
+}
+
+async fn kv_list(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
+    let limit = req.number("limit")?.map_or(DEFAULT_LIST_LIMIT, |l| l as usize);
+    if limit == 0 || limit > MAX_LIST_LIMIT {
+        return Err(ApiError::bad_request(format!("limit must be between 1 and {MAX_LIST_LIMIT}")));
+    }
+    let prefix = req.query.get("prefix").map(String::as_str).unwrap_or("");
+    let start_after = req.query.get("start_after").map(String::as_str);
+    read_barrier(ctx, req).await?;
+    let sm = ctx.node.state.read();
+    let (items, more) = sm.state.kv_list(prefix, start_after, limit);
+    let items = items
+        .into_iter()
+        .map(|(k, e)| KvItem { key: k.clone(), value: e.value.clone(), revision: e.revision, create_revision: e.create_revision })
+        .collect();
+    Ok(json(200, &KvList { items, more }))
+}
+
+/// The replicated flag plus each member's own applied view, asked of every node at once.
+async fn maintenance_status(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
+    read_barrier(ctx, req).await?;
+    let enabled = ctx.node.state.read().state.maintenance;
+    let members: Vec<(u64, String)> = {
+        let metrics = ctx.node.raft.metrics();
+        let m = metrics.borrow();
+        m.membership_config.membership().nodes().map(|(id, n)| (*id, n.addr.clone())).collect()
+    };
+    let asks = members.into_iter().map(|(id, addr)| async move {
+        if id == ctx.node.id {
+            return (id, Some(ctx.node.state.read().state.maintenance));
+        }
+        let mut r = ctx.peers.get(format!("{addr}/api/v1/maintenance?local=true"));
+        if let Some(t) = &ctx.cfg.api_token {
+            r = r.bearer_auth(t);
+        }
+        let answer = match r.send().await {
+            Ok(resp) if resp.status().is_success() => resp.json::<LocalMaintenance>().await.ok().map(|l| l.enabled),
+            _ => None,
+        };
+        (id, answer)
+    });
+    let mut nodes = BTreeMap::new();
+    let mut unreachable = Vec::new();
+    for (id, answer) in futures::future::join_all(asks).await {
+        match answer {
+            Some(on) => {
+                nodes.insert(id.to_string(), on);
+            }
+            None => unreachable.push(id),
+        }
+    }
+    Ok(json(200, &Maintenance { enabled, nodes, unreachable }))
+}
+
+async fn readyz(ctx: &Ctx) -> Result<Reply, ApiError> {
+    let status = ctx.node.local_status().await;
+    let ready = status.leader_id.is_some() && status.applied_index >= status.commit_index;
+    let body = Ready {
+        ready,
+        node_id: ctx.node.id,
+        leader_id: status.leader_id,
+        applied_index: status.applied_index,
+        commit_index: status.commit_index,
+    };
+    Ok(json(if ready { 200 } else { 503 }, &body))
+}
+
+async fn render_metrics(ctx: &Ctx) -> String {
+    use std::fmt::Write;
+    let s = ctx.node.local_status().await;
+    let (log_entries, snapshot_bytes) = ctx.node.storage_sizes();
+    let mut out = String::new();
+    let gauges: [(&str, &str, u64); 9] = [
+        ("flotilla_raft_term", "Current Raft term.", s.term),
+        ("flotilla_raft_commit_index", "Highest committed log index known here.", s.commit_index),
+        ("flotilla_raft_applied_index", "Highest log index applied here.", s.applied_index),
+        ("flotilla_raft_last_log_index", "Last log index stored here.", s.last_log_index),
+        ("flotilla_raft_leader_id", "Id of the known leader (0 when none).", s.leader_id.unwrap_or(0)),
+        ("flotilla_raft_is_leader", "1 when this node is the leader.", u64::from(s.leader_id == Some(ctx.node.id))),
+        ("flotilla_raft_log_entries", "Entries kept in the log (purged after snapshots).", log_entries as u64),
+        ("flotilla_raft_snapshot_bytes", "Size of the last snapshot on disk.", snapshot_bytes),
+        ("flotilla_raft_members", "Voters and learners in the membership.", s.nodes.len() as u64),
+    ];
+    for (name, help, value) in gauges {
+        let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
+    }
+    ctx.metrics.render(&mut out);
+    out
+}
+
+/// Starts a node (store, Raft, HTTP) and serves it until `shutdown` resolves; then stops
+/// serving before stopping Raft, so no RPC arrives at a stopped Raft.
+pub async fn serve_node(
+    node_cfg: flotilla_raft::NodeConfig,
+    listen: SocketAddr,
+    cfg: ServerConfig,
+    on_ready: impl FnOnce(&Arc<RaftNode>, SocketAddr),
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> Result<(), ServeError> {
+    let listener = bind(listen).await.map_err(|e| ServeError::Bind(listen, e))?;
+    let local = listener.local_addr().map_err(|e| ServeError::Bind(listen, e))?;
+    let node = RaftNode::start(node_cfg).await?;
+    on_ready(&node, local);
+    let ctx = Ctx::new(node.clone(), cfg);
+    run(listener, ctx, shutdown).await;
+    tracing::info!("HTTP server stopped; stopping raft");
+    node.shutdown().await;
+    Ok(())
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error("cannot listen on {0}: {1}")]
+    Bind(SocketAddr, std::io::Error),
+    #[error(transparent)]
+    Start(#[from] flotilla_raft::StartError),
+}
