@@ -32,13 +32,13 @@ enum LogFormat {
 #[derive(clap::Args, Clone)]
 struct ClientArgs {
     /// Any server node's URL.
-    #[arg(long, env = "FLOTILLA_SERVER", default_value = "http://127.0.0.1:7700")]
+    #[arg(long, global = true, env = "FLOTILLA_SERVER", default_value = "http://127.0.0.1:7700")]
     server: String,
     /// File holding the API token (the FLOTILLA_TOKEN variable may hold the token itself).
-    #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
+    #[arg(long, global = true, env = "FLOTILLA_TOKEN_FILE")]
     token_file: Option<PathBuf>,
     /// Print JSON instead of tables.
-    #[arg(long)]
+    #[arg(long, global = true)]
     json: bool,
 }
 

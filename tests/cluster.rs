@@ -1,0 +1,242 @@
+//! Black-box tests of a replicated cluster: real `flotilla server` processes on loopback,
+//! real sled files, real TCP, SIGKILL.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_write_through_a_follower_is_read_from_every_node() {
+    let c = Cluster::bootstrap(3, &[]).await;
+    let leader = c.wait_for_leader().await;
+    let follower = c.running().into_iter().find(|id| *id != leader).unwrap();
+
+    let rev = c.client(follower).kv_put("greeting", "hello", None).await.expect("put via follower");
+    for id in 1..=3 {
+        let item = c.client(id).kv_get("greeting", false).await.expect("linearizable read");
+        assert_eq!((item.value.as_str(), item.revision), ("hello", rev), "node {id}");
+    }
+    let status = c.client(follower).cluster(false).await.unwrap();
+    assert_eq!(status.leader_id, Some(leader));
+    assert_eq!(status.nodes.len(), 3);
+    assert!(status.nodes.iter().all(|n| n.role == "voter"));
+    assert!(status.commit_index >= rev);
+}
+
+/// Writers that record every acknowledged write, spread over all nodes.
+struct Writers {
+    stop: Arc<AtomicBool>,
+    acked: Arc<Mutex<BTreeMap<String, String>>>,
+    handles: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Writers {
+    fn start(c: &Cluster, count: usize) -> Writers {
+        let stop = Arc::new(AtomicBool::new(false));
+        let acked = Arc::new(Mutex::new(BTreeMap::new()));
+        let seq = Arc::new(AtomicU64::new(0));
+        let urls: Vec<String> = c.nodes.keys().map(|id| c.url(*id)).collect();
+        let handles = (0..count)
+            .map(|w| {
+                let (stop, acked, seq, urls) = (stop.clone(), acked.clone(), seq.clone(), urls.clone());
+                tokio::spawn(async move {
+                    let clients: Vec<_> = urls.iter().map(|u| flotilla_api::Client::new(u, Some(TOKEN.into()))).collect();
+                    let mut i = w;
+                    while !stop.load(Ordering::Relaxed) {
+                        let n = seq.fetch_add(1, Ordering::Relaxed);
+                        let (key, value) = (format!("w/{n:08}"), format!("v{n}"));
+                        i += 1;
+                        if clients[i % clients.len()].kv_put(&key, &value, None).await.is_ok() {
+                            acked.lock().unwrap().insert(key, value);
+                        } else {
+                            tokio::time::sleep(Duration::from_millis(20)).await;
+                        }
+                    }
+                })
+            })
+            .collect();
+        Writers { stop, acked, handles }
+    }
+
+    async fn stop(self) -> BTreeMap<String, String> {
+        self.stop.store(true, Ordering::Relaxed);
+        for h in self.handles {
+            h.await.unwrap();
+        }
+        Arc::try_unwrap(self.acked).unwrap().into_inner().unwrap()
+    }
+}
+
+/// Every acknowledged write is readable, linearizably, through every running node.
+async fn assert_all_present(c: &Cluster, acked: &BTreeMap<String, String>) {
+    assert!(!acked.is_empty(), "no write was acknowledged at all");
+    for id in c.running() {
+        let mut found = BTreeMap::new();
+        let mut after: Option<String> = None;
+        loop {
+            let page = c.client(id).kv_list("w/", after.as_deref(), 1000, false).await.expect("list");
+            for item in &page.items {
+                found.insert(item.key.clone(), item.value.clone());
+            }
+            after = page.items.last().map(|i| i.key.clone());
+            if !page.more {
+                break;
+            }
+        }
+        for (k, v) in acked {
+            assert_eq!(found.get(k), Some(v), "node {id} lost acknowledged write {k}");
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn killing_the_leader_elects_another_and_loses_no_acknowledged_write() {
+    let mut c = Cluster::bootstrap(3, &[]).await;
+    let writers = Writers::start(&c, 4);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+
+    let old = c.wait_for_leader().await;
+    c.kill(old);
+    let new = c.wait_for_leader().await;
+    assert_ne!(new, old);
+    // Writes continue on the new leader.
+    let before = writers.acked.lock().unwrap().len();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while writers.acked.lock().unwrap().len() < before + 20 {
+        assert!(Instant::now() < deadline, "writes did not resume after the leader was killed");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    c.start(old);
+    c.wait_healthy(old).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let acked = writers.stop().await;
+
+    // The restarted node catches up.
+    let commit = c.client(new).cluster(false).await.unwrap().commit_index;
+    c.wait_applied(old, commit).await;
+    assert_all_present(&c, &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn twenty_random_kills_under_write_load_lose_no_acknowledged_write() {
+    let mut c = Cluster::bootstrap(3, &["--snapshot-logs", "200", "--max-logs-keep", "50"]).await;
+    let writers = Writers::start(&c, 4);
+    let mut rng = Rng::from_time();
+    for round in 0..20 {
+        let victim = 1 + rng.below(3);
+        c.kill(victim);
+        tokio::time::sleep(Duration::from_millis(100 + rng.below(400))).await;
+        c.start(victim);
+        c.wait_healthy(victim).await;
+        c.wait_for_leader().await;
+        // The cluster recovers every time: writes are acknowledged again before the next kill.
+        let before = writers.acked.lock().unwrap().len();
+        let deadline = Instant::now() + Duration::from_secs(15);
+        while writers.acked.lock().unwrap().len() < before + 10 {
+            assert!(Instant::now() < deadline, "round {round}: writes did not resume after killing node {victim}");
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        eprintln!("round {round}: killed node {victim}; {} writes acknowledged", writers.acked.lock().unwrap().len());
+    }
+    let acked = writers.stop().await;
+    let leader = c.wait_for_leader().await;
+    let commit = c.client(leader).cluster(false).await.unwrap().commit_index;
+    for id in 1..=3 {
+        c.wait_applied(id, commit).await;
+    }
+    assert_all_present(&c, &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_learner_is_added_promoted_and_an_original_voter_removed_while_writing() {
+    let mut c = Cluster::bootstrap(3, &[]).await;
+    let writers = Writers::start(&c, 2);
+    c.add_process(4);
+    c.wait_healthy(4).await;
+
+    let status = c.client(2).add_learner(4, &c.url(4)).await.expect("add learner");
+    let n4 = status.nodes.iter().find(|n| n.id == 4).expect("node 4 listed");
+    assert_eq!(n4.role, "learner");
+
+    let status = c.client(3).set_voters(&[1, 2, 3, 4]).await.expect("promote");
+    assert!(status.nodes.iter().all(|n| n.role == "voter"));
+
+    let leader = c.wait_for_leader().await;
+    let victim = (1..=3).find(|id| *id != leader).unwrap();
+    c.client(4).remove_node(victim).await.expect("remove voter");
+    let status = c.client(4).cluster(false).await.unwrap();
+    let ids: Vec<u64> = status.nodes.iter().map(|n| n.id).collect();
+    assert!(!ids.contains(&victim), "removed node still listed: {ids:?}");
+    assert_eq!(ids.len(), 3);
+    c.kill(victim);
+
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let acked = writers.stop().await;
+    // Node 4 holds everything, including what was written before it joined.
+    let item = c.client(4).kv_get(acked.keys().next().unwrap(), true).await.expect("stale read on node 4");
+    assert_eq!(&item.value, acked.values().next().unwrap());
+    assert_all_present(&c, &acked).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_node_behind_the_purged_log_catches_up_by_snapshot() {
+    let mut c = Cluster::bootstrap(3, &["--snapshot-logs", "50", "--max-logs-keep", "0"]).await;
+    let leader = c.wait_for_leader().await;
+    let lagging = (1..=3).find(|id| *id != leader).unwrap();
+    c.client(leader).kv_put("early", "1", None).await.unwrap();
+    c.kill(lagging);
+    let client = c.client(leader);
+    for i in 0..300 {
+        client.kv_put(&format!("bulk/{i:04}"), &i.to_string(), None).await.unwrap();
+    }
+    let status = client.cluster(false).await.unwrap();
+    let purged = status.purged_index.expect("the leader purged its log after a snapshot");
+    assert!(purged > 100, "purged only up to {purged}");
+
+    c.start(lagging);
+    c.wait_applied(lagging, status.commit_index).await;
+    let local = c.local_status(lagging).await;
+    assert!(local.snapshot_index.is_some_and(|s| s > 100), "no snapshot installed: {local:?}");
+    let last = c.client(lagging).kv_get("bulk/0299", true).await.unwrap();
+    assert_eq!(last.value, "299");
+    assert_eq!(c.client(lagging).kv_get("early", true).await.unwrap().value, "1");
+    // The log stays bounded: after compaction only entries since the snapshot are kept.
+    let metrics = reqwest::get(format!("{}/metrics", c.url(leader))).await.unwrap().text().await.unwrap();
+    let entries: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("flotilla_raft_log_entries "))
+        .and_then(|v| v.parse().ok())
+        .expect("log entries metric");
+    assert!(entries < 120, "log holds {entries} entries after snapshots");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn concurrent_compare_and_swap_has_exactly_one_winner_per_round() {
+    let c = Cluster::bootstrap(3, &[]).await;
+    let first = c.client(1).kv_put("lock", "init", Some(0)).await.expect("create");
+    let mut revision = first;
+    for round in 0..10 {
+        let attempts = (1..=3u64).flat_map(|id| (0..3).map(move |w| (id, w))).map(|(id, w)| {
+            let client = c.client(id);
+            async move { client.kv_put("lock", &format!("n{id}w{w}r{round}"), Some(revision)).await }
+        });
+        let results = futures::future::join_all(attempts).await;
+        let winners: Vec<u64> = results.iter().filter_map(|r| r.as_ref().ok().copied()).collect();
+        let conflicts = results.iter().filter(|r| matches!(r, Err(e) if e.status() == Some(409))).count();
+        assert_eq!(winners.len(), 1, "round {round}: {results:?}");
+        assert_eq!(conflicts, results.len() - 1, "round {round}: losers must get 409: {results:?}");
+        let item = c.client(2).kv_get("lock", false).await.unwrap();
+        assert_eq!(item.revision, winners[0]);
+        revision = winners[0];
+    }
+    // Delete with a stale revision is refused; with the current one it succeeds.
+    let stale = c.client(1).kv_delete("lock", Some(first)).await.unwrap_err();
+    assert_eq!(stale.status(), Some(409));
+    c.client(1).kv_delete("lock", Some(revision)).await.expect("delete at current revision");
+    assert_eq!(c.client(3).kv_get("lock", false).await.unwrap_err().status(), Some(404));
+}

@@ -1,0 +1,219 @@
+//! Test harness: real `flotilla server` processes on loopback ports, with their own data
+//! dirs, killed with SIGKILL and restarted on the same port and data dir.
+
+#![allow(dead_code)]
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use flotilla_api::types::ClusterStatus;
+use flotilla_api::Client;
+
+pub const TOKEN: &str = "test-token-7f3a";
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_flotilla")
+}
+
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+pub struct NodeProc {
+    pub id: u64,
+    pub port: u16,
+    pub data_dir: PathBuf,
+    pub log: PathBuf,
+    pub child: Option<Child>,
+}
+
+impl NodeProc {
+    pub fn url(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+}
+
+pub struct Cluster {
+    pub dir: tempfile::TempDir,
+    pub token_file: PathBuf,
+    pub nodes: BTreeMap<u64, NodeProc>,
+    /// Extra flags for every server (e.g. a small snapshot interval).
+    pub extra_args: Vec<String>,
+}
+
+/// Small xorshift PRNG: reproducible from a printed seed, no dependency.
+pub struct Rng(u64);
+impl Rng {
+    pub fn from_time() -> Rng {
+        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+        eprintln!("rng seed: {seed}");
+        Rng(seed)
+    }
+    pub fn next(&mut self) -> u64 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        self.0
+    }
+    pub fn below(&mut self, n: u64) -> u64 {
+        self.next() % n
+    }
+}
+
+impl Cluster {
+    pub fn new(extra_args: &[&str]) -> Cluster {
+        let dir = tempfile::tempdir().unwrap();
+        let token_file = dir.path().join("token");
+        std::fs::write(&token_file, TOKEN).unwrap();
+        Cluster { dir, token_file, nodes: BTreeMap::new(), extra_args: extra_args.iter().map(|s| s.to_string()).collect() }
+    }
+
+    /// Starts `n` nodes (ids 1..=n) and bootstraps them into one cluster.
+    pub async fn bootstrap(n: u64, extra_args: &[&str]) -> Cluster {
+        let mut c = Cluster::new(extra_args);
+        for id in 1..=n {
+            c.add_process(id);
+        }
+        for id in 1..=n {
+            c.wait_healthy(id).await;
+        }
+        let nodes: Vec<(u64, String)> = c.nodes.values().map(|p| (p.id, p.url())).collect();
+        c.client(1).cluster_init(&nodes).await.expect("cluster init");
+        c.wait_for_leader().await;
+        c
+    }
+
+    /// Creates a node process entry (new port, new data dir) and starts it.
+    pub fn add_process(&mut self, id: u64) {
+        let node = NodeProc {
+            id,
+            port: free_port(),
+            data_dir: self.dir.path().join(format!("node{id}")),
+            log: self.dir.path().join(format!("node{id}.log")),
+            child: None,
+        };
+        self.nodes.insert(id, node);
+        self.start(id);
+    }
+
+    pub fn start(&mut self, id: u64) {
+        let extra = self.extra_args.clone();
+        let token_file = self.token_file.clone();
+        let node = self.nodes.get_mut(&id).unwrap();
+        assert!(node.child.is_none(), "node {id} already running");
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&node.log).unwrap();
+        let child = Command::new(bin())
+            .args(["server", "--id", &id.to_string(), "--listen", &format!("127.0.0.1:{}", node.port)])
+            .arg("--data-dir")
+            .arg(&node.data_dir)
+            .arg("--token-file")
+            .arg(&token_file)
+            .args(&extra)
+            .env("RUST_LOG", "info,openraft=warn")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn flotilla server");
+        node.child = Some(child);
+    }
+
+    /// SIGKILL, no goodbye.
+    pub fn kill(&mut self, id: u64) {
+        if let Some(mut child) = self.nodes.get_mut(&id).unwrap().child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    pub fn is_running(&self, id: u64) -> bool {
+        self.nodes[&id].child.is_some()
+    }
+
+    pub fn client(&self, id: u64) -> Client {
+        Client::new(&self.nodes[&id].url(), Some(TOKEN.into()))
+    }
+
+    pub fn url(&self, id: u64) -> String {
+        self.nodes[&id].url()
+    }
+
+    pub fn running(&self) -> Vec<u64> {
+        self.nodes.values().filter(|n| n.child.is_some()).map(|n| n.id).collect()
+    }
+
+    pub async fn wait_healthy(&self, id: u64) {
+        let c = self.client(id);
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while c.health().await.is_err() {
+            assert!(Instant::now() < deadline, "node {id} did not come up; log:\n{}", self.log_tail(id));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Waits until every running node reports the same leader, which is running too.
+    pub async fn wait_for_leader(&self) -> u64 {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let mut leaders = Vec::new();
+            for id in self.running() {
+                leaders.push(self.client(id).cluster(true).await.ok().and_then(|s| s.leader_id));
+            }
+            if let Some(Some(l)) = leaders.first() {
+                if leaders.iter().all(|x| *x == Some(*l)) && self.running().contains(l) {
+                    return *l;
+                }
+            }
+            assert!(Instant::now() < deadline, "no agreed leader: {leaders:?}\n{}", self.all_logs());
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// This node's own view.
+    pub async fn local_status(&self, id: u64) -> ClusterStatus {
+        self.client(id).cluster(true).await.expect("local status")
+    }
+
+    /// Waits until `id` has applied at least `index`.
+    pub async fn wait_applied(&self, id: u64, index: u64) {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(s) = self.client(id).cluster(true).await {
+                if s.applied_index >= index {
+                    return;
+                }
+            }
+            assert!(Instant::now() < deadline, "node {id} did not apply index {index}\n{}", self.log_tail(id));
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn log_tail(&self, id: u64) -> String {
+        let text = std::fs::read_to_string(&self.nodes[&id].log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+
+    pub fn all_logs(&self) -> String {
+        self.nodes.keys().map(|id| format!("--- node {id} ---\n{}", self.log_tail(*id))).collect::<Vec<_>>().join("\n")
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("{}", self.all_logs());
+        }
+        let ids: Vec<u64> = self.nodes.keys().copied().collect();
+        for id in ids {
+            self.kill(id);
+        }
+    }
+}
+
+/// Writes `key=value` through any running node, retrying on 503 (no leader yet); returns
+/// whether the write was acknowledged.
+pub async fn put_acked(c: &Client, key: &str, value: &str) -> bool {
+    c.kv_put(key, value, None).await.is_ok()
+}
