@@ -131,32 +131,12 @@ impl RaftNode {
     /// Opens (or creates) the node's store under `data_dir/raft` and starts Raft.
     pub async fn start(cfg: NodeConfig) -> Result<Arc<RaftNode>, StartError> {
         let path = cfg.data_dir.join("raft");
+        let db = open_store(&cfg, &path)?;
         let open_err = |e: Box<dyn std::error::Error + Send + Sync>| StartError::Open {
             path: path.display().to_string(),
             id: cfg.id,
             source: e,
         };
-        std::fs::create_dir_all(&path).map_err(|e| open_err(Box::new(e)))?;
-        let db = sled::Config::new()
-            .path(&path)
-            .cache_capacity(cfg.cache_capacity_bytes)
-            .mode(sled::Mode::HighThroughput)
-            .open()
-            .map_err(|e| open_err(Box::new(e)))?;
-
-        let meta = db.open_tree("meta").map_err(|e| open_err(Box::new(e)))?;
-        match meta.get("node_id").map_err(|e| open_err(Box::new(e)))? {
-            Some(found) => {
-                let found = u64::from_be_bytes(found.as_ref().try_into().unwrap_or([0; 8]));
-                if found != cfg.id {
-                    return Err(StartError::WrongNode { path: path.display().to_string(), found, wanted: cfg.id });
-                }
-            }
-            None => {
-                meta.insert("node_id", &cfg.id.to_be_bytes()).map_err(|e| open_err(Box::new(e)))?;
-                db.flush().map_err(|e| open_err(Box::new(e)))?;
-            }
-        }
 
         let log = LogStore::open(&db).map_err(|e| open_err(Box::new(e)))?;
         let sm = StateMachineStore::open(&db).map_err(|e| open_err(Box::new(e)))?;
@@ -470,6 +450,76 @@ impl RaftNode {
             nodes,
         }
     }
+}
+
+/// Opens sled and checks that it holds this node's store.
+///
+/// sled can come back *empty* from a damaged file instead of failing (seen here when its
+/// `db` file was overwritten): a node that silently forgot its vote and log would break
+/// Raft's safety. So a marker file outside sled (`data-dir/node-id`) records that this
+/// data dir once held node N's store; a store that lost its `node_id` while the marker is
+/// there is refused with the rebuild instructions. A panic inside sled's recovery is
+/// turned into the same clear error.
+fn open_store(cfg: &NodeConfig, path: &std::path::Path) -> Result<sled::Db, StartError> {
+    let open_err = |e: Box<dyn std::error::Error + Send + Sync>| StartError::Open {
+        path: path.display().to_string(),
+        id: cfg.id,
+        source: e,
+    };
+    let marker = cfg.data_dir.join("node-id");
+    let marked: Option<u64> = match std::fs::read_to_string(&marker) {
+        Ok(text) => Some(text.trim().parse().map_err(|_| open_err(format!("unreadable marker file {}", marker.display()).into()))?),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
+        Err(e) => return Err(open_err(Box::new(e))),
+    };
+    if let Some(found) = marked {
+        if found != cfg.id {
+            return Err(StartError::WrongNode { path: cfg.data_dir.display().to_string(), found, wanted: cfg.id });
+        }
+    }
+    std::fs::create_dir_all(path).map_err(|e| open_err(Box::new(e)))?;
+    let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        sled::Config::new().path(path).cache_capacity(cfg.cache_capacity_bytes).mode(sled::Mode::HighThroughput).open()
+    }));
+    let db = match opened {
+        Ok(Ok(db)) => db,
+        Ok(Err(e)) => return Err(open_err(Box::new(e))),
+        Err(_) => return Err(open_err("sled panicked while recovering the store".into())),
+    };
+    let meta = db.open_tree("meta").map_err(|e| open_err(Box::new(e)))?;
+    match meta.get("node_id").map_err(|e| open_err(Box::new(e)))? {
+        Some(found) => {
+            let found = u64::from_be_bytes(found.as_ref().try_into().unwrap_or([0; 8]));
+            if found != cfg.id {
+                return Err(StartError::WrongNode { path: path.display().to_string(), found, wanted: cfg.id });
+            }
+        }
+        None if marked.is_some() => {
+            return Err(open_err("the store is empty or unreadable, although this data dir held this node's store".into()));
+        }
+        None => {
+            meta.insert("node_id", &cfg.id.to_be_bytes()).map_err(|e| open_err(Box::new(e)))?;
+            db.flush().map_err(|e| open_err(Box::new(e)))?;
+        }
+    }
+    if marked.is_none() {
+        write_marker(&marker, cfg.id).map_err(|e| open_err(Box::new(e)))?;
+    }
+    Ok(db)
+}
+
+/// Writes the marker durably: temp file, fsync, rename, fsync of the directory.
+fn write_marker(marker: &std::path::Path, id: NodeId) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = marker.with_extension("tmp");
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(format!("{id}\n").as_bytes())?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, marker)?;
+    if let Some(dir) = marker.parent() {
+        std::fs::File::open(dir)?.sync_all()?;
+    }
+    Ok(())
 }
 
 /// Prefix of the message a non-leader answers on `/raft/leader`, so the caller retries.

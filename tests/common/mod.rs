@@ -127,6 +127,38 @@ impl Cluster {
         }
     }
 
+    /// Waits for a started node to exit on its own (e.g. refusing a broken store).
+    pub fn wait_exit(&mut self, id: u64, timeout: Duration) -> Option<std::process::ExitStatus> {
+        let deadline = Instant::now() + timeout;
+        let node = self.nodes.get_mut(&id).unwrap();
+        let child = node.child.as_mut()?;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                node.child = None;
+                return Some(status);
+            }
+            if Instant::now() > deadline {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+
+    /// Runs the CLI against node `via`; returns (exit code, stdout, stderr).
+    pub fn cli(&self, via: u64, args: &[&str]) -> (i32, String, String) {
+        let out = Command::new(bin())
+            .args(args)
+            .env("FLOTILLA_SERVER", self.url(via))
+            .env("FLOTILLA_TOKEN_FILE", &self.token_file)
+            .output()
+            .expect("run cli");
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
     pub fn is_running(&self, id: u64) -> bool {
         self.nodes[&id].child.is_some()
     }
