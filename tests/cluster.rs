@@ -240,3 +240,21 @@ async fn concurrent_compare_and_swap_has_exactly_one_winner_per_round() {
     c.client(1).kv_delete("lock", Some(revision)).await.expect("delete at current revision");
     assert_eq!(c.client(3).kv_get("lock", false).await.unwrap_err().status(), Some(404));
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn sigterm_stops_a_node_cleanly_and_it_restarts_with_its_data() {
+    let mut c = Cluster::bootstrap(3, &[]).await;
+    let rev = c.client(1).kv_put("kept", "yes", None).await.unwrap();
+    c.wait_applied(3, rev).await;
+    c.terminate(3);
+    let status = c.wait_exit(3, Duration::from_secs(20)).expect("node 3 did not stop on SIGTERM");
+    assert!(status.success(), "exit status {status:?}");
+    assert!(c.client(3).health().await.is_err(), "still serving after exit");
+    c.client(1).kv_put("while-down", "1", None).await.expect("two of three still commit");
+    c.start(3);
+    c.wait_healthy(3).await;
+    let commit = c.client(1).cluster(false).await.unwrap().commit_index;
+    c.wait_applied(3, commit).await;
+    assert_eq!(c.client(3).kv_get("kept", true).await.unwrap().revision, rev);
+    assert_eq!(c.client(3).kv_get("while-down", true).await.unwrap().value, "1");
+}

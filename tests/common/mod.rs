@@ -127,6 +127,13 @@ impl Cluster {
         }
     }
 
+    /// SIGTERM: the node stops serving, stops Raft and flushes its store.
+    pub fn terminate(&mut self, id: u64) {
+        let pid = self.nodes[&id].child.as_ref().expect("running").id();
+        let ok = Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success();
+        assert!(ok, "kill -TERM {pid} failed");
+    }
+
     /// Waits for a started node to exit on its own (e.g. refusing a broken store).
     pub fn wait_exit(&mut self, id: u64, timeout: Duration) -> Option<std::process::ExitStatus> {
         let deadline = Instant::now() + timeout;
