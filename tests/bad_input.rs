@@ -51,7 +51,7 @@ async fn bad_requests_get_json_4xx_errors_and_change_nothing() {
     let base = c.url(2);
     let kv = format!("{base}/api/v1/kv/k");
     let t = Some(TOKEN);
-    c.client(1).kv_put("k", "original", None).await.unwrap();
+    let revision = c.client(1).kv_put("k", "original", None).await.unwrap();
     let before = c.client(1).cluster(false).await.unwrap();
 
     assert_error("malformed JSON", call("PUT", &kv, t, Some(b"{\"value\":".to_vec())).await, 400);
@@ -94,9 +94,13 @@ async fn bad_requests_get_json_4xx_errors_and_change_nothing() {
     );
 
     // Nothing changed: same value, same membership, every node alive.
-    assert_eq!(c.client(3).kv_get("k", false).await.unwrap().value, "original");
+    let item = c.client(3).kv_get("k", false).await.unwrap();
+    assert_eq!((item.value.as_str(), item.revision), ("original", revision));
+    let members = |s: &flotilla_api::types::ClusterStatus| {
+        s.nodes.iter().map(|n| (n.id, n.addr.clone(), n.role.clone())).collect::<Vec<_>>()
+    };
     let after = c.client(1).cluster(false).await.unwrap();
-    assert_eq!(after.nodes, before.nodes);
+    assert_eq!(members(&after), members(&before));
     for id in 1..=3 {
         c.client(id).health().await.expect("node still up");
     }
