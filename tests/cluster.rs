@@ -288,3 +288,39 @@ async fn sigterm_stops_a_node_cleanly_and_it_restarts_with_its_data() {
     assert_eq!(c.client(3).kv_get("kept", true).await.unwrap().revision, rev);
     assert_eq!(c.client(3).kv_get("while-down", true).await.unwrap().value, "1");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_maintenance_flag_is_replicated_and_every_node_reports_its_view() {
+    let mut c = Cluster::bootstrap(3, &[]).await;
+    let m = c.client(2).maintenance().await.unwrap();
+    assert!(!m.enabled);
+    assert_eq!(m.nodes.len(), 3);
+    assert!(m.nodes.values().all(|on| !on));
+
+    c.client(3).set_maintenance(true).await.expect("enable through a follower");
+    let m = wait_maintenance_views(&c, 1, true).await;
+    assert!(m.enabled);
+
+    // A node that was down sees it after restart; an unreachable one is reported as such.
+    c.kill(2);
+    let m = c.client(1).maintenance().await.unwrap();
+    assert_eq!(m.unreachable, vec![2]);
+    c.start(2);
+    c.wait_healthy(2).await;
+    c.client(1).set_maintenance(false).await.expect("disable");
+    let m = wait_maintenance_views(&c, 2, false).await;
+    assert!(!m.enabled);
+}
+
+/// Every node applies the flag within a few heartbeats; waits until all three report `on`.
+async fn wait_maintenance_views(c: &Cluster, via: u64, on: bool) -> flotilla_api::types::Maintenance {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let m = c.client(via).maintenance().await.unwrap();
+        if m.nodes.len() == 3 && m.nodes.values().all(|v| *v == on) {
+            return m;
+        }
+        assert!(Instant::now() < deadline, "not every node reports maintenance={on}: {m:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
