@@ -117,8 +117,7 @@ async fn killing_the_leader_elects_another_and_loses_no_acknowledged_write() {
     let acked = writers.stop().await;
 
     // The restarted node catches up.
-    let commit = c.client(new).cluster(false).await.unwrap().commit_index;
-    c.wait_applied(old, commit).await;
+    c.wait_caught_up().await;
     assert_all_present(&c, &acked).await;
 }
 
@@ -151,11 +150,7 @@ async fn twenty_random_kills_under_write_load_lose_no_acknowledged_write() {
         eprintln!("round {round}: killed node {victim} {second:?}; {} writes acknowledged", writers.acked.lock().unwrap().len());
     }
     let acked = writers.stop().await;
-    let leader = c.wait_for_leader().await;
-    let commit = c.client(leader).cluster(false).await.unwrap().commit_index;
-    for id in 1..=3 {
-        c.wait_applied(id, commit).await;
-    }
+    c.wait_caught_up().await;
     assert_all_present(&c, &acked).await;
 }
 
@@ -174,11 +169,7 @@ async fn killing_every_node_at_once_loses_no_acknowledged_write() {
     for id in 1..=3 {
         c.wait_healthy(id).await;
     }
-    let leader = c.wait_for_leader().await;
-    let commit = c.client(leader).cluster(false).await.unwrap().commit_index;
-    for id in 1..=3 {
-        c.wait_applied(id, commit).await;
-    }
+    c.wait_caught_up().await;
     assert_all_present(&c, &acked).await;
 }
 

@@ -228,6 +228,15 @@ impl Cluster {
         }
     }
 
+    /// Waits until every running node has applied all the leader has committed.
+    pub async fn wait_caught_up(&self) {
+        let leader = self.wait_for_leader().await;
+        let commit = self.client(leader).cluster(false).await.expect("cluster status").commit_index;
+        for id in self.running() {
+            self.wait_applied(id, commit).await;
+        }
+    }
+
     pub fn log_tail(&self, id: u64) -> String {
         let text = std::fs::read_to_string(&self.nodes[&id].log).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();
@@ -249,10 +258,4 @@ impl Drop for Cluster {
             self.kill(id);
         }
     }
-}
-
-/// Writes `key=value` through any running node, retrying on 503 (no leader yet); returns
-/// whether the write was acknowledged.
-pub async fn put_acked(c: &Client, key: &str, value: &str) -> bool {
-    c.kv_put(key, value, None).await.is_ok()
 }
