@@ -211,6 +211,21 @@ impl RaftNode {
         }
     }
 
+    /// Proposes `cmd` only if this node leads (never forwarded): for the leader-only
+    /// scheduler, whose decisions are worthless once another node leads.
+    pub async fn write_if_leader(&self, cmd: Command) -> Result<(u64, Response), NodeError> {
+        cmd.validate().map_err(|e| NodeError::bad_request(e.to_string()))?;
+        if !self.is_leader() {
+            return Err(NodeError::unavailable(format!("{NOT_LEADER}: node {} is not the leader", self.id)));
+        }
+        match self.run_on_leader(LeaderRequest::Write(cmd)).await {
+            Ok(LeaderResponse::Written { index, response }) => Ok((index, response)),
+            Ok(other) => Err(NodeError::internal("write", format!("unexpected leader response {other:?}"))),
+            Err(Attempt::Retry(why)) => Err(NodeError::unavailable(why)),
+            Err(Attempt::Fail(e)) => Err(e),
+        }
+    }
+
     /// Returns once this replica has applied every write acknowledged before the call.
     pub async fn linearizable_barrier(&self) -> Result<(), NodeError> {
         let index = match self.leader_request(LeaderRequest::ReadIndex).await? {

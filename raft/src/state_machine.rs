@@ -14,14 +14,14 @@ use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
-use flotilla_store::{Response, State};
+use flotilla_store::{Event, Response, State};
 use openraft::storage::RaftStateMachine;
 use openraft::{
     EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftSnapshotBuilder, Snapshot, SnapshotMeta,
     StorageError, StorageIOError, StoredMembership,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::watch;
+use tokio::sync::{broadcast, watch};
 
 use crate::log_store::{decode, encode};
 use crate::{Entry, Node, NodeId, TypeConfig};
@@ -48,6 +48,7 @@ struct StoredSnapshot {
 pub struct SharedState {
     inner: Arc<RwLock<StateMachineData>>,
     applied: watch::Receiver<u64>,
+    events: broadcast::Sender<Arc<Event>>,
 }
 
 impl SharedState {
@@ -65,6 +66,12 @@ impl SharedState {
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.applied.clone()
     }
+
+    /// Events of the entries this replica applies from now on, in log order. A receiver
+    /// that falls more than `EVENT_BUFFER` events behind gets `Lagged` and must resync.
+    pub fn subscribe_events(&self) -> broadcast::Receiver<Arc<Event>> {
+        self.events.subscribe()
+    }
 }
 
 #[derive(Clone)]
@@ -73,6 +80,7 @@ pub struct StateMachineStore {
     db: sled::Db,
     snapshots: sled::Tree,
     applied_tx: Arc<watch::Sender<u64>>,
+    events_tx: broadcast::Sender<Arc<Event>>,
     snapshot_seq: Arc<AtomicU64>,
 }
 
@@ -106,12 +114,13 @@ impl StateMachineStore {
             db: db.clone(),
             snapshots,
             applied_tx: Arc::new(applied_tx),
+            events_tx: broadcast::channel(flotilla_store::limits::EVENT_BUFFER).0,
             snapshot_seq: Arc::new(AtomicU64::new(0)),
         })
     }
 
     pub fn shared(&self) -> SharedState {
-        SharedState { inner: self.inner.clone(), applied: self.applied_tx.subscribe() }
+        SharedState { inner: self.inner.clone(), applied: self.applied_tx.subscribe(), events: self.events_tx.clone() }
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, StateMachineData> {
@@ -167,13 +176,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         I::IntoIter: OptionalSend,
     {
         let mut responses = Vec::new();
+        let mut events = Vec::new();
         let last = {
             let mut sm = self.write();
             for entry in entries {
                 sm.last_applied = Some(entry.log_id);
                 let response = match entry.payload {
                     EntryPayload::Blank => Response::None,
-                    EntryPayload::Normal(cmd) => sm.state.apply(entry.log_id.index, &cmd),
+                    EntryPayload::Normal(cmd) => sm.state.apply_with_events(entry.log_id.index, &cmd, &mut events),
                     EntryPayload::Membership(m) => {
                         sm.last_membership = StoredMembership::new(Some(entry.log_id), m);
                         Response::None
@@ -184,6 +194,10 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             sm.last_applied.map_or(0, |l| l.index)
         };
         self.applied_tx.send_replace(last);
+        for e in events {
+            // No receiver is not an error: nobody is listening.
+            let _ = self.events_tx.send(Arc::new(e));
+        }
         Ok(responses)
     }
 

@@ -1,6 +1,103 @@
-//! The scheduler: loops that run on the Raft leader only and decide, as pure functions of
-//! the replicated state, what to propose next (advance runs, assign executor tasks, fail
-//! tasks of lost executors). It reads through `flotilla_raft::SharedState` and changes
-//! state only by proposing `flotilla_store::Command`s; it never touches sled or HTTP.
+//! The scheduler: a loop that runs on the Raft leader only and decides, as pure functions
+//! of the replicated state ([`decide`]), what to propose next: advance runs, hand ready
+//! tasks to executors, stop tasks of stopped runs, fail tasks whose executor is gone and
+//! remove dynamic executors that stopped heartbeating.
 //!
-//! Empty for now: runs and executors come with their own issue.
+//! It reads through `flotilla_raft::SharedState` and changes state only by proposing
+//! `flotilla_store::Command`s with [`flotilla_raft::RaftNode::write_if_leader`]; it never
+//! touches sled or HTTP. Leadership is the "single active orchestrator" (seed 004): the
+//! loop is idle on followers, and a stale ex-leader cannot win a write, both because Raft
+//! refuses it and because every run update is a compare-and-swap on the run's revision.
+//!
+//! Scheduling is event-driven: every applied log entry wakes the loop (a watch channel,
+//! so a burst of entries costs one round), and a slow periodic sweep is only a safety net
+//! and the clock for time-based decisions (executor expiry).
+
+pub mod decide;
+
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use flotilla_raft::RaftNode;
+use flotilla_store::{Command, Response};
+use tokio::sync::watch;
+
+pub use decide::Settings;
+
+#[derive(Clone, Debug)]
+pub struct SchedulerConfig {
+    pub settings: Settings,
+    /// Period of the safety-net sweep.
+    pub sweep_interval_ms: u64,
+}
+
+impl Default for SchedulerConfig {
+    fn default() -> Self {
+        SchedulerConfig { settings: Settings::default(), sweep_interval_ms: 1000 }
+    }
+}
+
+/// Milliseconds since the Unix epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Runs the scheduler until `shutdown` turns true.
+pub async fn run(node: Arc<RaftNode>, cfg: SchedulerConfig, mut shutdown: watch::Receiver<bool>) {
+    let mut applied = node.state.subscribe();
+    let mut sweep = tokio::time::interval(Duration::from_millis(cfg.sweep_interval_ms.max(10)));
+    sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut was_leader = false;
+    loop {
+        let leader = node.is_leader();
+        if leader != was_leader {
+            tracing::info!(leader, "scheduler {}", if leader { "active" } else { "idle" });
+            was_leader = leader;
+        }
+        if leader {
+            round(&node, &cfg).await;
+        }
+        tokio::select! {
+            r = applied.changed() => if r.is_err() { return },
+            _ = sweep.tick() => {}
+            _ = shutdown.changed() => return,
+        }
+        if *shutdown.borrow() {
+            return;
+        }
+    }
+}
+
+/// One round: decide on every active run from one consistent view, then propose.
+async fn round(node: &RaftNode, cfg: &SchedulerConfig) {
+    let now = now_ms();
+    let (updates, expired) = {
+        let sm = node.state.read();
+        let state = &sm.state;
+        if state.maintenance {
+            return;
+        }
+        let mut active = decide::active_counts(state);
+        let updates: Vec<_> = state
+            .active_runs
+            .iter()
+            .filter_map(|id| decide::decide_run(state, id, now, &cfg.settings, &mut active))
+            .collect();
+        (updates, decide::expired_executors(state, now, &cfg.settings))
+    };
+    let commands = expired
+        .into_iter()
+        .map(|id| Command::DeleteExecutor { id })
+        .chain(updates.into_iter().map(|u| Command::UpdateRun(Box::new(u))));
+    for cmd in commands {
+        let kind = cmd.kind();
+        match node.write_if_leader(cmd).await {
+            Ok((_, Response::Rejected(e))) => tracing::debug!(kind, error = %e, "scheduler proposal refused; will decide again"),
+            Ok(_) => {}
+            Err(e) => {
+                tracing::debug!(kind, error = %e, "scheduler proposal failed");
+                return;
+            }
+        }
+    }
+}

@@ -7,11 +7,16 @@
 //!
 //! The enum is externally tagged and serialized with field names (msgpack maps), so new
 //! variants and new optional fields can be added without breaking logs already written.
-//! Runs, executors and executor tasks slot in as further variants.
+//! Run and executor commands carry the time they were stamped with by the node that
+//! proposed them (`now_ms`), so applying them never reads a clock.
+
+use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::limits::{MAX_KEY_BYTES, MAX_VALUE_BYTES};
+use crate::executor::{validate_executor_id, ExecutorInfo, ExecutorTaskSpec, ExecutorTaskStatus};
+use crate::limits::{MAX_KEY_BYTES, MAX_MAP_ENTRIES, MAX_MAP_VALUE_BYTES, MAX_NAME_BYTES, MAX_VALUE_BYTES};
+use crate::run::{validate_name, Run, RunCreate};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -23,6 +28,36 @@ pub enum Command {
     KvDelete { key: String, prev_revision: Option<u64> },
     /// Turn maintenance mode on or off for the whole cluster.
     SetMaintenance { enabled: bool },
+    /// Create a run from a submission (validated again on apply).
+    CreateRun { create: Box<RunCreate>, now_ms: u64 },
+    /// One scheduler decision round for one run, applied atomically.
+    UpdateRun(Box<RunUpdate>),
+    /// Ask a queued or running run to stop.
+    StopRun { run_id: String },
+    /// Merge annotations into a run task (`None` removes a key).
+    SetTaskAnnotations { run_id: String, task: String, annotations: BTreeMap<String, Option<String>> },
+    /// Approve a task that waits for approval.
+    ApproveTask { run_id: String, task: String },
+    /// Register an executor or record its heartbeat.
+    PutExecutor { id: String, info: ExecutorInfo, now_ms: u64 },
+    /// Forget an executor (its tasks are left to the scheduler).
+    DeleteExecutor { id: String },
+    /// An executor reports the status of one of its tasks.
+    SetExecutorTaskStatus { id: String, executor_id: String, status: ExecutorTaskStatus },
+}
+
+/// What a scheduler round decided for one run: the run's new status (accepted only if the
+/// run is still at `prev_revision`), the executor tasks to create, to stop and to delete.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunUpdate {
+    pub run: Run,
+    pub prev_revision: u64,
+    #[serde(default)]
+    pub create_tasks: Vec<ExecutorTaskSpec>,
+    #[serde(default)]
+    pub stop_tasks: Vec<String>,
+    #[serde(default)]
+    pub delete_tasks: Vec<String>,
 }
 
 impl Command {
@@ -32,6 +67,14 @@ impl Command {
             Command::KvPut { .. } => "kv_put",
             Command::KvDelete { .. } => "kv_delete",
             Command::SetMaintenance { .. } => "set_maintenance",
+            Command::CreateRun { .. } => "create_run",
+            Command::UpdateRun(_) => "update_run",
+            Command::StopRun { .. } => "stop_run",
+            Command::SetTaskAnnotations { .. } => "set_task_annotations",
+            Command::ApproveTask { .. } => "approve_task",
+            Command::PutExecutor { .. } => "put_executor",
+            Command::DeleteExecutor { .. } => "delete_executor",
+            Command::SetExecutorTaskStatus { .. } => "set_executor_task_status",
         }
     }
 
@@ -50,8 +93,36 @@ impl Command {
             }
             Command::KvDelete { key, .. } => validate_key(key),
             Command::SetMaintenance { .. } => Ok(()),
+            Command::CreateRun { create, .. } => create.validate().map_err(invalid),
+            Command::UpdateRun(_) | Command::StopRun { .. } | Command::ApproveTask { .. } => Ok(()),
+            Command::SetTaskAnnotations { task, annotations, .. } => {
+                validate_name("task name", task).map_err(invalid)?;
+                if annotations.len() > MAX_MAP_ENTRIES {
+                    return Err(invalid(format!("{} annotations, the limit is {MAX_MAP_ENTRIES}", annotations.len())));
+                }
+                for (k, v) in annotations {
+                    if k.is_empty() || k.len() > MAX_NAME_BYTES || k.chars().any(char::is_control) {
+                        return Err(invalid(format!("annotation key {k:?} must be 1 to {MAX_NAME_BYTES} bytes")));
+                    }
+                    if v.as_ref().is_some_and(|v| v.len() > MAX_MAP_VALUE_BYTES) {
+                        return Err(invalid(format!("annotation {k:?} is longer than {MAX_MAP_VALUE_BYTES} bytes")));
+                    }
+                }
+                Ok(())
+            }
+            Command::PutExecutor { id, info, .. } => {
+                validate_executor_id(id).map_err(invalid)?;
+                info.validate().map_err(invalid)
+            }
+            Command::DeleteExecutor { id } | Command::SetExecutorTaskStatus { executor_id: id, .. } => {
+                validate_executor_id(id).map_err(invalid)
+            }
         }
     }
+}
+
+fn invalid(reason: impl Into<String>) -> CommandError {
+    CommandError::Invalid { reason: reason.into() }
 }
 
 /// A key is 1..=MAX_KEY_BYTES bytes of UTF-8 with no control characters.
@@ -79,6 +150,10 @@ pub enum Response {
     KvPut { revision: u64 },
     KvDelete { revision: u64 },
     Maintenance { enabled: bool },
+    /// A run was created with this id.
+    RunCreated { run_id: String },
+    /// The change was made at this log index.
+    Done { revision: u64 },
     /// The command was applied and changed nothing, for this reason.
     Rejected(CommandError),
 }
@@ -94,4 +169,10 @@ pub enum CommandError {
     NotFound { key: String },
     #[error("{reason}")]
     Invalid { reason: String },
+    /// The named object (run, task, executor, executor task) does not exist.
+    #[error("{what} not found")]
+    Missing { what: String },
+    /// The object exists but is in a state where the command makes no sense (wrong phase).
+    #[error("{reason}")]
+    Conflict { reason: String },
 }

@@ -9,8 +9,12 @@
 //! bottom of the stack (store ← raft ← scheduler ← api).
 
 pub mod command;
+pub mod event;
+pub mod executor;
 pub mod limits;
+pub mod run;
 pub mod state;
 
-pub use command::{Command, CommandError, Response};
+pub use command::{Command, CommandError, Response, RunUpdate};
+pub use event::Event;
 pub use state::{KvEntry, State};

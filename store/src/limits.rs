@@ -17,3 +17,27 @@ pub const MAX_RAFT_BODY_BYTES: u64 = 64 * 1024 * 1024;
 pub const MAX_CLUSTER_NODES: usize = 15;
 /// Longest node address (`http://host:port`).
 pub const MAX_NODE_ADDR_BYTES: usize = 256;
+/// Longest task, run or executor name (and group path component), in bytes.
+pub const MAX_NAME_BYTES: usize = 128;
+/// Longest group path, image name or cache group, in bytes.
+pub const MAX_GROUP_BYTES: usize = 512;
+/// Most entries in one annotations, environment or labels map.
+pub const MAX_MAP_ENTRIES: usize = 256;
+/// Longest value in such a map (also a step command, a setup error), in bytes.
+pub const MAX_MAP_VALUE_BYTES: usize = 16 * 1024;
+/// Most tasks in one run.
+pub const MAX_TASKS_PER_RUN: usize = 500;
+/// Most steps in one task.
+pub const MAX_STEPS_PER_TASK: usize = 100;
+/// Most setup errors a run may be created with.
+pub const MAX_SETUP_ERRORS: usize = 100;
+/// Highest `approvers_required`.
+pub const MAX_APPROVERS_REQUIRED: u32 = 100;
+/// Most archs one executor may declare.
+pub const MAX_ARCHS: usize = 16;
+/// Most executors registered at once.
+pub const MAX_EXECUTORS: usize = 10_000;
+/// Longest an executor's task long-poll may wait, in milliseconds.
+pub const MAX_LONG_POLL_MS: u64 = 60_000;
+/// Events buffered per server-sent-events subscriber before it is cut off as too slow.
+pub const EVENT_BUFFER: usize = 4096;

@@ -3,11 +3,15 @@
 //! Maps are `BTreeMap`s so that iteration, serialization and therefore snapshots are
 //! identical on every replica.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 
 use serde::{Deserialize, Serialize};
 
-use crate::command::{Command, CommandError, Response};
+use crate::command::{Command, CommandError, Response, RunUpdate};
+use crate::event::Event;
+use crate::executor::{executor_task_id, validate_status, Executor, ExecutorTask, ExecutorTaskStatus};
+use crate::limits::{MAX_EXECUTORS, MAX_MAP_ENTRIES};
+use crate::run::{new_run, root_group_of, Run, RunConfig, RunPhase};
 
 /// One coordination key's value. Revisions are Raft log indexes, so they are unique,
 /// increase with every write and are the same on every node.
@@ -25,12 +29,48 @@ pub struct KvEntry {
 pub struct State {
     pub kv: BTreeMap<String, KvEntry>,
     pub maintenance: bool,
+    #[serde(default)]
+    pub runs: BTreeMap<String, Run>,
+    /// Each run's submission, kept beside it (never changed after creation).
+    #[serde(default)]
+    pub run_configs: BTreeMap<String, RunConfig>,
+    /// Ids of runs that are queued or running: what the scheduler looks at.
+    #[serde(default)]
+    pub active_runs: BTreeSet<String>,
+    /// Last run counter per root group.
+    #[serde(default)]
+    pub run_counters: BTreeMap<String, u64>,
+    /// Sequence of the last run id handed out (ids only grow, even after an import).
+    #[serde(default)]
+    pub last_run_seq: u64,
+    #[serde(default)]
+    pub executors: BTreeMap<String, Executor>,
+    #[serde(default)]
+    pub executor_tasks: BTreeMap<String, ExecutorTask>,
+}
+
+fn missing(what: impl Into<String>) -> Response {
+    Response::Rejected(CommandError::Missing { what: what.into() })
+}
+
+fn conflict(reason: impl Into<String>) -> Response {
+    Response::Rejected(CommandError::Conflict { reason: reason.into() })
+}
+
+fn rejected_invalid(reason: impl Into<String>) -> Response {
+    Response::Rejected(CommandError::Invalid { reason: reason.into() })
 }
 
 impl State {
     /// Applies `cmd`, written at log index `index`, and says what happened. Pure: the same
     /// state, index and command always give the same new state and response.
     pub fn apply(&mut self, index: u64, cmd: &Command) -> Response {
+        self.apply_with_events(index, cmd, &mut Vec::new())
+    }
+
+    /// [`State::apply`], also appending the events the change produced (run phase or
+    /// result changes, task status changes), in a deterministic order.
+    pub fn apply_with_events(&mut self, index: u64, cmd: &Command, events: &mut Vec<Event>) -> Response {
         if let Err(e) = cmd.validate() {
             return Response::Rejected(e);
         }
@@ -69,7 +109,202 @@ impl State {
                 self.maintenance = *enabled;
                 Response::Maintenance { enabled: *enabled }
             }
+            Command::CreateRun { create, now_ms } => {
+                let seq = (self.last_run_seq + 1).max(index);
+                self.last_run_seq = seq;
+                let counter = self.run_counters.entry(root_group_of(&create.group).to_string()).or_insert(0);
+                *counter += 1;
+                let run = new_run(create, seq, *counter, index, *now_ms);
+                events.push(Event::run(index, &run));
+                if !run.phase.is_final() {
+                    self.active_runs.insert(run.id.clone());
+                }
+                let run_id = run.id.clone();
+                self.run_configs.insert(run_id.clone(), (**create).clone());
+                self.runs.insert(run_id.clone(), run);
+                Response::RunCreated { run_id }
+            }
+            Command::UpdateRun(update) => self.update_run(index, update, events),
+            Command::StopRun { run_id } => {
+                let Some(run) = self.runs.get_mut(run_id) else { return missing(format!("run {run_id}")) };
+                if !matches!(run.phase, RunPhase::Queued | RunPhase::Running) {
+                    return conflict(format!("run {run_id} is {:?}; only a queued or running run can be stopped", run.phase).to_lowercase());
+                }
+                run.stop = true;
+                run.revision = index;
+                Response::Done { revision: index }
+            }
+            Command::SetTaskAnnotations { run_id, task, annotations } => {
+                let Some(run) = self.runs.get_mut(run_id) else { return missing(format!("run {run_id}")) };
+                let Some(rt) = run.tasks.get_mut(task) else { return missing(format!("task {task:?} of run {run_id}")) };
+                let mut merged = rt.annotations.clone();
+                for (k, v) in annotations {
+                    match v {
+                        Some(v) => merged.insert(k.clone(), v.clone()),
+                        None => merged.remove(k),
+                    };
+                }
+                if merged.len() > MAX_MAP_ENTRIES {
+                    return rejected_invalid(format!("a task may carry at most {MAX_MAP_ENTRIES} annotations"));
+                }
+                rt.annotations = merged;
+                run.revision = index;
+                Response::Done { revision: index }
+            }
+            Command::ApproveTask { run_id, task } => {
+                let needs = self.run_configs.get(run_id).and_then(|c| c.task(task)).map(|t| t.needs_approval);
+                let Some(run) = self.runs.get_mut(run_id) else { return missing(format!("run {run_id}")) };
+                let Some(rt) = run.tasks.get_mut(task) else { return missing(format!("task {task:?} of run {run_id}")) };
+                if needs != Some(true) {
+                    return conflict(format!("task {task:?} does not need approval"));
+                }
+                if rt.approved {
+                    return conflict(format!("task {task:?} is already approved"));
+                }
+                if run.phase.is_final() || rt.status.is_final() {
+                    return conflict(format!("task {task:?} has already ended"));
+                }
+                rt.approved = true;
+                rt.waiting_approval = false;
+                run.revision = index;
+                Response::Done { revision: index }
+            }
+            Command::PutExecutor { id, info, now_ms } => {
+                let tasks_revision = match self.executors.get(id) {
+                    Some(e) => e.tasks_revision,
+                    None if self.executors.len() >= MAX_EXECUTORS => {
+                        return conflict(format!("{MAX_EXECUTORS} executors are registered already"))
+                    }
+                    None => index,
+                };
+                let executor = Executor { id: id.clone(), info: info.clone(), last_seen: *now_ms, tasks_revision };
+                self.executors.insert(id.clone(), executor);
+                Response::Done { revision: index }
+            }
+            Command::DeleteExecutor { id } => match self.executors.remove(id) {
+                Some(_) => Response::Done { revision: index },
+                None => missing(format!("executor {id:?}")),
+            },
+            Command::SetExecutorTaskStatus { id, executor_id, status } => {
+                self.set_executor_task_status(index, id, executor_id, status)
+            }
         }
+    }
+
+    fn set_executor_task_status(&mut self, index: u64, id: &str, executor_id: &str, status: &ExecutorTaskStatus) -> Response {
+        let Some(et) = self.executor_tasks.get(id) else { return missing(format!("executor task {id:?}")) };
+        if et.spec.executor_id != executor_id {
+            return conflict(format!("executor task {id:?} is assigned to another executor"));
+        }
+        let steps = self
+            .run_configs
+            .get(&et.spec.run_id)
+            .and_then(|c| c.task(&et.spec.task_name))
+            .map_or(0, |t| t.steps.len());
+        if let Err(e) = validate_status(status, steps) {
+            return rejected_invalid(e);
+        }
+        if et.status.phase.is_final() {
+            if et.status == *status {
+                return Response::Done { revision: et.revision };
+            }
+            return conflict(format!("executor task {id:?} has already ended ({:?})", et.status.phase).to_lowercase());
+        }
+        let et = self.executor_tasks.get_mut(id).expect("checked above");
+        et.status = status.clone();
+        et.revision = index;
+        Response::Done { revision: index }
+    }
+
+    /// Applies one scheduler round: all of it or, if anything is stale, none of it.
+    fn update_run(&mut self, index: u64, u: &RunUpdate, events: &mut Vec<Event>) -> Response {
+        let run_id = &u.run.id;
+        let Some(cur) = self.runs.get(run_id) else { return missing(format!("run {run_id}")) };
+        if cur.revision != u.prev_revision {
+            return Response::Rejected(CommandError::RevisionMismatch {
+                key: format!("run {run_id}"),
+                expected: u.prev_revision,
+                actual: cur.revision,
+            });
+        }
+        if !cur.tasks.keys().eq(u.run.tasks.keys()) {
+            return rejected_invalid("a run update must keep the run's tasks");
+        }
+        let Some(config) = self.run_configs.get(run_id) else { return missing(format!("configuration of run {run_id}")) };
+        // Check everything first: the round applies whole or not at all.
+        let mut added: BTreeMap<&str, u32> = BTreeMap::new();
+        for spec in &u.create_tasks {
+            let id = executor_task_id(run_id, &spec.task_name);
+            if spec.run_id != *run_id || config.task(&spec.task_name).is_none() {
+                return rejected_invalid(format!("executor task {id:?} does not belong to run {run_id}"));
+            }
+            if self.executor_tasks.contains_key(&id) {
+                return conflict(format!("executor task {id:?} exists already"));
+            }
+            let Some(executor) = self.executors.get(&spec.executor_id) else {
+                return conflict(format!("executor {:?} is gone", spec.executor_id));
+            };
+            let extra = added.entry(spec.executor_id.as_str()).or_insert(0);
+            *extra += 1;
+            let limit = executor.info.active_tasks_limit;
+            if limit > 0 && self.active_tasks(&spec.executor_id) + *extra > limit {
+                return conflict(format!("executor {:?} is at its limit of {limit} active tasks", spec.executor_id));
+            }
+        }
+        for id in u.stop_tasks.iter().chain(&u.delete_tasks) {
+            match self.executor_tasks.get(id) {
+                Some(et) if et.spec.run_id == *run_id => {}
+                _ => return conflict(format!("executor task {id:?} of run {run_id} does not exist")),
+            }
+        }
+        let steps: Vec<usize> =
+            u.create_tasks.iter().map(|s| config.task(&s.task_name).map_or(0, |t| t.steps.len())).collect();
+        let mut run = u.run.clone();
+        run.revision = index;
+        Event::diff(index, cur, &run, events);
+
+        for (spec, steps) in u.create_tasks.iter().zip(steps) {
+            let id = executor_task_id(run_id, &spec.task_name);
+            let status = ExecutorTaskStatus::new(steps);
+            self.executor_tasks.insert(id.clone(), ExecutorTask { id, spec: spec.clone(), status, revision: index });
+            self.touch_executor(&spec.executor_id, index);
+        }
+        for id in &u.stop_tasks {
+            let et = self.executor_tasks.get_mut(id).expect("checked above");
+            if !et.spec.stop {
+                et.spec.stop = true;
+                et.spec.generation += 1;
+                et.revision = index;
+                let executor_id = et.spec.executor_id.clone();
+                self.touch_executor(&executor_id, index);
+            }
+        }
+        for id in &u.delete_tasks {
+            if let Some(et) = self.executor_tasks.remove(id) {
+                self.touch_executor(&et.spec.executor_id, index);
+            }
+        }
+        if run.phase.is_final() {
+            self.active_runs.remove(run_id);
+        } else {
+            self.active_runs.insert(run_id.clone());
+        }
+        self.runs.insert(run_id.clone(), run);
+        Response::Done { revision: index }
+    }
+
+    fn touch_executor(&mut self, id: &str, index: u64) {
+        if let Some(e) = self.executors.get_mut(id) {
+            e.tasks_revision = index;
+        }
+    }
+
+    /// Executor tasks assigned to `executor_id` that have not ended.
+    pub fn active_tasks(&self, executor_id: &str) -> u32 {
+        self.executor_tasks
+            .values()
+            .filter(|t| t.spec.executor_id == executor_id && !t.status.phase.is_final())
+            .count() as u32
     }
 
     /// Keys starting with `prefix` and strictly after `start_after`, in key order, at most
@@ -202,6 +437,7 @@ mod tests {
                         maintenance = *enabled;
                         prop_assert_eq!(got, Response::Maintenance { enabled: *enabled });
                     }
+                    other => unreachable!("the strategy makes only kv and maintenance commands, not {other:?}"),
                 }
                 prop_assert_eq!(s.maintenance, maintenance);
                 prop_assert_eq!(s.kv.len(), model.len());

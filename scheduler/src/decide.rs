@@ -1,0 +1,586 @@
+//! Scheduling decisions as pure functions of the replicated state and the time.
+//!
+//! [`decide_run`] takes the current run, copies it, and makes every decision by reading
+//! the *copy taken at the start of each pass* (never the half-updated result), so neither
+//! map order nor the order of tasks can change an outcome. Passes repeat until nothing
+//! changes, so one round settles everything the current state allows (a skipped task
+//! skips its own children in the same round) and the run is written once.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use flotilla_store::executor::{executor_task_id, ExecutorTask, ExecutorTaskSpec, ExecutorTaskStatus};
+use flotilla_store::run::{approvers, Phase, RunPhase, RunResult, RunTask, TaskConfig, TaskStatus};
+use flotilla_store::{RunUpdate, State};
+
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// An executor whose last heartbeat is older than this gets no new tasks, and a
+    /// dynamic one is removed.
+    pub executor_timeout_ms: u64,
+}
+
+impl Default for Settings {
+    fn default() -> Self {
+        Settings { executor_timeout_ms: 60_000 }
+    }
+}
+
+/// Active (not ended) executor tasks per executor, the load the scheduler balances.
+pub fn active_counts(state: &State) -> BTreeMap<String, u32> {
+    let mut counts: BTreeMap<String, u32> = state.executors.keys().map(|id| (id.clone(), 0)).collect();
+    for et in state.executor_tasks.values() {
+        if !et.status.phase.is_final() {
+            *counts.entry(et.spec.executor_id.clone()).or_insert(0) += 1;
+        }
+    }
+    counts
+}
+
+/// Dynamic executors that stopped heartbeating: to be removed.
+pub fn expired_executors(state: &State, now_ms: u64, settings: &Settings) -> Vec<String> {
+    state
+        .executors
+        .values()
+        .filter(|e| e.info.dynamic && now_ms.saturating_sub(e.last_seen) > settings.executor_timeout_ms)
+        .map(|e| e.id.clone())
+        .collect()
+}
+
+/// Executor tasks of `run_id` (ids are `<run id>.<task>`, so they sit together in the map).
+pub fn run_executor_tasks<'a>(state: &'a State, run_id: &str) -> impl Iterator<Item = &'a ExecutorTask> + 'a {
+    let prefix = format!("{run_id}.");
+    state.executor_tasks.range(prefix.clone()..).take_while(move |(k, _)| k.starts_with(&prefix)).map(|(_, v)| v)
+}
+
+/// What one round decides for one run, or `None` when nothing is to change. `active` is
+/// the executors' load, updated with the tasks handed out here so that several runs
+/// decided in one round share it.
+pub fn decide_run(
+    state: &State,
+    run_id: &str,
+    now_ms: u64,
+    settings: &Settings,
+    active: &mut BTreeMap<String, u32>,
+) -> Option<RunUpdate> {
+    let cur = state.runs.get(run_id)?;
+    let config = state.run_configs.get(run_id)?;
+    let mut run = cur.clone();
+    let mut create_tasks = Vec::new();
+    let mut stop_tasks = Vec::new();
+    let mut delete_tasks = Vec::new();
+    let etasks: Vec<&ExecutorTask> = run_executor_tasks(state, run_id).collect();
+
+    if run.phase == RunPhase::Queued {
+        if run.stop {
+            for rt in run.tasks.values_mut() {
+                rt.status = TaskStatus::Cancelled;
+            }
+            run.phase = RunPhase::Cancelled;
+            run.result = RunResult::Stopped;
+            run.end_time = Some(now_ms);
+        } else {
+            run.phase = RunPhase::Running;
+            run.start_time = Some(now_ms);
+        }
+    }
+
+    // Executor tasks still alive after this round, by task name.
+    let mut assigned: BTreeSet<String> = BTreeSet::new();
+    for et in &etasks {
+        let Some(rt) = run.tasks.get_mut(&et.spec.task_name) else { continue };
+        let ended = et.status.phase.is_final();
+        if run.phase != RunPhase::Running {
+            // Leftovers of an ended run: stop what runs, drop what ended.
+            if ended {
+                delete_tasks.push(et.id.clone());
+            } else if !et.spec.stop {
+                stop_tasks.push(et.id.clone());
+            }
+            continue;
+        }
+        if !ended && !state.executors.contains_key(&et.spec.executor_id) {
+            fail_task(rt, format!("executor {:?} is gone", et.spec.executor_id), now_ms);
+            delete_tasks.push(et.id.clone());
+            continue;
+        }
+        copy_status(rt, &et.status);
+        if ended {
+            delete_tasks.push(et.id.clone());
+        } else {
+            assigned.insert(et.spec.task_name.clone());
+            if run.stop && !et.spec.stop {
+                stop_tasks.push(et.id.clone());
+            }
+        }
+    }
+
+    if run.phase == RunPhase::Running {
+        loop {
+            let snapshot = run.clone();
+            for task in &config.tasks {
+                let name = &task.name;
+                let before = &snapshot.tasks[name];
+                if before.status != TaskStatus::Notstarted || assigned.contains(name) {
+                    continue;
+                }
+                let rt = run.tasks.get_mut(name).expect("a run has a status for each configured task");
+                if snapshot.stop {
+                    rt.status = TaskStatus::Cancelled;
+                    continue;
+                }
+                let parents: Option<Vec<TaskStatus>> = task
+                    .depends
+                    .iter()
+                    .map(|d| snapshot.tasks.get(&d.task).map(|p| p.status).filter(|s| s.is_final()))
+                    .collect();
+                let Some(parents) = parents else { continue };
+                if !task.depends.iter().zip(&parents).all(|(d, s)| d.satisfied_by(*s)) {
+                    rt.status = TaskStatus::Skipped;
+                    continue;
+                }
+                if task.needs_approval && !before.approved {
+                    if approvers(&before.annotations) >= task.approvers_required as usize {
+                        rt.approved = true;
+                        rt.waiting_approval = false;
+                    } else {
+                        rt.waiting_approval = true;
+                    }
+                    continue;
+                }
+                match choose_executor(state, task, active, now_ms, settings) {
+                    Choice::Wait => {}
+                    Choice::Fail(why) => {
+                        fail_task(rt, why, now_ms);
+                        rt.setup_step.phase = Phase::Failed;
+                        rt.setup_step.end_time = Some(now_ms);
+                    }
+                    Choice::Executor(executor_id) => {
+                        *active.entry(executor_id.clone()).or_insert(0) += 1;
+                        rt.executor_id = Some(executor_id.clone());
+                        assigned.insert(name.clone());
+                        create_tasks.push(ExecutorTaskSpec {
+                            run_id: run.id.clone(),
+                            task_name: name.clone(),
+                            executor_id,
+                            stop: false,
+                            generation: 0,
+                        });
+                    }
+                }
+            }
+            if run == snapshot {
+                break;
+            }
+        }
+        if assigned.is_empty() && run.tasks.values().all(|t| t.status.is_final()) {
+            run.phase = RunPhase::Finished;
+            run.end_time = Some(now_ms);
+            run.result = if run.tasks.values().any(|t| t.status == TaskStatus::Failed) {
+                RunResult::Failed
+            } else if run.stop || run.tasks.values().any(|t| t.status == TaskStatus::Stopped) {
+                RunResult::Stopped
+            } else {
+                RunResult::Success
+            };
+        }
+    }
+
+    if run == *cur && create_tasks.is_empty() && stop_tasks.is_empty() && delete_tasks.is_empty() {
+        return None;
+    }
+    debug_assert!(create_tasks.iter().all(|s| !state.executor_tasks.contains_key(&executor_task_id(run_id, &s.task_name))));
+    Some(RunUpdate { prev_revision: cur.revision, run, create_tasks, stop_tasks, delete_tasks })
+}
+
+enum Choice {
+    Executor(String),
+    Wait,
+    Fail(String),
+}
+
+/// The least loaded live executor that supports the task's arch and has room; if
+/// executors for the arch exist but none allows a privileged task, the task fails.
+fn choose_executor(
+    state: &State,
+    task: &TaskConfig,
+    active: &BTreeMap<String, u32>,
+    now_ms: u64,
+    settings: &Settings,
+) -> Choice {
+    let arch_ok: Vec<_> = state
+        .executors
+        .values()
+        .filter(|e| now_ms.saturating_sub(e.last_seen) <= settings.executor_timeout_ms)
+        .filter(|e| task.arch.as_ref().is_none_or(|a| e.info.archs.contains(a)))
+        .collect();
+    if arch_ok.is_empty() {
+        return Choice::Wait;
+    }
+    let allowed: Vec<_> =
+        arch_ok.into_iter().filter(|e| !task.privileged || e.info.allow_privileged_containers).collect();
+    if allowed.is_empty() {
+        return Choice::Fail(
+            "the task asks for a privileged container, but no executor for its arch allows privileged containers".into(),
+        );
+    }
+    allowed
+        .into_iter()
+        .map(|e| (active.get(&e.id).copied().unwrap_or(0), e))
+        .filter(|(n, e)| e.info.active_tasks_limit == 0 || *n < e.info.active_tasks_limit)
+        .min_by(|(na, a), (nb, b)| (na, &a.id).cmp(&(nb, &b.id)))
+        .map_or(Choice::Wait, |(_, e)| Choice::Executor(e.id.clone()))
+}
+
+/// Copies what the executor reported into the run task.
+fn copy_status(rt: &mut RunTask, s: &ExecutorTaskStatus) {
+    rt.status = match s.phase {
+        Phase::Notstarted => TaskStatus::Notstarted,
+        Phase::Running => TaskStatus::Running,
+        Phase::Cancelled => TaskStatus::Cancelled,
+        Phase::Stopped => TaskStatus::Stopped,
+        Phase::Success => TaskStatus::Success,
+        Phase::Failed => TaskStatus::Failed,
+    };
+    rt.setup_step = s.setup_step.clone();
+    if s.steps.len() == rt.steps.len() {
+        rt.steps = s.steps.clone();
+    }
+    rt.start_time = s.start_time;
+    rt.end_time = s.end_time;
+    if let Some(e) = &s.setup_error {
+        rt.error = Some(format!("setup failed: {e}"));
+    }
+}
+
+/// Marks a task failed for a reason outside its steps, closing whatever was running.
+fn fail_task(rt: &mut RunTask, why: String, now_ms: u64) {
+    rt.status = TaskStatus::Failed;
+    rt.error = Some(why);
+    rt.end_time = Some(now_ms);
+    for step in std::iter::once(&mut rt.setup_step).chain(rt.steps.iter_mut()) {
+        if step.phase == Phase::Running {
+            step.phase = Phase::Failed;
+            step.end_time = Some(now_ms);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use flotilla_store::executor::ExecutorInfo;
+    use flotilla_store::run::{Condition, Depend, RunCreate, RunStep, Step, StringMap};
+    use flotilla_store::{Command, Response};
+    use proptest::prelude::*;
+
+    const NOW: u64 = 1_000_000;
+
+    fn task(name: &str, deps: Vec<Depend>) -> TaskConfig {
+        TaskConfig {
+            name: name.into(),
+            image: "busybox".into(),
+            arch: None,
+            privileged: false,
+            working_dir: None,
+            shell: None,
+            environment: StringMap::new(),
+            needs_approval: false,
+            approvers_required: 1,
+            depends: deps,
+            steps: vec![Step::Run(RunStep {
+                name: None,
+                command: "true".into(),
+                environment: StringMap::new(),
+                working_dir: None,
+                shell: None,
+                tty: false,
+            })],
+        }
+    }
+
+    fn dep(task: &str, conditions: &[Condition]) -> Depend {
+        Depend { task: task.into(), conditions: conditions.to_vec() }
+    }
+
+    fn create(tasks: Vec<TaskConfig>) -> RunCreate {
+        RunCreate {
+            name: "r".into(),
+            group: "/p".into(),
+            annotations: StringMap::new(),
+            static_environment: StringMap::new(),
+            environment: StringMap::new(),
+            cache_group: None,
+            setup_errors: vec![],
+            tasks,
+        }
+    }
+
+    fn executor(limit: u32, privileged: bool) -> ExecutorInfo {
+        ExecutorInfo {
+            listen_url: None,
+            archs: vec!["amd64".into()],
+            labels: StringMap::new(),
+            group: None,
+            dynamic: false,
+            allow_privileged_containers: privileged,
+            active_tasks_limit: limit,
+            active_tasks: 0,
+        }
+    }
+
+    /// A cluster in one `State`: the log index counts up with every command.
+    struct Sim {
+        state: State,
+        index: u64,
+        assignments: BTreeMap<String, usize>,
+    }
+
+    impl Sim {
+        fn new() -> Sim {
+            Sim { state: State::default(), index: 0, assignments: BTreeMap::new() }
+        }
+        fn apply(&mut self, cmd: Command) -> Response {
+            self.index += 1;
+            self.state.apply(self.index, &cmd)
+        }
+        fn create(&mut self, c: RunCreate) -> String {
+            match self.apply(Command::CreateRun { create: Box::new(c), now_ms: NOW }) {
+                Response::RunCreated { run_id } => run_id,
+                other => panic!("{other:?}"),
+            }
+        }
+        /// One scheduler round over every active run; true if anything was written.
+        fn round(&mut self) -> bool {
+            let mut active = active_counts(&self.state);
+            let ids: Vec<String> = self.state.active_runs.iter().cloned().collect();
+            let updates: Vec<_> =
+                ids.iter().filter_map(|id| decide_run(&self.state, id, NOW, &Settings::default(), &mut active)).collect();
+            let any = !updates.is_empty();
+            for u in updates {
+                for s in &u.create_tasks {
+                    *self.assignments.entry(s.task_name.clone()).or_insert(0) += 1;
+                }
+                let r = self.apply(Command::UpdateRun(Box::new(u)));
+                assert!(matches!(r, Response::Done { .. }), "{r:?}");
+            }
+            any
+        }
+        /// The executor side: every task it holds reports `outcome(task)` (or stopped).
+        fn executors_report(&mut self, outcome: &dyn Fn(&str) -> Phase) -> bool {
+            let tasks: Vec<ExecutorTask> =
+                self.state.executor_tasks.values().filter(|t| !t.status.phase.is_final()).cloned().collect();
+            for et in &tasks {
+                let mut status = et.status.clone();
+                status.phase = if et.spec.stop { Phase::Stopped } else { outcome(&et.spec.task_name) };
+                status.start_time = Some(NOW);
+                status.end_time = Some(NOW);
+                let id = et.id.clone();
+                let r = self.apply(Command::SetExecutorTaskStatus { id, executor_id: et.spec.executor_id.clone(), status });
+                assert!(matches!(r, Response::Done { .. }), "{r:?}");
+            }
+            !tasks.is_empty()
+        }
+        fn settle(&mut self, outcome: &dyn Fn(&str) -> Phase) {
+            for _ in 0..10_000 {
+                let a = self.round();
+                let b = self.executors_report(outcome);
+                if !a && !b {
+                    return;
+                }
+            }
+            panic!("the scheduler never settled");
+        }
+        fn status(&self, run: &str, task: &str) -> TaskStatus {
+            self.state.runs[run].tasks[task].status
+        }
+    }
+
+    fn outcome_fails(failing: &'static [&'static str]) -> impl Fn(&str) -> Phase {
+        move |t| if failing.contains(&t) { Phase::Failed } else { Phase::Success }
+    }
+
+    #[test]
+    fn failed_parent_runs_on_failure_children_and_skips_on_success_ones() {
+        let mut sim = Sim::new();
+        sim.apply(Command::PutExecutor { id: "e1".into(), info: executor(0, false), now_ms: NOW });
+        let run = sim.create(create(vec![
+            task("a", vec![]),
+            task("b", vec![dep("a", &[])]),
+            task("c", vec![dep("a", &[])]),
+            task("on_fail", vec![dep("b", &[Condition::OnFailure])]),
+            task("after_b", vec![dep("b", &[Condition::OnSuccess])]),
+            task("on_skip", vec![dep("after_b", &[Condition::OnSkipped])]),
+            task("join", vec![dep("b", &[]), dep("c", &[])]),
+        ]));
+        sim.settle(&outcome_fails(&["b"]));
+        let expect = [
+            ("a", TaskStatus::Success),
+            ("b", TaskStatus::Failed),
+            ("c", TaskStatus::Success),
+            ("on_fail", TaskStatus::Success),
+            ("after_b", TaskStatus::Skipped),
+            ("on_skip", TaskStatus::Success),
+            ("join", TaskStatus::Skipped),
+        ];
+        for (t, s) in expect {
+            assert_eq!(sim.status(&run, t), s, "task {t}");
+        }
+        let r = &sim.state.runs[&run];
+        assert_eq!((r.phase, r.result), (RunPhase::Finished, RunResult::Failed));
+        assert!(sim.state.executor_tasks.is_empty(), "executor tasks are deleted once reported");
+        assert!(sim.assignments.values().all(|n| *n == 1));
+    }
+
+    #[test]
+    fn approval_waits_for_enough_approvers_while_other_tasks_go_on() {
+        let mut sim = Sim::new();
+        sim.apply(Command::PutExecutor { id: "e1".into(), info: executor(0, false), now_ms: NOW });
+        let mut gated = task("deploy", vec![]);
+        gated.needs_approval = true;
+        gated.approvers_required = 2;
+        let run = sim.create(create(vec![gated, task("test", vec![])]));
+        sim.settle(&outcome_fails(&[]));
+        assert_eq!(sim.status(&run, "test"), TaskStatus::Success);
+        assert!(sim.state.runs[&run].tasks["deploy"].waiting_approval);
+        assert_eq!(sim.status(&run, "deploy"), TaskStatus::Notstarted);
+        let approve = |who: &str| Command::SetTaskAnnotations {
+            run_id: run.clone(),
+            task: "deploy".into(),
+            annotations: [(format!("approver/{who}"), Some("yes".to_string()))].into(),
+        };
+        sim.apply(approve("alice"));
+        sim.settle(&outcome_fails(&[]));
+        assert_eq!(sim.status(&run, "deploy"), TaskStatus::Notstarted);
+        sim.apply(approve("bob"));
+        sim.settle(&outcome_fails(&[]));
+        assert_eq!(sim.status(&run, "deploy"), TaskStatus::Success);
+        assert!(sim.state.runs[&run].tasks["deploy"].approved);
+        assert_eq!(sim.state.runs[&run].result, RunResult::Success);
+    }
+
+    #[test]
+    fn executor_limit_is_never_exceeded_and_privileged_tasks_need_permission() {
+        let mut sim = Sim::new();
+        sim.apply(Command::PutExecutor { id: "e1".into(), info: executor(2, false), now_ms: NOW });
+        let mut p = task("priv", vec![]);
+        p.privileged = true;
+        let run = sim.create(create(vec![task("a", vec![]), task("b", vec![]), task("c", vec![]), p]));
+        sim.round();
+        assert_eq!(sim.state.executor_tasks.len(), 2, "limit 2");
+        let r = &sim.state.runs[&run].tasks["priv"];
+        assert_eq!(r.status, TaskStatus::Failed);
+        assert!(r.error.as_deref().unwrap().contains("privileged"));
+        sim.settle(&outcome_fails(&[]));
+        assert_eq!(sim.status(&run, "c"), TaskStatus::Success);
+    }
+
+    #[test]
+    fn tasks_of_a_deleted_executor_fail_with_end_times() {
+        let mut sim = Sim::new();
+        sim.apply(Command::PutExecutor { id: "e1".into(), info: executor(0, false), now_ms: NOW });
+        let run = sim.create(create(vec![task("a", vec![]), task("b", vec![dep("a", &[])])]));
+        sim.round();
+        let et = sim.state.executor_tasks.values().next().unwrap().clone();
+        let mut status = et.status.clone();
+        status.phase = Phase::Running;
+        status.steps[0].phase = Phase::Running;
+        status.steps[0].start_time = Some(NOW - 5);
+        sim.apply(Command::SetExecutorTaskStatus { id: et.id.clone(), executor_id: "e1".into(), status });
+        sim.round();
+        assert_eq!(sim.status(&run, "a"), TaskStatus::Running);
+        sim.apply(Command::DeleteExecutor { id: "e1".into() });
+        sim.settle(&outcome_fails(&[]));
+        let a = &sim.state.runs[&run].tasks["a"];
+        assert_eq!(a.status, TaskStatus::Failed);
+        assert_eq!(a.end_time, Some(NOW));
+        assert_eq!((a.steps[0].phase, a.steps[0].end_time), (Phase::Failed, Some(NOW)));
+        assert_eq!(sim.status(&run, "b"), TaskStatus::Skipped);
+        assert_eq!(sim.state.runs[&run].phase, RunPhase::Finished);
+    }
+
+    #[test]
+    fn stop_cancels_pending_tasks_and_stops_running_ones() {
+        let mut sim = Sim::new();
+        sim.apply(Command::PutExecutor { id: "e1".into(), info: executor(0, false), now_ms: NOW });
+        let run = sim.create(create(vec![task("a", vec![]), task("b", vec![dep("a", &[])])]));
+        sim.round();
+        sim.apply(Command::StopRun { run_id: run.clone() });
+        sim.settle(&outcome_fails(&[]));
+        let r = &sim.state.runs[&run];
+        assert_eq!((r.phase, r.result), (RunPhase::Finished, RunResult::Stopped));
+        assert_eq!(r.tasks["a"].status, TaskStatus::Stopped);
+        assert_eq!(r.tasks["b"].status, TaskStatus::Cancelled);
+    }
+
+    /// A random DAG: task i may depend on any earlier task, with random conditions.
+    fn dag_strategy() -> impl Strategy<Value = (Vec<TaskConfig>, Vec<bool>)> {
+        (1usize..14).prop_flat_map(|n| {
+            let deps = prop::collection::vec(prop::collection::vec((any::<prop::sample::Index>(), 0u8..8), 0..3), n);
+            let fails = prop::collection::vec(any::<bool>(), n);
+            (deps, fails).prop_map(move |(deps, fails)| {
+                let tasks = deps
+                    .into_iter()
+                    .enumerate()
+                    .map(|(i, ds)| {
+                        let mut parents: Vec<Depend> = Vec::new();
+                        if i > 0 {
+                            for (idx, mask) in ds {
+                                let p = format!("t{}", idx.index(i));
+                                if parents.iter().any(|d| d.task == p) {
+                                    continue;
+                                }
+                                let all = [Condition::OnSuccess, Condition::OnFailure, Condition::OnSkipped];
+                                let conds = all.iter().enumerate().filter(|(b, _)| mask & (1 << b) != 0).map(|(_, c)| *c).collect::<Vec<_>>();
+                                parents.push(dep(&p, &conds));
+                            }
+                        }
+                        task(&format!("t{i}"), parents)
+                    })
+                    .collect();
+                (tasks, fails)
+            })
+        })
+    }
+
+    fn simulate(tasks: &[TaskConfig], fails: &[bool]) -> Sim {
+        let mut sim = Sim::new();
+        sim.apply(Command::PutExecutor { id: "e1".into(), info: executor(3, false), now_ms: NOW });
+        sim.apply(Command::PutExecutor { id: "e2".into(), info: executor(1, false), now_ms: NOW });
+        sim.create(create(tasks.to_vec()));
+        let failing: BTreeSet<String> =
+            fails.iter().enumerate().filter(|(_, f)| **f).map(|(i, _)| format!("t{i}")).collect();
+        sim.settle(&|t: &str| if failing.contains(t) { Phase::Failed } else { Phase::Success });
+        sim
+    }
+
+    proptest! {
+        /// Any DAG with any outcomes ends finished, with every task final, each task run
+        /// at most once and only when its dependencies allowed it.
+        #[test]
+        fn random_dags_always_finish_with_every_task_final((tasks, fails) in dag_strategy()) {
+            let sim = simulate(&tasks, &fails);
+            let run = sim.state.runs.values().next().unwrap();
+            prop_assert_eq!(run.phase, RunPhase::Finished);
+            prop_assert!(sim.state.executor_tasks.is_empty());
+            for t in &tasks {
+                let rt = &run.tasks[&t.name];
+                prop_assert!(rt.status.is_final());
+                let ran = matches!(rt.status, TaskStatus::Success | TaskStatus::Failed);
+                prop_assert_eq!(sim.assignments.get(&t.name).copied().unwrap_or(0), usize::from(ran));
+                let allowed = t.depends.iter().all(|d| d.satisfied_by(run.tasks[&d.task].status));
+                prop_assert_eq!(ran, allowed, "task {} ran={} allowed={}", t.name, ran, allowed);
+            }
+            let any_failed = run.tasks.values().any(|t| t.status == TaskStatus::Failed);
+            prop_assert_eq!(run.result, if any_failed { RunResult::Failed } else { RunResult::Success });
+        }
+
+        /// The same input always gives the same states, step by step.
+        #[test]
+        fn decisions_are_deterministic((tasks, fails) in dag_strategy()) {
+            let a = simulate(&tasks, &fails);
+            let b = simulate(&tasks, &fails);
+            prop_assert_eq!(a.state, b.state);
+            prop_assert_eq!(a.index, b.index);
+        }
+    }
+}
