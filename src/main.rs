@@ -13,6 +13,8 @@ use flotilla_api::types::ClusterStatus;
 use flotilla_api::{Client, ClientError};
 use flotilla_raft::NodeConfig;
 
+mod run_cmd;
+
 #[derive(Parser)]
 #[command(name = "flotilla", version, about = "A self-contained run scheduler: Raft-replicated servers, Docker executors.")]
 struct Cli {
@@ -58,6 +60,21 @@ struct RaftTuning {
     max_logs_keep: u64,
 }
 
+#[derive(clap::Args)]
+struct SchedulerTuning {
+    /// An executor silent for this long gets no new tasks; a dynamic one is removed.
+    #[arg(long, env = "FLOTILLA_EXECUTOR_TIMEOUT_MS", default_value_t = 60_000)]
+    executor_timeout_ms: u64,
+}
+
+impl SchedulerTuning {
+    fn config(&self) -> flotilla_scheduler::SchedulerConfig {
+        let mut cfg = flotilla_scheduler::SchedulerConfig::default();
+        cfg.settings.executor_timeout_ms = self.executor_timeout_ms;
+        cfg
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a server node: Raft member, REST API and (when leader) the scheduler.
@@ -77,8 +94,13 @@ enum Cmd {
         /// Token file for Raft RPC between nodes (default: --token-file).
         #[arg(long, env = "FLOTILLA_CLUSTER_TOKEN_FILE")]
         cluster_token_file: Option<PathBuf>,
+        /// Token file for the executor routes (default: --token-file).
+        #[arg(long, env = "FLOTILLA_EXECUTOR_TOKEN_FILE")]
+        executor_token_file: Option<PathBuf>,
         #[command(flatten)]
         tuning: RaftTuning,
+        #[command(flatten)]
+        scheduler: SchedulerTuning,
     },
     /// One-process development setup: a self-initialised single-node cluster.
     Dev {
@@ -88,6 +110,15 @@ enum Cmd {
         listen: SocketAddr,
         #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
         token_file: Option<PathBuf>,
+        #[command(flatten)]
+        scheduler: SchedulerTuning,
+    },
+    /// Runs: create, list, show, stop, approve, wait.
+    Run {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[command(subcommand)]
+        command: run_cmd::RunCmd,
     },
     /// Cluster bootstrap and membership.
     Cluster {
@@ -182,9 +213,11 @@ fn parse_node(s: &str) -> Result<(u64, String), String> {
 }
 
 /// A failure the CLI reports: exit 1 for a refused or failed request, 2 for bad usage.
-enum Failure {
+pub(crate) enum Failure {
     Refused(String),
     Usage(String),
+    /// Exit 1 with nothing more to say (the output already said it).
+    Quiet,
 }
 
 impl From<ClientError> for Failure {
@@ -249,16 +282,21 @@ fn main() -> ExitCode {
             eprintln!("error: {m}");
             ExitCode::from(2)
         }
+        Err(Failure::Quiet) => ExitCode::from(1),
     }
 }
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Cmd::Server { id, listen, data_dir, advertise, token_file, cluster_token_file, tuning } => {
+        Cmd::Server { id, listen, data_dir, advertise, token_file, cluster_token_file, executor_token_file, tuning, scheduler } => {
             init_logging(cli.log_format);
             let api_token = read_token(&token_file)?;
             let cluster_token = match cluster_token_file {
                 Some(_) => read_token(&cluster_token_file)?,
+                None => api_token.clone(),
+            };
+            let executor_token = match executor_token_file {
+                Some(_) => read_token(&executor_token_file)?,
                 None => api_token.clone(),
             };
             require_token_off_loopback(listen, &api_token)?;
@@ -270,17 +308,18 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             cfg.snapshot_logs = tuning.snapshot_logs;
             cfg.max_logs_keep = tuning.max_logs_keep;
             let advertise = advertise.unwrap_or_else(|| format!("http://{listen}"));
-            let server_cfg = ServerConfig { api_token, cluster_token };
+            let server_cfg = ServerConfig { api_token, cluster_token, executor_token, scheduler: scheduler.config() };
             serve_node(cfg, listen, server_cfg, |_, addr| tracing::info!(id, %addr, %advertise, "node serving"), shutdown_signal())
                 .await
                 .map_err(|e| Failure::Refused(e.to_string()))
         }
-        Cmd::Dev { data_dir, listen, token_file } => {
+        Cmd::Dev { data_dir, listen, token_file, scheduler } => {
             init_logging(cli.log_format);
             let api_token = read_token(&token_file)?;
             require_token_off_loopback(listen, &api_token)?;
-            dev(data_dir, listen, api_token).await
+            dev(data_dir, listen, api_token, scheduler.config()).await
         }
+        Cmd::Run { client: args, command } => run_cmd::run(&client(&args)?, args.json, command).await,
         Cmd::Cluster { client: args, command } => cluster(&client(&args)?, args.json, command).await,
         Cmd::Kv { client: args, command } => kv(&client(&args)?, args.json, command).await,
         Cmd::Maintenance { client: args, command } => {
@@ -317,9 +356,15 @@ fn require_token_off_loopback(listen: SocketAddr, token: &Option<String>) -> Res
     Ok(())
 }
 
-async fn dev(data_dir: PathBuf, listen: SocketAddr, api_token: Option<String>) -> Result<(), Failure> {
+async fn dev(
+    data_dir: PathBuf,
+    listen: SocketAddr,
+    api_token: Option<String>,
+    scheduler: flotilla_scheduler::SchedulerConfig,
+) -> Result<(), Failure> {
     let cfg = NodeConfig::new(1, data_dir.clone());
-    let server_cfg = ServerConfig { api_token: api_token.clone(), cluster_token: api_token };
+    let server_cfg =
+        ServerConfig { api_token: api_token.clone(), cluster_token: api_token.clone(), executor_token: api_token, scheduler };
     let data_dir_shown = data_dir.display().to_string();
     serve_node(
         cfg,
@@ -345,7 +390,7 @@ async fn dev(data_dir: PathBuf, listen: SocketAddr, api_token: Option<String>) -
     .map_err(|e| Failure::Refused(e.to_string()))
 }
 
-fn print_json<T: serde::Serialize>(v: &T) {
+pub(crate) fn print_json<T: serde::Serialize>(v: &T) {
     println!("{}", serde_json::to_string_pretty(v).unwrap_or_default());
 }
 

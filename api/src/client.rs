@@ -1,6 +1,7 @@
 //! A typed client of the public API. A refused request keeps the server's status, code and
 //! message, so the CLI can print exactly what the server said.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
@@ -11,6 +12,9 @@ use crate::error::ErrorBody;
 use crate::types::*;
 
 /// Characters escaped in a key path segment ('/' is kept: keys may be paths).
+/// Characters escaped in a single path segment.
+const SEGMENT: &AsciiSet = &KEY.add(b'/');
+
 const KEY: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'#').add(b'%').add(b'?').add(b'<').add(b'>').add(b'`').add(b'{').add(b'}');
 
 #[derive(Debug, thiserror::Error)]
@@ -173,5 +177,161 @@ impl Client {
 
     pub async fn remove_node(&self, id: u64) -> Result<(), ClientError> {
         self.no_content(reqwest::Method::DELETE, &format!("/api/v1/cluster/nodes/{id}")).await
+    }
+
+    async fn put_no_content(&self, path: &str, body: &impl Serialize) -> Result<(), ClientError> {
+        self.send::<serde_json::Value>(reqwest::Method::PUT, path, Some(body)).await.map(|_| ())
+    }
+
+    fn seg(s: &str) -> String {
+        utf8_percent_encode(s, SEGMENT).to_string()
+    }
+
+    pub async fn run_create(&self, create: &RunCreate) -> Result<Run, ClientError> {
+        self.with_body(reqwest::Method::POST, "/api/v1/runs", create).await
+    }
+
+    pub async fn run_get(&self, id: &str) -> Result<Run, ClientError> {
+        self.get(&format!("/api/v1/runs/{}", Self::seg(id))).await
+    }
+
+    pub async fn run_list(&self, q: &RunQuery) -> Result<RunList, ClientError> {
+        let mut pairs = vec![("limit", q.limit.to_string())];
+        if let Some(g) = &q.group {
+            pairs.push(("group", g.clone()));
+        }
+        if let Some(p) = &q.phase {
+            pairs.push(("phase", p.clone()));
+        }
+        if let Some(s) = &q.start {
+            pairs.push(("start", s.clone()));
+        }
+        if q.asc {
+            pairs.push(("asc", "true".into()));
+        }
+        let qs = serde_urlencoded::to_string(&pairs).unwrap_or_default();
+        self.get(&format!("/api/v1/runs?{qs}")).await
+    }
+
+    pub async fn run_stop(&self, id: &str) -> Result<(), ClientError> {
+        let path = format!("/api/v1/runs/{}/actions", Self::seg(id));
+        self.put_no_content(&path, &ActionRequest { action: "stop".into() }).await
+    }
+
+    pub async fn task_annotate(&self, id: &str, task: &str, annotations: BTreeMap<String, Option<String>>) -> Result<(), ClientError> {
+        let path = format!("/api/v1/runs/{}/tasks/{}/annotations", Self::seg(id), Self::seg(task));
+        self.put_no_content(&path, &AnnotationsRequest { annotations }).await
+    }
+
+    pub async fn task_approve(&self, id: &str, task: &str) -> Result<(), ClientError> {
+        let path = format!("/api/v1/runs/{}/tasks/{}/actions", Self::seg(id), Self::seg(task));
+        self.put_no_content(&path, &ActionRequest { action: "approve".into() }).await
+    }
+
+    pub async fn executors(&self) -> Result<ExecutorList, ClientError> {
+        self.get("/api/v1/executors").await
+    }
+
+    pub async fn executor_delete(&self, id: &str) -> Result<(), ClientError> {
+        self.no_content(reqwest::Method::DELETE, &format!("/api/v1/executors/{}", Self::seg(id))).await
+    }
+
+    /// Registers the executor or records its heartbeat.
+    pub async fn executor_heartbeat(&self, id: &str, info: &ExecutorInfo) -> Result<(), ClientError> {
+        self.put_no_content(&format!("/api/v1/executor/{}", Self::seg(id)), info).await
+    }
+
+    /// The executor's tasks, waiting up to `wait_ms` for a change after revision `since`.
+    pub async fn executor_tasks(&self, id: &str, since: u64, wait_ms: u64) -> Result<ExecutorTasks, ClientError> {
+        self.get(&format!("/api/v1/executor/{}/tasks?since={since}&wait_ms={wait_ms}", Self::seg(id))).await
+    }
+
+    pub async fn executor_task_status(&self, id: &str, task_id: &str, status: &ExecutorTaskStatus) -> Result<(), ClientError> {
+        let path = format!("/api/v1/executor/{}/tasks/{}", Self::seg(id), Self::seg(task_id));
+        self.put_no_content(&path, status).await
+    }
+
+    /// Subscribes to the event stream (optionally of one group and below).
+    pub async fn events(&self, group: Option<&str>) -> Result<EventStream, ClientError> {
+        let mut url = format!("{}/api/v1/events", self.base);
+        if let Some(g) = group {
+            url.push_str(&format!("?{}", serde_urlencoded::to_string([("group", g)]).unwrap_or_default()));
+        }
+        let transport = |e: reqwest::Error| ClientError::Transport { url: url.clone(), message: e.to_string() };
+        // A stream has no total timeout; the server's keep-alives show it is alive.
+        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).build().map_err(transport)?;
+        let mut req = http.get(&url);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let resp = req.send().await.map_err(transport)?;
+        let status = resp.status().as_u16();
+        if status != 200 {
+            let bytes = resp.bytes().await.unwrap_or_default();
+            let e: ErrorBody = serde_json::from_slice(&bytes)
+                .unwrap_or(ErrorBody { code: "unknown".into(), message: String::from_utf8_lossy(&bytes).into() });
+            return Err(ClientError::Api { status, code: e.code, message: e.message });
+        }
+        Ok(EventStream { resp, buf: Vec::new(), url })
+    }
+}
+
+/// Filters of `GET /api/v1/runs`.
+#[derive(Debug, Clone, Default)]
+pub struct RunQuery {
+    pub group: Option<String>,
+    pub phase: Option<String>,
+    pub start: Option<String>,
+    pub limit: usize,
+    pub asc: bool,
+}
+
+/// A server-sent-events subscription.
+pub struct EventStream {
+    resp: reqwest::Response,
+    buf: Vec<u8>,
+    url: String,
+}
+
+impl EventStream {
+    /// The next event; `None` when the server closed the stream. A server that cut the
+    /// stream because this reader lagged is an error: events were missed.
+    pub async fn next(&mut self) -> Result<Option<Event>, ClientError> {
+        loop {
+            if let Some(end) = self.buf.windows(2).position(|w| w == b"\n\n") {
+                let block: Vec<u8> = self.buf.drain(..end + 2).collect();
+                let block = String::from_utf8_lossy(&block);
+                let mut kind = None;
+                let mut data = String::new();
+                for line in block.lines() {
+                    if let Some(v) = line.strip_prefix("event:") {
+                        kind = Some(v.trim().to_string());
+                    } else if let Some(v) = line.strip_prefix("data:") {
+                        data.push_str(v.trim_start());
+                    }
+                }
+                match kind.as_deref() {
+                    Some("run") | Some("task") => {
+                        let e = serde_json::from_str(&data).map_err(|e| ClientError::Transport {
+                            url: self.url.clone(),
+                            message: format!("unreadable event: {e}"),
+                        })?;
+                        return Ok(Some(e));
+                    }
+                    Some("lagged") => {
+                        return Err(ClientError::Transport {
+                            url: self.url.clone(),
+                            message: format!("the server dropped this slow subscriber: {data}"),
+                        })
+                    }
+                    _ => continue,
+                }
+            }
+            match self.resp.chunk().await {
+                Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk),
+                Ok(None) => return Ok(None),
+                Err(e) => return Err(ClientError::Transport { url: self.url.clone(), message: e.to_string() }),
+            }
+        }
     }
 }

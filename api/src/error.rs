@@ -71,6 +71,8 @@ impl From<CommandError> for ApiError {
             CommandError::RevisionMismatch { .. } => ApiError::new(409, "revision_mismatch", e.to_string()),
             CommandError::NotFound { .. } => ApiError::not_found(e.to_string()),
             CommandError::Invalid { .. } => ApiError::bad_request(e.to_string()),
+            CommandError::Missing { .. } => ApiError::not_found(e.to_string()),
+            CommandError::Conflict { .. } => ApiError::conflict(e.to_string()),
         }
     }
 }

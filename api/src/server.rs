@@ -24,6 +24,7 @@ use percent_encoding::percent_decode_str;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::net::TcpListener;
+use tokio::sync::watch;
 use warp::http::{Method, StatusCode};
 use warp::Filter;
 
@@ -36,6 +37,9 @@ pub struct ServerConfig {
     pub api_token: Option<String>,
     /// Bearer token for `/raft/*`; `None` accepts unauthenticated requests.
     pub cluster_token: Option<String>,
+    /// Bearer token for the executor-facing `/api/v1/executor/*`.
+    pub executor_token: Option<String>,
+    pub scheduler: flotilla_scheduler::SchedulerConfig,
 }
 
 /// What every handler can reach.
@@ -44,6 +48,9 @@ pub struct Ctx {
     pub cfg: ServerConfig,
     pub metrics: Metrics,
     peers: reqwest::Client,
+    /// Turns true when the server starts shutting down: ends long polls and event streams
+    /// so that a graceful shutdown does not wait for them.
+    closing_tx: watch::Sender<bool>,
 }
 
 impl Ctx {
@@ -53,7 +60,12 @@ impl Ctx {
             .timeout(Duration::from_secs(2))
             .build()
             .expect("static client settings");
-        Arc::new(Ctx { node, cfg, metrics: Metrics::default(), peers })
+        let (closing_tx, _) = watch::channel(false);
+        Arc::new(Ctx { node, cfg, metrics: Metrics::default(), peers, closing_tx })
+    }
+
+    pub(crate) fn closing(&self) -> watch::Receiver<bool> {
+        self.closing_tx.subscribe()
     }
 }
 
@@ -65,12 +77,18 @@ pub async fn run(listener: TcpListener, ctx: Arc<Ctx>, shutdown: impl Future<Out
         .and(warp::header::optional::<String>("authorization"))
         .and(warp::header::optional::<String>("content-length"))
         .and(warp::body::stream())
-        .then(move |method: Method, path: warp::path::FullPath, query: String, auth, len, body| {
+        .then({
+            let ctx = ctx.clone();
+            move |method: Method, path: warp::path::FullPath, query: String, auth, len, body| {
             let ctx = ctx.clone();
             let path = path.as_str().to_string();
             async move { handle(ctx, method, path, query, auth, len, body).await }
-        });
-    warp::serve(routes).incoming(listener).graceful(shutdown).run().await;
+        }});
+    let closing = async move {
+        shutdown.await;
+        ctx.closing_tx.send_replace(true);
+    };
+    warp::serve(routes).incoming(listener).graceful(closing).run().await;
 }
 
 /// Binds the listener (so a port conflict is reported before anything starts).
@@ -78,14 +96,16 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     TcpListener::bind(addr).await
 }
 
-enum Reply {
+pub(crate) enum Reply {
     Json(u16, Vec<u8>),
     Text(u16, &'static str, String),
     Msgpack(Vec<u8>),
     Empty,
+    /// A streamed response (server-sent events).
+    Raw(warp::reply::Response),
 }
 
-fn json<T: Serialize>(status: u16, v: &T) -> Reply {
+pub(crate) fn json<T: Serialize>(status: u16, v: &T) -> Reply {
     Reply::Json(status, serde_json::to_vec(v).unwrap_or_default())
 }
 
@@ -96,6 +116,7 @@ impl warp::Reply for Reply {
             Reply::Text(s, ct, t) => (s, ct, t.into_bytes()),
             Reply::Msgpack(b) => (200, MSGPACK, b),
             Reply::Empty => (204, "application/json", Vec::new()),
+            Reply::Raw(resp) => return resp,
         };
         let mut resp = warp::reply::Response::new(body.into());
         *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
@@ -148,6 +169,7 @@ where
         Reply::Json(s, _) | Reply::Text(s, _, _) => *s,
         Reply::Msgpack(_) => 200,
         Reply::Empty => 204,
+        Reply::Raw(r) => r.status().as_u16(),
     };
     ctx.metrics.request(route, status);
     reply
@@ -169,23 +191,23 @@ where
     Ok(buf.freeze())
 }
 
-struct Request<'a> {
-    method: Method,
-    segments: &'a [&'a str],
-    query: HashMap<String, String>,
-    auth: Option<String>,
-    body: Bytes,
+pub(crate) struct Request<'a> {
+    pub method: Method,
+    pub segments: &'a [&'a str],
+    pub query: HashMap<String, String>,
+    pub auth: Option<String>,
+    pub body: Bytes,
 }
 
 impl Request<'_> {
-    fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
+    pub(crate) fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
         if self.body.is_empty() {
             return Err(ApiError::bad_request("request body is empty; a JSON object is expected"));
         }
         serde_json::from_slice(&self.body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
     }
 
-    fn flag(&self, name: &str) -> Result<bool, ApiError> {
+    pub(crate) fn flag(&self, name: &str) -> Result<bool, ApiError> {
         match self.query.get(name).map(String::as_str) {
             None | Some("false") | Some("0") => Ok(false),
             Some("true") | Some("1") | Some("") => Ok(true),
@@ -193,7 +215,7 @@ impl Request<'_> {
         }
     }
 
-    fn number(&self, name: &str) -> Result<Option<u64>, ApiError> {
+    pub(crate) fn number(&self, name: &str) -> Result<Option<u64>, ApiError> {
         self.query
             .get(name)
             .map(|v| v.parse().map_err(|_| ApiError::bad_request(format!("query parameter {name}={v:?} is not a number"))))
@@ -219,6 +241,10 @@ fn route_label(segments: &[&str]) -> &'static str {
         ["api", "v1", "kv", ..] => "kv",
         ["api", "v1", "cluster", ..] => "cluster",
         ["api", "v1", "maintenance"] => "maintenance",
+        ["api", "v1", "runs", ..] => "runs",
+        ["api", "v1", "events"] => "events",
+        ["api", "v1", "executors", ..] => "executors",
+        ["api", "v1", "executor", ..] => "executor",
         _ => "other",
     }
 }
@@ -247,6 +273,12 @@ async fn dispatch(ctx: &Ctx, req: Request<'_>) -> Result<Reply, ApiError> {
             };
             let out = rpc::handle(node, kind, &req.body).await.map_err(|e| ApiError::bad_request(e.to_string()))?;
             Ok(Reply::Msgpack(out))
+        }
+        ["api", "v1", "executor", ..] => {
+            if !authorized(&ctx.cfg.executor_token, &req.auth) {
+                return Err(ApiError::unauthorized());
+            }
+            crate::runs::executor_route(ctx, &req.segments[2..], &req).await
         }
         ["api", "v1", rest @ ..] => {
             if !authorized(&ctx.cfg.api_token, &req.auth) {
@@ -319,6 +351,7 @@ async fn api_v1(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -> Result<Reply, Ap
             }
         }
         ["kv"] => Err(ApiError::method_not_allowed()),
+        ["runs", ..] | ["events"] | ["executors", ..] => crate::runs::route(ctx, rest, req).await,
         ["maintenance"] => match *m {
             Method::GET if req.flag("local")? => {
                 let enabled = node.state.read().state.maintenance;
@@ -345,7 +378,7 @@ fn route_or_405(rest: &[&str]) -> Result<Reply, ApiError> {
     }
 }
 
-fn unexpected(r: Response) -> ApiError {
+pub(crate) fn unexpected(r: Response) -> ApiError {
     match r {
         Response::Rejected(e) => e.into(),
         other => {
@@ -373,15 +406,20 @@ fn decode_key(segments: &[&str]) -> Result<String, ApiError> {
 }
 
 /// Proposes a command and records its latency; refusals become 4xx errors.
-async fn write(ctx: &Ctx, cmd: Command) -> Result<Response, ApiError> {
+pub(crate) async fn write(ctx: &Ctx, cmd: Command) -> Result<Response, ApiError> {
+    Ok(write_at(ctx, cmd).await?.1)
+}
+
+/// [`write`], also returning the log index of the write.
+pub(crate) async fn write_at(ctx: &Ctx, cmd: Command) -> Result<(u64, Response), ApiError> {
     let kind = cmd.kind();
     let start = Instant::now();
     let result = ctx.node.write(cmd).await;
     ctx.metrics.write(kind, matches!(&result, Ok((_, r)) if !matches!(r, Response::Rejected(_))), start.elapsed());
-    let (_, response) = result?;
+    let (index, response) = result?;
     match response {
         Response::Rejected(e) => Err(e.into()),
-        ok => Ok(ok),
+        ok => Ok((index, ok)),
     }
 }
 
@@ -391,7 +429,7 @@ async fn membership(ctx: &Ctx, req: LeaderRequest) -> Result<(), ApiError> {
 }
 
 /// Linearizable unless `?stale=true`.
-async fn read_barrier(ctx: &Ctx, req: &Request<'_>) -> Result<(), ApiError> {
+pub(crate) async fn read_barrier(ctx: &Ctx, req: &Request<'_>) -> Result<(), ApiError> {
     if !req.flag("stale")? {
         ctx.node.linearizable_barrier().await?;
     }
@@ -508,8 +546,11 @@ pub async fn serve_node(
     let local = listener.local_addr().map_err(|e| ServeError::Bind(listen, e))?;
     let node = RaftNode::start(node_cfg).await?;
     on_ready(&node, local);
+    let scheduler_cfg = cfg.scheduler.clone();
     let ctx = Ctx::new(node.clone(), cfg);
+    let scheduler = tokio::spawn(flotilla_scheduler::run(node.clone(), scheduler_cfg, ctx.closing()));
     run(listener, ctx, shutdown).await;
+    let _ = scheduler.await;
     tracing::info!("HTTP server stopped; stopping raft");
     node.shutdown().await;
     Ok(())

@@ -83,3 +83,55 @@ pub struct Ready {
     pub applied_index: u64,
     pub commit_index: u64,
 }
+
+pub use flotilla_store::executor::{Executor, ExecutorInfo, ExecutorTaskSpec, ExecutorTaskStatus, TaskData};
+pub use flotilla_store::run::{Run, RunCreate};
+pub use flotilla_store::Event;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunList {
+    pub runs: Vec<Run>,
+    /// More runs match after the last one (continue with `start=<last id>`).
+    pub more: bool,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionRequest {
+    pub action: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AnnotationsRequest {
+    /// Merged into the task's annotations; `null` removes a key.
+    pub annotations: BTreeMap<String, Option<String>>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecutorList {
+    pub executors: Vec<Executor>,
+}
+
+/// An executor task as an executor receives it: the replicated spec plus the data
+/// regenerated from the run.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecutorTaskView {
+    pub id: String,
+    pub spec: ExecutorTaskSpecView,
+    pub status: ExecutorTaskStatus,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecutorTaskSpecView {
+    #[serde(flatten)]
+    pub spec: ExecutorTaskSpec,
+    pub data: TaskData,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ExecutorTasks {
+    /// Pass back as `since` to wait for the next change.
+    pub revision: u64,
+    pub tasks: Vec<ExecutorTaskView>,
+}

@@ -1,0 +1,241 @@
+//! Routes for runs, events and executors.
+//!
+//! User-facing: create, list, get, stop, annotate and approve runs; the event stream;
+//! executor admin. Executor-facing (`/api/v1/executor/{id}/...`, executor token):
+//! heartbeat, fetch tasks (a long poll on the executor's `tasks_revision`, so a task made
+//! ready reaches its executor as soon as the scheduler's write is applied), and status.
+
+use std::convert::Infallible;
+use std::time::Duration;
+
+use bytes::Bytes;
+use flotilla_scheduler::now_ms;
+use flotilla_store::executor::{task_data, validate_executor_id, ExecutorInfo, ExecutorTaskStatus};
+use flotilla_store::limits::{DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT, MAX_LONG_POLL_MS};
+use flotilla_store::run::{group_matches, RunCreate, RunPhase};
+use flotilla_store::{Command, Response};
+use tokio::sync::broadcast::error::RecvError;
+use warp::http::Method;
+
+use crate::error::ApiError;
+use crate::server::{json, read_barrier, unexpected, write, write_at, Ctx, Reply, Request};
+use crate::types::*;
+
+/// How often an idle event stream sends a keep-alive comment.
+const EVENT_KEEPALIVE: Duration = Duration::from_secs(15);
+
+pub(crate) async fn route(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -> Result<Reply, ApiError> {
+    let m = &req.method;
+    match rest {
+        ["runs"] if m == Method::POST => create_run(ctx, req).await,
+        ["runs"] if m == Method::GET => list_runs(ctx, req).await,
+        ["runs", id] if m == Method::GET => {
+            read_barrier(ctx, req).await?;
+            let sm = ctx.node.state.read();
+            let run = sm.state.runs.get(*id).ok_or_else(|| ApiError::not_found(format!("run {id} not found")))?;
+            Ok(json(200, run))
+        }
+        ["runs", id, "actions"] if m == Method::PUT => {
+            let body: ActionRequest = req.json()?;
+            match body.action.as_str() {
+                "stop" => expect_done(write(ctx, Command::StopRun { run_id: id.to_string() }).await?),
+                other => Err(ApiError::bad_request(format!("unknown run action {other:?}; known: stop"))),
+            }
+        }
+        ["runs", id, "tasks", task, "annotations"] if m == Method::PUT => {
+            let body: AnnotationsRequest = req.json()?;
+            let cmd = Command::SetTaskAnnotations {
+                run_id: id.to_string(),
+                task: task.to_string(),
+                annotations: body.annotations,
+            };
+            expect_done(write(ctx, cmd).await?)
+        }
+        ["runs", id, "tasks", task, "actions"] if m == Method::PUT => {
+            let body: ActionRequest = req.json()?;
+            match body.action.as_str() {
+                "approve" => {
+                    let cmd = Command::ApproveTask { run_id: id.to_string(), task: task.to_string() };
+                    expect_done(write(ctx, cmd).await?)
+                }
+                other => Err(ApiError::bad_request(format!("unknown task action {other:?}; known: approve"))),
+            }
+        }
+        ["events"] if m == Method::GET => events(ctx, req),
+        ["executors"] if m == Method::GET => {
+            read_barrier(ctx, req).await?;
+            let sm = ctx.node.state.read();
+            let counts = flotilla_scheduler::decide::active_counts(&sm.state);
+            let executors = sm
+                .state
+                .executors
+                .values()
+                .map(|e| {
+                    let mut e = e.clone();
+                    e.info.active_tasks = counts.get(&e.id).copied().unwrap_or(0);
+                    e
+                })
+                .collect();
+            Ok(json(200, &ExecutorList { executors }))
+        }
+        ["executors", id] if m == Method::DELETE => {
+            expect_done(write(ctx, Command::DeleteExecutor { id: id.to_string() }).await?)
+        }
+        ["runs"] | ["runs", _] | ["runs", _, "actions"] | ["runs", _, "tasks", _, "annotations" | "actions"] | ["events"]
+        | ["executors"] | ["executors", _] => Err(ApiError::method_not_allowed()),
+        _ => Err(ApiError::not_found(format!("no route for {} /api/v1/{}", m, rest.join("/")))),
+    }
+}
+
+fn expect_done(r: Response) -> Result<Reply, ApiError> {
+    match r {
+        Response::Done { .. } => Ok(Reply::Empty),
+        other => Err(unexpected(other)),
+    }
+}
+
+async fn create_run(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
+    let create: RunCreate = req.json()?;
+    create.validate().map_err(|e| ApiError::bad_request(format!("invalid run: {e}")))?;
+    let (index, response) = write_at(ctx, Command::CreateRun { create: Box::new(create), now_ms: now_ms() }).await?;
+    let Response::RunCreated { run_id } = response else { return Err(unexpected(response)) };
+    // The write is applied on the leader; this node may be a follower a little behind.
+    ctx.node.wait_applied(index).await?;
+    let sm = ctx.node.state.read();
+    let run = sm.state.runs.get(&run_id).ok_or_else(ApiError::internal)?;
+    Ok(json(201, run))
+}
+
+async fn list_runs(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
+    let limit = req.number("limit")?.map_or(DEFAULT_LIST_LIMIT, |l| l as usize);
+    if limit == 0 || limit > MAX_LIST_LIMIT {
+        return Err(ApiError::bad_request(format!("limit must be between 1 and {MAX_LIST_LIMIT}")));
+    }
+    let phase: Option<RunPhase> = req
+        .query
+        .get("phase")
+        .map(|p| {
+            serde_json::from_value(serde_json::Value::String(p.clone()))
+                .map_err(|_| ApiError::bad_request(format!("unknown phase {p:?}")))
+        })
+        .transpose()?;
+    let group = req.query.get("group").cloned();
+    let start = req.query.get("start").cloned();
+    let asc = req.flag("asc")?;
+    read_barrier(ctx, req).await?;
+    let sm = ctx.node.state.read();
+    let runs = &sm.state.runs;
+    use std::ops::Bound::{Excluded, Unbounded};
+    let range: Box<dyn Iterator<Item = &Run>> = match (&start, asc) {
+        (Some(s), true) => Box::new(runs.range::<String, _>((Excluded(s.clone()), Unbounded)).map(|(_, r)| r)),
+        (Some(s), false) => Box::new(runs.range::<String, _>((Unbounded, Excluded(s.clone()))).rev().map(|(_, r)| r)),
+        (None, true) => Box::new(runs.values()),
+        (None, false) => Box::new(runs.values().rev()),
+    };
+    let mut matching = range
+        .filter(|r| group.as_deref().is_none_or(|g| group_matches(&r.group, g)))
+        .filter(|r| phase.is_none_or(|p| r.phase == p));
+    let page: Vec<Run> = matching.by_ref().take(limit).cloned().collect();
+    let more = matching.next().is_some();
+    Ok(json(200, &RunList { runs: page, more }))
+}
+
+/// `GET /api/v1/events`: every event this node applies from now on, as server-sent
+/// events (`id` = log index, `event` = `run` or `task`, `data` = the JSON event). A
+/// subscriber that falls too far behind gets an `event: lagged` and the stream ends, so a
+/// client never silently misses events; it reconnects and re-reads the runs it follows.
+fn events(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
+    let group = req.query.get("group").cloned();
+    let mut rx = ctx.node.state.subscribe_events();
+    let mut closing = ctx.closing();
+    let (tx, mut out) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
+    tokio::spawn(async move {
+        let _ = tx.send(Ok(Bytes::from_static(b": connected\n\n"))).await;
+        loop {
+            let chunk = tokio::select! {
+                e = rx.recv() => match e {
+                    Ok(e) if group.as_deref().is_none_or(|g| group_matches(&e.group, g)) => {
+                        let kind = match e.kind { flotilla_store::event::EventKind::Run => "run", _ => "task" };
+                        let data = serde_json::to_string(&*e).unwrap_or_default();
+                        format!("id: {}\nevent: {kind}\ndata: {data}\n\n", e.revision)
+                    }
+                    Ok(_) => continue,
+                    Err(RecvError::Lagged(n)) => {
+                        let _ = tx.send(Ok(Bytes::from(format!("event: lagged\ndata: {{\"missed\":{n}}}\n\n")))).await;
+                        return;
+                    }
+                    Err(RecvError::Closed) => return,
+                },
+                _ = tokio::time::sleep(EVENT_KEEPALIVE) => ": keep-alive\n\n".to_string(),
+                _ = closing.changed() => return,
+            };
+            if tx.send(Ok(Bytes::from(chunk))).await.is_err() {
+                return; // the client went away
+            }
+        }
+    });
+    let stream = futures::stream::poll_fn(move |cx| out.poll_recv(cx));
+    let mut resp = warp::Reply::into_response(warp::reply::stream(stream));
+    let h = resp.headers_mut();
+    h.insert("content-type", warp::http::HeaderValue::from_static("text/event-stream"));
+    h.insert("cache-control", warp::http::HeaderValue::from_static("no-cache"));
+    Ok(Reply::Raw(resp))
+}
+
+/// `/api/v1/executor/{id}/...`, the executor-facing routes.
+pub(crate) async fn executor_route(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -> Result<Reply, ApiError> {
+    let m = &req.method;
+    match rest {
+        ["executor", id] if m == Method::PUT => {
+            validate_executor_id(id).map_err(ApiError::bad_request)?;
+            let info: ExecutorInfo = req.json()?;
+            expect_done(write(ctx, Command::PutExecutor { id: id.to_string(), info, now_ms: now_ms() }).await?)
+        }
+        ["executor", id, "tasks"] if m == Method::GET => executor_tasks(ctx, id, req).await,
+        ["executor", id, "tasks", task_id] if m == Method::PUT => {
+            let status: ExecutorTaskStatus = req.json()?;
+            let cmd = Command::SetExecutorTaskStatus { id: task_id.to_string(), executor_id: id.to_string(), status };
+            expect_done(write(ctx, cmd).await?)
+        }
+        ["executor", _] | ["executor", _, "tasks"] | ["executor", _, "tasks", _] => Err(ApiError::method_not_allowed()),
+        _ => Err(ApiError::not_found(format!("no route for {} /api/v1/{}", m, rest.join("/")))),
+    }
+}
+
+/// The executor's tasks, once its `tasks_revision` is past `since` or `wait_ms` passed.
+async fn executor_tasks(ctx: &Ctx, id: &str, req: &Request<'_>) -> Result<Reply, ApiError> {
+    let since = req.number("since")?.unwrap_or(0);
+    let wait_ms = req.number("wait_ms")?.unwrap_or(0).min(MAX_LONG_POLL_MS);
+    read_barrier(ctx, req).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
+    let mut applied = ctx.node.state.subscribe();
+    let mut closing = ctx.closing();
+    loop {
+        {
+            let sm = ctx.node.state.read();
+            let state = &sm.state;
+            let executor =
+                state.executors.get(id).ok_or_else(|| ApiError::not_found(format!("executor {id:?} is not registered")))?;
+            if executor.tasks_revision > since || tokio::time::Instant::now() >= deadline || *closing.borrow() {
+                let tasks = state
+                    .executor_tasks
+                    .values()
+                    .filter(|t| t.spec.executor_id == id)
+                    .filter_map(|t| {
+                        let run = state.runs.get(&t.spec.run_id)?;
+                        let config = state.run_configs.get(&t.spec.run_id)?;
+                        let data = task_data(run, config, &t.spec.task_name)?;
+                        let spec = ExecutorTaskSpecView { spec: t.spec.clone(), data };
+                        Some(ExecutorTaskView { id: t.id.clone(), spec, status: t.status.clone() })
+                    })
+                    .collect();
+                return Ok(json(200, &ExecutorTasks { revision: executor.tasks_revision, tasks }));
+            }
+        }
+        tokio::select! {
+            r = applied.changed() => if r.is_err() { return Err(ApiError::unavailable("node is shutting down")) },
+            _ = tokio::time::sleep_until(deadline) => {}
+            _ = closing.changed() => {}
+        }
+    }
+}
