@@ -516,7 +516,7 @@ async fn yaml_definitions_by_path_and_url_create_runs_that_list_by_group() {
     let q = |group: &str| flotilla_api::client::RunQuery { group: Some(group.into()), limit: 10, ..Default::default() };
     let ids = |l: flotilla_api::types::RunList| l.runs.into_iter().map(|r| r.id).collect::<Vec<_>>();
     assert_eq!(ids(c.run_list(&q("/project")).await.unwrap()), [second.clone(), first.clone()]);
-    assert_eq!(ids(c.run_list(&q("/project/42")).await.unwrap()), [first.clone()]);
+    assert_eq!(ids(c.run_list(&q("/project/42")).await.unwrap()), [first.as_str()]);
     assert_eq!(ids(c.run_list(&q("/project/4")).await.unwrap()), Vec::<String>::new());
     let r = c.run_get(&second).await.unwrap();
     assert_eq!((r.counter, r.group.as_str()), (2, "/project/7"), "counters count per root group");
