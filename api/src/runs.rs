@@ -6,12 +6,13 @@
 //! ready reaches its executor as soon as the scheduler's write is applied), and status.
 
 use std::convert::Infallible;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use bytes::Bytes;
 use flotilla_scheduler::now_ms;
 use flotilla_store::executor::{task_data, validate_executor_id, ExecutorInfo, ExecutorTaskStatus};
-use flotilla_store::limits::{DEFAULT_LIST_LIMIT, MAX_LIST_LIMIT, MAX_LONG_POLL_MS};
+use flotilla_store::limits::{DEFAULT_LIST_LIMIT, MAX_EVENT_SUBSCRIBERS, MAX_LIST_LIMIT, MAX_LONG_POLL_MS};
 use flotilla_store::run::{group_matches, RunCreate, RunPhase};
 use flotilla_store::{Command, Response};
 use tokio::sync::broadcast::error::RecvError;
@@ -146,10 +147,16 @@ async fn list_runs(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
 /// client never silently misses events; it reconnects and re-reads the runs it follows.
 fn events(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
     let group = req.query.get("group").cloned();
+    let subscribers = ctx.event_subscribers.clone();
+    if subscribers.fetch_add(1, Ordering::SeqCst) >= MAX_EVENT_SUBSCRIBERS {
+        subscribers.fetch_sub(1, Ordering::SeqCst);
+        return Err(ApiError::unavailable(format!("this node already serves {MAX_EVENT_SUBSCRIBERS} event streams")));
+    }
     let mut rx = ctx.node.state.subscribe_events();
     let mut closing = ctx.closing();
     let (tx, mut out) = tokio::sync::mpsc::channel::<Result<Bytes, Infallible>>(64);
     tokio::spawn(async move {
+        let _guard = Decrement(subscribers);
         let _ = tx.send(Ok(Bytes::from_static(b": connected\n\n"))).await;
         loop {
             let chunk = tokio::select! {
@@ -180,6 +187,15 @@ fn events(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
     h.insert("content-type", warp::http::HeaderValue::from_static("text/event-stream"));
     h.insert("cache-control", warp::http::HeaderValue::from_static("no-cache"));
     Ok(Reply::Raw(resp))
+}
+
+/// Gives back an event-stream slot when the stream's task ends, however it ends.
+struct Decrement(std::sync::Arc<std::sync::atomic::AtomicUsize>);
+
+impl Drop for Decrement {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::SeqCst);
+    }
 }
 
 /// `/api/v1/executor/{id}/...`, the executor-facing routes.

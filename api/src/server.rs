@@ -51,6 +51,8 @@ pub struct Ctx {
     /// Turns true when the server starts shutting down: ends long polls and event streams
     /// so that a graceful shutdown does not wait for them.
     closing_tx: watch::Sender<bool>,
+    /// Open event streams, bounded by `MAX_EVENT_SUBSCRIBERS`.
+    pub(crate) event_subscribers: Arc<std::sync::atomic::AtomicUsize>,
 }
 
 impl Ctx {
@@ -61,7 +63,7 @@ impl Ctx {
             .build()
             .expect("static client settings");
         let (closing_tx, _) = watch::channel(false);
-        Arc::new(Ctx { node, cfg, metrics: Metrics::default(), peers, closing_tx })
+        Arc::new(Ctx { node, cfg, metrics: Metrics::default(), peers, closing_tx, event_subscribers: Default::default() })
     }
 
     pub(crate) fn closing(&self) -> watch::Receiver<bool> {

@@ -41,3 +41,5 @@ pub const MAX_EXECUTORS: usize = 10_000;
 pub const MAX_LONG_POLL_MS: u64 = 60_000;
 /// Events buffered per server-sent-events subscriber before it is cut off as too slow.
 pub const EVENT_BUFFER: usize = 4096;
+/// Most event streams one node serves at once (more get 503).
+pub const MAX_EVENT_SUBSCRIBERS: usize = 256;
