@@ -269,33 +269,16 @@ fn fail_task(rt: &mut RunTask, why: String, now_ms: u64) {
 mod tests {
     use super::*;
     use flotilla_store::executor::ExecutorInfo;
-    use flotilla_store::run::{Condition, Depend, RunCreate, RunStep, Step, StringMap};
+    use flotilla_store::run::{Condition, Depend, RunCreate, StringMap};
     use flotilla_store::{Command, Response};
     use proptest::prelude::*;
 
     const NOW: u64 = 1_000_000;
 
     fn task(name: &str, deps: Vec<Depend>) -> TaskConfig {
-        TaskConfig {
-            name: name.into(),
-            image: "busybox".into(),
-            arch: None,
-            privileged: false,
-            working_dir: None,
-            shell: None,
-            environment: StringMap::new(),
-            needs_approval: false,
-            approvers_required: 1,
-            depends: deps,
-            steps: vec![Step::Run(RunStep {
-                name: None,
-                command: "true".into(),
-                environment: StringMap::new(),
-                working_dir: None,
-                shell: None,
-                tty: false,
-            })],
-        }
+        let mut t = TaskConfig::new(name, "busybox", "true");
+        t.depends = deps;
+        t
     }
 
     fn dep(task: &str, conditions: &[Condition]) -> Depend {
@@ -303,16 +286,7 @@ mod tests {
     }
 
     fn create(tasks: Vec<TaskConfig>) -> RunCreate {
-        RunCreate {
-            name: "r".into(),
-            group: "/p".into(),
-            annotations: StringMap::new(),
-            static_environment: StringMap::new(),
-            environment: StringMap::new(),
-            cache_group: None,
-            setup_errors: vec![],
-            tasks,
-        }
+        RunCreate::new("r", "/p", tasks)
     }
 
     fn executor(limit: u32, privileged: bool) -> ExecutorInfo {

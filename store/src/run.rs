@@ -71,6 +71,49 @@ fn one() -> u32 {
     1
 }
 
+impl TaskConfig {
+    /// A task with the defaults of a submission: no arch, not privileged, no approval,
+    /// no dependencies, and one `run` step of `command`.
+    pub fn new(name: &str, image: &str, command: &str) -> TaskConfig {
+        TaskConfig {
+            name: name.into(),
+            image: image.into(),
+            arch: None,
+            privileged: false,
+            working_dir: None,
+            shell: None,
+            environment: StringMap::new(),
+            needs_approval: false,
+            approvers_required: 1,
+            depends: Vec::new(),
+            steps: vec![Step::Run(RunStep {
+                name: None,
+                command: command.into(),
+                environment: StringMap::new(),
+                working_dir: None,
+                shell: None,
+                tty: false,
+            })],
+        }
+    }
+}
+
+impl RunCreate {
+    /// A run in `group` with these tasks and nothing else set.
+    pub fn new(name: &str, group: &str, tasks: Vec<TaskConfig>) -> RunCreate {
+        RunCreate {
+            name: name.into(),
+            group: group.into(),
+            annotations: StringMap::new(),
+            static_environment: StringMap::new(),
+            environment: StringMap::new(),
+            cache_group: None,
+            setup_errors: vec![],
+            tasks,
+        }
+    }
+}
+
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct Depend {
@@ -541,39 +584,13 @@ mod tests {
     use super::*;
 
     fn task(name: &str, deps: &[&str]) -> TaskConfig {
-        TaskConfig {
-            name: name.into(),
-            image: "busybox".into(),
-            arch: None,
-            privileged: false,
-            working_dir: None,
-            shell: None,
-            environment: StringMap::new(),
-            needs_approval: false,
-            approvers_required: 1,
-            depends: deps.iter().map(|d| Depend { task: d.to_string(), conditions: vec![] }).collect(),
-            steps: vec![Step::Run(RunStep {
-                name: None,
-                command: "true".into(),
-                environment: StringMap::new(),
-                working_dir: None,
-                shell: None,
-                tty: false,
-            })],
-        }
+        let mut t = TaskConfig::new(name, "busybox", "true");
+        t.depends = deps.iter().map(|d| Depend { task: d.to_string(), conditions: vec![] }).collect();
+        t
     }
 
     fn create(tasks: Vec<TaskConfig>) -> RunCreate {
-        RunCreate {
-            name: "r".into(),
-            group: "/p/1".into(),
-            annotations: StringMap::new(),
-            static_environment: StringMap::new(),
-            environment: StringMap::new(),
-            cache_group: None,
-            setup_errors: vec![],
-            tasks,
-        }
+        RunCreate::new("r", "/p/1", tasks)
     }
 
     #[test]
