@@ -15,6 +15,20 @@ need() {
 need cargo "install Rust with rustup"
 need cc "install gcc: apt-get install -y gcc"
 
+# Real S3 servers for the object-storage tests (started on free ports by the tests).
+# s3s-fs is pinned: later versions need a newer rustc than CI machines have.
+if ! command -v s3s-fs >/dev/null 2>&1; then
+  echo "== installing s3s-fs 0.14.1 (about 4 minutes, once)"
+  cargo install s3s-fs --version 0.14.1 --features binary --locked
+fi
+if ! command -v moto_server >/dev/null 2>&1; then
+  echo "== installing moto[server] (a second S3 implementation)"
+  need python3 "apt-get install -y python3 python3-venv"
+  venv="$HOME/.cache/flotilla-moto"
+  [ -x "$venv/bin/moto_server" ] || { python3 -m venv "$venv" && "$venv/bin/pip" install --quiet 'moto[server]>=5,<6'; }
+  export MOTO_SERVER_BIN="$venv/bin/moto_server"
+fi
+
 echo "== disk: $(df -h "$(dirname "$CARGO_TARGET_DIR")" | awk 'NR==2 {print $4 " free"}')"
 echo "== build (target dir: $CARGO_TARGET_DIR)"
 cargo build --locked --workspace --all-targets

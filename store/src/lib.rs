@@ -5,13 +5,16 @@
 //! state, the Raft log index and the command, with no I/O, clocks or randomness, so every
 //! replica and every replay of the log reaches the same state.
 //!
-//! This crate must never depend on openraft, sled, tokio or any network code: it is the
-//! bottom of the stack (store ← raft ← scheduler ← api).
+//! The one exception is [`ost`], the object storage client (POSIX files or S3): it does
+//! I/O, but the replicated state never calls it. This crate must never depend on
+//! openraft, sled or the node's network code: it is the bottom of the stack
+//! (store ← raft ← scheduler ← api).
 
 pub mod command;
 pub mod event;
 pub mod executor;
 pub mod limits;
+pub mod ost;
 pub mod run;
 pub mod state;
 
