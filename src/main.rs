@@ -75,6 +75,34 @@ impl SchedulerTuning {
     }
 }
 
+#[derive(clap::Args)]
+struct OstArgs {
+    /// Object storage for logs, archives and caches: file:///abs/path (default
+    /// <data-dir>/ost) or s3://BUCKET/BASE?endpoint=URL&region=R&path_style=true
+    /// (credentials from the AWS environment variables or profile).
+    #[arg(long, env = "FLOTILLA_OST")]
+    ost: Option<String>,
+    /// Period of the object-storage garbage collector (runs on the leader).
+    #[arg(long, env = "FLOTILLA_OST_GC_INTERVAL_S", default_value_t = 600)]
+    ost_gc_interval_s: u64,
+    /// Unreferenced logs and archives younger than this are kept.
+    #[arg(long, env = "FLOTILLA_OST_GC_GRACE_S", default_value_t = 3600)]
+    ost_gc_grace_s: u64,
+    /// Caches older than this are deleted.
+    #[arg(long, env = "FLOTILLA_CACHE_MAX_AGE_S", default_value_t = 7 * 24 * 3600)]
+    cache_max_age_s: u64,
+}
+
+impl OstArgs {
+    fn gc(&self) -> flotilla_scheduler::gc::GcConfig {
+        flotilla_scheduler::gc::GcConfig {
+            interval_ms: self.ost_gc_interval_s.max(1) * 1000,
+            grace_ms: self.ost_gc_grace_s * 1000,
+            cache_max_age_ms: self.cache_max_age_s * 1000,
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Cmd {
     /// Run a server node: Raft member, REST API and (when leader) the scheduler.
@@ -101,6 +129,8 @@ enum Cmd {
         tuning: RaftTuning,
         #[command(flatten)]
         scheduler: SchedulerTuning,
+        #[command(flatten)]
+        ost: OstArgs,
     },
     /// One-process development setup: a self-initialised single-node cluster.
     Dev {
@@ -112,6 +142,8 @@ enum Cmd {
         token_file: Option<PathBuf>,
         #[command(flatten)]
         scheduler: SchedulerTuning,
+        #[command(flatten)]
+        ost: OstArgs,
     },
     /// Runs: create, list, show, stop, approve, wait.
     Run {
@@ -288,7 +320,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Cmd::Server { id, listen, data_dir, advertise, token_file, cluster_token_file, executor_token_file, tuning, scheduler } => {
+        Cmd::Server { id, listen, data_dir, advertise, token_file, cluster_token_file, executor_token_file, tuning, scheduler, ost } => {
             init_logging(cli.log_format);
             let api_token = read_token(&token_file)?;
             let cluster_token = match cluster_token_file {
@@ -308,16 +340,23 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             cfg.snapshot_logs = tuning.snapshot_logs;
             cfg.max_logs_keep = tuning.max_logs_keep;
             let advertise = advertise.unwrap_or_else(|| format!("http://{listen}"));
-            let server_cfg = ServerConfig { api_token, cluster_token, executor_token, scheduler: scheduler.config() };
+            let server_cfg = ServerConfig {
+                api_token,
+                cluster_token,
+                executor_token,
+                scheduler: scheduler.config(),
+                gc: ost.gc(),
+                ost_url: ost.ost,
+            };
             serve_node(cfg, listen, server_cfg, |_, addr| tracing::info!(id, %addr, %advertise, "node serving"), shutdown_signal())
                 .await
                 .map_err(|e| Failure::Refused(e.to_string()))
         }
-        Cmd::Dev { data_dir, listen, token_file, scheduler } => {
+        Cmd::Dev { data_dir, listen, token_file, scheduler, ost } => {
             init_logging(cli.log_format);
             let api_token = read_token(&token_file)?;
             require_token_off_loopback(listen, &api_token)?;
-            dev(data_dir, listen, api_token, scheduler.config()).await
+            dev(data_dir, listen, api_token, scheduler.config(), ost).await
         }
         Cmd::Run { client: args, command } => run_cmd::run(&client(&args)?, args.json, command).await,
         Cmd::Cluster { client: args, command } => cluster(&client(&args)?, args.json, command).await,
@@ -361,10 +400,17 @@ async fn dev(
     listen: SocketAddr,
     api_token: Option<String>,
     scheduler: flotilla_scheduler::SchedulerConfig,
+    ost: OstArgs,
 ) -> Result<(), Failure> {
     let cfg = NodeConfig::new(1, data_dir.clone());
-    let server_cfg =
-        ServerConfig { api_token: api_token.clone(), cluster_token: api_token.clone(), executor_token: api_token, scheduler };
+    let server_cfg = ServerConfig {
+        api_token: api_token.clone(),
+        cluster_token: api_token.clone(),
+        executor_token: api_token,
+        scheduler,
+        gc: ost.gc(),
+        ost_url: ost.ost,
+    };
     let data_dir_shown = data_dir.display().to_string();
     serve_node(
         cfg,

@@ -55,6 +55,17 @@ pub enum RunCmd {
         #[arg(long)]
         force: bool,
     },
+    /// Print a step's log (`--step setup` for the container setup); with --follow, stream
+    /// it while the step runs.
+    Logs {
+        id: String,
+        task: String,
+        /// Step number (from 0, in the task's steps order) or `setup`.
+        #[arg(long, default_value = "0")]
+        step: String,
+        #[arg(long)]
+        follow: bool,
+    },
     /// Wait until a run ends; exit 0 if it succeeded, 1 otherwise.
     Wait {
         id: String,
@@ -104,6 +115,17 @@ pub async fn run(c: &Client, json: bool, cmd: RunCmd) -> Result<(), Failure> {
             } else {
                 let key = format!("{APPROVER_PREFIX}{approver}");
                 c.task_annotate(&id, &task, BTreeMap::from([(key, Some("approved".to_string()))])).await?;
+            }
+        }
+        RunCmd::Logs { id, task, step, follow } => {
+            use std::io::Write;
+            let mut log = c.run_log(&id, &task, &step, follow).await?;
+            let mut out = std::io::stdout().lock();
+            while let Some(chunk) = log.chunk().await? {
+                // A closed stdout (e.g. `| head`) ends the command quietly.
+                if out.write_all(&chunk).and_then(|_| out.flush()).is_err() {
+                    break;
+                }
             }
         }
         RunCmd::Wait { id, timeout_s } => {

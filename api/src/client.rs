@@ -253,26 +253,131 @@ impl Client {
 
     /// Subscribes to the event stream (optionally of one group and below).
     pub async fn events(&self, group: Option<&str>) -> Result<EventStream, ClientError> {
-        let mut url = format!("{}/api/v1/events", self.base);
+        let mut path = "/api/v1/events".to_string();
         if let Some(g) = group {
-            url.push_str(&format!("?{}", serde_urlencoded::to_string([("group", g)]).unwrap_or_default()));
+            path.push_str(&format!("?{}", serde_urlencoded::to_string([("group", g)]).unwrap_or_default()));
         }
+        let url = format!("{}{}", self.base, path);
+        let resp = self.open(reqwest::Method::GET, &path, None, None).await?;
+        Ok(EventStream { resp, buf: Vec::new(), url })
+    }
+
+    /// Sends a request whose answer (or body) streams: no total timeout, only a connect
+    /// timeout. A non-2xx answer becomes the server's error.
+    async fn open(&self, method: reqwest::Method, path: &str, body: Option<reqwest::Body>, size: Option<u64>) -> Result<reqwest::Response, ClientError> {
+        let url = format!("{}{}", self.base, path);
         let transport = |e: reqwest::Error| ClientError::Transport { url: url.clone(), message: e.to_string() };
-        // A stream has no total timeout; the server's keep-alives show it is alive.
         let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).build().map_err(transport)?;
-        let mut req = http.get(&url);
+        let mut req = http.request(method, &url);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }
+        if let Some(size) = size {
+            req = req.header(reqwest::header::CONTENT_LENGTH, size);
+        }
+        if let Some(body) = body {
+            req = req.body(body);
+        }
         let resp = req.send().await.map_err(transport)?;
         let status = resp.status().as_u16();
-        if status != 200 {
+        if !(200..300).contains(&status) {
             let bytes = resp.bytes().await.unwrap_or_default();
             let e: ErrorBody = serde_json::from_slice(&bytes)
                 .unwrap_or(ErrorBody { code: "unknown".into(), message: String::from_utf8_lossy(&bytes).into() });
             return Err(ClientError::Api { status, code: e.code, message: e.message });
         }
-        Ok(EventStream { resp, buf: Vec::new(), url })
+        Ok(resp)
+    }
+
+    /// A step's log (`step` is a number or `setup`); with `follow`, streams until the step
+    /// ends.
+    pub async fn run_log(&self, id: &str, task: &str, step: &str, follow: bool) -> Result<Download, ClientError> {
+        let q = serde_urlencoded::to_string([("step", step), ("follow", if follow { "true" } else { "false" })]).unwrap_or_default();
+        let path = format!("/api/v1/runs/{}/tasks/{}/logs?{q}", Self::seg(id), Self::seg(task));
+        Ok(Download { url: format!("{}{path}", self.base), resp: self.open(reqwest::Method::GET, &path, None, None).await? })
+    }
+
+    /// Appends log bytes starting at `offset`; the answer says how much the server holds.
+    pub async fn executor_log_append(
+        &self,
+        id: &str,
+        task_id: &str,
+        step: &str,
+        offset: u64,
+        data: bytes::Bytes,
+        last: bool,
+    ) -> Result<crate::objects::LogAppended, ClientError> {
+        let path = format!(
+            "/api/v1/executor/{}/tasks/{}/logs/{}?offset={offset}&final={last}",
+            Self::seg(id),
+            Self::seg(task_id),
+            Self::seg(step)
+        );
+        let resp = self.open(reqwest::Method::POST, &path, Some(data.into()), None).await?;
+        Self::read_json(&path, resp).await
+    }
+
+    async fn read_json<T: DeserializeOwned>(path: &str, resp: reqwest::Response) -> Result<T, ClientError> {
+        let transport = |m: String| ClientError::Transport { url: path.to_string(), message: m };
+        let bytes = resp.bytes().await.map_err(|e| transport(e.to_string()))?;
+        serde_json::from_slice(&bytes).map_err(|e| transport(format!("unreadable answer: {e}")))
+    }
+
+    /// Uploads a workspace archive (streamed).
+    pub async fn executor_archive_put(&self, id: &str, task_id: &str, step: usize, body: reqwest::Body, size: Option<u64>) -> Result<crate::objects::Stored, ClientError> {
+        let path = format!("/api/v1/executor/{}/tasks/{}/archives/{step}", Self::seg(id), Self::seg(task_id));
+        let resp = self.open(reqwest::Method::PUT, &path, Some(body), size).await?;
+        Self::read_json(&path, resp).await
+    }
+
+    pub async fn executor_archive_get(&self, id: &str, task_id: &str, step: usize) -> Result<Download, ClientError> {
+        let path = format!("/api/v1/executor/{}/archives/{}/{step}", Self::seg(id), Self::seg(task_id));
+        Ok(Download { url: format!("{}{path}", self.base), resp: self.open(reqwest::Method::GET, &path, None, None).await? })
+    }
+
+    /// The first cache key of `group` starting with `prefix`.
+    pub async fn executor_cache_match(&self, id: &str, group: &str, prefix: &str) -> Result<crate::objects::CacheMatch, ClientError> {
+        let q = serde_urlencoded::to_string([("group", group), ("prefix", prefix)]).unwrap_or_default();
+        self.get(&format!("/api/v1/executor/{}/caches/match?{q}", Self::seg(id))).await
+    }
+
+    pub async fn executor_cache_get(&self, id: &str, group: &str, key: &str) -> Result<Download, ClientError> {
+        let q = serde_urlencoded::to_string([("group", group), ("key", key)]).unwrap_or_default();
+        let path = format!("/api/v1/executor/{}/caches?{q}", Self::seg(id));
+        Ok(Download { url: format!("{}{path}", self.base), resp: self.open(reqwest::Method::GET, &path, None, None).await? })
+    }
+
+    /// Saves a cache (streamed); a key already saved is kept as it is.
+    pub async fn executor_cache_put(&self, id: &str, group: &str, key: &str, body: reqwest::Body, size: Option<u64>) -> Result<crate::objects::Stored, ClientError> {
+        let q = serde_urlencoded::to_string([("group", group), ("key", key)]).unwrap_or_default();
+        let path = format!("/api/v1/executor/{}/caches?{q}", Self::seg(id));
+        let resp = self.open(reqwest::Method::PUT, &path, Some(body), size).await?;
+        Self::read_json(&path, resp).await
+    }
+}
+
+/// A streamed answer (a log, an archive, a cache).
+pub struct Download {
+    resp: reqwest::Response,
+    url: String,
+}
+
+impl Download {
+    /// The next chunk; `None` at the end.
+    pub async fn chunk(&mut self) -> Result<Option<bytes::Bytes>, ClientError> {
+        self.resp.chunk().await.map_err(|e| ClientError::Transport { url: self.url.clone(), message: e.to_string() })
+    }
+
+    /// The whole answer as a stream of chunks.
+    pub fn into_stream(self) -> impl futures::Stream<Item = Result<bytes::Bytes, std::io::Error>> + Send {
+        use futures::TryStreamExt;
+        self.resp.bytes_stream().map_err(std::io::Error::other)
+    }
+
+    /// Reads everything (tests and small answers).
+    pub async fn bytes(self) -> Result<bytes::Bytes, ClientError> {
+        let url = self.url;
+        self.resp.bytes().await.map_err(|e| ClientError::Transport { url, message: e.to_string() })
     }
 }
 

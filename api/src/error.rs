@@ -76,3 +76,21 @@ impl From<CommandError> for ApiError {
         }
     }
 }
+
+impl From<flotilla_store::ost::OstError> for ApiError {
+    fn from(e: flotilla_store::ost::OstError) -> Self {
+        use flotilla_store::ost::OstError as O;
+        match &e {
+            O::NotFound { .. } => ApiError::not_found(e.to_string()),
+            O::InvalidKey { .. } => ApiError::bad_request(e.to_string()),
+            O::Conflict { .. } => ApiError::conflict(e.to_string()),
+            O::TooLarge { .. } => ApiError::new(413, "payload_too_large", e.to_string()),
+            // The object storage is outside this node: say what failed, with a 503 the
+            // caller may retry.
+            O::Config(_) | O::Io { .. } | O::Backend { .. } => {
+                tracing::warn!(error = %e, "object storage request failed");
+                ApiError::new(503, "ost_unavailable", e.to_string())
+            }
+        }
+    }
+}

@@ -8,6 +8,7 @@
 pub mod client;
 pub mod error;
 pub mod metrics;
+pub mod objects;
 mod runs;
 pub mod server;
 pub mod types;

@@ -18,6 +18,7 @@ use flotilla_raft::network::MSGPACK;
 use flotilla_raft::rpc::{self, RpcKind};
 use flotilla_raft::{LeaderRequest, RaftNode};
 use flotilla_store::limits::{DEFAULT_LIST_LIMIT, MAX_API_BODY_BYTES, MAX_LIST_LIMIT, MAX_NODE_ADDR_BYTES, MAX_RAFT_BODY_BYTES};
+use flotilla_store::ost::{ObjectStream, Ost};
 use flotilla_store::{Command, Response};
 use futures::{Stream, StreamExt};
 use percent_encoding::percent_decode_str;
@@ -40,6 +41,10 @@ pub struct ServerConfig {
     /// Bearer token for the executor-facing `/api/v1/executor/*`.
     pub executor_token: Option<String>,
     pub scheduler: flotilla_scheduler::SchedulerConfig,
+    /// `--ost` URL; `None` means `file://<data dir>/ost`.
+    pub ost_url: Option<String>,
+    /// Garbage collection of the object storage (leader only).
+    pub gc: flotilla_scheduler::gc::GcConfig,
 }
 
 /// What every handler can reach.
@@ -47,7 +52,11 @@ pub struct Ctx {
     pub node: Arc<RaftNode>,
     pub cfg: ServerConfig,
     pub metrics: Metrics,
+    pub ost: Ost,
+    pub(crate) live_logs: crate::objects::LiveLogs,
     peers: reqwest::Client,
+    /// For forwarded requests whose answers stream (no overall timeout).
+    pub(crate) streams: reqwest::Client,
     /// Turns true when the server starts shutting down: ends long polls and event streams
     /// so that a graceful shutdown does not wait for them.
     closing_tx: watch::Sender<bool>,
@@ -56,14 +65,30 @@ pub struct Ctx {
 }
 
 impl Ctx {
-    pub fn new(node: Arc<RaftNode>, cfg: ServerConfig) -> Arc<Ctx> {
+    /// `spool_dir` holds the logs being written on this node (emptied at start).
+    pub fn new(node: Arc<RaftNode>, cfg: ServerConfig, ost: Ost, spool_dir: std::path::PathBuf) -> std::io::Result<Arc<Ctx>> {
         let peers = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(500))
             .timeout(Duration::from_secs(2))
             .build()
             .expect("static client settings");
+        let streams = reqwest::Client::builder()
+            .connect_timeout(Duration::from_millis(500))
+            .build()
+            .expect("static client settings");
         let (closing_tx, _) = watch::channel(false);
-        Arc::new(Ctx { node, cfg, metrics: Metrics::default(), peers, closing_tx, event_subscribers: Default::default() })
+        let live_logs = crate::objects::LiveLogs::new(spool_dir)?;
+        Ok(Arc::new(Ctx {
+            node,
+            cfg,
+            metrics: Metrics::default(),
+            ost,
+            live_logs,
+            peers,
+            streams,
+            closing_tx,
+            event_subscribers: Default::default(),
+        }))
     }
 
     pub(crate) fn closing(&self) -> watch::Receiver<bool> {
@@ -78,13 +103,14 @@ pub async fn run(listener: TcpListener, ctx: Arc<Ctx>, shutdown: impl Future<Out
         .and(warp::query::raw().or(warp::any().map(String::new)).unify())
         .and(warp::header::optional::<String>("authorization"))
         .and(warp::header::optional::<String>("content-length"))
+        .and(warp::header::optional::<String>(crate::objects::FORWARDED))
         .and(warp::body::stream())
         .then({
             let ctx = ctx.clone();
-            move |method: Method, path: warp::path::FullPath, query: String, auth, len, body| {
+            move |method: Method, path: warp::path::FullPath, query: String, auth, len, fwd: Option<String>, body| {
             let ctx = ctx.clone();
             let path = path.as_str().to_string();
-            async move { handle(ctx, method, path, query, auth, len, body).await }
+            async move { handle(ctx, method, path, query, auth, len, fwd.is_some(), body).await }
         }});
     let closing = async move {
         shutdown.await;
@@ -131,33 +157,46 @@ impl warp::Reply for Reply {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 async fn handle<S, B>(
     ctx: Arc<Ctx>,
     method: Method,
     path: String,
-    query: String,
+    raw_query: String,
     auth: Option<String>,
     content_length: Option<String>,
+    forwarded: bool,
     body: S,
 ) -> Reply
 where
-    S: Stream<Item = Result<B, warp::Error>> + Send + Unpin,
-    B: Buf,
+    S: Stream<Item = Result<B, warp::Error>> + Send + Unpin + 'static,
+    B: Buf + Send + 'static,
 {
     let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
     let route = route_label(&segments);
     let result = async {
-        let limit = if segments.first() == Some(&"raft") { MAX_RAFT_BODY_BYTES } else { MAX_API_BODY_BYTES };
-        if let Some(len) = content_length {
-            let len: u64 = len.trim().parse().map_err(|_| ApiError::bad_request("invalid content-length"))?;
-            if len > limit {
-                return Err(ApiError::payload_too_large(limit));
+        let query: HashMap<String, String> =
+            serde_urlencoded::from_str(&raw_query).map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
+        let content_length = content_length
+            .map(|len| len.trim().parse::<u64>().map_err(|_| ApiError::bad_request("invalid content-length")))
+            .transpose()?;
+        if crate::objects::is_upload(&method, &segments) {
+            // Archives and caches stream through to the object storage, never buffered.
+            if !authorized(&ctx.cfg.executor_token, &auth) {
+                return Err(ApiError::unauthorized());
             }
+            let stream: ObjectStream = Box::pin(body.map(|chunk| match chunk {
+                Ok(mut buf) => Ok(buf.copy_to_bytes(buf.remaining())),
+                Err(e) => Err(std::io::Error::other(e)),
+            }));
+            return crate::objects::upload(&ctx, &segments, &query, content_length, stream).await;
+        }
+        let limit = if segments.first() == Some(&"raft") { MAX_RAFT_BODY_BYTES } else { MAX_API_BODY_BYTES };
+        if content_length.is_some_and(|len| len > limit) {
+            return Err(ApiError::payload_too_large(limit));
         }
         let body = read_body(body, limit).await?;
-        let query: HashMap<String, String> =
-            serde_urlencoded::from_str(&query).map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
-        let req = Request { method, segments: &segments, query, auth, body };
+        let req = Request { method, segments: &segments, query, raw_query: raw_query.clone(), auth, forwarded, body };
         dispatch(&ctx, req).await
     }
     .await;
@@ -197,7 +236,10 @@ pub(crate) struct Request<'a> {
     pub method: Method,
     pub segments: &'a [&'a str],
     pub query: HashMap<String, String>,
+    pub raw_query: String,
     pub auth: Option<String>,
+    /// Sent on by another node (never forwarded again).
+    pub forwarded: bool,
     pub body: Bytes,
 }
 
@@ -251,7 +293,7 @@ fn route_label(segments: &[&str]) -> &'static str {
     }
 }
 
-async fn dispatch(ctx: &Ctx, req: Request<'_>) -> Result<Reply, ApiError> {
+async fn dispatch(ctx: &Arc<Ctx>, req: Request<'_>) -> Result<Reply, ApiError> {
     let node = &ctx.node;
     let m = req.method.clone();
     match req.segments {
@@ -280,13 +322,28 @@ async fn dispatch(ctx: &Ctx, req: Request<'_>) -> Result<Reply, ApiError> {
             if !authorized(&ctx.cfg.executor_token, &req.auth) {
                 return Err(ApiError::unauthorized());
             }
-            crate::runs::executor_route(ctx, &req.segments[2..], &req).await
+            match &req.segments[2..] {
+                ["executor", id, "tasks", task_id, "logs", step] if m == Method::POST => {
+                    crate::objects::append_log(ctx, id, task_id, step, &req).await
+                }
+                rest @ (["executor", _, "archives", _, _] | ["executor", _, "caches"] | ["executor", _, "caches", "match"])
+                    if m == Method::GET =>
+                {
+                    crate::objects::executor_read(ctx, rest, &req).await
+                }
+                rest => crate::runs::executor_route(ctx, rest, &req).await,
+            }
         }
         ["api", "v1", rest @ ..] => {
             if !authorized(&ctx.cfg.api_token, &req.auth) {
                 return Err(ApiError::unauthorized());
             }
-            api_v1(ctx, rest, &req).await
+            match rest {
+                ["runs", run_id, "tasks", task, "logs"] if m == Method::GET => {
+                    crate::objects::get_log(ctx, run_id, task, &req).await
+                }
+                _ => api_v1(ctx, rest, &req).await,
+            }
         }
         _ => Err(ApiError::not_found(format!("no route for {} /{}", m, req.segments.join("/")))),
     }
@@ -546,13 +603,20 @@ pub async fn serve_node(
 ) -> Result<(), ServeError> {
     let listener = bind(listen).await.map_err(|e| ServeError::Bind(listen, e))?;
     let local = listener.local_addr().map_err(|e| ServeError::Bind(listen, e))?;
+    let data_dir = node_cfg.data_dir.clone();
     let node = RaftNode::start(node_cfg).await?;
     on_ready(&node, local);
     let scheduler_cfg = cfg.scheduler.clone();
-    let ctx = Ctx::new(node.clone(), cfg);
+    let gc_cfg = cfg.gc.clone();
+    let ost_url = cfg.ost_url.clone().unwrap_or_else(|| format!("file://{}", node_cfg_ost_dir(&data_dir).display()));
+    let ost = Ost::open(&ost_url).await?;
+    tracing::info!(ost = %ost.describe(), "object storage");
+    let ctx = Ctx::new(node.clone(), cfg, ost.clone(), data_dir.join("logspool")).map_err(ServeError::Spool)?;
     let scheduler = tokio::spawn(flotilla_scheduler::run(node.clone(), scheduler_cfg, ctx.closing()));
+    let gc = tokio::spawn(flotilla_scheduler::gc::run(node.clone(), ost, gc_cfg, ctx.closing()));
     run(listener, ctx, shutdown).await;
     let _ = scheduler.await;
+    let _ = gc.await;
     tracing::info!("HTTP server stopped; stopping raft");
     node.shutdown().await;
     Ok(())
@@ -564,4 +628,13 @@ pub enum ServeError {
     Bind(SocketAddr, std::io::Error),
     #[error(transparent)]
     Start(#[from] flotilla_raft::StartError),
+    #[error(transparent)]
+    Ost(#[from] flotilla_store::ost::OstError),
+    #[error("cannot prepare the log spool: {0}")]
+    Spool(std::io::Error),
+}
+
+/// The default object storage of a node: `<data dir>/ost`.
+pub fn node_cfg_ost_dir(data_dir: &std::path::Path) -> std::path::PathBuf {
+    std::path::absolute(data_dir).unwrap_or_else(|_| data_dir.to_path_buf()).join("ost")
 }

@@ -191,6 +191,11 @@ impl RaftNode {
         self.current_leader() == Some(self.id)
     }
 
+    /// The URL of the current leader, when one is known.
+    pub fn leader_url(&self) -> Option<String> {
+        self.leader_addr(self.current_leader()?)
+    }
+
     fn leader_addr(&self, leader: NodeId) -> Option<String> {
         let metrics = self.raft.metrics();
         let m = metrics.borrow();

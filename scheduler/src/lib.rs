@@ -14,6 +14,7 @@
 //! and the clock for time-based decisions (executor expiry).
 
 pub mod decide;
+pub mod gc;
 
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

@@ -43,3 +43,8 @@ pub const MAX_LONG_POLL_MS: u64 = 60_000;
 pub const EVENT_BUFFER: usize = 4096;
 /// Most event streams one node serves at once (more get 503).
 pub const MAX_EVENT_SUBSCRIBERS: usize = 256;
+
+/// Largest workspace archive or cache an executor may upload.
+pub const MAX_ARCHIVE_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+/// Largest log of one step; an executor truncates beyond it.
+pub const MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;

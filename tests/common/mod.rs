@@ -41,6 +41,8 @@ pub struct Cluster {
     pub nodes: BTreeMap<u64, NodeProc>,
     /// Extra flags for every server (e.g. a small snapshot interval).
     pub extra_args: Vec<String>,
+    /// Extra environment for every server (e.g. S3 credentials).
+    pub env: Vec<(String, String)>,
 }
 
 /// Small xorshift PRNG: reproducible from a printed seed, no dependency.
@@ -67,12 +69,24 @@ impl Cluster {
         let dir = tempfile::tempdir().unwrap();
         let token_file = dir.path().join("token");
         std::fs::write(&token_file, TOKEN).unwrap();
-        Cluster { dir, token_file, nodes: BTreeMap::new(), extra_args: extra_args.iter().map(|s| s.to_string()).collect() }
+        Cluster {
+            dir,
+            token_file,
+            nodes: BTreeMap::new(),
+            extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
+            env: Vec::new(),
+        }
     }
 
     /// Starts `n` nodes (ids 1..=n) and bootstraps them into one cluster.
     pub async fn bootstrap(n: u64, extra_args: &[&str]) -> Cluster {
+        Self::bootstrap_with_env(n, extra_args, &[]).await
+    }
+
+    /// [`Cluster::bootstrap`] with extra environment for the servers.
+    pub async fn bootstrap_with_env(n: u64, extra_args: &[&str], env: &[(&str, &str)]) -> Cluster {
         let mut c = Cluster::new(extra_args);
+        c.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
         for id in 1..=n {
             c.add_process(id);
         }
@@ -100,6 +114,7 @@ impl Cluster {
 
     pub fn start(&mut self, id: u64) {
         let extra = self.extra_args.clone();
+        let env = self.env.clone();
         let token_file = self.token_file.clone();
         let node = self.nodes.get_mut(&id).unwrap();
         assert!(node.child.is_none(), "node {id} already running");
@@ -111,6 +126,7 @@ impl Cluster {
             .arg("--token-file")
             .arg(&token_file)
             .args(&extra)
+            .envs(env)
             .env("RUST_LOG", "info,openraft=warn")
             .stdout(Stdio::null())
             .stderr(log)

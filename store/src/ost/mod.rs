@@ -13,6 +13,7 @@
 //! the same way on both backends, so a key accepted by one is accepted by the other.
 //! Reads and writes stream: no object is ever held whole in memory.
 
+pub mod keys;
 mod posix;
 mod s3;
 #[cfg(feature = "test-servers")]

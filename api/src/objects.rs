@@ -1,0 +1,427 @@
+//! Bulky data through the servers: step logs (appended live by executors, stored in the
+//! object storage when the step ends, read by clients while running and after), workspace
+//! archives and caches (streamed between executors and the object storage). Executors
+//! push everything here; they need no inbound connectivity and no ost credentials.
+//!
+//! Live logs are spooled to a file under the data dir of the node receiving them. Log
+//! appends reaching a follower are forwarded to the leader, and a follower asked for a
+//! log it does not hold forwards the request too, so a running step's log lives on the
+//! leader. After a failover the new leader has no spool: appends carry the executor's
+//! offset, the answer carries the server's size, and the executor resends from there.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use bytes::Bytes;
+use flotilla_store::executor::executor_task_id;
+use flotilla_store::limits::{MAX_ARCHIVE_BYTES, MAX_LOG_BYTES};
+use flotilla_store::ost::keys::{self, LogStep};
+use flotilla_store::ost::{reader_stream, ObjectStream, OstError};
+use futures::StreamExt;
+use serde::{Deserialize, Serialize};
+use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::sync::watch;
+use warp::http::Method;
+
+use crate::error::ApiError;
+use crate::server::{json, Ctx, Reply, Request};
+
+/// Header marking a request one node forwarded to another (never forwarded again).
+pub const FORWARDED: &str = "x-flotilla-forwarded";
+
+/// Answer to a log append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogAppended {
+    /// Bytes the server holds for this log; the next append starts there.
+    pub size: u64,
+    /// The log is complete and stored in the object storage.
+    pub stored: bool,
+}
+
+/// Answer to an archive or cache upload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stored {
+    pub key: String,
+    pub size: u64,
+}
+
+/// Answer to a cache lookup: the first key (in byte order) matching.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheMatch {
+    pub key: Option<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct LiveState {
+    size: u64,
+    stored: bool,
+}
+
+struct LiveLog {
+    path: PathBuf,
+    state: watch::Sender<LiveState>,
+    /// Serialises appends to one log.
+    write: tokio::sync::Mutex<()>,
+}
+
+/// The logs being written on this node.
+pub struct LiveLogs {
+    dir: PathBuf,
+    logs: Mutex<HashMap<(String, LogStep), Arc<LiveLog>>>,
+}
+
+impl LiveLogs {
+    /// Spools under `dir`, emptied first: what a previous process left is resent by the
+    /// executors (they keep their logs until stored).
+    pub fn new(dir: PathBuf) -> std::io::Result<LiveLogs> {
+        if dir.exists() {
+            std::fs::remove_dir_all(&dir)?;
+        }
+        std::fs::create_dir_all(&dir)?;
+        Ok(LiveLogs { dir, logs: Mutex::new(HashMap::new()) })
+    }
+
+    fn get(&self, task_id: &str, step: LogStep) -> Option<Arc<LiveLog>> {
+        self.logs.lock().unwrap().get(&(task_id.to_string(), step)).cloned()
+    }
+
+    fn get_or_create(&self, task_id: &str, step: LogStep) -> Arc<LiveLog> {
+        let mut logs = self.logs.lock().unwrap();
+        logs.entry((task_id.to_string(), step))
+            .or_insert_with(|| {
+                let (state, _) = watch::channel(LiveState { size: 0, stored: false });
+                let path = self.dir.join(format!("{task_id}.{step}.log"));
+                Arc::new(LiveLog { path, state, write: tokio::sync::Mutex::new(()) })
+            })
+            .clone()
+    }
+
+    fn remove(&self, task_id: &str, step: LogStep) {
+        self.logs.lock().unwrap().remove(&(task_id.to_string(), step));
+    }
+}
+
+/// `POST /api/v1/executor/{id}/tasks/{task_id}/logs/{step}?offset=N[&final=true]`.
+pub(crate) async fn append_log(ctx: &Arc<Ctx>, executor: &str, task_id: &str, step: &str, req: &Request<'_>) -> Result<Reply, ApiError> {
+    let step = LogStep::parse(step).ok_or_else(|| ApiError::bad_request(format!("log step {step:?} is not a number or 'setup'")))?;
+    let offset = req.number("offset")?.ok_or_else(|| ApiError::bad_request("offset is required"))?;
+    let is_final = req.flag("final")?;
+    let run_id = {
+        let sm = ctx.node.state.read();
+        let task = sm.state.executor_tasks.get(task_id).ok_or_else(|| ApiError::not_found(format!("executor task {task_id:?} not found")))?;
+        if task.spec.executor_id != executor {
+            return Err(ApiError::conflict(format!("executor task {task_id:?} belongs to another executor")));
+        }
+        task.spec.run_id.clone()
+    };
+    if !ctx.node.is_leader() && !req.forwarded {
+        return forward_to_leader(ctx, req).await;
+    }
+    let key = keys::log(task_id, step);
+    let live = ctx.live_logs.get_or_create(task_id, step);
+    let _guard = live.write.lock().await;
+    let mut state = *live.state.borrow();
+    if state.size == 0 && !state.stored {
+        // Nothing here: the log may already be stored (a retried final append).
+        if let Ok(info) = ctx.ost.stat(&key).await {
+            state = LiveState { size: info.size, stored: true };
+            live.state.send_replace(state);
+        }
+    }
+    if state.stored {
+        return Ok(json(200, &LogAppended { size: state.size, stored: true }));
+    }
+    let end = offset + req.body.len() as u64;
+    if offset <= state.size && end > state.size {
+        if end > MAX_LOG_BYTES {
+            return Err(ApiError::new(413, "payload_too_large", format!("a step log is at most {MAX_LOG_BYTES} bytes")));
+        }
+        let new = &req.body[(state.size - offset) as usize..];
+        let mut file = tokio::fs::OpenOptions::new().create(true).append(true).open(&live.path).await.map_err(spool_error)?;
+        file.write_all(new).await.map_err(spool_error)?;
+        file.flush().await.map_err(spool_error)?;
+        state.size = end;
+        live.state.send_replace(state);
+    }
+    if is_final && end == state.size {
+        // Reference first, data second: data without a reference is garbage to collect.
+        ctx.ost.put_bytes(&keys::run_ref(keys::LOGS, task_id, &run_id), Bytes::new(), true).await?;
+        let file = match tokio::fs::File::open(&live.path).await {
+            Ok(f) => reader_stream(f, 256 * 1024),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Box::pin(futures::stream::empty()),
+            Err(e) => return Err(spool_error(e)),
+        };
+        ctx.ost.put(&key, file, Some(state.size), true).await?;
+        state.stored = true;
+        live.state.send_replace(state);
+        // Readers still tailing the spool switch to the object once they see `stored`.
+        let (logs, path) = (ctx.clone(), live.path.clone());
+        let task_id = task_id.to_string();
+        tokio::spawn(async move {
+            tokio::time::sleep(Duration::from_secs(5)).await;
+            logs.live_logs.remove(&task_id, step);
+            let _ = tokio::fs::remove_file(path).await;
+        });
+    }
+    Ok(json(200, &LogAppended { size: state.size, stored: state.stored }))
+}
+
+fn spool_error(e: std::io::Error) -> ApiError {
+    tracing::error!(error = %e, "log spool I/O failed");
+    ApiError::internal()
+}
+
+/// `GET /api/v1/runs/{id}/tasks/{task}/logs?step=N|setup[&follow=true]`.
+pub(crate) async fn get_log(ctx: &Arc<Ctx>, run_id: &str, task: &str, req: &Request<'_>) -> Result<Reply, ApiError> {
+    let step_param = req.query.get("step").map(String::as_str).unwrap_or("0");
+    let step = LogStep::parse(step_param)
+        .ok_or_else(|| ApiError::bad_request(format!("step {step_param:?} is not a number or 'setup'")))?;
+    let follow = req.flag("follow")?;
+    crate::server::read_barrier(ctx, req).await?;
+    {
+        let sm = ctx.node.state.read();
+        let run = sm.state.runs.get(run_id).ok_or_else(|| ApiError::not_found(format!("run {run_id:?} not found")))?;
+        let rt = run.tasks.get(task).ok_or_else(|| ApiError::not_found(format!("task {task:?} not found in run {run_id}")))?;
+        if let LogStep::Step(n) = step {
+            if n >= rt.steps.len() {
+                return Err(ApiError::not_found(format!("task {task:?} has {} steps (numbered from 0)", rt.steps.len())));
+            }
+        }
+    }
+    let task_id = executor_task_id(run_id, task);
+    let key = keys::log(&task_id, step);
+    if let Some(live) = ctx.live_logs.get(&task_id, step) {
+        return Ok(stream_reply(tail(ctx.clone(), live, key, follow, run_id.to_string(), task.to_string())));
+    }
+    match ctx.ost.get(&key).await {
+        Ok(stream) => return Ok(stream_reply(stream)),
+        Err(e) if e.is_not_found() => {}
+        Err(e) => return Err(e.into()),
+    }
+    if !ctx.node.is_leader() && !req.forwarded {
+        return forward_to_leader(ctx, req).await;
+    }
+    if !follow {
+        return Err(ApiError::not_found(format!("the log of step {step} of task {task:?} is not available (not started, or lost)")));
+    }
+    // Follow a log that has not started yet: wait for it, or for the task to end.
+    let (ctx2, run_id, task) = (ctx.clone(), run_id.to_string(), task.to_string());
+    let waiting: ObjectStream = Box::pin(
+        futures::stream::once(async move {
+            let mut closing = ctx2.closing();
+            loop {
+                if let Some(live) = ctx2.live_logs.get(&task_id, step) {
+                    return tail(ctx2.clone(), live, key, true, run_id, task);
+                }
+                if let Ok(s) = ctx2.ost.get(&key).await {
+                    return s;
+                }
+                if task_ended(&ctx2, &run_id, &task) || *closing.borrow() {
+                    return Box::pin(futures::stream::empty()) as ObjectStream;
+                }
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    _ = closing.changed() => {}
+                }
+            }
+        })
+        .flatten(),
+    );
+    Ok(stream_reply(waiting))
+}
+
+/// The bytes of a live log from the start; with `follow`, until it is stored (or the
+/// task ended without storing it: a lost executor). Once stored, the rest comes from the
+/// object storage, so a slow reader never misses the end when the spool is removed.
+fn tail(ctx: Arc<Ctx>, live: Arc<LiveLog>, key: String, follow: bool, run_id: String, task: String) -> ObjectStream {
+    enum Mode {
+        Spool(u64, watch::Receiver<LiveState>),
+        Rest(ObjectStream),
+        Done,
+    }
+    let path = live.path.clone();
+    let start = Mode::Spool(0, live.state.subscribe());
+    Box::pin(futures::stream::unfold(start, move |mode| {
+        let (ctx, path, key, run_id, task) = (ctx.clone(), path.clone(), key.clone(), run_id.clone(), task.clone());
+        async move {
+            match mode {
+                Mode::Done => None,
+                Mode::Rest(mut s) => s.next().await.map(|item| (item, Mode::Rest(s))),
+                Mode::Spool(pos, mut rx) => loop {
+                    let state = *rx.borrow_and_update();
+                    if pos < state.size {
+                        if let Ok(chunk) = read_at(&path, pos, (state.size - pos).min(256 * 1024)).await {
+                            if !chunk.is_empty() {
+                                let next = pos + chunk.len() as u64;
+                                return Some((Ok(chunk), Mode::Spool(next, rx)));
+                            }
+                        }
+                    }
+                    if state.stored || pos < state.size {
+                        return match ctx.ost.get_range(&key, pos, None).await {
+                            Ok(mut s) => s.next().await.map(|item| (item, Mode::Rest(s))),
+                            Err(e) => Some((Err(std::io::Error::other(e)), Mode::Done)),
+                        };
+                    }
+                    if !follow || *ctx.closing().borrow() || task_ended(&ctx, &run_id, &task) {
+                        return None;
+                    }
+                    let _ = tokio::time::timeout(Duration::from_secs(1), rx.changed()).await;
+                },
+            }
+        }
+    }))
+}
+
+fn task_ended(ctx: &Ctx, run_id: &str, task: &str) -> bool {
+    let sm = ctx.node.state.read();
+    sm.state.runs.get(run_id).and_then(|r| r.tasks.get(task)).is_none_or(|t| t.status.is_final())
+}
+
+async fn read_at(path: &PathBuf, pos: u64, len: u64) -> std::io::Result<Bytes> {
+    let mut f = tokio::fs::File::open(path).await?;
+    f.seek(std::io::SeekFrom::Start(pos)).await?;
+    let mut buf = Vec::with_capacity(len as usize);
+    f.take(len).read_to_end(&mut buf).await?;
+    Ok(buf.into())
+}
+
+/// A 200 streaming `stream` as `application/octet-stream` (text for logs is fine too).
+pub(crate) fn stream_reply(mut stream: ObjectStream) -> Reply {
+    // warp wants a Sync stream: relay through a channel.
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
+    tokio::spawn(async move {
+        while let Some(item) = stream.next().await {
+            let failed = item.is_err();
+            if tx.send(item).await.is_err() || failed {
+                break;
+            }
+        }
+    });
+    let body = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
+    let mut resp = warp::Reply::into_response(warp::reply::stream(body));
+    resp.headers_mut().insert("content-type", warp::http::HeaderValue::from_static("application/octet-stream"));
+    Reply::Raw(resp)
+}
+
+/// Sends the request on to the leader and relays its answer (streamed).
+pub(crate) async fn forward_to_leader(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
+    let leader = ctx.node.leader_url().ok_or_else(|| ApiError::unavailable("no leader known; retry shortly"))?;
+    let mut url = format!("{leader}/{}", req.segments.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("/"));
+    if !req.raw_query.is_empty() {
+        url = format!("{url}?{}", req.raw_query);
+    }
+    let mut r = ctx.streams.request(req.method.clone(), url).header(FORWARDED, "1").body(req.body.clone());
+    if let Some(auth) = &req.auth {
+        r = r.header("authorization", auth);
+    }
+    let resp = r.send().await.map_err(|e| ApiError::unavailable(format!("cannot reach the leader: {e}")))?;
+    let status = resp.status().as_u16();
+    let content_type = resp.headers().get("content-type").cloned();
+    let stream: ObjectStream = Box::pin(resp.bytes_stream().map(|r| r.map_err(std::io::Error::other)));
+    let Reply::Raw(mut out) = stream_reply(stream) else { unreachable!() };
+    *out.status_mut() = warp::http::StatusCode::from_u16(status).unwrap_or(warp::http::StatusCode::BAD_GATEWAY);
+    if let Some(ct) = content_type {
+        out.headers_mut().insert("content-type", ct);
+    }
+    Ok(Reply::Raw(out))
+}
+
+/// The streamed upload routes (their bodies are not buffered like other requests').
+pub(crate) fn is_upload(method: &Method, segments: &[&str]) -> bool {
+    method == Method::PUT
+        && matches!(segments, ["api", "v1", "executor", _, "tasks", _, "archives", _] | ["api", "v1", "executor", _, "caches"])
+}
+
+/// `PUT /api/v1/executor/{id}/tasks/{task_id}/archives/{step}` and
+/// `PUT /api/v1/executor/{id}/caches?group=G&key=K`, bodies streamed into the ost.
+pub(crate) async fn upload(
+    ctx: &Ctx,
+    segments: &[&str],
+    query: &HashMap<String, String>,
+    size: Option<u64>,
+    body: ObjectStream,
+) -> Result<Reply, ApiError> {
+    if size.is_some_and(|s| s > MAX_ARCHIVE_BYTES) {
+        return Err(ApiError::payload_too_large(MAX_ARCHIVE_BYTES));
+    }
+    let body = capped(body, MAX_ARCHIVE_BYTES);
+    match segments {
+        ["api", "v1", "executor", executor, "tasks", task_id, "archives", step] => {
+            let step: usize = step.parse().map_err(|_| ApiError::bad_request(format!("step {step:?} is not a number")))?;
+            let run_id = {
+                let sm = ctx.node.state.read();
+                let t = sm.state.executor_tasks.get(*task_id).ok_or_else(|| ApiError::not_found(format!("executor task {task_id:?} not found")))?;
+                if t.spec.executor_id != *executor {
+                    return Err(ApiError::conflict(format!("executor task {task_id:?} belongs to another executor")));
+                }
+                t.spec.run_id.clone()
+            };
+            ctx.ost.put_bytes(&keys::run_ref(keys::ARCHIVES, task_id, &run_id), Bytes::new(), true).await?;
+            let key = keys::archive(task_id, step);
+            let size = ctx.ost.put(&key, body, size, true).await?;
+            Ok(json(201, &Stored { key, size }))
+        }
+        ["api", "v1", "executor", _, "caches"] => {
+            let (group, key) = cache_params(query)?;
+            let object = keys::cache(group, key)?;
+            // A cache key names one content: the first save wins, later ones are no-ops.
+            if ctx.ost.exists(&object).await? {
+                return Ok(json(200, &Stored { key: key.to_string(), size: ctx.ost.stat(&object).await?.size }));
+            }
+            let size = ctx.ost.put(&object, body, size, true).await?;
+            Ok(json(201, &Stored { key: key.to_string(), size }))
+        }
+        _ => Err(ApiError::not_found("no such upload route")),
+    }
+}
+
+fn cache_params(query: &HashMap<String, String>) -> Result<(&str, &str), ApiError> {
+    let group = query.get("group").map(String::as_str).ok_or_else(|| ApiError::bad_request("group is required"))?;
+    let key = query.get("key").map(String::as_str).ok_or_else(|| ApiError::bad_request("key is required"))?;
+    Ok((group, key))
+}
+
+/// Ends the stream with an error once it passed `limit` bytes.
+fn capped(body: ObjectStream, limit: u64) -> ObjectStream {
+    let mut seen = 0u64;
+    Box::pin(body.map(move |chunk| {
+        let chunk = chunk?;
+        seen += chunk.len() as u64;
+        if seen > limit {
+            return Err(std::io::Error::other(format!("upload larger than {limit} bytes")));
+        }
+        Ok(chunk)
+    }))
+}
+
+/// Executor-facing reads: archives of ancestor tasks and caches.
+pub(crate) async fn executor_read(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -> Result<Reply, ApiError> {
+    match rest {
+        // GET /api/v1/executor/{id}/archives/{task_id}/{step}
+        ["executor", _, "archives", task_id, step] => {
+            let step: usize = step.parse().map_err(|_| ApiError::bad_request(format!("step {step:?} is not a number")))?;
+            Ok(stream_reply(ctx.ost.get(&keys::archive(task_id, step)).await?))
+        }
+        // GET /api/v1/executor/{id}/caches?group=G&key=K: the cache itself.
+        ["executor", _, "caches"] => {
+            let (group, key) = cache_params(&req.query)?;
+            Ok(stream_reply(ctx.ost.get(&keys::cache(group, key)?).await?))
+        }
+        // GET /api/v1/executor/{id}/caches/match?group=G&prefix=P: first key by prefix.
+        ["executor", _, "caches", "match"] => {
+            let group = req.query.get("group").map(String::as_str).ok_or_else(|| ApiError::bad_request("group is required"))?;
+            let prefix = req.query.get("prefix").map(String::as_str).unwrap_or("");
+            if prefix.contains('/') {
+                return Err(OstError::InvalidKey { key: prefix.to_string(), reason: "a cache key cannot contain '/'" }.into());
+            }
+            let dir = keys::cache_dir(group)?;
+            let found = ctx.ost.list(&format!("{dir}{prefix}"), None, 100).await?;
+            let key = found.iter().find_map(|o| keys::cache_key_of(&dir, &o.key)).map(str::to_string);
+            Ok(json(200, &CacheMatch { key }))
+        }
+        _ => Err(ApiError::not_found(format!("no route for GET /api/v1/{}", rest.join("/")))),
+    }
+}
