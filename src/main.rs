@@ -145,7 +145,42 @@ enum Cmd {
         #[command(flatten)]
         ost: OstArgs,
     },
-    /// Runs: create, list, show, stop, approve, wait.
+    /// An executor agent on a Docker host: runs tasks in containers, reports to the servers.
+    Executor {
+        #[arg(long, env = "FLOTILLA_EXECUTOR_ID")]
+        id: String,
+        /// Server URLs, comma separated (any node; requests move on to the next on failure).
+        #[arg(long, env = "FLOTILLA_SERVERS", value_delimiter = ',', required = true)]
+        servers: Vec<String>,
+        /// Health endpoint of this agent.
+        #[arg(long, env = "FLOTILLA_LISTEN", default_value = "127.0.0.1:7800")]
+        listen: SocketAddr,
+        /// Executors of one group on one Docker host are siblings.
+        #[arg(long, env = "FLOTILLA_GROUP")]
+        group: Option<String>,
+        /// Architectures this executor takes tasks for (default: the Docker host's).
+        #[arg(long = "arch", env = "FLOTILLA_ARCH", value_delimiter = ',')]
+        archs: Vec<String>,
+        /// Most tasks at once (0: no limit).
+        #[arg(long, env = "FLOTILLA_ACTIVE_TASKS_LIMIT", default_value_t = 0)]
+        active_tasks_limit: u32,
+        /// Accept tasks asking for privileged containers.
+        #[arg(long, env = "FLOTILLA_ALLOW_PRIVILEGED")]
+        allow_privileged: bool,
+        /// Removed automatically when it stops heartbeating (siblings clean its containers).
+        #[arg(long, env = "FLOTILLA_DYNAMIC")]
+        dynamic: bool,
+        /// Local logs and temporary archives.
+        #[arg(long, env = "FLOTILLA_WORK_DIR", default_value = "./.flotilla-executor")]
+        work_dir: PathBuf,
+        /// The executor token (the servers' --executor-token-file).
+        #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
+        token_file: Option<PathBuf>,
+        /// Give up pulling a missing image after this long.
+        #[arg(long, env = "FLOTILLA_PULL_TIMEOUT_S", default_value_t = 60)]
+        pull_timeout_s: u64,
+    },
+    /// Runs: create, list, show, logs, stop, approve, wait.
     Run {
         #[command(flatten)]
         client: ClientArgs,
@@ -358,6 +393,36 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             require_token_off_loopback(listen, &api_token)?;
             dev(data_dir, listen, api_token, scheduler.config(), ost).await
         }
+        Cmd::Executor {
+            id,
+            servers,
+            listen,
+            group,
+            archs,
+            active_tasks_limit,
+            allow_privileged,
+            dynamic,
+            work_dir,
+            token_file,
+            pull_timeout_s,
+        } => {
+            init_logging(cli.log_format);
+            let mut cfg = flotilla_executor::Config::new(&id, servers, std::path::absolute(&work_dir).unwrap_or(work_dir));
+            cfg.token = read_token(&token_file)?;
+            cfg.listen = Some(listen);
+            cfg.group = group;
+            cfg.archs = archs;
+            cfg.active_tasks_limit = active_tasks_limit;
+            cfg.allow_privileged = allow_privileged;
+            cfg.dynamic = dynamic;
+            cfg.pull_timeout = std::time::Duration::from_secs(pull_timeout_s);
+            let (tx, rx) = tokio::sync::watch::channel(false);
+            tokio::spawn(async move {
+                shutdown_signal().await;
+                let _ = tx.send(true);
+            });
+            flotilla_executor::run(cfg, rx).await.map_err(Failure::Refused)
+        }
         Cmd::Run { client: args, command } => run_cmd::run(&client(&args)?, args.json, command).await,
         Cmd::Cluster { client: args, command } => cluster(&client(&args)?, args.json, command).await,
         Cmd::Kv { client: args, command } => kv(&client(&args)?, args.json, command).await,
@@ -403,6 +468,7 @@ async fn dev(
     ost: OstArgs,
 ) -> Result<(), Failure> {
     let cfg = NodeConfig::new(1, data_dir.clone());
+    let executor_token = api_token.clone();
     let server_cfg = ServerConfig {
         api_token: api_token.clone(),
         cluster_token: api_token.clone(),
@@ -412,6 +478,7 @@ async fn dev(
         ost_url: ost.ost,
     };
     let data_dir_shown = data_dir.display().to_string();
+    let executor_dir = std::path::absolute(data_dir.join("executor")).unwrap_or_else(|_| data_dir.join("executor"));
     serve_node(
         cfg,
         listen,
@@ -428,6 +495,13 @@ async fn dev(
                     }
                 }
                 println!("flotilla dev: API at {url} (data in {data_dir_shown})");
+                let mut cfg = flotilla_executor::Config::new("local", vec![url], executor_dir);
+                cfg.token = executor_token;
+                cfg.active_tasks_limit = 4;
+                let (_keep, rx) = tokio::sync::watch::channel(false);
+                if let Err(e) = flotilla_executor::run(cfg, rx).await {
+                    tracing::error!(error = %e, "the local executor cannot run; tasks will wait for an executor");
+                }
             });
         },
         shutdown_signal(),

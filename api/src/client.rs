@@ -289,6 +289,11 @@ impl Client {
         Ok(resp)
     }
 
+    /// The registered executors of executor `id`'s group.
+    pub async fn executor_siblings(&self, id: &str) -> Result<Siblings, ClientError> {
+        self.get(&format!("/api/v1/executor/{}/siblings", Self::seg(id))).await
+    }
+
     /// A step's log (`step` is a number or `setup`); with `follow`, streams until the step
     /// ends.
     pub async fn run_log(&self, id: &str, task: &str, step: &str, follow: bool) -> Result<Download, ClientError> {

@@ -208,6 +208,14 @@ pub(crate) async fn executor_route(ctx: &Ctx, rest: &[&str], req: &Request<'_>) 
             expect_done(write(ctx, Command::PutExecutor { id: id.to_string(), info, now_ms: now_ms() }).await?)
         }
         ["executor", id, "tasks"] if m == Method::GET => executor_tasks(ctx, id, req).await,
+        ["executor", id, "siblings"] if m == Method::GET => {
+            read_barrier(ctx, req).await?;
+            let sm = ctx.node.state.read();
+            let me = sm.state.executors.get(*id).ok_or_else(|| ApiError::not_found(format!("executor {id:?} is not registered")))?;
+            let executors =
+                sm.state.executors.values().filter(|e| e.info.group == me.info.group).map(|e| e.id.clone()).collect();
+            Ok(json(200, &crate::types::Siblings { executors }))
+        }
         ["executor", id, "tasks", task_id] if m == Method::PUT => {
             let status: ExecutorTaskStatus = req.json()?;
             let cmd = Command::SetExecutorTaskStatus { id: task_id.to_string(), executor_id: id.to_string(), status };

@@ -135,3 +135,9 @@ pub struct ExecutorTasks {
     pub revision: u64,
     pub tasks: Vec<ExecutorTaskView>,
 }
+
+/// `GET /api/v1/executor/{id}/siblings`: the registered executors of the caller's group.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Siblings {
+    pub executors: Vec<String>,
+}

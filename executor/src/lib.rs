@@ -2,4 +2,287 @@
 //! to the servers only over HTTP with `flotilla_api::Client`. It must never depend on the
 //! raft or scheduler crates.
 //!
-//! Empty for now: the Docker executor comes with its own issue.
+//! The agent registers and heartbeats, long-polls its tasks, starts a runner per new task
+//! ([`task::run`]), passes stop requests on, and keeps Docker clean: at start it removes
+//! the containers it left behind (a crash), and it removes the containers of a dynamic
+//! sibling (same group, same Docker host) that the servers no longer know. A task the
+//! servers believe running but this agent does not know (it restarted) is reported
+//! failed: its container is gone.
+
+pub mod archive;
+pub mod docker;
+pub mod logs;
+pub mod servers;
+pub mod task;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_api::types::ExecutorInfo;
+use flotilla_api::ClientError;
+use flotilla_store::executor::ExecutorTaskStatus;
+use flotilla_store::run::{Phase, StringMap};
+use tokio::sync::watch;
+
+use crate::docker::Driver;
+use crate::servers::Servers;
+
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub id: String,
+    pub servers: Vec<String>,
+    pub token: Option<String>,
+    /// Where this agent answers health checks (`None`: nowhere).
+    pub listen: Option<std::net::SocketAddr>,
+    pub group: Option<String>,
+    /// Empty: the Docker host's architecture.
+    pub archs: Vec<String>,
+    pub labels: StringMap,
+    pub active_tasks_limit: u32,
+    pub allow_privileged: bool,
+    pub dynamic: bool,
+    /// Local logs and temporary archives.
+    pub work_dir: PathBuf,
+    pub heartbeat: Duration,
+    pub pull_timeout: Duration,
+}
+
+impl Config {
+    pub fn new(id: &str, servers: Vec<String>, work_dir: PathBuf) -> Config {
+        Config {
+            id: id.to_string(),
+            servers,
+            token: None,
+            listen: None,
+            group: None,
+            archs: Vec::new(),
+            labels: StringMap::new(),
+            active_tasks_limit: 0,
+            allow_privileged: false,
+            dynamic: false,
+            work_dir,
+            heartbeat: Duration::from_secs(2),
+            pull_timeout: Duration::from_secs(60),
+        }
+    }
+}
+
+/// What every task runner shares.
+pub struct Agent {
+    pub cfg: Config,
+    pub servers: Arc<Servers>,
+    pub docker: Driver,
+    /// Architecture of the Docker host.
+    pub arch: String,
+}
+
+struct Running {
+    stop: watch::Sender<bool>,
+    handle: tokio::task::JoinHandle<()>,
+}
+
+/// Runs the agent until `shutdown` turns true. Fails only when Docker cannot be reached
+/// at start or the configuration is invalid.
+pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), String> {
+    if cfg.servers.is_empty() {
+        return Err("at least one server URL is needed (--servers)".into());
+    }
+    flotilla_store::executor::validate_executor_id(&cfg.id)?;
+    let docker = Driver::connect().await.map_err(|e| e.to_string())?;
+    let arch = docker.arch().await.map_err(|e| e.to_string())?;
+    std::fs::create_dir_all(&cfg.work_dir).map_err(|e| format!("cannot create {}: {e}", cfg.work_dir.display()))?;
+    let servers = Arc::new(Servers::new(&cfg.servers, cfg.token.clone()));
+    let agent = Arc::new(Agent { cfg, servers, docker, arch });
+
+    // What a previous life of this agent left: containers (killed) and local files.
+    let orphans = agent.docker.list(docker::LABEL_EXECUTOR, &agent.cfg.id).await.map_err(|e| e.to_string())?;
+    for c in &orphans {
+        tracing::info!(container = c.id, task = c.task, "removing an orphan container of this executor");
+        if let Err(e) = agent.docker.remove(&c.id).await {
+            tracing::warn!(container = c.id, error = %e, "cannot remove an orphan container");
+        }
+    }
+    if let Ok(entries) = std::fs::read_dir(&agent.cfg.work_dir) {
+        for e in entries.flatten() {
+            let _ = std::fs::remove_dir_all(e.path());
+        }
+    }
+    if let Some(addr) = agent.cfg.listen {
+        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        tokio::spawn(health(listener));
+    }
+    tracing::info!(id = agent.cfg.id, arch = agent.arch, servers = ?agent.cfg.servers, "executor started");
+
+    let mut running: BTreeMap<String, Running> = BTreeMap::new();
+    // Tasks ended here: their final report may not be visible in the next poll yet.
+    let mut ended: BTreeSet<String> = BTreeSet::new();
+    let mut since = 0u64;
+    let mut last_heartbeat = tokio::time::Instant::now() - agent.cfg.heartbeat * 2;
+    let mut last_sweep = tokio::time::Instant::now();
+    loop {
+        if *shutdown.borrow() {
+            break;
+        }
+        running.retain(|id, r| {
+            if r.handle.is_finished() {
+                ended.insert(id.clone());
+                false
+            } else {
+                true
+            }
+        });
+        if last_heartbeat.elapsed() >= agent.cfg.heartbeat {
+            heartbeat(&agent, running.len() as u32).await;
+            last_heartbeat = tokio::time::Instant::now();
+        }
+        if last_sweep.elapsed() >= Duration::from_secs(10) {
+            remove_lost_siblings(&agent).await;
+            last_sweep = tokio::time::Instant::now();
+        }
+        let wait_ms = agent.cfg.heartbeat.as_millis() as u64;
+        let client = agent.servers.client();
+        let polled = tokio::select! {
+            r = client.executor_tasks(&agent.cfg.id, since, wait_ms) => r,
+            _ = shutdown.changed() => continue,
+        };
+        let tasks = match polled {
+            Ok(t) => t,
+            Err(ClientError::Api { status: 404, .. }) => {
+                last_heartbeat -= agent.cfg.heartbeat * 2; // not registered (yet): register
+                continue;
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "task poll failed; trying the next server");
+                let _ = agent.servers.call("poll", |c| async move { c.health().await }).await;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        since = tasks.revision;
+        let listed: BTreeSet<String> = tasks.tasks.iter().map(|t| t.id.clone()).collect();
+        for t in tasks.tasks {
+            if let Some(r) = running.get(&t.id) {
+                if t.spec.spec.stop {
+                    let _ = r.stop.send(true);
+                }
+                continue;
+            }
+            if t.status.phase.is_final() || ended.contains(&t.id) {
+                continue;
+            }
+            match (t.status.phase, t.spec.spec.stop) {
+                (Phase::Notstarted, true) => {
+                    let mut s = t.status.clone();
+                    s.phase = Phase::Cancelled;
+                    task::report(&agent, &t.id, &s).await;
+                    ended.insert(t.id.clone());
+                }
+                (Phase::Notstarted, false) => {
+                    let (stop, stop_rx) = watch::channel(false);
+                    let id = t.id.clone();
+                    tracing::info!(task = id, "starting task");
+                    let handle = tokio::spawn(task::run(agent.clone(), t, stop_rx));
+                    running.insert(id, Running { stop, handle });
+                }
+                // Running on the servers, unknown here: this agent restarted mid-task and
+                // removed the container at start.
+                (_, _) => {
+                    let mut s: ExecutorTaskStatus = t.status.clone();
+                    s.phase = Phase::Failed;
+                    s.setup_error.get_or_insert_with(|| format!("executor {} restarted while the task ran; its container was lost", agent.cfg.id));
+                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+                    s.end_time = Some(now);
+                    for step in &mut s.steps {
+                        if step.phase == Phase::Running {
+                            step.phase = Phase::Failed;
+                            step.end_time = Some(now);
+                        }
+                    }
+                    tracing::warn!(task = t.id, "task was running before this executor restarted; reporting it failed");
+                    task::report(&agent, &t.id, &s).await;
+                    ended.insert(t.id.clone());
+                }
+            }
+        }
+        // Tasks gone from the servers (e.g. the executor was deleted): stop them.
+        for (id, r) in &running {
+            if !listed.contains(id) {
+                let _ = r.stop.send(true);
+            }
+        }
+        ended.retain(|id| listed.contains(id));
+    }
+    tracing::info!("executor stopping; stopping its tasks");
+    for r in running.values() {
+        let _ = r.stop.send(true);
+    }
+    for (_, r) in running {
+        let _ = tokio::time::timeout(Duration::from_secs(30), r.handle).await;
+    }
+    Ok(())
+}
+
+async fn heartbeat(agent: &Agent, active: u32) {
+    let archs = if agent.cfg.archs.is_empty() { vec![agent.arch.clone()] } else { agent.cfg.archs.clone() };
+    let info = ExecutorInfo {
+        listen_url: agent.cfg.listen.map(|a| format!("http://{a}")),
+        archs,
+        labels: agent.cfg.labels.clone(),
+        group: agent.cfg.group.clone(),
+        dynamic: agent.cfg.dynamic,
+        allow_privileged_containers: agent.cfg.allow_privileged,
+        active_tasks_limit: agent.cfg.active_tasks_limit,
+        active_tasks: active,
+    };
+    let r = agent
+        .servers
+        .call("heartbeat", |c| {
+            let (id, info) = (agent.cfg.id.clone(), info.clone());
+            async move { c.executor_heartbeat(&id, &info).await }
+        })
+        .await;
+    if let Err(e) = r {
+        tracing::warn!(error = %e, "heartbeat failed");
+    }
+}
+
+/// Removes containers of dynamic siblings (same group, this Docker host) that the servers
+/// no longer list: they died without cleaning up.
+async fn remove_lost_siblings(agent: &Agent) {
+    let Some(group) = &agent.cfg.group else { return };
+    let Ok(containers) = agent.docker.list(docker::LABEL_GROUP, group).await else { return };
+    let others: Vec<_> = containers.into_iter().filter(|c| c.executor != agent.cfg.id && c.dynamic).collect();
+    if others.is_empty() {
+        return;
+    }
+    let known = match agent.servers.call("siblings", |c| async move { c.executor_siblings(&agent.cfg.id).await }).await {
+        Ok(k) => k,
+        Err(e) => {
+            tracing::debug!(error = %e, "cannot list sibling executors");
+            return;
+        }
+    };
+    for c in others {
+        if !known.executors.iter().any(|e| e == &c.executor) {
+            tracing::info!(container = c.id, executor = c.executor, "removing a container of a vanished dynamic sibling");
+            let _ = agent.docker.remove(&c.id).await;
+        }
+    }
+}
+
+/// Answers every connection with a 200 (`GET /healthz` for probes).
+async fn health(listener: tokio::net::TcpListener) {
+    use tokio::io::AsyncWriteExt;
+    loop {
+        let Ok((mut conn, _)) = listener.accept().await else { continue };
+        tokio::spawn(async move {
+            let mut buf = [0u8; 1024];
+            let _ = tokio::io::AsyncReadExt::read(&mut conn, &mut buf).await;
+            let body = "{\"status\":\"ok\"}";
+            let resp = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
+            let _ = conn.write_all(resp.as_bytes()).await;
+        });
+    }
+}

@@ -141,7 +141,9 @@ pub struct TaskData {
     pub privileged: bool,
     pub working_dir: Option<String>,
     pub shell: Option<String>,
-    /// Task env, then the run's static env, then its env, then `FLOTILLA_RUN_*` (later wins).
+    pub user: Option<String>,
+    /// The run's static env, then its env, then the task's, then `FLOTILLA_*` (later
+    /// wins); a step's own environment goes on top when it runs.
     pub environment: StringMap,
     pub steps: Vec<Step>,
     pub cache_group: String,
@@ -152,9 +154,9 @@ pub struct TaskData {
 /// Builds the data an executor needs for `task_name` of `run`; `None` if the task is unknown.
 pub fn task_data(run: &Run, config: &RunConfig, task_name: &str) -> Option<TaskData> {
     let task = config.task(task_name)?;
-    let mut environment = task.environment.clone();
-    environment.extend(config.static_environment.clone());
+    let mut environment = config.static_environment.clone();
     environment.extend(config.environment.clone());
+    environment.extend(task.environment.clone());
     environment.insert("FLOTILLA_RUN_ID".into(), run.id.clone());
     environment.insert("FLOTILLA_RUN_COUNTER".into(), run.counter.to_string());
     environment.insert("FLOTILLA_TASK_NAME".into(), task_name.into());
@@ -192,6 +194,7 @@ pub fn task_data(run: &Run, config: &RunConfig, task_name: &str) -> Option<TaskD
         privileged: task.privileged,
         working_dir: task.working_dir.clone(),
         shell: task.shell.clone(),
+        user: task.user.clone(),
         environment,
         steps: task.steps.clone(),
         cache_group,

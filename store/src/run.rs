@@ -55,6 +55,9 @@ pub struct TaskConfig {
     pub working_dir: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub shell: Option<String>,
+    /// User (name or uid[:gid]) the steps run as; the image's default when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub user: Option<String>,
     #[serde(default)]
     pub environment: StringMap,
     #[serde(default)]
@@ -82,6 +85,7 @@ impl TaskConfig {
             privileged: false,
             working_dir: None,
             shell: None,
+            user: None,
             environment: StringMap::new(),
             needs_approval: false,
             approvers_required: 1,

@@ -1,0 +1,220 @@
+//! The Docker driver: the few Engine API calls the executor makes, through bollard.
+//! Every container it creates carries the labels below, so the executor can find its
+//! own (orphans after a crash) and its group's (a vanished dynamic sibling's).
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use bollard::container::LogOutput;
+use bollard::models::{ContainerCreateBody, ExecConfig, HostConfig};
+use bollard::query_parameters::{
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, DownloadFromContainerOptionsBuilder, ListContainersOptionsBuilder,
+    RemoveContainerOptionsBuilder, UploadToContainerOptionsBuilder,
+};
+use bollard::Docker;
+use bytes::Bytes;
+use futures::{Stream, StreamExt};
+
+pub const LABEL: &str = "flotilla";
+pub const LABEL_EXECUTOR: &str = "flotilla.executor";
+pub const LABEL_TASK: &str = "flotilla.task";
+pub const LABEL_GROUP: &str = "flotilla.group";
+pub const LABEL_DYNAMIC: &str = "flotilla.dynamic";
+
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct DockerError(pub String);
+
+fn err(what: &str, e: bollard::errors::Error) -> DockerError {
+    DockerError(format!("{what}: {e}"))
+}
+
+#[derive(Clone)]
+pub struct Driver {
+    docker: Docker,
+}
+
+/// A container of ours, as listed.
+#[derive(Debug, Clone)]
+pub struct Ours {
+    pub id: String,
+    pub executor: String,
+    pub task: String,
+    pub dynamic: bool,
+}
+
+/// What to create for a task.
+pub struct ContainerSpec<'a> {
+    pub name: &'a str,
+    pub image: &'a str,
+    pub shell: &'a str,
+    pub working_dir: &'a str,
+    pub user: Option<&'a str>,
+    pub env: Vec<String>,
+    pub privileged: bool,
+    pub labels: HashMap<String, String>,
+}
+
+impl Driver {
+    /// Connects to the local engine (`DOCKER_HOST` or the default socket) and agrees on
+    /// an API version both sides speak (the engine may be older than bollard).
+    pub async fn connect() -> Result<Driver, DockerError> {
+        let docker = Docker::connect_with_defaults().map_err(|e| err("cannot connect to Docker", e))?;
+        let docker = docker.negotiate_version().await.map_err(|e| err("cannot reach the Docker engine", e))?;
+        Ok(Driver { docker })
+    }
+
+    /// The engine's architecture in Go's words (`amd64`, `arm64`...).
+    pub async fn arch(&self) -> Result<String, DockerError> {
+        let info = self.docker.info().await.map_err(|e| err("docker info", e))?;
+        Ok(go_arch(info.architecture.as_deref().unwrap_or("")))
+    }
+
+    pub async fn image_present(&self, image: &str) -> Result<bool, DockerError> {
+        match self.docker.inspect_image(image).await {
+            Ok(_) => Ok(true),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(false),
+            Err(e) => Err(err("inspect image", e)),
+        }
+    }
+
+    /// Pulls `image`, bounded by `timeout` (a host without a registry must fail fast).
+    pub async fn pull(&self, image: &str, timeout: Duration) -> Result<(), DockerError> {
+        let opts = CreateImageOptionsBuilder::new().from_image(image).build();
+        let pull = async {
+            let mut s = self.docker.create_image(Some(opts), None, None);
+            while let Some(item) = s.next().await {
+                item.map_err(|e| err("pull", e))?;
+            }
+            Ok::<(), DockerError>(())
+        };
+        tokio::time::timeout(timeout, pull)
+            .await
+            .map_err(|_| DockerError(format!("pull of {image} timed out after {} s", timeout.as_secs())))?
+    }
+
+    /// Creates and starts a long-lived container (the steps are execs in it).
+    pub async fn start(&self, spec: &ContainerSpec<'_>) -> Result<String, DockerError> {
+        let body = ContainerCreateBody {
+            image: Some(spec.image.to_string()),
+            // PID 1 only waits; Docker's init reaps the steps' orphans.
+            entrypoint: Some(vec![spec.shell.to_string()]),
+            cmd: Some(vec!["-c".into(), "while :; do sleep 3600; done".into()]),
+            working_dir: Some(spec.working_dir.to_string()),
+            user: spec.user.map(str::to_string),
+            env: Some(spec.env.clone()),
+            labels: Some(spec.labels.clone()),
+            host_config: Some(HostConfig { privileged: Some(spec.privileged), init: Some(true), ..Default::default() }),
+            ..Default::default()
+        };
+        let opts = CreateContainerOptionsBuilder::new().name(spec.name).build();
+        let created = self.docker.create_container(Some(opts), body).await.map_err(|e| err("create container", e))?;
+        if let Err(e) = self.docker.start_container(&created.id, None).await {
+            let _ = self.remove(&created.id).await;
+            return Err(err("start container", e));
+        }
+        Ok(created.id)
+    }
+
+    /// Runs `cmd` in the container, feeding its output to `sink`; returns the exit code.
+    pub async fn exec(
+        &self,
+        container: &str,
+        cmd: Vec<String>,
+        env: Vec<String>,
+        working_dir: &str,
+        user: Option<&str>,
+        tty: bool,
+        mut sink: impl FnMut(Bytes),
+    ) -> Result<i64, DockerError> {
+        let cfg = ExecConfig {
+            attach_stdout: Some(true),
+            attach_stderr: Some(true),
+            tty: Some(tty),
+            env: Some(env),
+            cmd: Some(cmd),
+            user: user.map(str::to_string),
+            working_dir: Some(working_dir.to_string()),
+            ..Default::default()
+        };
+        let exec = self.docker.create_exec(container, cfg).await.map_err(|e| err("create exec", e))?;
+        match self.docker.start_exec(&exec.id, None).await.map_err(|e| err("start exec", e))? {
+            bollard::exec::StartExecResults::Attached { mut output, .. } => {
+                while let Some(item) = output.next().await {
+                    match item.map_err(|e| err("exec output", e))? {
+                        LogOutput::StdOut { message } | LogOutput::StdErr { message } | LogOutput::Console { message } => sink(message),
+                        LogOutput::StdIn { .. } => {}
+                    }
+                }
+            }
+            bollard::exec::StartExecResults::Detached => {}
+        }
+        let inspect = self.docker.inspect_exec(&exec.id).await.map_err(|e| err("inspect exec", e))?;
+        Ok(inspect.exit_code.unwrap_or(-1))
+    }
+
+    /// A tar stream of `path` in the container (Docker's archive API).
+    pub fn download(&self, container: &str, path: &str) -> impl Stream<Item = Result<Bytes, DockerError>> + Send + use<> {
+        let opts = DownloadFromContainerOptionsBuilder::new().path(path).build();
+        self.docker.download_from_container(container, Some(opts)).map(|r| r.map_err(|e| err("download from container", e)))
+    }
+
+    /// Extracts a tar stream at `path` in the container.
+    pub async fn upload(
+        &self,
+        container: &str,
+        path: &str,
+        tar: impl Stream<Item = std::io::Result<Bytes>> + Send + 'static,
+    ) -> Result<(), DockerError> {
+        let opts = UploadToContainerOptionsBuilder::new().path(path).build();
+        self.docker
+            .upload_to_container(container, Some(opts), bollard::body_try_stream(tar))
+            .await
+            .map_err(|e| err("upload to container", e))
+    }
+
+    /// Force-removes a container (killing it); a missing one is fine.
+    pub async fn remove(&self, container: &str) -> Result<(), DockerError> {
+        let opts = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
+        match self.docker.remove_container(container, Some(opts)).await {
+            Ok(()) => Ok(()),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(()),
+            // Already being removed.
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 409, .. }) => Ok(()),
+            Err(e) => Err(err("remove container", e)),
+        }
+    }
+
+    /// Our containers carrying label `key=value`.
+    pub async fn list(&self, key: &str, value: &str) -> Result<Vec<Ours>, DockerError> {
+        let filters: HashMap<&str, Vec<String>> = HashMap::from([("label", vec![format!("{key}={value}")])]);
+        let opts = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
+        let list = self.docker.list_containers(Some(opts)).await.map_err(|e| err("list containers", e))?;
+        Ok(list
+            .into_iter()
+            .filter_map(|c| {
+                let labels = c.labels.unwrap_or_default();
+                Some(Ours {
+                    id: c.id?,
+                    executor: labels.get(LABEL_EXECUTOR)?.clone(),
+                    task: labels.get(LABEL_TASK).cloned().unwrap_or_default(),
+                    dynamic: labels.get(LABEL_DYNAMIC).is_some_and(|v| v == "true"),
+                })
+            })
+            .collect())
+    }
+}
+
+/// Docker reports `x86_64`/`aarch64`; tasks name Go architectures.
+pub fn go_arch(docker: &str) -> String {
+    match docker {
+        "x86_64" | "amd64" => "amd64",
+        "aarch64" | "arm64" => "arm64",
+        "armv7l" | "arm" => "arm",
+        "i386" | "i686" => "386",
+        "s390x" => "s390x",
+        "ppc64le" => "ppc64le",
+        other => other,
+    }
+    .to_string()
+}

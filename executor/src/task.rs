@@ -1,0 +1,516 @@
+//! One executor task from start to end: a container from the task's image, each `run`
+//! step an exec inside it, workspace and cache steps through Docker's archive API and
+//! the servers, every step's log pushed live, status reported after every change. A
+//! stop request kills the container; the container is removed however the task ends.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use flotilla_api::types::ExecutorTaskView;
+use flotilla_api::ClientError;
+use flotilla_store::executor::TaskData;
+use flotilla_store::ost::reader_stream;
+use flotilla_store::run::{Phase, SaveContent, Step, StepStatus};
+use futures::StreamExt;
+use md5::{Digest, Md5};
+use tokio::io::AsyncWriteExt;
+use tokio::sync::watch;
+
+use crate::archive;
+use crate::docker::{ContainerSpec, LABEL, LABEL_DYNAMIC, LABEL_EXECUTOR, LABEL_GROUP, LABEL_TASK};
+use crate::logs::StepLog;
+use crate::Agent;
+
+pub const DEFAULT_WORKING_DIR: &str = "/work";
+pub const DEFAULT_SHELL: &str = "/bin/sh";
+
+fn now_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// How a step ended.
+enum Outcome {
+    Success,
+    Failed(String),
+}
+
+/// Runs the task to its end; returns when the final status is reported (or given up).
+pub async fn run(agent: Arc<Agent>, task: ExecutorTaskView, mut stop: watch::Receiver<bool>) {
+    let id = task.id.clone();
+    let data = task.spec.data.clone();
+    let mut status = task.status.clone();
+    status.steps.resize(data.steps.len(), StepStatus::default());
+    status.phase = Phase::Running;
+    status.start_time = Some(now_ms());
+    status.setup_step.phase = Phase::Running;
+    status.setup_step.start_time = status.start_time;
+    report(&agent, &id, &status).await;
+
+    let dir = agent.cfg.work_dir.join(&id);
+    if let Err(e) = tokio::fs::create_dir_all(&dir).await {
+        tracing::error!(task = id, error = %e, "cannot create the task's work dir");
+    }
+    let name = container_name(&agent.cfg.id, &id);
+    let working_dir = data.working_dir.clone().unwrap_or_else(|| DEFAULT_WORKING_DIR.into());
+
+    // Setup: the container.
+    let mut log = match StepLog::start(agent.servers.clone(), agent.cfg.id.clone(), id.clone(), "setup".into(), dir.join("setup.log")) {
+        Ok(l) => l,
+        Err(e) => return fail_setup(&agent, &id, status, None, format!("cannot write the setup log: {e}")).await,
+    };
+    let setup = tokio::select! {
+        r = setup(&agent, &id, &name, &data, &working_dir, &mut log) => r,
+        _ = stopped(&mut stop) => Err("stopped during setup".to_string()),
+    };
+    let container = match setup {
+        Ok(c) => c,
+        Err(message) => {
+            log.line(&format!("setup failed: {message}"));
+            let _ = agent.docker.remove(&name).await;
+            let stopped = *stop.borrow();
+            let mut status = status;
+            if stopped {
+                status.phase = Phase::Stopped;
+            }
+            return fail_setup(&agent, &id, status, Some(log), message).await;
+        }
+    };
+    status.setup_step.phase = Phase::Success;
+    status.setup_step.end_time = Some(now_ms());
+    status.setup_step.log_phase = log.finish().await;
+    report(&agent, &id, &status).await;
+
+    // Steps, in order; the first failure ends the task.
+    let mut final_phase = Phase::Success;
+    for (i, step) in data.steps.iter().enumerate() {
+        if *stop.borrow() {
+            final_phase = Phase::Stopped;
+            break;
+        }
+        status.steps[i].phase = Phase::Running;
+        status.steps[i].start_time = Some(now_ms());
+        report(&agent, &id, &status).await;
+        let mut log = match StepLog::start(agent.servers.clone(), agent.cfg.id.clone(), id.clone(), i.to_string(), dir.join(format!("{i}.log"))) {
+            Ok(l) => l,
+            Err(e) => {
+                tracing::error!(task = id, error = %e, "cannot write a step log");
+                final_phase = Phase::Failed;
+                status.steps[i].phase = Phase::Failed;
+                status.steps[i].end_time = Some(now_ms());
+                break;
+            }
+        };
+        let result = tokio::select! {
+            r = run_step(&agent, &id, &container, &data, &working_dir, i, step, &mut log, &mut status.steps[i].exit_status) => Some(r),
+            _ = stopped(&mut stop) => None,
+        };
+        let step_status = &mut status.steps[i];
+        step_status.end_time = Some(now_ms());
+        match result {
+            Some(Outcome::Success) => step_status.phase = Phase::Success,
+            Some(Outcome::Failed(message)) => {
+                if !message.is_empty() {
+                    log.line(&format!("[flotilla] {message}"));
+                }
+                step_status.phase = Phase::Failed;
+                final_phase = Phase::Failed;
+            }
+            None => {
+                log.line("[flotilla] stopped");
+                let _ = agent.docker.remove(&container).await;
+                step_status.phase = Phase::Stopped;
+                final_phase = Phase::Stopped;
+            }
+        }
+        step_status.log_phase = log.finish().await;
+        if final_phase != Phase::Success {
+            break;
+        }
+    }
+    if let Err(e) = agent.docker.remove(&container).await {
+        tracing::warn!(task = id, error = %e, "cannot remove the task's container");
+    }
+    status.phase = final_phase;
+    status.end_time = Some(now_ms());
+    report(&agent, &id, &status).await;
+    let _ = tokio::fs::remove_dir_all(&dir).await;
+}
+
+async fn stopped(stop: &mut watch::Receiver<bool>) {
+    while !*stop.borrow_and_update() {
+        if stop.changed().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    }
+}
+
+pub fn container_name(executor: &str, task_id: &str) -> String {
+    format!("flotilla-{executor}-{task_id}")
+}
+
+async fn fail_setup(
+    agent: &Agent,
+    id: &str,
+    mut status: flotilla_store::executor::ExecutorTaskStatus,
+    log: Option<StepLog>,
+    message: String,
+) {
+    tracing::info!(task = id, message, "task setup failed");
+    let now = now_ms();
+    if status.phase != Phase::Stopped {
+        status.phase = Phase::Failed;
+        status.setup_step.phase = Phase::Failed;
+    } else {
+        status.setup_step.phase = Phase::Stopped;
+    }
+    status.setup_error = Some(message);
+    status.setup_step.end_time = Some(now);
+    status.end_time = Some(now);
+    if let Some(log) = log {
+        status.setup_step.log_phase = log.finish().await;
+    }
+    report(agent, id, &status).await;
+    let _ = tokio::fs::remove_dir_all(agent.cfg.work_dir.join(id)).await;
+}
+
+/// Reports a status; a task the server no longer has (deleted once final) is fine.
+pub async fn report(agent: &Agent, id: &str, status: &flotilla_store::executor::ExecutorTaskStatus) {
+    let r = agent
+        .servers
+        .call("status report", |c| {
+            let (exec, id) = (agent.cfg.id.clone(), id.to_string());
+            async move { c.executor_task_status(&exec, &id, status).await }
+        })
+        .await;
+    match r {
+        Ok(()) => {}
+        Err(ClientError::Api { status: 404, .. }) => {}
+        Err(e) => tracing::warn!(task = id, error = %e, "status report failed"),
+    }
+}
+
+async fn setup(agent: &Agent, id: &str, name: &str, data: &TaskData, working_dir: &str, log: &mut StepLog) -> Result<String, String> {
+    if data.privileged && !agent.cfg.allow_privileged {
+        return Err(format!(
+            "the task asks for a privileged container and executor {} does not allow them (--allow-privileged)",
+            agent.cfg.id
+        ));
+    }
+    log.line(&format!("[flotilla] executor {}: image {}", agent.cfg.id, data.image));
+    if !agent.docker.image_present(&data.image).await.map_err(|e| e.to_string())? {
+        log.line(&format!("[flotilla] image {} is not on this host; pulling it", data.image));
+        agent.docker.pull(&data.image, agent.cfg.pull_timeout).await.map_err(|e| {
+            format!("image {:?} is not present on this host and cannot be pulled: {e}", data.image)
+        })?;
+    }
+    // A leftover of an earlier attempt of this very task goes first.
+    let _ = agent.docker.remove(name).await;
+    let labels = HashMap::from([
+        (LABEL.to_string(), "true".to_string()),
+        (LABEL_EXECUTOR.to_string(), agent.cfg.id.clone()),
+        (LABEL_TASK.to_string(), id.to_string()),
+        (LABEL_GROUP.to_string(), agent.cfg.group.clone().unwrap_or_default()),
+        (LABEL_DYNAMIC.to_string(), agent.cfg.dynamic.to_string()),
+    ]);
+    let spec = ContainerSpec {
+        name,
+        image: &data.image,
+        shell: data.shell.as_deref().unwrap_or(DEFAULT_SHELL),
+        working_dir,
+        user: data.user.as_deref(),
+        env: env_list(&data.environment, None),
+        privileged: data.privileged,
+        labels,
+    };
+    let container = agent.docker.start(&spec).await.map_err(|e| e.to_string())?;
+    log.line(&format!("[flotilla] container {} started", &container[..12.min(container.len())]));
+    Ok(container)
+}
+
+fn env_list(base: &flotilla_store::run::StringMap, step: Option<&flotilla_store::run::StringMap>) -> Vec<String> {
+    let mut env = base.clone();
+    if let Some(step) = step {
+        env.extend(step.clone());
+    }
+    env.into_iter().map(|(k, v)| format!("{k}={v}")).collect()
+}
+
+/// `dir` made absolute against the working dir.
+fn absolute(working_dir: &str, dir: &str) -> String {
+    let p = Path::new(working_dir).join(dir);
+    let mut out = PathBuf::from("/");
+    for c in p.components() {
+        match c {
+            std::path::Component::Normal(s) => out.push(s),
+            std::path::Component::ParentDir => {
+                out.pop();
+            }
+            _ => {}
+        }
+    }
+    out.display().to_string()
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn run_step(
+    agent: &Agent,
+    id: &str,
+    container: &str,
+    data: &TaskData,
+    working_dir: &str,
+    index: usize,
+    step: &Step,
+    log: &mut StepLog,
+    exit_status: &mut Option<i32>,
+) -> Outcome {
+    let result = match step {
+        Step::Run(r) => {
+            let shell = r.shell.as_deref().or(data.shell.as_deref()).unwrap_or(DEFAULT_SHELL).to_string();
+            let wd = r.working_dir.as_deref().map_or_else(|| working_dir.to_string(), |d| absolute(working_dir, d));
+            let cmd = vec![shell, "-e".into(), "-c".into(), r.command.clone()];
+            let env = env_list(&data.environment, Some(&r.environment));
+            match agent.docker.exec(container, cmd, env, &wd, data.user.as_deref(), r.tty, |b| log.write(&b)).await {
+                Ok(code) => {
+                    *exit_status = Some(code as i32);
+                    if code == 0 {
+                        Ok(())
+                    } else {
+                        Err(format!("exit status {code}"))
+                    }
+                }
+                Err(e) => Err(e.to_string()),
+            }
+        }
+        Step::SaveToWorkspace(s) => save_to_workspace(agent, id, container, working_dir, index, &s.contents, log).await,
+        Step::RestoreWorkspace(r) => restore_workspace(agent, id, container, data, &absolute(working_dir, &r.dest_dir), log).await,
+        Step::SaveCache(s) => save_cache(agent, id, container, data, working_dir, &s.key, &s.contents, log).await,
+        Step::RestoreCache(r) => restore_cache(agent, id, container, data, working_dir, &r.keys, &absolute(working_dir, &r.dest_dir), log).await,
+    };
+    match result {
+        Ok(()) => Outcome::Success,
+        Err(m) => Outcome::Failed(m),
+    }
+}
+
+/// Builds the archive of `contents` (from the container) into a temp file in the task's
+/// work dir; returns the file and the number of entries.
+async fn build_archive(agent: &Agent, id: &str, container: &str, working_dir: &str, contents: &[SaveContent]) -> Result<(PathBuf, u64), String> {
+    let dir = agent.cfg.work_dir.join(id);
+    let stamp = now_ms();
+    let mut raws = Vec::new();
+    for (n, c) in contents.iter().enumerate() {
+        let globs = archive::patterns(&c.paths)?;
+        let src = absolute(working_dir, &c.source_dir);
+        let raw_path = dir.join(format!("raw-{stamp}-{n}.tar"));
+        let mut raw = tokio::fs::File::create(&raw_path).await.map_err(|e| e.to_string())?;
+        let mut s = agent.docker.download(container, &src);
+        while let Some(chunk) = s.next().await {
+            let chunk = chunk.map_err(|e| format!("cannot read {src} in the container: {e}"))?;
+            raw.write_all(&chunk).await.map_err(|e| e.to_string())?;
+        }
+        raw.flush().await.map_err(|e| e.to_string())?;
+        raws.push((raw_path, globs, c.dest_dir.clone().unwrap_or_else(|| ".".into()), src));
+    }
+    let out_path = dir.join(format!("archive-{stamp}.tar"));
+    let out = out_path.clone();
+    let total = tokio::task::spawn_blocking(move || -> Result<u64, String> {
+        let file = std::fs::File::create(&out).map_err(|e| format!("cannot create a temp archive: {e}"))?;
+        let mut sel = archive::Selection::new(std::io::BufWriter::new(file));
+        let mut total = 0;
+        for (raw_path, globs, dest, src) in &raws {
+            let input = std::io::BufReader::new(std::fs::File::open(raw_path).map_err(|e| e.to_string())?);
+            total += archive::select(input, globs, dest, &mut sel).map_err(|e| format!("cannot archive {src}: {e}"))?;
+            let _ = std::fs::remove_file(raw_path);
+        }
+        let file = sel.finish().map_err(|e| e.to_string())?.into_inner().map_err(|e| e.to_string())?;
+        file.sync_all().map_err(|e| e.to_string())?;
+        Ok(total)
+    })
+    .await
+    .map_err(|e| e.to_string())??;
+    Ok((out_path, total))
+}
+
+async fn file_body(path: &Path) -> Result<(reqwest::Body, u64), String> {
+    let f = tokio::fs::File::open(path).await.map_err(|e| e.to_string())?;
+    let size = f.metadata().await.map_err(|e| e.to_string())?.len();
+    Ok((reqwest::Body::wrap_stream(reader_stream(f, 256 * 1024)), size))
+}
+
+async fn save_to_workspace(agent: &Agent, id: &str, container: &str, working_dir: &str, index: usize, contents: &[SaveContent], log: &mut StepLog) -> Result<(), String> {
+    let (path, count) = build_archive(agent, id, container, working_dir, contents).await?;
+    log.line(&format!("[flotilla] saving {count} files to the workspace"));
+    let r = agent
+        .servers
+        .call("archive upload", |c| {
+            let path = path.clone();
+            let (exec, id) = (agent.cfg.id.clone(), id.to_string());
+            async move {
+                let (body, size) = file_body(&path).await.map_err(|m| ClientError::Transport { url: String::new(), message: m })?;
+                c.executor_archive_put(&exec, &id, index, body, Some(size)).await
+            }
+        })
+        .await;
+    let _ = tokio::fs::remove_file(&path).await;
+    let stored = r.map_err(|e| format!("the workspace archive could not be stored: {e}"))?;
+    log.line(&format!("[flotilla] workspace archive stored ({} bytes)", stored.size));
+    Ok(())
+}
+
+/// Downloads an archive to a temp file, rebases it under `dest` and extracts it at `/`.
+async fn extract(agent: &Agent, id: &str, container: &str, download: flotilla_api::client::Download, dest: &str) -> Result<(), String> {
+    let dir = agent.cfg.work_dir.join(id);
+    let stamp = now_ms();
+    let (raw_path, rebased_path) = (dir.join(format!("in-{stamp}.tar")), dir.join(format!("rebased-{stamp}.tar")));
+    let mut raw = tokio::fs::File::create(&raw_path).await.map_err(|e| e.to_string())?;
+    let mut s = download.into_stream();
+    while let Some(chunk) = s.next().await {
+        raw.write_all(&chunk.map_err(|e| format!("download failed: {e}"))?).await.map_err(|e| e.to_string())?;
+    }
+    raw.flush().await.map_err(|e| e.to_string())?;
+    drop(raw);
+    let (rp, bp, dest_s) = (raw_path.clone(), rebased_path.clone(), dest.to_string());
+    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
+        let input = std::io::BufReader::new(std::fs::File::open(&rp)?);
+        let out = std::io::BufWriter::new(std::fs::File::create(&bp)?);
+        let mut out = archive::rebase(input, &dest_s, out)?;
+        std::io::Write::flush(&mut out)?;
+        Ok(())
+    })
+    .await
+    .map_err(|e| e.to_string())?
+    .map_err(|e| format!("invalid archive: {e}"))?;
+    let _ = tokio::fs::remove_file(&raw_path).await;
+    let f = tokio::fs::File::open(&rebased_path).await.map_err(|e| e.to_string())?;
+    let r = agent.docker.upload(container, "/", reader_stream(f, 256 * 1024)).await.map_err(|e| e.to_string());
+    let _ = tokio::fs::remove_file(&rebased_path).await;
+    r
+}
+
+async fn restore_workspace(agent: &Agent, id: &str, container: &str, data: &TaskData, dest: &str, log: &mut StepLog) -> Result<(), String> {
+    for w in &data.workspace {
+        let r = agent
+            .servers
+            .call("archive download", |c| {
+                let (exec, tid) = (agent.cfg.id.clone(), w.task_id.clone());
+                async move { c.executor_archive_get(&exec, &tid, w.step).await }
+            })
+            .await;
+        match r {
+            Ok(d) => {
+                extract(agent, id, container, d, dest).await?;
+                log.line(&format!("[flotilla] restored the workspace of task {} (step {}) into {dest}", w.task_name, w.step));
+            }
+            Err(ClientError::Api { status: 404, .. }) => {
+                log.line(&format!("[flotilla] task {} saved no workspace (step {}); skipped", w.task_name, w.step));
+            }
+            Err(e) => return Err(format!("cannot fetch the workspace of task {}: {e}", w.task_name)),
+        }
+    }
+    Ok(())
+}
+
+/// Renders a cache key template against the container and the task's environment.
+async fn render_key(agent: &Agent, container: &str, data: &TaskData, working_dir: &str, template: &str) -> Result<String, String> {
+    let mut key = String::new();
+    for part in archive::parse_template(template)? {
+        match part {
+            archive::Part::Text(t) => key.push_str(&t),
+            archive::Part::Env(name) => key.push_str(data.environment.get(&name).map(String::as_str).unwrap_or("")),
+            archive::Part::Var(v) => {
+                let now = now_ms() / 1000;
+                let (y, m, d) = archive::civil_date(now);
+                key.push_str(&match v.as_str() {
+                    "epoch" => now.to_string(),
+                    "year" => y.to_string(),
+                    "month" => format!("{m:02}"),
+                    "day" => format!("{d:02}"),
+                    _ => agent.arch.clone(),
+                });
+            }
+            archive::Part::Md5sum(file) => {
+                let path = absolute(working_dir, &file);
+                let mut tar = Vec::new();
+                let mut s = agent.docker.download(container, &path);
+                while let Some(chunk) = s.next().await {
+                    tar.extend_from_slice(&chunk.map_err(|e| format!("md5sum {file}: {e}"))?);
+                    if tar.len() > 256 * 1024 * 1024 {
+                        return Err(format!("md5sum {file}: file too large"));
+                    }
+                }
+                let content = archive::first_file(&tar[..], u64::MAX)
+                    .map_err(|e| format!("md5sum {file}: {e}"))?
+                    .ok_or_else(|| format!("md5sum {file}: not a regular file"))?;
+                let digest = Md5::digest(&content);
+                key.extend(digest.iter().map(|b| format!("{b:02x}")));
+            }
+        }
+    }
+    flotilla_store::ost::keys::validate_cache_key(&key).map_err(|e| e.to_string())?;
+    Ok(key)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn save_cache(agent: &Agent, id: &str, container: &str, data: &TaskData, working_dir: &str, template: &str, contents: &[SaveContent], log: &mut StepLog) -> Result<(), String> {
+    let key = render_key(agent, container, data, working_dir, template).await?;
+    let group = data.cache_group.clone();
+    let found = agent
+        .servers
+        .call("cache lookup", |c| {
+            let (exec, group, key) = (agent.cfg.id.clone(), group.clone(), key.clone());
+            async move { c.executor_cache_match(&exec, &group, &key).await }
+        })
+        .await
+        .map_err(|e| format!("cache lookup failed: {e}"))?;
+    if found.key.as_deref() == Some(key.as_str()) {
+        log.line(&format!("[flotilla] cache {key} already saved; not saved again"));
+        return Ok(());
+    }
+    let (path, count) = build_archive(agent, id, container, working_dir, contents).await?;
+    let r = agent
+        .servers
+        .call("cache upload", |c| {
+            let path = path.clone();
+            let (exec, group, key) = (agent.cfg.id.clone(), group.clone(), key.clone());
+            async move {
+                let (body, size) = file_body(&path).await.map_err(|m| ClientError::Transport { url: String::new(), message: m })?;
+                c.executor_cache_put(&exec, &group, &key, body, Some(size)).await
+            }
+        })
+        .await;
+    let _ = tokio::fs::remove_file(&path).await;
+    let stored = r.map_err(|e| format!("the cache could not be stored: {e}"))?;
+    log.line(&format!("[flotilla] cache {key} saved ({count} files, {} bytes)", stored.size));
+    Ok(())
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn restore_cache(agent: &Agent, id: &str, container: &str, data: &TaskData, working_dir: &str, templates: &[String], dest: &str, log: &mut StepLog) -> Result<(), String> {
+    let group = data.cache_group.clone();
+    for template in templates {
+        let prefix = render_key(agent, container, data, working_dir, template).await?;
+        let found = agent
+            .servers
+            .call("cache lookup", |c| {
+                let (exec, group, prefix) = (agent.cfg.id.clone(), group.clone(), prefix.clone());
+                async move { c.executor_cache_match(&exec, &group, &prefix).await }
+            })
+            .await
+            .map_err(|e| format!("cache lookup failed: {e}"))?;
+        let Some(key) = found.key else { continue };
+        let d = agent
+            .servers
+            .call("cache download", |c| {
+                let (exec, group, key) = (agent.cfg.id.clone(), group.clone(), key.clone());
+                async move { c.executor_cache_get(&exec, &group, &key).await }
+            })
+            .await
+            .map_err(|e| format!("cache download failed: {e}"))?;
+        extract(agent, id, container, d, dest).await?;
+        log.line(&format!("[flotilla] restored cache {key} into {dest}"));
+        return Ok(());
+    }
+    log.line(&format!("[flotilla] no cache matches {templates:?}"));
+    Ok(())
+}
