@@ -29,6 +29,12 @@ if ! command -v moto_server >/dev/null 2>&1; then
   export MOTO_SERVER_BIN="$venv/bin/moto_server"
 fi
 
+# Docker and the local test image for the executor tests (no registry: built from
+# Debian's busybox-static with docker import).
+need docker "install Docker Engine and start it"
+docker info >/dev/null 2>&1 || { echo "error: the Docker engine is not reachable (is dockerd running?)" >&2; exit 1; }
+bash scripts/test-image.sh
+
 echo "== disk: $(df -h "$(dirname "$CARGO_TARGET_DIR")" | awk 'NR==2 {print $4 " free"}')"
 echo "== build (target dir: $CARGO_TARGET_DIR)"
 cargo build --locked --workspace --all-targets
@@ -36,3 +42,11 @@ cargo build --locked --workspace --all-targets
 echo "== tests"
 # Black-box tests start 1-4 server processes each; two at a time suits a 2-core machine.
 cargo test --locked --workspace -- --test-threads=2
+
+echo "== no container left behind"
+left="$(docker ps -aq --filter label=flotilla)"
+if [ -n "$left" ]; then
+  echo "error: flotilla-labelled containers left by the tests:" >&2
+  docker ps -a --filter label=flotilla >&2
+  exit 1
+fi

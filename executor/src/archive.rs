@@ -80,17 +80,7 @@ pub fn select<R: Read, W: Write>(input: R, globs: &GlobSet, dest: &str, sel: &mu
             continue;
         }
         let target = dest.join(&rel);
-        for parent in target.ancestors().skip(1) {
-            if parent.as_os_str().is_empty() || !dirs.insert(parent.to_path_buf()) {
-                continue;
-            }
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(tar::EntryType::Directory);
-            h.set_mode(0o755);
-            h.set_size(0);
-            h.set_mtime(entry.header().mtime().unwrap_or(0));
-            builder.append_data(&mut h, parent, io::empty())?;
-        }
+        add_parents(builder, dirs, &target)?;
         let mut h = entry.header().clone();
         if kind.is_symlink() || kind.is_hard_link() {
             let link = entry.link_name()?.map(|l| l.into_owned()).unwrap_or_default();
@@ -101,6 +91,22 @@ pub fn select<R: Read, W: Write>(input: R, globs: &GlobSet, dest: &str, sel: &mu
         count += 1;
     }
     Ok(count)
+}
+
+/// Writes a directory entry for each missing ancestor of `target`, outermost first.
+fn add_parents<W: Write>(builder: &mut tar::Builder<W>, dirs: &mut BTreeSet<PathBuf>, target: &Path) -> io::Result<()> {
+    let mut missing: Vec<&Path> =
+        target.ancestors().skip(1).filter(|p| !p.as_os_str().is_empty() && !dirs.contains(*p)).collect();
+    missing.reverse();
+    for parent in missing {
+        dirs.insert(parent.to_path_buf());
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(tar::EntryType::Directory);
+        h.set_mode(0o755);
+        h.set_size(0);
+        builder.append_data(&mut h, parent, io::empty())?;
+    }
+    Ok(())
 }
 
 /// Copies `input` with every entry moved under `prefix` (an absolute directory), for
@@ -117,16 +123,7 @@ pub fn rebase<R: Read, W: Write>(input: R, prefix: &str, out: W) -> io::Result<W
         let path = entry.path()?.into_owned();
         let rel = clean_relative(&path).ok_or_else(|| io::Error::other(format!("archive entry {path:?} escapes its root")))?;
         let target = root.join(&rel);
-        for parent in target.ancestors().skip(1) {
-            if parent.as_os_str().is_empty() || !dirs.insert(parent.to_path_buf()) {
-                continue;
-            }
-            let mut h = tar::Header::new_gnu();
-            h.set_entry_type(tar::EntryType::Directory);
-            h.set_mode(0o755);
-            h.set_size(0);
-            builder.append_data(&mut h, parent, io::empty())?;
-        }
+        add_parents(&mut builder, &mut dirs, &target)?;
         let mut h = entry.header().clone();
         let kind = h.entry_type();
         if kind.is_dir() {
@@ -285,6 +282,7 @@ mod tests {
         assert!(parse_template("x-{{ nope }}").is_err());
         assert!(parse_template("x-{{ md5sum a").is_err());
         assert_eq!(civil_date(0), (1970, 1, 1));
-        assert_eq!(civil_date(1_795_000_000), (2026, 11, 19));
+        assert_eq!(civil_date(1_795_000_000), (2026, 11, 18));
+        assert_eq!(civil_date(951_782_400), (2000, 2, 29));
     }
 }

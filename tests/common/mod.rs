@@ -275,3 +275,119 @@ impl Drop for Cluster {
         }
     }
 }
+
+/// The local test image (built by scripts/test-image.sh from Debian's busybox-static).
+pub const IMAGE: &str = "flotilla-busybox:latest";
+
+/// Fails clearly when Docker or the test image is missing (CI builds it first).
+pub fn require_docker_image() {
+    let ok = Command::new("docker").args(["image", "inspect", IMAGE]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    match ok {
+        Ok(s) if s.success() => {}
+        Ok(_) => {
+            let built = Command::new("bash").arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-image.sh")).status();
+            assert!(
+                built.is_ok_and(|s| s.success()),
+                "the test image {IMAGE} is missing and scripts/test-image.sh could not build it"
+            );
+        }
+        Err(e) => panic!("docker is needed by the executor tests and cannot be run: {e}"),
+    }
+}
+
+/// Ids of containers (running or not) carrying label `key=value`.
+pub fn containers_with_label(key: &str, value: &str) -> Vec<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-aq", "--filter", &format!("label={key}={value}")])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect()
+}
+
+/// A `flotilla executor` process.
+pub struct ExecutorProc {
+    pub id: String,
+    pub args: Vec<String>,
+    pub work_dir: PathBuf,
+    pub log: PathBuf,
+    pub child: Option<Child>,
+    servers: String,
+    token_file: PathBuf,
+}
+
+impl ExecutorProc {
+    /// Starts executor `id` against the cluster's running nodes, with `extra` flags.
+    pub fn start(cluster: &Cluster, id: &str, extra: &[&str]) -> ExecutorProc {
+        let servers: Vec<String> = cluster.running().into_iter().map(|n| cluster.url(n)).collect();
+        let mut e = ExecutorProc {
+            id: id.to_string(),
+            args: extra.iter().map(|s| s.to_string()).collect(),
+            work_dir: cluster.dir.path().join(format!("executor-{id}")),
+            log: cluster.dir.path().join(format!("executor-{id}.log")),
+            child: None,
+            servers: servers.join(","),
+            token_file: cluster.token_file.clone(),
+        };
+        e.restart();
+        e
+    }
+
+    pub fn restart(&mut self) {
+        assert!(self.child.is_none(), "executor {} already running", self.id);
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(&self.log).unwrap();
+        let child = Command::new(bin())
+            .args(["executor", "--id", &self.id, "--servers", &self.servers])
+            .args(["--listen", &format!("127.0.0.1:{}", free_port())])
+            .arg("--work-dir")
+            .arg(&self.work_dir)
+            .arg("--token-file")
+            .arg(&self.token_file)
+            .args(&self.args)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("spawn flotilla executor");
+        self.child = Some(child);
+    }
+
+    /// SIGKILL, no cleanup.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait for a clean exit.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let deadline = Instant::now() + Duration::from_secs(40);
+            while c.try_wait().ok().flatten().is_none() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(50));
+            }
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    pub fn log_tail(&self) -> String {
+        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
+        let lines: Vec<&str> = text.lines().collect();
+        lines[lines.len().saturating_sub(40)..].join("\n")
+    }
+}
+
+impl Drop for ExecutorProc {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            eprintln!("--- executor {} ---\n{}", self.id, self.log_tail());
+        }
+        self.kill();
+        // Whatever the test did, leave no container behind.
+        for c in containers_with_label("flotilla.executor", &self.id) {
+            let _ = Command::new("docker").args(["rm", "-f", &c]).stdout(Stdio::null()).status();
+        }
+    }
+}
