@@ -180,10 +180,11 @@ async fn an_executor_killed_mid_task_removes_its_orphan_on_restart_and_the_task_
     let mut exec = ExecutorProc::start(&cluster, "crash-exec", &[]);
     let c = cluster.client(1);
     let run = create(&c, json!({"name": "crash", "group": "/crash", "tasks": [
-        {"name": "long", "steps": [{"run": {"command": "echo working; sleep 300"}}]}
+        {"name": "crashy", "steps": [{"run": {"command": "echo working; sleep 300"}}]}
     ]}))
     .await;
-    let task_id = format!("{}.long", run.id);
+    // Task ids repeat across tests (each has its own cluster): names are unique per test.
+    let task_id = format!("{}.crashy", run.id);
     wait_until("the task's container", Duration::from_secs(30), async || {
         !containers_with_label("flotilla.task", &task_id).is_empty()
     })
@@ -192,8 +193,8 @@ async fn an_executor_killed_mid_task_removes_its_orphan_on_restart_and_the_task_
     assert_eq!(containers_with_label("flotilla.task", &task_id).len(), 1, "SIGKILL leaves the container running");
     exec.restart();
     let done = wait_final(&c, &run.id, &exec).await;
-    assert_eq!(done.tasks["long"].status, TaskStatus::Failed, "{done:#?}");
-    assert!(done.tasks["long"].end_time.is_some());
+    assert_eq!(done.tasks["crashy"].status, TaskStatus::Failed, "{done:#?}");
+    assert!(done.tasks["crashy"].end_time.is_some());
     assert!(containers_with_label("flotilla.task", &task_id).is_empty(), "the orphan container was removed");
     assert!(exec.log_tail().contains("orphan"), "{}", exec.log_tail());
     assert_no_containers(&exec);
@@ -232,4 +233,32 @@ async fn privileged_tasks_are_refused_without_permission_and_missing_images_fail
     }
     assert!(log(&c, &run.id, "ghost", "setup").await.contains("not present on this host"));
     assert_no_containers(&exec);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sibling_removes_the_containers_of_a_dynamic_executor_that_vanished() {
+    require_docker_image();
+    let cluster = Cluster::bootstrap(1, &["--executor-timeout-ms", "1500"]).await;
+    let c = cluster.client(1);
+    let mut dynamic = ExecutorProc::start(&cluster, "dyn-exec", &["--group", "pool-a", "--dynamic"]);
+    let run = create(&c, json!({"name": "dyn", "group": "/dyn", "tasks": [
+        {"name": "orphaned", "steps": [{"run": {"command": "sleep 300"}}]}
+    ]}))
+    .await;
+    let task_id = format!("{}.orphaned", run.id);
+    wait_until("the dynamic executor's container", Duration::from_secs(30), async || {
+        !containers_with_label("flotilla.task", &task_id).is_empty()
+    })
+    .await;
+    // The dynamic executor dies for good; a sibling of its group lives on this host.
+    dynamic.kill();
+    let sibling = ExecutorProc::start(&cluster, "sib-exec", &["--group", "pool-a"]);
+    let done = wait_final(&c, &run.id, &sibling).await;
+    assert_eq!(done.tasks["orphaned"].status, TaskStatus::Failed, "the vanished executor's task fails: {done:#?}");
+    wait_until("the sibling to remove the orphan", Duration::from_secs(40), async || {
+        containers_with_label("flotilla.task", &task_id).is_empty()
+    })
+    .await;
+    assert!(sibling.log_tail().contains("vanished dynamic sibling"), "{}", sibling.log_tail());
+    assert_no_containers(&sibling);
 }
