@@ -18,10 +18,10 @@ use bytes::Bytes;
 use flotilla_store::executor::executor_task_id;
 use flotilla_store::limits::{MAX_ARCHIVE_BYTES, MAX_LOG_BYTES};
 use flotilla_store::ost::keys::{self, LogStep};
-use flotilla_store::ost::{reader_stream, ObjectStream, OstError};
+use flotilla_store::ost::{read_file_range, reader_stream, ObjectStream, OstError};
 use futures::StreamExt;
 use serde::{Deserialize, Serialize};
-use tokio::io::{AsyncReadExt, AsyncSeekExt, AsyncWriteExt};
+use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 use warp::http::Method;
 
@@ -108,17 +108,10 @@ pub(crate) async fn append_log(ctx: &Arc<Ctx>, executor: &str, task_id: &str, st
     let step = LogStep::parse(step).ok_or_else(|| ApiError::bad_request(format!("log step {step:?} is not a number or 'setup'")))?;
     let offset = req.number("offset")?.ok_or_else(|| ApiError::bad_request("offset is required"))?;
     let is_final = req.flag("final")?;
-    let run_id = {
-        let sm = ctx.node.state.read();
-        let task = sm.state.executor_tasks.get(task_id).ok_or_else(|| ApiError::not_found(format!("executor task {task_id:?} not found")))?;
-        if task.spec.executor_id != executor {
-            return Err(ApiError::conflict(format!("executor task {task_id:?} belongs to another executor")));
-        }
-        task.spec.run_id.clone()
-    };
     if !ctx.node.is_leader() && !req.forwarded {
         return forward_to_leader(ctx, req).await;
     }
+    let run_id = task_owner(ctx, executor, task_id).await?;
     let key = keys::log(task_id, step);
     let live = ctx.live_logs.get_or_create(task_id, step);
     let _guard = live.write.lock().await;
@@ -166,6 +159,19 @@ pub(crate) async fn append_log(ctx: &Arc<Ctx>, executor: &str, task_id: &str, st
         });
     }
     Ok(json(200, &LogAppended { size: state.size, stored: state.stored }))
+}
+
+/// The run of executor task `task_id`, checked to belong to `executor`, read after a
+/// linearizable barrier (a lagging node must not answer 404 for a task it has not
+/// applied yet).
+async fn task_owner(ctx: &Ctx, executor: &str, task_id: &str) -> Result<String, ApiError> {
+    ctx.node.linearizable_barrier().await?;
+    let sm = ctx.node.state.read();
+    let task = sm.state.executor_tasks.get(task_id).ok_or_else(|| ApiError::not_found(format!("executor task {task_id:?} not found")))?;
+    if task.spec.executor_id != executor {
+        return Err(ApiError::conflict(format!("executor task {task_id:?} belongs to another executor")));
+    }
+    Ok(task.spec.run_id.clone())
 }
 
 fn spool_error(e: std::io::Error) -> ApiError {
@@ -252,7 +258,7 @@ fn tail(ctx: Arc<Ctx>, live: Arc<LiveLog>, key: String, follow: bool, run_id: St
                 Mode::Spool(pos, mut rx) => loop {
                     let state = *rx.borrow_and_update();
                     if pos < state.size {
-                        if let Ok(chunk) = read_at(&path, pos, (state.size - pos).min(256 * 1024)).await {
+                        if let Ok(chunk) = read_file_range(&path, pos, (state.size - pos).min(256 * 1024)).await {
                             if !chunk.is_empty() {
                                 let next = pos + chunk.len() as u64;
                                 return Some((Ok(chunk), Mode::Spool(next, rx)));
@@ -280,13 +286,6 @@ fn task_ended(ctx: &Ctx, run_id: &str, task: &str) -> bool {
     sm.state.runs.get(run_id).and_then(|r| r.tasks.get(task)).is_none_or(|t| t.status.is_final())
 }
 
-async fn read_at(path: &PathBuf, pos: u64, len: u64) -> std::io::Result<Bytes> {
-    let mut f = tokio::fs::File::open(path).await?;
-    f.seek(std::io::SeekFrom::Start(pos)).await?;
-    let mut buf = Vec::with_capacity(len as usize);
-    f.take(len).read_to_end(&mut buf).await?;
-    Ok(buf.into())
-}
 
 /// A 200 streaming `stream` as `application/octet-stream` (text for logs is fine too).
 pub(crate) fn stream_reply(mut stream: ObjectStream) -> Reply {
@@ -351,14 +350,7 @@ pub(crate) async fn upload(
     match segments {
         ["api", "v1", "executor", executor, "tasks", task_id, "archives", step] => {
             let step: usize = step.parse().map_err(|_| ApiError::bad_request(format!("step {step:?} is not a number")))?;
-            let run_id = {
-                let sm = ctx.node.state.read();
-                let t = sm.state.executor_tasks.get(*task_id).ok_or_else(|| ApiError::not_found(format!("executor task {task_id:?} not found")))?;
-                if t.spec.executor_id != *executor {
-                    return Err(ApiError::conflict(format!("executor task {task_id:?} belongs to another executor")));
-                }
-                t.spec.run_id.clone()
-            };
+            let run_id = task_owner(ctx, executor, task_id).await?;
             ctx.ost.put_bytes(&keys::run_ref(keys::ARCHIVES, task_id, &run_id), Bytes::new(), true).await?;
             let key = keys::archive(task_id, step);
             let size = ctx.ost.put(&key, body, size, true).await?;

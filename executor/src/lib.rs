@@ -80,7 +80,7 @@ pub struct Agent {
 
 struct Running {
     stop: watch::Sender<bool>,
-    handle: tokio::task::JoinHandle<()>,
+    handle: tokio::task::JoinHandle<ExecutorTaskStatus>,
 }
 
 /// Runs the agent until `shutdown` turns true. Fails only when Docker cannot be reached
@@ -116,8 +116,10 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     tracing::info!(id = agent.cfg.id, arch = agent.arch, servers = ?agent.cfg.servers, "executor started");
 
     let mut running: BTreeMap<String, Running> = BTreeMap::new();
-    // Tasks ended here: their final report may not be visible in the next poll yet.
-    let mut ended: BTreeSet<String> = BTreeSet::new();
+    // Tasks ended here, with their final status: the report may not be visible in the
+    // next poll yet, or may have been lost (then it is sent again).
+    let mut ended: BTreeMap<String, Option<ExecutorTaskStatus>> = BTreeMap::new();
+    let mut since_ended: BTreeSet<String> = BTreeSet::new();
     let mut since = 0u64;
     let mut last_heartbeat = tokio::time::Instant::now() - agent.cfg.heartbeat * 2;
     let mut last_sweep = tokio::time::Instant::now();
@@ -125,14 +127,12 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         if *shutdown.borrow() {
             break;
         }
-        running.retain(|id, r| {
-            if r.handle.is_finished() {
-                ended.insert(id.clone());
-                false
-            } else {
-                true
+        let finished: Vec<String> = running.iter().filter(|(_, r)| r.handle.is_finished()).map(|(id, _)| id.clone()).collect();
+        for id in finished {
+            if let Some(r) = running.remove(&id) {
+                ended.insert(id, r.handle.await.ok());
             }
-        });
+        }
         if last_heartbeat.elapsed() >= agent.cfg.heartbeat {
             heartbeat(&agent, running.len() as u32).await;
             last_heartbeat = tokio::time::Instant::now();
@@ -169,7 +169,16 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
                 }
                 continue;
             }
-            if t.status.phase.is_final() || ended.contains(&t.id) {
+            if t.status.phase.is_final() {
+                continue;
+            }
+            if let Some(last) = ended.get(&t.id) {
+                // Ended here but not final there after a poll: the report was lost.
+                if let Some(status) = last.clone() {
+                    if since_ended.contains(&t.id) {
+                        task::report(&agent, &t.id, &status).await;
+                    }
+                }
                 continue;
             }
             match (t.status.phase, t.spec.spec.stop) {
@@ -177,7 +186,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
                     let mut s = t.status.clone();
                     s.phase = Phase::Cancelled;
                     task::report(&agent, &t.id, &s).await;
-                    ended.insert(t.id.clone());
+                    ended.insert(t.id.clone(), Some(s));
                 }
                 (Phase::Notstarted, false) => {
                     let (stop, stop_rx) = watch::channel(false);
@@ -202,7 +211,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
                     }
                     tracing::warn!(task = t.id, "task was running before this executor restarted; reporting it failed");
                     task::report(&agent, &t.id, &s).await;
-                    ended.insert(t.id.clone());
+                    ended.insert(t.id.clone(), Some(s));
                 }
             }
         }
@@ -212,7 +221,9 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
                 let _ = r.stop.send(true);
             }
         }
-        ended.retain(|id| listed.contains(id));
+        ended.retain(|id, _| listed.contains(id));
+        // Ended before this poll: a task still not final at the next one is re-reported.
+        since_ended = ended.keys().cloned().collect();
     }
     tracing::info!("executor stopping; stopping its tasks");
     for r in running.values() {

@@ -9,10 +9,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::Bytes;
 use flotilla_store::limits::MAX_LOG_BYTES;
 use flotilla_store::run::LogPhase;
-use tokio::io::{AsyncReadExt, AsyncSeekExt};
 use tokio::sync::watch;
 
 use crate::servers::Servers;
@@ -77,7 +75,7 @@ async fn push(servers: Arc<Servers>, executor: String, task_id: String, step: St
         let len = tokio::fs::metadata(&path).await.map(|m| m.len()).unwrap_or(0);
         if sent < len || finished {
             let end = len.min(sent + APPEND_MAX);
-            let chunk = match read_range(&path, sent, end - sent).await {
+            let chunk = match flotilla_store::ost::read_file_range(&path, sent, end - sent).await {
                 Ok(c) => c,
                 Err(e) => {
                     tracing::warn!(task_id, step, error = %e, "cannot read the local log");
@@ -117,12 +115,4 @@ async fn push(servers: Arc<Servers>, executor: String, task_id: String, step: St
             let _ = tokio::time::timeout(PUSH_EVERY, done.changed()).await;
         }
     }
-}
-
-async fn read_range(path: &PathBuf, from: u64, len: u64) -> std::io::Result<Bytes> {
-    let mut f = tokio::fs::File::open(path).await?;
-    f.seek(std::io::SeekFrom::Start(from)).await?;
-    let mut buf = Vec::with_capacity(len as usize);
-    f.take(len).read_to_end(&mut buf).await?;
-    Ok(buf.into())
 }

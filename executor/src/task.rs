@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use flotilla_api::types::ExecutorTaskView;
 use flotilla_api::ClientError;
-use flotilla_store::executor::TaskData;
+use flotilla_store::executor::{ExecutorTaskStatus, TaskData};
 use flotilla_store::ost::reader_stream;
 use flotilla_store::run::{Phase, SaveContent, Step, StepStatus};
 use futures::StreamExt;
@@ -35,8 +35,9 @@ enum Outcome {
     Failed(String),
 }
 
-/// Runs the task to its end; returns when the final status is reported (or given up).
-pub async fn run(agent: Arc<Agent>, task: ExecutorTaskView, mut stop: watch::Receiver<bool>) {
+/// Runs the task to its end; returns the final status once reported (or given up on: the
+/// agent reports it again while the servers still show the task running).
+pub async fn run(agent: Arc<Agent>, task: ExecutorTaskView, mut stop: watch::Receiver<bool>) -> ExecutorTaskStatus {
     let id = task.id.clone();
     let data = task.spec.data.clone();
     let mut status = task.status.clone();
@@ -135,6 +136,7 @@ pub async fn run(agent: Arc<Agent>, task: ExecutorTaskView, mut stop: watch::Rec
     status.end_time = Some(now_ms());
     report(&agent, &id, &status).await;
     let _ = tokio::fs::remove_dir_all(&dir).await;
+    status
 }
 
 async fn stopped(stop: &mut watch::Receiver<bool>) {
@@ -149,13 +151,7 @@ pub fn container_name(executor: &str, task_id: &str) -> String {
     format!("flotilla-{executor}-{task_id}")
 }
 
-async fn fail_setup(
-    agent: &Agent,
-    id: &str,
-    mut status: flotilla_store::executor::ExecutorTaskStatus,
-    log: Option<StepLog>,
-    message: String,
-) {
+async fn fail_setup(agent: &Agent, id: &str, mut status: ExecutorTaskStatus, log: Option<StepLog>, message: String) -> ExecutorTaskStatus {
     tracing::info!(task = id, message, "task setup failed");
     let now = now_ms();
     if status.phase != Phase::Stopped {
@@ -172,10 +168,11 @@ async fn fail_setup(
     }
     report(agent, id, &status).await;
     let _ = tokio::fs::remove_dir_all(agent.cfg.work_dir.join(id)).await;
+    status
 }
 
 /// Reports a status; a task the server no longer has (deleted once final) is fine.
-pub async fn report(agent: &Agent, id: &str, status: &flotilla_store::executor::ExecutorTaskStatus) {
+pub async fn report(agent: &Agent, id: &str, status: &ExecutorTaskStatus) {
     let r = agent
         .servers
         .call("status report", |c| {

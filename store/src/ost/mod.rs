@@ -311,6 +311,16 @@ where
     }))
 }
 
+/// Reads up to `len` bytes of a local file from `from` (fewer at its end).
+pub async fn read_file_range(path: &std::path::Path, from: u64, len: u64) -> io::Result<Bytes> {
+    use tokio::io::{AsyncReadExt, AsyncSeekExt};
+    let mut f = tokio::fs::File::open(path).await?;
+    f.seek(io::SeekFrom::Start(from)).await?;
+    let mut buf = Vec::with_capacity(len.min(16 * 1024 * 1024) as usize);
+    f.take(len).read_to_end(&mut buf).await?;
+    Ok(buf.into())
+}
+
 /// Collects a stream into one buffer of at most `limit` bytes (tests and small objects).
 pub async fn collect(stream: ObjectStream, limit: usize) -> io::Result<Bytes> {
     let chunks: Vec<Bytes> = stream.try_collect().await?;
