@@ -106,6 +106,8 @@ async fn logs_archives_and_caches_flow_through_any_node_into_s3() {
     assert_eq!(a.size, 14, "an append past the end is refused by size, not stored");
     let a = exec.executor_log_append(EXECUTOR, &build.id, "0", 14, "done\n".into(), true).await.unwrap();
     assert_eq!((a.size, a.stored), (19, true));
+    let e = exec.executor_log_append(EXECUTOR, &build.id, "1", u64::MAX, "x".into(), false).await.unwrap_err();
+    assert_eq!(e.status(), Some(400), "an offset past u64 is refused, not a panic: {e}");
     let again = exec.executor_log_append(EXECUTOR, &build.id, "0", 14, "done\n".into(), true).await.unwrap();
     assert_eq!((again.size, again.stored), (19, true), "a retried final append is a no-op");
     let (got, first_at) = tokio::time::timeout(Duration::from_secs(10), follow).await.expect("follow ends").unwrap();

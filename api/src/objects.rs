@@ -126,7 +126,7 @@ pub(crate) async fn append_log(ctx: &Arc<Ctx>, executor: &str, task_id: &str, st
     if state.stored {
         return Ok(json(200, &LogAppended { size: state.size, stored: true }));
     }
-    let end = offset + req.body.len() as u64;
+    let end = offset.checked_add(req.body.len() as u64).ok_or_else(|| ApiError::bad_request("offset out of range"))?;
     if offset <= state.size && end > state.size {
         if end > MAX_LOG_BYTES {
             return Err(ApiError::new(413, "payload_too_large", format!("a step log is at most {MAX_LOG_BYTES} bytes")));
