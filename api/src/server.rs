@@ -338,6 +338,13 @@ async fn dispatch(ctx: &Arc<Ctx>, req: Request<'_>) -> Result<Reply, ApiError> {
             if !authorized(&ctx.cfg.api_token, &req.auth) {
                 return Err(ApiError::unauthorized());
             }
+            if !open_in_maintenance(rest) && node.state.read().state.maintenance {
+                return Err(ApiError::new(
+                    503,
+                    "maintenance",
+                    "the cluster is in maintenance mode: only the maintenance, export/import, cluster, health and metrics routes are served",
+                ));
+            }
             match rest {
                 ["runs", run_id, "tasks", task, "logs"] if m == Method::GET => {
                     crate::objects::get_log(ctx, run_id, task, &req).await
@@ -426,6 +433,13 @@ async fn api_v1(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -> Result<Reply, Ap
         },
         _ => Err(ApiError::not_found(format!("no route for {} /api/v1/{}", m, rest.join("/")))),
     }
+}
+
+/// Public routes served while this node applies the maintenance flag. (Health, metrics,
+/// Raft and the executor-facing routes are always served: executors keep heartbeating
+/// and finish what they run, and the paused scheduler gives them nothing new.)
+fn open_in_maintenance(rest: &[&str]) -> bool {
+    matches!(rest.first(), Some(&"maintenance") | Some(&"export") | Some(&"import") | Some(&"cluster"))
 }
 
 fn route_or_405(rest: &[&str]) -> Result<Reply, ApiError> {
