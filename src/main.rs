@@ -201,6 +201,20 @@ enum Cmd {
         #[command(subcommand)]
         command: KvCmd,
     },
+    /// Write an export of the whole replicated state to a file.
+    Export {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(short = 'o', long = "output")]
+        output: PathBuf,
+    },
+    /// Replace the whole state with an export (the cluster must be in maintenance).
+    Import {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(short = 'i', long = "input")]
+        input: PathBuf,
+    },
     /// Maintenance mode.
     Maintenance {
         #[command(flatten)]
@@ -426,6 +440,27 @@ async fn run(cli: Cli) -> Result<(), Failure> {
         Cmd::Run { client: args, command } => run_cmd::run(&client(&args)?, args.json, command).await,
         Cmd::Cluster { client: args, command } => cluster(&client(&args)?, args.json, command).await,
         Cmd::Kv { client: args, command } => kv(&client(&args)?, args.json, command).await,
+        Cmd::Export { client: args, output } => {
+            let mut export = client(&args)?.export().await?;
+            // Written beside the target and renamed: a failed export leaves no half file.
+            let tmp = output.with_extension("partial");
+            let mut file = std::fs::File::create(&tmp).map_err(|e| Failure::Refused(format!("cannot write {}: {e}", tmp.display())))?;
+            let mut size = 0;
+            while let Some(chunk) = export.chunk().await? {
+                size += chunk.len();
+                std::io::Write::write_all(&mut file, &chunk).map_err(|e| Failure::Refused(format!("cannot write {}: {e}", tmp.display())))?;
+            }
+            file.sync_all().map_err(|e| Failure::Refused(e.to_string()))?;
+            std::fs::rename(&tmp, &output).map_err(|e| Failure::Refused(e.to_string()))?;
+            eprintln!("exported {size} bytes to {}", output.display());
+            Ok(())
+        }
+        Cmd::Import { client: args, input } => {
+            let bytes = std::fs::read(&input).map_err(|e| Failure::Refused(format!("cannot read {}: {e}", input.display())))?;
+            client(&args)?.import(bytes.into()).await?;
+            eprintln!("imported {}; the cluster stays in maintenance until `flotilla maintenance disable`", input.display());
+            Ok(())
+        }
         Cmd::Maintenance { client: args, command } => {
             let c = client(&args)?;
             match command {

@@ -289,6 +289,17 @@ impl Client {
         Ok(resp)
     }
 
+    /// The export of the whole replicated state (versioned, checksummed).
+    pub async fn export(&self) -> Result<Download, ClientError> {
+        let path = "/api/v1/export";
+        Ok(Download { url: format!("{}{path}", self.base), resp: self.open(reqwest::Method::GET, path, None, None).await? })
+    }
+
+    /// Replaces the whole state with an export (the cluster must be in maintenance).
+    pub async fn import(&self, export: bytes::Bytes) -> Result<(), ClientError> {
+        self.open(reqwest::Method::POST, "/api/v1/import", Some(export.into()), None).await.map(|_| ())
+    }
+
     /// The registered executors of executor `id`'s group.
     pub async fn executor_siblings(&self, id: &str) -> Result<Siblings, ClientError> {
         self.get(&format!("/api/v1/executor/{}/siblings", Self::seg(id))).await

@@ -191,7 +191,11 @@ where
             }));
             return crate::objects::upload(&ctx, &segments, &query, content_length, stream).await;
         }
-        let limit = if segments.first() == Some(&"raft") { MAX_RAFT_BODY_BYTES } else { MAX_API_BODY_BYTES };
+        let limit = match segments.as_slice() {
+            ["raft", ..] => MAX_RAFT_BODY_BYTES,
+            ["api", "v1", "import"] => flotilla_store::limits::MAX_IMPORT_BYTES,
+            _ => MAX_API_BODY_BYTES,
+        };
         if content_length.is_some_and(|len| len > limit) {
             return Err(ApiError::payload_too_large(limit));
         }
@@ -417,6 +421,23 @@ async fn api_v1(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -> Result<Reply, Ap
             }
         }
         ["kv"] => Err(ApiError::method_not_allowed()),
+        ["export"] if m == Method::GET => {
+            // A consistent cut: everything applied up to a linearizable point.
+            read_barrier(ctx, req).await?;
+            let bytes = flotilla_store::export::encode(&node.state.read().state);
+            let mut resp = warp::reply::Response::new(bytes.into());
+            resp.headers_mut().insert("content-type", warp::http::HeaderValue::from_static("application/octet-stream"));
+            Ok(Reply::Raw(resp))
+        }
+        ["import"] if m == Method::POST => {
+            if !node.state.read().state.maintenance {
+                return Err(ApiError::conflict("an import is only accepted in maintenance mode (flotilla maintenance enable)"));
+            }
+            let state = flotilla_store::export::decode(&req.body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            write(ctx, Command::Import(Box::new(state))).await?;
+            Ok(Reply::Empty)
+        }
+        ["export"] | ["import"] => Err(ApiError::method_not_allowed()),
         ["runs", ..] | ["events"] | ["executors", ..] => crate::runs::route(ctx, rest, req).await,
         ["maintenance"] => match *m {
             Method::GET if req.flag("local")? => {

@@ -44,6 +44,9 @@ pub enum Command {
     DeleteExecutor { id: String },
     /// An executor reports the status of one of its tasks.
     SetExecutorTaskStatus { id: String, executor_id: String, status: ExecutorTaskStatus },
+    /// Replace the whole state with an export (only in maintenance; the cluster stays in
+    /// maintenance after it).
+    Import(Box<crate::state::State>),
 }
 
 /// What a scheduler round decided for one run: the run's new status (accepted only if the
@@ -75,6 +78,7 @@ impl Command {
             Command::PutExecutor { .. } => "put_executor",
             Command::DeleteExecutor { .. } => "delete_executor",
             Command::SetExecutorTaskStatus { .. } => "set_executor_task_status",
+            Command::Import(_) => "import",
         }
     }
 
@@ -117,6 +121,7 @@ impl Command {
             Command::DeleteExecutor { id } | Command::SetExecutorTaskStatus { executor_id: id, .. } => {
                 validate_executor_id(id).map_err(invalid)
             }
+            Command::Import(state) => state.validate_import().map_err(invalid),
         }
     }
 }

@@ -12,6 +12,7 @@
 
 pub mod command;
 pub mod event;
+pub mod export;
 pub mod executor;
 pub mod limits;
 pub mod ost;

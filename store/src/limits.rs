@@ -48,3 +48,6 @@ pub const MAX_EVENT_SUBSCRIBERS: usize = 256;
 pub const MAX_ARCHIVE_BYTES: u64 = 4 * 1024 * 1024 * 1024;
 /// Largest log of one step; an executor truncates beyond it.
 pub const MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;
+/// Largest export accepted by an import (it travels as one Raft entry, under
+/// `MAX_RAFT_BODY_BYTES`).
+pub const MAX_IMPORT_BYTES: u64 = 48 * 1024 * 1024;

@@ -188,7 +188,43 @@ impl State {
             Command::SetExecutorTaskStatus { id, executor_id, status } => {
                 self.set_executor_task_status(index, id, executor_id, status)
             }
+            Command::Import(imported) => {
+                if !self.maintenance {
+                    return conflict("an import is only accepted in maintenance mode");
+                }
+                let mut new = (**imported).clone();
+                new.maintenance = true;
+                new.last_run_seq = new.last_run_seq.max(self.last_run_seq);
+                new.active_runs =
+                    new.runs.values().filter(|r| matches!(r.phase, RunPhase::Queued | RunPhase::Running)).map(|r| r.id.clone()).collect();
+                *self = new;
+                Response::Done { revision: index }
+            }
         }
+    }
+
+    /// Checks that an imported state holds together: every run has its configuration and
+    /// valid names, every executor task belongs to a known run, every key is valid.
+    pub fn validate_import(&self) -> Result<(), String> {
+        for key in self.kv.keys() {
+            crate::command::validate_key(key).map_err(|e| e.to_string())?;
+        }
+        for (id, run) in &self.runs {
+            if &run.id != id {
+                return Err(format!("run {id:?} is stored under another id ({:?})", run.id));
+            }
+            let config = self.run_configs.get(id).ok_or_else(|| format!("run {id:?} has no configuration"))?;
+            config.validate().map_err(|e| format!("run {id:?}: {e}"))?;
+        }
+        for (id, t) in &self.executor_tasks {
+            if !self.runs.contains_key(&t.spec.run_id) {
+                return Err(format!("executor task {id:?} belongs to an unknown run"));
+            }
+        }
+        for id in self.executors.keys() {
+            crate::executor::validate_executor_id(id)?;
+        }
+        Ok(())
     }
 
     fn set_executor_task_status(&mut self, index: u64, id: &str, executor_id: &str, status: &ExecutorTaskStatus) -> Response {
