@@ -91,9 +91,31 @@ struct OstArgs {
     /// Caches older than this are deleted.
     #[arg(long, env = "FLOTILLA_CACHE_MAX_AGE_S", default_value_t = 7 * 24 * 3600)]
     cache_max_age_s: u64,
+    /// Runs finished for this long move from the replicated state to the archive in the ost.
+    #[arg(long, env = "FLOTILLA_ARCHIVE_AFTER_S", default_value_t = 3600)]
+    archive_after_s: u64,
+    /// Period of an archive round (runs on the leader).
+    #[arg(long, env = "FLOTILLA_ARCHIVE_INTERVAL_MS", default_value_t = 10_000)]
+    archive_interval_ms: u64,
+    /// Size bound of an archive data file.
+    #[arg(long, env = "FLOTILLA_ARCHIVE_MAX_FILE_BYTES", default_value_t = 10 * 1024 * 1024)]
+    archive_max_file_bytes: u64,
+    /// Period of the full run index dump to the ost (0: only on demand).
+    #[arg(long, env = "FLOTILLA_INDEX_DUMP_INTERVAL_S", default_value_t = 3600)]
+    index_dump_interval_s: u64,
 }
 
 impl OstArgs {
+    fn archive(&self) -> flotilla_scheduler::archive::ArchiveConfig {
+        flotilla_scheduler::archive::ArchiveConfig {
+            interval_ms: self.archive_interval_ms.max(50),
+            after_ms: self.archive_after_s * 1000,
+            max_file_bytes: self.archive_max_file_bytes.max(4096),
+            batch: 5_000,
+            index_interval_ms: self.index_dump_interval_s * 1000,
+        }
+    }
+
     fn gc(&self) -> flotilla_scheduler::gc::GcConfig {
         flotilla_scheduler::gc::GcConfig {
             interval_ms: self.ost_gc_interval_s.max(1) * 1000,
@@ -395,6 +417,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 executor_token,
                 scheduler: scheduler.config(),
                 gc: ost.gc(),
+                archive: ost.archive(),
                 ost_url: ost.ost,
             };
             serve_node(cfg, listen, server_cfg, |_, addr| tracing::info!(id, %addr, %advertise, "node serving"), shutdown_signal())
@@ -510,6 +533,7 @@ async fn dev(
         executor_token: api_token,
         scheduler,
         gc: ost.gc(),
+        archive: ost.archive(),
         ost_url: ost.ost,
     };
     let data_dir_shown = data_dir.display().to_string();

@@ -44,6 +44,9 @@ pub enum RunCmd {
     Get { id: String },
     /// Stop a run: running tasks are stopped, pending ones cancelled.
     Stop { id: String },
+    /// Delete a finished run (live or archived); its logs and archives go once no run
+    /// references them.
+    Delete { id: String },
     /// Record an approval of a task; the scheduler approves it once enough approvers did.
     Approve {
         id: String,
@@ -116,6 +119,10 @@ pub async fn run(c: &Client, json: bool, cmd: RunCmd) -> Result<(), Failure> {
                 let key = format!("{APPROVER_PREFIX}{approver}");
                 c.task_annotate(&id, &task, BTreeMap::from([(key, Some("approved".to_string()))])).await?;
             }
+        }
+        RunCmd::Delete { id } => {
+            c.run_delete(&id).await?;
+            eprintln!("run {id} deleted");
         }
         RunCmd::Logs { id, task, step, follow } => {
             use std::io::Write;

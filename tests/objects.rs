@@ -189,26 +189,34 @@ async fn keys_now(ost: &Ost) -> Vec<String> {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_leader_collects_unreferenced_logs_stale_references_and_old_caches() {
+async fn the_leader_collects_unreferenced_logs_those_of_deleted_runs_and_old_caches() {
     let cluster = Cluster::bootstrap(1, &["--ost-gc-interval-s", "1", "--ost-gc-grace-s", "0", "--cache-max-age-s", "3"]).await;
     let c = cluster.client(1);
-    let create: RunCreate = serde_json::from_value(json!({
-        "name": "gc", "group": "/g", "tasks": [{"name": "t", "image": "busybox", "steps": [{"run": {"command": "true"}}]}]
-    }))
-    .unwrap();
-    let run = c.run_create(&create).await.unwrap();
+    let def = |name: &str| -> RunCreate {
+        serde_json::from_value(json!({
+            "name": name, "group": "/g", "setup_errors": ["x"],
+            "tasks": [{"name": "t", "image": "busybox", "steps": [{"run": {"command": "true"}}]}]
+        }))
+        .unwrap()
+    };
+    let kept_run = c.run_create(&def("kept")).await.unwrap();
+    let gone_run = c.run_create(&def("gone")).await.unwrap();
     // The default object storage: <data dir>/ost, written to directly by the test.
     let ost = Ost::posix(cluster.nodes[&1].data_dir.join("ost")).unwrap();
-    let kept = [format!("logs/{}.t/0.log", run.id), format!("logs/{}.t/runs/{}", run.id, run.id)];
+    let kept = [format!("logs/{}.t/0.log", kept_run.id), format!("logs/{}.t/runs/{}", kept_run.id, kept_run.id)];
     let collected = [
         "logs/0000000000009999.t/0.log".to_string(),
-        "workspacearchives/0000000000009998.t/0.tar".to_string(),
-        "workspacearchives/0000000000009998.t/runs/0000000000009998".to_string(),
+        format!("workspacearchives/{}.t/0.tar", gone_run.id),
+        format!("workspacearchives/{}.t/runs/{}", gone_run.id, gone_run.id),
     ];
     for k in kept.iter().chain(&collected) {
         ost.put_bytes(k, "x", true).await.unwrap();
     }
     ost.put_bytes("caches/g/deps-1.tar", "c", true).await.unwrap();
+    // Deleting a run drops its references; its data goes once nothing references it.
+    c.run_delete(&gone_run.id).await.unwrap();
+    assert_eq!(c.run_get(&gone_run.id).await.unwrap_err().status(), Some(404));
+    assert_eq!(c.run_delete(&gone_run.id).await.unwrap_err().status(), Some(404));
 
     let deadline = Instant::now() + Duration::from_secs(15);
     loop {

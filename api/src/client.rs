@@ -289,6 +289,21 @@ impl Client {
         Ok(resp)
     }
 
+    /// Deletes a finished run (live or archived).
+    pub async fn run_delete(&self, id: &str) -> Result<(), ClientError> {
+        self.no_content(reqwest::Method::DELETE, &format!("/api/v1/runs/{}", Self::seg(id))).await
+    }
+
+    /// The archive's state: `{generation, files, runs, bytes, runs_in_state}`.
+    pub async fn archive_status(&self) -> Result<serde_json::Value, ClientError> {
+        self.get("/api/v1/archive").await
+    }
+
+    /// Dumps the full run index to the object storage now: `{key, runs, bytes}`.
+    pub async fn archive_dump_index(&self) -> Result<serde_json::Value, ClientError> {
+        self.with_body(reqwest::Method::POST, "/api/v1/archive/index", &serde_json::json!({})).await
+    }
+
     /// The export of the whole replicated state (versioned, checksummed).
     pub async fn export(&self) -> Result<Download, ClientError> {
         let path = "/api/v1/export";

@@ -5,6 +5,7 @@
 //! Handlers translate HTTP into calls on `flotilla_raft::RaftNode` and back; they hold no
 //! state of their own and never touch sled: every change is a Raft command.
 
+pub mod archive;
 pub mod client;
 pub mod error;
 pub mod metrics;

@@ -32,9 +32,36 @@ pub(crate) async fn route(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -> Result
         ["runs"] if m == Method::GET => list_runs(ctx, req).await,
         ["runs", id] if m == Method::GET => {
             read_barrier(ctx, req).await?;
+            let manifest = {
+                let sm = ctx.node.state.read();
+                if let Some(run) = sm.state.runs.get(*id) {
+                    return Ok(json(200, run));
+                }
+                sm.state.archive.clone()
+            };
+            match ctx.archive.get(&manifest, id).await? {
+                Some(a) => Ok(json(200, &a.run)),
+                None => Err(ApiError::not_found(format!("run {id} not found"))),
+            }
+        }
+        ["runs", id] if m == Method::DELETE => delete_run(ctx, id).await,
+        ["archive"] if m == Method::GET => {
+            read_barrier(ctx, req).await?;
             let sm = ctx.node.state.read();
-            let run = sm.state.runs.get(*id).ok_or_else(|| ApiError::not_found(format!("run {id} not found")))?;
-            Ok(json(200, run))
+            let a = &sm.state.archive;
+            let body = serde_json::json!({
+                "generation": a.generation,
+                "files": a.files.len(),
+                "runs": a.archived_runs(),
+                "bytes": a.files.iter().map(|f| f.bytes).sum::<u64>(),
+                "runs_in_state": sm.state.runs.len(),
+            });
+            Ok(json(200, &body))
+        }
+        ["archive", "index"] if m == Method::POST => {
+            read_barrier(ctx, req).await?;
+            let dump = flotilla_scheduler::archive::dump_index(&ctx.node, &ctx.ost).await?;
+            Ok(json(200, &dump))
         }
         ["runs", id, "actions"] if m == Method::PUT => {
             let body: ActionRequest = req.json()?;
@@ -82,7 +109,7 @@ pub(crate) async fn route(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -> Result
         ["executors", id] if m == Method::DELETE => {
             expect_done(write(ctx, Command::DeleteExecutor { id: id.to_string() }).await?)
         }
-        ["runs"] | ["runs", _] | ["runs", _, "actions"] | ["runs", _, "tasks", _, "annotations" | "actions"] | ["events"]
+        ["archive"] | ["archive", "index"] | ["runs"] | ["runs", _] | ["runs", _, "actions"] | ["runs", _, "tasks", _, "annotations" | "actions"] | ["events"]
         | ["executors"] | ["executors", _] => Err(ApiError::method_not_allowed()),
         _ => Err(ApiError::not_found(format!("no route for {} /api/v1/{}", m, rest.join("/")))),
     }
@@ -124,21 +151,125 @@ async fn list_runs(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
     let start = req.query.get("start").cloned();
     let asc = req.flag("asc")?;
     read_barrier(ctx, req).await?;
-    let sm = ctx.node.state.read();
-    let runs = &sm.state.runs;
-    use std::ops::Bound::{Excluded, Unbounded};
-    let range: Box<dyn Iterator<Item = &Run>> = match (&start, asc) {
-        (Some(s), true) => Box::new(runs.range::<String, _>((Excluded(s.clone()), Unbounded)).map(|(_, r)| r)),
-        (Some(s), false) => Box::new(runs.range::<String, _>((Unbounded, Excluded(s.clone()))).rev().map(|(_, r)| r)),
-        (None, true) => Box::new(runs.values()),
-        (None, false) => Box::new(runs.values().rev()),
+    let (live, manifest) = {
+        let sm = ctx.node.state.read();
+        let runs = &sm.state.runs;
+        use std::ops::Bound::{Excluded, Unbounded};
+        let range: Box<dyn Iterator<Item = &Run>> = match (&start, asc) {
+            (Some(s), true) => Box::new(runs.range::<String, _>((Excluded(s.clone()), Unbounded)).map(|(_, r)| r)),
+            (Some(s), false) => Box::new(runs.range::<String, _>((Unbounded, Excluded(s.clone()))).rev().map(|(_, r)| r)),
+            (None, true) => Box::new(runs.values()),
+            (None, false) => Box::new(runs.values().rev()),
+        };
+        let live: Vec<Run> = range
+            .filter(|r| group.as_deref().is_none_or(|g| group_matches(&r.group, g)))
+            .filter(|r| phase.is_none_or(|p| r.phase == p))
+            .take(limit + 1)
+            .cloned()
+            .collect();
+        (live, sm.state.archive.clone())
     };
-    let mut matching = range
-        .filter(|r| group.as_deref().is_none_or(|g| group_matches(&r.group, g)))
-        .filter(|r| phase.is_none_or(|p| r.phase == p));
-    let page: Vec<Run> = matching.by_ref().take(limit).cloned().collect();
-    let more = matching.next().is_some();
-    Ok(json(200, &RunList { runs: page, more }))
+    // Archived runs from the index (no data file is read to filter), same order.
+    let archived: Vec<crate::archive::Row> = if manifest.files.is_empty() {
+        Vec::new()
+    } else {
+        let rows = ctx.archive.rows(&manifest).await?;
+        let keep = |r: &&crate::archive::Row| {
+            group.as_deref().is_none_or(|g| group_matches(&r.group, g))
+                && phase.is_none_or(|p| r.phase == p)
+                && start.as_deref().is_none_or(|s| if asc { r.id.as_str() > s } else { r.id.as_str() < s })
+        };
+        if asc {
+            rows.iter().filter(keep).take(limit + 1).cloned().collect()
+        } else {
+            rows.iter().rev().filter(keep).take(limit + 1).cloned().collect()
+        }
+    };
+    // Merge the two ordered pages.
+    let mut page: Vec<Result<Run, crate::archive::Row>> = Vec::with_capacity(limit + 1);
+    let (mut a, mut b) = (live.into_iter().peekable(), archived.into_iter().peekable());
+    while page.len() < limit + 1 {
+        let take_live = match (a.peek(), b.peek()) {
+            (Some(l), Some(r)) => (l.id.as_str() < r.id.as_str()) == asc,
+            (Some(_), None) => true,
+            (None, Some(_)) => false,
+            (None, None) => break,
+        };
+        page.push(if take_live { Ok(a.next().expect("peeked")) } else { Err(b.next().expect("peeked")) });
+    }
+    let more = page.len() > limit;
+    page.truncate(limit);
+    let rows: Vec<crate::archive::Row> = page.iter().filter_map(|p| p.as_ref().err().cloned()).collect();
+    let mut loaded = ctx.archive.load(&rows).await?.into_iter();
+    let runs = page.into_iter().filter_map(|p| match p {
+        Ok(run) => Some(run),
+        Err(_) => loaded.next().map(|a| a.run),
+    });
+    Ok(json(200, &RunList { runs: runs.collect(), more }))
+}
+
+/// `DELETE /api/v1/runs/{id}`: a finished run, from the state or from the archive (its
+/// data file rewritten without it). Its `runs/<id>` references next to logs and
+/// workspace archives are deleted after; the GC removes what no run references any more.
+async fn delete_run(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
+    let mut attempts = 0;
+    let tasks: Vec<String> = loop {
+        attempts += 1;
+        ctx.node.linearizable_barrier().await?;
+        let (in_state, manifest) = {
+            let sm = ctx.node.state.read();
+            (sm.state.runs.get(id).map(|r| r.tasks.keys().cloned().collect::<Vec<_>>()), sm.state.archive.clone())
+        };
+        if let Some(tasks) = in_state {
+            let cmd = Command::DeleteRun { run_id: id.to_string(), prev_generation: manifest.generation, replace: None, with: None };
+            expect_done(write(ctx, cmd).await?)?;
+            break tasks;
+        }
+        let rows = ctx.archive.rows(&manifest).await?;
+        let Ok(i) = rows.binary_search_by(|r| r.id.as_str().cmp(id)) else {
+            return Err(ApiError::not_found(format!("run {id} not found")));
+        };
+        let old = manifest.files.iter().find(|f| *f.key == *rows[i].file).cloned().ok_or_else(ApiError::internal)?;
+        let runs = flotilla_store::archive::read_file(&ctx.ost, &old.key).await?;
+        let tasks = runs.iter().find(|a| a.run.id == id).map(|a| a.run.tasks.keys().cloned().collect()).unwrap_or_default();
+        let rest: Vec<_> = runs.into_iter().filter(|a| a.run.id != id).collect();
+        let stamp = flotilla_scheduler::now_ms();
+        let with = if rest.is_empty() {
+            None
+        } else {
+            let name = |n| format!("del-{}", flotilla_store::archive::fresh_name(manifest.generation + 1, ctx.node.id, stamp, n));
+            // One file in, at most one file out: it only shrinks.
+            flotilla_store::archive::write_files(&ctx.ost, rest, u64::MAX, name).await?.pop()
+        };
+        let cmd = Command::DeleteRun {
+            run_id: id.to_string(),
+            prev_generation: manifest.generation,
+            replace: Some(old.key.clone()),
+            with: with.clone(),
+        };
+        match write(ctx, cmd).await {
+            Ok(_) => {
+                let _ = ctx.ost.delete(&old.key).await;
+                let _ = ctx.ost.delete(&old.index_key).await;
+                break tasks;
+            }
+            // The archive moved on meanwhile (an archive round): try again on the new one.
+            Err(e) if e.status == 409 && attempts < 5 => {
+                if let Some(f) = with {
+                    let _ = ctx.ost.delete(&f.key).await;
+                    let _ = ctx.ost.delete(&f.index_key).await;
+                }
+            }
+            Err(e) => return Err(e),
+        }
+    };
+    for task in tasks {
+        let task_id = flotilla_store::executor::executor_task_id(id, &task);
+        for kind in [flotilla_store::ost::keys::LOGS, flotilla_store::ost::keys::ARCHIVES] {
+            ctx.ost.delete(&flotilla_store::ost::keys::run_ref(kind, &task_id, id)).await?;
+        }
+    }
+    Ok(Reply::Empty)
 }
 
 /// `GET /api/v1/events`: every event this node applies from now on, as server-sent

@@ -45,6 +45,8 @@ pub struct ServerConfig {
     pub ost_url: Option<String>,
     /// Garbage collection of the object storage (leader only).
     pub gc: flotilla_scheduler::gc::GcConfig,
+    /// The run archive (leader only).
+    pub archive: flotilla_scheduler::archive::ArchiveConfig,
 }
 
 /// What every handler can reach.
@@ -53,6 +55,7 @@ pub struct Ctx {
     pub cfg: ServerConfig,
     pub metrics: Metrics,
     pub ost: Ost,
+    pub(crate) archive: crate::archive::Archive,
     pub(crate) live_logs: crate::objects::LiveLogs,
     peers: reqwest::Client,
     /// For forwarded requests whose answers stream (no overall timeout).
@@ -82,6 +85,7 @@ impl Ctx {
             node,
             cfg,
             metrics: Metrics::default(),
+            archive: crate::archive::Archive::new(ost.clone()),
             ost,
             live_logs,
             peers,
@@ -290,6 +294,7 @@ fn route_label(segments: &[&str]) -> &'static str {
         ["api", "v1", "cluster", ..] => "cluster",
         ["api", "v1", "maintenance"] => "maintenance",
         ["api", "v1", "runs", ..] => "runs",
+        ["api", "v1", "archive", ..] => "archive",
         ["api", "v1", "events"] => "events",
         ["api", "v1", "executors", ..] => "executors",
         ["api", "v1", "executor", ..] => "executor",
@@ -422,9 +427,13 @@ async fn api_v1(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -> Result<Reply, Ap
         }
         ["kv"] => Err(ApiError::method_not_allowed()),
         ["export"] if m == Method::GET => {
-            // A consistent cut: everything applied up to a linearizable point.
+            // A consistent cut: everything applied up to a linearizable point, and the
+            // archive as that state's manifest names it.
             read_barrier(ctx, req).await?;
-            let bytes = flotilla_store::export::encode(&node.state.read().state);
+            let state = node.state.read().state.clone();
+            let rows = ctx.archive.rows(&state.archive).await?;
+            let archived = ctx.archive.load(&rows).await?;
+            let bytes = flotilla_store::export::encode(&state, archived);
             let mut resp = warp::reply::Response::new(bytes.into());
             resp.headers_mut().insert("content-type", warp::http::HeaderValue::from_static("application/octet-stream"));
             Ok(Reply::Raw(resp))
@@ -433,12 +442,26 @@ async fn api_v1(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -> Result<Reply, Ap
             if !node.state.read().state.maintenance {
                 return Err(ApiError::conflict("an import is only accepted in maintenance mode (flotilla maintenance enable)"));
             }
-            let state = flotilla_store::export::decode(&req.body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            let (mut state, mut archived) =
+                flotilla_store::export::decode(&req.body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            // The archived runs go into this cluster's object storage first, under fresh
+            // names; the import then points the manifest at them.
+            archived.sort_by(|a, b| a.run.id.cmp(&b.run.id));
+            let stamp = flotilla_scheduler::now_ms();
+            let generation = node.state.read().state.archive.generation;
+            let files = flotilla_store::archive::write_files(
+                &ctx.ost,
+                archived,
+                ctx.cfg.archive.max_file_bytes,
+                |n| format!("import-{}", flotilla_store::archive::fresh_name(generation, node.id, stamp, n)),
+            )
+            .await?;
+            state.archive = flotilla_store::archive::Manifest { generation: 0, files };
             write(ctx, Command::Import(Box::new(state))).await?;
             Ok(Reply::Empty)
         }
         ["export"] | ["import"] => Err(ApiError::method_not_allowed()),
-        ["runs", ..] | ["events"] | ["executors", ..] => crate::runs::route(ctx, rest, req).await,
+        ["runs", ..] | ["events"] | ["executors", ..] | ["archive", ..] => crate::runs::route(ctx, rest, req).await,
         ["maintenance"] => match *m {
             Method::GET if req.flag("local")? => {
                 let enabled = node.state.read().state.maintenance;
@@ -648,10 +671,12 @@ pub async fn serve_node(
     tracing::info!(ost = %ost.describe(), "object storage");
     let ctx = Ctx::new(node.clone(), cfg, ost.clone(), data_dir.join("logspool")).map_err(ServeError::Spool)?;
     let scheduler = tokio::spawn(flotilla_scheduler::run(node.clone(), scheduler_cfg, ctx.closing()));
-    let gc = tokio::spawn(flotilla_scheduler::gc::run(node.clone(), ost, gc_cfg, ctx.closing()));
+    let gc = tokio::spawn(flotilla_scheduler::gc::run(node.clone(), ost.clone(), gc_cfg, ctx.closing()));
+    let archiver = tokio::spawn(flotilla_scheduler::archive::run(node.clone(), ost, ctx.cfg.archive.clone(), ctx.closing()));
     run(listener, ctx, shutdown).await;
     let _ = scheduler.await;
     let _ = gc.await;
+    let _ = archiver.await;
     tracing::info!("HTTP server stopped; stopping raft");
     node.shutdown().await;
     Ok(())

@@ -1,11 +1,12 @@
 //! Garbage collection of the object storage, on the leader only (seed 002).
 //!
 //! Logs and workspace archives of an executor task carry one `runs/<run id>` reference
-//! object per run using them. A reference whose run is no longer known is dropped; data
-//! with no reference left is deleted. Caches are deleted once older than a maximum age
-//! (a later run saves them again). Everything unreferenced must also be older than a
-//! grace period, so an upload in progress (reference first, data second) or a run being
-//! created is never collected under its feet.
+//! object per run using them; deleting a run deletes its references, and data with no
+//! reference left is deleted here. Caches are deleted once older than a maximum age (a
+//! later run saves them again). Archive data files the manifest does not name (left by
+//! an interrupted archive step or replaced) are deleted. Everything unreferenced must
+//! also be older than a grace period, so an upload in progress (reference first, data
+//! second) or an archive step being committed is never collected under its feet.
 //!
 //! Deciding is a pure function of the listing, the known runs and the clock ([`plan`]);
 //! the loop only lists and deletes.
@@ -15,6 +16,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use flotilla_raft::RaftNode;
+use flotilla_store::archive::DATA_PREFIX;
 use flotilla_store::ost::keys::{ARCHIVES, CACHES, LOGS};
 use flotilla_store::ost::{ObjectInfo, Ost};
 use tokio::sync::watch;
@@ -35,13 +37,20 @@ impl Default for GcConfig {
     }
 }
 
-/// The keys to delete, given every object under `logs/`, `workspacearchives/` and
-/// `caches/`, whether a run id is known, and the time.
-pub fn plan(objects: &[ObjectInfo], run_known: impl Fn(&str) -> bool, now_ms: u64, cfg: &GcConfig) -> Vec<String> {
+/// The keys to delete, given every object under `logs/`, `workspacearchives/`, `caches/`
+/// and the archive's data prefix, whether the archive manifest names a key, and the time.
+pub fn plan(objects: &[ObjectInfo], in_manifest: impl Fn(&str) -> bool, now_ms: u64, cfg: &GcConfig) -> Vec<String> {
     let old = |o: &ObjectInfo, age: u64| o.last_modified_ms.saturating_add(age) <= now_ms;
-    let mut groups: BTreeMap<&str, (Vec<&ObjectInfo>, Vec<(&ObjectInfo, &str)>)> = BTreeMap::new();
+    // Per task: its data objects and how many run references it has.
+    let mut groups: BTreeMap<&str, (Vec<&ObjectInfo>, usize)> = BTreeMap::new();
     let mut delete = Vec::new();
     for o in objects {
+        if o.key.starts_with(DATA_PREFIX) {
+            if !in_manifest(&o.key) && old(o, cfg.grace_ms) {
+                delete.push(o.key.clone());
+            }
+            continue;
+        }
         let mut parts = o.key.splitn(3, '/');
         let (kind, task, rest) = (parts.next(), parts.next(), parts.next());
         match (kind, task, rest) {
@@ -54,7 +63,7 @@ pub fn plan(objects: &[ObjectInfo], run_known: impl Fn(&str) -> bool, now_ms: u6
                 let group = &o.key[..o.key.len() - rest.len()];
                 let entry = groups.entry(group).or_default();
                 match rest.strip_prefix("runs/") {
-                    Some(run_id) if !run_id.contains('/') => entry.1.push((o, run_id)),
+                    Some(run_id) if !run_id.contains('/') => entry.1 += 1,
                     _ => entry.0.push(o),
                 }
             }
@@ -62,17 +71,7 @@ pub fn plan(objects: &[ObjectInfo], run_known: impl Fn(&str) -> bool, now_ms: u6
         }
     }
     for (data, refs) in groups.values() {
-        let mut live = 0;
-        for (r, run_id) in refs {
-            if run_known(run_id) {
-                live += 1;
-            } else if old(r, cfg.grace_ms) {
-                delete.push(r.key.clone());
-            } else {
-                live += 1; // young: maybe a run being created
-            }
-        }
-        if live == 0 {
+        if *refs == 0 {
             delete.extend(data.iter().filter(|o| old(o, cfg.grace_ms)).map(|o| o.key.clone()));
         }
     }
@@ -108,9 +107,11 @@ async fn round(node: &RaftNode, ost: &Ost, cfg: &GcConfig) -> Result<usize, flot
     for prefix in [LOGS, ARCHIVES, CACHES] {
         objects.extend(ost.list_all(&format!("{prefix}/")).await?);
     }
+    objects.extend(ost.list_all(DATA_PREFIX).await?);
     let delete = {
         let sm = node.state.read();
-        plan(&objects, |id| sm.state.runs.contains_key(id), crate::now_ms(), cfg)
+        let files = &sm.state.archive.files;
+        plan(&objects, |k| files.iter().any(|f| f.key == k || f.index_key == k), crate::now_ms(), cfg)
     };
     for key in &delete {
         ost.delete(key).await?;
@@ -127,42 +128,43 @@ mod tests {
     }
 
     #[test]
-    fn unreferenced_old_data_and_old_caches_go_referenced_and_young_stay() {
+    fn unreferenced_old_data_old_caches_and_orphan_archive_files_go_referenced_and_young_stay() {
         let cfg = GcConfig { interval_ms: 1, grace_ms: 100, cache_max_age_ms: 1000 };
         let objects = vec![
-            // referenced by a known run: kept
+            // referenced: kept
             o("logs/1.a/0.log", 0),
             o("logs/1.a/runs/1", 0),
-            // reference of a forgotten run: reference and data go
+            // no reference at all, old: goes; young: stays
             o("logs/2.a/0.log", 0),
             o("logs/2.a/setup.log", 0),
-            o("logs/2.a/runs/2", 0),
-            // no reference at all, old: goes; young: stays
             o("workspacearchives/3.a/0.tar", 0),
             o("workspacearchives/4.a/0.tar", 950),
-            // shared by a forgotten run and a known one: only the stale reference goes
+            // shared by two runs, one deleted already: kept
             o("workspacearchives/5.a/1.tar", 0),
-            o("workspacearchives/5.a/runs/2", 0),
             o("workspacearchives/5.a/runs/5", 0),
             // caches by age
             o("caches/p/deps-1.tar", 0),
             o("caches/p/deps-2.tar", 500),
+            // archive files: named by the manifest, orphaned, orphaned but young
+            o("datamanager/data/a.dat", 0),
+            o("datamanager/data/a.idx", 0),
+            o("datamanager/data/b.dat", 0),
+            o("datamanager/data/c.dat", 990),
             // unknown layout: never touched
             o("exports/x", 0),
         ];
-        let known = |id: &str| id == "1" || id == "5";
+        let named = |k: &str| k.starts_with("datamanager/data/a.");
         assert_eq!(
-            plan(&objects, known, 1000, &cfg),
+            plan(&objects, named, 1000, &cfg),
             [
                 "caches/p/deps-1.tar",
+                "datamanager/data/b.dat",
                 "logs/2.a/0.log",
-                "logs/2.a/runs/2",
                 "logs/2.a/setup.log",
                 "workspacearchives/3.a/0.tar",
-                "workspacearchives/5.a/runs/2",
             ]
         );
         // Before the grace period nothing unreferenced goes.
-        assert_eq!(plan(&objects, known, 50, &cfg), Vec::<String>::new());
+        assert_eq!(plan(&objects, named, 50, &cfg), Vec::<String>::new());
     }
 }

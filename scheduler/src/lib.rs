@@ -13,6 +13,7 @@
 //! so a burst of entries costs one round), and a slow periodic sweep is only a safety net
 //! and the clock for time-based decisions (executor expiry).
 
+pub mod archive;
 pub mod decide;
 pub mod gc;
 

@@ -44,6 +44,24 @@ pub enum Command {
     DeleteExecutor { id: String },
     /// An executor reports the status of one of its tasks.
     SetExecutorTaskStatus { id: String, executor_id: String, status: ExecutorTaskStatus },
+    /// Move finished runs out of the state into archive data files already written to the
+    /// object storage: accepted only if the manifest is still at `prev_generation` and
+    /// every run is still there, finished, without executor tasks. `replace` is the data
+    /// file the new `files` supersede (the last, not yet full, one).
+    ArchiveRuns {
+        prev_generation: u64,
+        replace: Option<String>,
+        files: Vec<crate::archive::DataFile>,
+        run_ids: Vec<String>,
+    },
+    /// Delete a finished run: from the state (`replace` none), or from the archive by
+    /// swapping data file `replace` for `with` (a copy without the run; none if empty).
+    DeleteRun {
+        run_id: String,
+        prev_generation: u64,
+        replace: Option<String>,
+        with: Option<crate::archive::DataFile>,
+    },
     /// Replace the whole state with an export (only in maintenance; the cluster stays in
     /// maintenance after it).
     Import(Box<crate::state::State>),
@@ -78,6 +96,8 @@ impl Command {
             Command::PutExecutor { .. } => "put_executor",
             Command::DeleteExecutor { .. } => "delete_executor",
             Command::SetExecutorTaskStatus { .. } => "set_executor_task_status",
+            Command::ArchiveRuns { .. } => "archive_runs",
+            Command::DeleteRun { .. } => "delete_run",
             Command::Import(_) => "import",
         }
     }
@@ -122,6 +142,13 @@ impl Command {
                 validate_executor_id(id).map_err(invalid)
             }
             Command::Import(state) => state.validate_import().map_err(invalid),
+            Command::ArchiveRuns { run_ids, files, .. } => {
+                if run_ids.is_empty() || run_ids.len() > crate::archive::MAX_ARCHIVE_BATCH || files.len() > 1000 {
+                    return Err(invalid("an archive batch moves 1 to 20,000 runs in at most 1,000 files"));
+                }
+                Ok(())
+            }
+            Command::DeleteRun { .. } => Ok(()),
         }
     }
 }

@@ -4,11 +4,21 @@
 //!
 //! Layout: the line `flotilla-export\n`, the format version (u32, big-endian), the body's
 //! length (u64, big-endian), the SHA-256 of the body (32 bytes), then the body: the state
-//! in msgpack.
+//! and the archived runs, in msgpack.
 
+use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
+use crate::archive::ArchivedRun;
 use crate::state::State;
+
+#[derive(Serialize, Deserialize)]
+struct Body {
+    state: State,
+    /// The runs of the archive (its data files' contents; the manifest is not kept: an
+    /// import writes them again into the importing cluster's object storage).
+    archived: Vec<ArchivedRun>,
+}
 
 pub const MAGIC: &[u8] = b"flotilla-export\n";
 pub const VERSION: u32 = 1;
@@ -30,11 +40,13 @@ pub enum ExportError {
     Invalid(String),
 }
 
-/// Encodes `state` (its maintenance flag cleared).
-pub fn encode(state: &State) -> Vec<u8> {
+/// Encodes `state` (its maintenance flag and archive manifest cleared) and the archived
+/// runs.
+pub fn encode(state: &State, archived: Vec<ArchivedRun>) -> Vec<u8> {
     let mut state = state.clone();
     state.maintenance = false;
-    let body = rmp_serde::to_vec_named(&state).expect("the state always serialises");
+    state.archive = Default::default();
+    let body = rmp_serde::to_vec_named(&Body { state, archived }).expect("the state always serialises");
     let mut out = Vec::with_capacity(HEADER + body.len());
     out.extend_from_slice(MAGIC);
     out.extend_from_slice(&VERSION.to_be_bytes());
@@ -44,8 +56,8 @@ pub fn encode(state: &State) -> Vec<u8> {
     out
 }
 
-/// Decodes and checks an export.
-pub fn decode(bytes: &[u8]) -> Result<State, ExportError> {
+/// Decodes and checks an export: the state and the archived runs.
+pub fn decode(bytes: &[u8]) -> Result<(State, Vec<ArchivedRun>), ExportError> {
     if bytes.len() < HEADER || !bytes.starts_with(MAGIC) {
         return Err(ExportError::NotAnExport);
     }
@@ -65,9 +77,14 @@ pub fn decode(bytes: &[u8]) -> Result<State, ExportError> {
     if Sha256::digest(body).as_slice() != sum {
         return Err(ExportError::Checksum);
     }
-    let state: State = rmp_serde::from_slice(body).map_err(|e| ExportError::Decode(e.to_string()))?;
-    state.validate_import().map_err(ExportError::Invalid)?;
-    Ok(state)
+    let body: Body = rmp_serde::from_slice(body).map_err(|e| ExportError::Decode(e.to_string()))?;
+    body.state.validate_import().map_err(ExportError::Invalid)?;
+    for a in &body.archived {
+        if a.run.id.is_empty() || body.state.runs.contains_key(&a.run.id) {
+            return Err(ExportError::Invalid(format!("archived run {:?} is also in the state", a.run.id)));
+        }
+    }
+    Ok((body.state, body.archived))
 }
 
 #[cfg(test)]
@@ -88,15 +105,16 @@ mod tests {
     #[test]
     fn round_trip_clears_maintenance_and_keeps_everything_else() {
         let s = sample();
-        let back = decode(&encode(&s)).unwrap();
+        let (back, archived) = decode(&encode(&s, Vec::new())).unwrap();
         let mut want = s.clone();
         want.maintenance = false;
         assert_eq!(back, want);
+        assert!(archived.is_empty());
     }
 
     #[test]
     fn corrupt_truncated_and_foreign_exports_are_refused() {
-        let good = encode(&sample());
+        let good = encode(&sample(), Vec::new());
         let mut flipped = good.clone();
         let last = flipped.len() - 3;
         flipped[last] ^= 0x40;
@@ -111,7 +129,7 @@ mod tests {
 
     #[test]
     fn import_applies_only_in_maintenance_and_keeps_ids_growing() {
-        let exported = decode(&encode(&sample())).unwrap();
+        let (exported, _) = decode(&encode(&sample(), Vec::new())).unwrap();
         let mut target = State::default();
         let r = target.apply(1, &Command::Import(Box::new(exported.clone())));
         assert!(matches!(r, crate::Response::Rejected(crate::CommandError::Conflict { .. })));

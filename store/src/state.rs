@@ -47,6 +47,9 @@ pub struct State {
     pub executors: BTreeMap<String, Executor>,
     #[serde(default)]
     pub executor_tasks: BTreeMap<String, ExecutorTask>,
+    /// The run archive in the object storage (only its manifest lives here).
+    #[serde(default)]
+    pub archive: crate::archive::Manifest,
 }
 
 fn missing(what: impl Into<String>) -> Response {
@@ -188,6 +191,12 @@ impl State {
             Command::SetExecutorTaskStatus { id, executor_id, status } => {
                 self.set_executor_task_status(index, id, executor_id, status)
             }
+            Command::ArchiveRuns { prev_generation, replace, files, run_ids } => {
+                self.archive_runs(*prev_generation, replace.as_deref(), files, run_ids)
+            }
+            Command::DeleteRun { run_id, prev_generation, replace, with } => {
+                self.delete_run(run_id, *prev_generation, replace.as_deref(), with.as_ref())
+            }
             Command::Import(imported) => {
                 if !self.maintenance {
                     return conflict("an import is only accepted in maintenance mode");
@@ -195,10 +204,78 @@ impl State {
                 let mut new = (**imported).clone();
                 new.maintenance = true;
                 new.last_run_seq = new.last_run_seq.max(self.last_run_seq);
+                // The importer wrote the archived runs into new files and put them in the
+                // manifest; the generation only grows, so no older archive command applies.
+                new.archive.generation = new.archive.generation.max(self.archive.generation) + 1;
                 new.active_runs =
                     new.runs.values().filter(|r| matches!(r.phase, RunPhase::Queued | RunPhase::Running)).map(|r| r.id.clone()).collect();
                 *self = new;
                 Response::Done { revision: index }
+            }
+        }
+    }
+
+    fn archive_runs(&mut self, prev_generation: u64, replace: Option<&str>, files: &[crate::archive::DataFile], run_ids: &[String]) -> Response {
+        if self.archive.generation != prev_generation {
+            return conflict(format!("the archive changed (generation {} != {prev_generation})", self.archive.generation));
+        }
+        if replace.is_some_and(|k| !self.archive.files.iter().any(|f| f.key == k)) {
+            return conflict("the archive file to replace is gone");
+        }
+        for id in run_ids {
+            let Some(run) = self.runs.get(id) else { return conflict(format!("run {id} is no longer in the state")) };
+            if !crate::archive::archivable(run.phase) {
+                return conflict(format!("run {id} is not finished"));
+            }
+            if self.executor_tasks.values().any(|t| &t.spec.run_id == id) {
+                return conflict(format!("run {id} still has executor tasks"));
+            }
+        }
+        for id in run_ids {
+            self.runs.remove(id);
+            self.run_configs.remove(id);
+            self.active_runs.remove(id);
+        }
+        if let Some(k) = replace {
+            self.archive.files.retain(|f| f.key != k);
+        }
+        self.archive.files.extend(files.iter().cloned());
+        self.archive.generation += 1;
+        Response::Done { revision: self.archive.generation }
+    }
+
+    /// Deletes a finished run: from the state, or from the archive by replacing its data
+    /// file (`replace`) with one without it (`with`, none when it was the last run).
+    fn delete_run(&mut self, run_id: &str, prev_generation: u64, replace: Option<&str>, with: Option<&crate::archive::DataFile>) -> Response {
+        match replace {
+            None => {
+                let Some(run) = self.runs.get(run_id) else { return missing(format!("run {run_id}")) };
+                if !crate::archive::archivable(run.phase) {
+                    return conflict(format!("run {run_id} is not finished; stop it first"));
+                }
+                if self.executor_tasks.values().any(|t| t.spec.run_id == run_id) {
+                    return conflict(format!("run {run_id} still has executor tasks"));
+                }
+                self.runs.remove(run_id);
+                self.run_configs.remove(run_id);
+                self.active_runs.remove(run_id);
+                Response::Done { revision: self.archive.generation }
+            }
+            Some(old) => {
+                if self.archive.generation != prev_generation {
+                    return conflict(format!("the archive changed (generation {} != {prev_generation})", self.archive.generation));
+                }
+                let Some(pos) = self.archive.files.iter().position(|f| f.key == old) else {
+                    return conflict("the archive file to replace is gone");
+                };
+                match with {
+                    Some(f) => self.archive.files[pos] = f.clone(),
+                    None => {
+                        self.archive.files.remove(pos);
+                    }
+                }
+                self.archive.generation += 1;
+                Response::Done { revision: self.archive.generation }
             }
         }
     }
