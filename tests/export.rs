@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use common::Cluster;
 use flotilla_api::types::{ExecutorInfo, RunCreate};
 use flotilla_api::Client;
+use flotilla_store::ost::test_servers::{Kind, S3Server};
 use flotilla_store::run::{Phase, RunPhase};
 use serde_json::json;
 
@@ -57,7 +58,17 @@ async fn export(c: &Client) -> bytes::Bytes {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn export_import_round_trip_between_three_node_clusters_and_bad_files_change_nothing() {
-    let a = Cluster::bootstrap(3, &[]).await;
+    // Finished runs are archived at once on the source, so the export carries archived
+    // runs. Both clusters keep their objects on S3 (a cluster's nodes share one ost).
+    let s3 = S3Server::start(Kind::S3sFs);
+    s3.ost("source", "").await.unwrap();
+    s3.ost("imported", "").await.unwrap();
+    let a = Cluster::bootstrap_with_env(
+        3,
+        &["--ost", &s3.url("source", ""), "--archive-after-s", "0", "--archive-interval-ms", "100"],
+        &s3.env(),
+    )
+    .await;
     let api = a.client(1);
     // Every phase a run rests in here (`queued` and `cancelled` last only until the next
     // scheduler round; the store's unit tests import queued runs).
@@ -76,6 +87,11 @@ async fn export_import_round_trip_between_three_node_clusters_and_bad_files_chan
     wait_phase(&api, &running.id, RunPhase::Running).await;
     wait_phase(&api, &waiting.id, RunPhase::Running).await;
     api.kv_put("config/color", "blue", None).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while api.archive_status().await.unwrap()["runs"] != json!(3) {
+        assert!(Instant::now() < deadline, "the three ended runs were not archived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     let ids = [&setuperror.id, &waiting.id, &running.id, &finished.id, &stopped.id];
     let results: Vec<String> = futures::future::join_all(ids.iter().map(|id| api.run_get(id)))
         .await
@@ -93,7 +109,7 @@ async fn export_import_round_trip_between_three_node_clusters_and_bad_files_chan
     assert_eq!(code, 0, "{err}");
     let exported = std::fs::read(&file).unwrap();
 
-    let b = Cluster::bootstrap(3, &[]).await;
+    let b = Cluster::bootstrap_with_env(3, &["--ost", &s3.url("imported", "")], &s3.env()).await;
     let target = b.client(2);
     let (code, _, err) = b.cli(1, &["import", "-i", file.to_str().unwrap()]);
     assert_eq!(code, 1, "import outside maintenance must be refused");
@@ -137,6 +153,8 @@ async fn export_import_round_trip_between_three_node_clusters_and_bad_files_chan
         assert_eq!(list(c.run_list(&q).await.unwrap()), list(api.run_list(&q).await.unwrap()));
         let ex: Vec<String> = c.executors().await.unwrap().executors.into_iter().map(|e| e.id).collect();
         assert_eq!(ex, ["ex-1"]);
+        let archived = c.archive_status().await.unwrap();
+        assert_eq!((archived["runs"].clone(), archived["runs_in_state"].clone()), (json!(3), json!(2)), "node {node}");
     }
     // New runs get ids after the imported ones.
     let next = target.run_create(&def("after", "s390x", &[])).await.unwrap();
