@@ -129,9 +129,21 @@ async fn create_run(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
     let Response::RunCreated { run_id } = response else { return Err(unexpected(response)) };
     // The write is applied on the leader; this node may be a follower a little behind.
     ctx.node.wait_applied(index).await?;
-    let sm = ctx.node.state.read();
-    let run = sm.state.runs.get(&run_id).ok_or_else(ApiError::internal)?;
-    Ok(json(201, run))
+    let manifest = {
+        let sm = ctx.node.state.read();
+        if let Some(run) = sm.state.runs.get(&run_id) {
+            return Ok(json(201, run));
+        }
+        sm.state.archive.clone()
+    };
+    // A run created ended (setup errors) may be archived already.
+    match ctx.archive.get(&manifest, &run_id).await? {
+        Some(a) => Ok(json(201, &a.run)),
+        None => {
+            tracing::error!(run_id, "a created run is neither in the state nor in the archive");
+            Err(ApiError::internal())
+        }
+    }
 }
 
 async fn list_runs(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
