@@ -57,7 +57,9 @@ async fn logs_archives_and_caches_flow_through_any_node_into_s3() {
     // Create the bucket; servers fail fast on few attempts so the outage check is quick.
     let direct = s3.ost("flotilla", "prod/ost").await.unwrap();
     let url = format!("{}&max_attempts=3&initial_backoff_ms=50", s3.url("flotilla", "prod/ost"));
-    let cluster = Cluster::bootstrap_with_env(3, &["--ost", &url], &s3.env()).await;
+    // Ended runs are archived at once: their logs must stay readable from the archive.
+    let cluster =
+        Cluster::bootstrap_with_env(3, &["--ost", &url, "--archive-after-s", "0", "--archive-interval-ms", "100"], &s3.env()).await;
     let leader = cluster.wait_for_leader().await;
     let followers: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
     let (api, exec, reader) = (cluster.client(leader), cluster.client(followers[0]), cluster.client(followers[1]));
@@ -138,7 +140,12 @@ async fn logs_archives_and_caches_flow_through_any_node_into_s3() {
     ] {
         assert!(keys.contains(&want), "{want} missing from {keys:?}");
     }
-    // Any node reads the stored log; the CLI prints it.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while api.archive_status().await.unwrap()["runs"] != json!(1) {
+        assert!(Instant::now() < deadline, "the finished run was not archived");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // Any node reads the stored log of the archived run; the CLI prints it.
     for id in 1..=3 {
         let log = cluster.client(id).run_log(&run.id, "build", "0", false).await.unwrap().bytes().await.unwrap();
         assert_eq!(log, "line 1\nline 2\ndone\n");

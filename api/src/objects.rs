@@ -186,14 +186,22 @@ pub(crate) async fn get_log(ctx: &Arc<Ctx>, run_id: &str, task: &str, req: &Requ
         .ok_or_else(|| ApiError::bad_request(format!("step {step_param:?} is not a number or 'setup'")))?;
     let follow = req.flag("follow")?;
     crate::server::read_barrier(ctx, req).await?;
-    {
+    // The run may be live or archived: its logs outlive its place in the state.
+    let (live, manifest) = {
         let sm = ctx.node.state.read();
-        let run = sm.state.runs.get(run_id).ok_or_else(|| ApiError::not_found(format!("run {run_id:?} not found")))?;
-        let rt = run.tasks.get(task).ok_or_else(|| ApiError::not_found(format!("task {task:?} not found in run {run_id}")))?;
-        if let LogStep::Step(n) = step {
-            if n >= rt.steps.len() {
-                return Err(ApiError::not_found(format!("task {task:?} has {} steps (numbered from 0)", rt.steps.len())));
-            }
+        (sm.state.runs.get(run_id).map(|r| r.tasks.get(task).map(|t| t.steps.len())), sm.state.archive.clone())
+    };
+    let steps = match live {
+        Some(steps) => steps,
+        None => match ctx.archive.get(&manifest, run_id).await? {
+            Some(a) => a.run.tasks.get(task).map(|t| t.steps.len()),
+            None => return Err(ApiError::not_found(format!("run {run_id:?} not found"))),
+        },
+    };
+    let steps = steps.ok_or_else(|| ApiError::not_found(format!("task {task:?} not found in run {run_id}")))?;
+    if let LogStep::Step(n) = step {
+        if n >= steps {
+            return Err(ApiError::not_found(format!("task {task:?} has {steps} steps (numbered from 0)")));
         }
     }
     let task_id = executor_task_id(run_id, task);
