@@ -145,9 +145,8 @@ async fn ten_thousand_finished_runs_move_to_the_archive_and_stay_served() {
     let want_ax: Vec<String> = created.iter().filter(|r| r.group == "/a/x").map(|r| r.id.clone()).collect();
     let ax_set: BTreeSet<&String> = ax.iter().collect();
     assert!(want_ax.iter().all(|id| ax_set.contains(id)));
-    for id in &ax {
+    for id in ax.iter().step_by(700) {
         assert_eq!(c.run_get(id).await.map(|r| r.group).ok().as_deref(), Some("/a/x"), "{id}");
-        break; // one full fetch suffices; the group filter is the index's
     }
     let a_all = list_all(&c, Some("/a"), false).await;
     assert!(a_all.len() >= created.iter().filter(|r| r.group.starts_with("/a/")).count());

@@ -117,6 +117,7 @@ impl Driver {
     }
 
     /// Runs `cmd` in the container, feeding its output to `sink`; returns the exit code.
+    #[allow(clippy::too_many_arguments)]
     pub async fn exec(
         &self,
         container: &str,

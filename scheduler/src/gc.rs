@@ -54,11 +54,8 @@ pub fn plan(objects: &[ObjectInfo], in_manifest: impl Fn(&str) -> bool, now_ms: 
         let mut parts = o.key.splitn(3, '/');
         let (kind, task, rest) = (parts.next(), parts.next(), parts.next());
         match (kind, task, rest) {
-            (Some(CACHES), _, _) => {
-                if old(o, cfg.cache_max_age_ms) {
-                    delete.push(o.key.clone());
-                }
-            }
+            (Some(CACHES), _, _) if old(o, cfg.cache_max_age_ms) => delete.push(o.key.clone()),
+            (Some(CACHES), _, _) => {}
             (Some(LOGS | ARCHIVES), Some(_), Some(rest)) => {
                 let group = &o.key[..o.key.len() - rest.len()];
                 let entry = groups.entry(group).or_default();
