@@ -354,7 +354,9 @@ fn client(args: &ClientArgs) -> Result<Client, Failure> {
 
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn"));
+        // warp reports every client that hangs up mid-connection (a CLI exiting, a
+        // follower dropping an event stream) as an ERROR; it is the client's business.
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info,openraft=warn,warp::server=off"));
     let builder = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr);
     match format {
         LogFormat::Json => builder.json().init(),
