@@ -262,3 +262,28 @@ async fn a_sibling_removes_the_containers_of_a_dynamic_executor_that_vanished() 
     assert!(sibling.log_tail().contains("vanished dynamic sibling"), "{}", sibling.log_tail());
     assert_no_containers(&sibling);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_running_through_a_leader_failover_succeeds_with_its_whole_log() {
+    require_docker_image();
+    let s3 = flotilla_store::ost::test_servers::S3Server::start(flotilla_store::ost::test_servers::Kind::S3sFs);
+    s3.ost("failover", "").await.unwrap();
+    let mut cluster = Cluster::bootstrap_with_env(3, &["--ost", &s3.url("failover", "")], &s3.env()).await;
+    let exec = ExecutorProc::start(&cluster, "fo-exec", &[]);
+    let leader = cluster.wait_for_leader().await;
+    let other = (1..=3).find(|i| *i != leader).unwrap();
+    let c = cluster.client(other);
+    let run = create(&c, json!({"name": "fo", "group": "/fo", "tasks": [
+        {"name": "ticker", "steps": [{"run": {"command": "for i in 1 2 3 4 5 6 7 8; do echo tick $i; sleep 0.5; done"}}]}
+    ]}))
+    .await;
+    wait_until("the step to print", Duration::from_secs(30), async || log_has(&c, &run.id, "ticker", "tick 2").await).await;
+    cluster.kill(leader);
+    let done = wait_final(&c, &run.id, &exec).await;
+    assert_eq!(done.tasks["ticker"].status, TaskStatus::Success, "{done:#?}");
+    assert_eq!(done.tasks["ticker"].steps[0].log_phase, LogPhase::Sent);
+    let text = log(&c, &run.id, "ticker", "0").await;
+    let want: String = (1..=8).map(|i| format!("tick {i}\n")).collect();
+    assert_eq!(text, want, "the whole log, once, after the failover");
+    assert_no_containers(&exec);
+}
