@@ -90,7 +90,7 @@ impl Archive {
         let rows = self.rows(manifest).await?;
         let Ok(i) = rows.binary_search_by(|r| r.id.as_str().cmp(id)) else { return Ok(None) };
         let file = self.file(&rows[i].file).await?;
-        Ok(file.iter().find(|a| a.run.id == id).cloned())
+        Ok(find(&file, id).cloned())
     }
 
     /// Loads the runs of `rows` (grouped by file), in the order given.
@@ -98,10 +98,19 @@ impl Archive {
         let mut out = Vec::with_capacity(rows.len());
         for r in rows {
             let file = self.file(&r.file).await?;
-            if let Some(a) = file.iter().find(|a| a.run.id == r.id) {
+            if let Some(a) = find(&file, &r.id) {
                 out.push(a.clone());
             }
         }
         Ok(out)
+    }
+}
+
+/// A run in a data file: files are written sorted by id (binary search), with a linear
+/// scan as the fallback for a file that is not.
+fn find<'a>(file: &'a [ArchivedRun], id: &str) -> Option<&'a ArchivedRun> {
+    match file.binary_search_by(|a| a.run.id.as_str().cmp(id)) {
+        Ok(i) => Some(&file[i]),
+        Err(_) => file.iter().find(|a| a.run.id == id),
     }
 }
