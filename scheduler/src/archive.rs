@@ -44,19 +44,13 @@ impl Default for ArchiveConfig {
 }
 
 pub async fn run(node: Arc<RaftNode>, ost: Ost, cfg: ArchiveConfig, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(cfg.interval_ms.max(50)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = crate::ticker(cfg.interval_ms.max(50));
     let mut last_dump = tokio::time::Instant::now();
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.changed() => {}
-        }
-        if *shutdown.borrow() {
-            return;
-        }
-        if !node.is_leader() || node.state.read().state.maintenance {
-            continue;
+        match crate::leader_tick(&node, &mut tick, &mut shutdown).await {
+            crate::Tick::Stop => return,
+            crate::Tick::Idle => continue,
+            crate::Tick::Work => {}
         }
         match round(&node, &ost, &cfg).await {
             Ok(0) => {}

@@ -13,7 +13,6 @@
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
-use std::time::Duration;
 
 use flotilla_raft::RaftNode;
 use flotilla_store::archive::DATA_PREFIX;
@@ -78,18 +77,12 @@ pub fn plan(objects: &[ObjectInfo], in_manifest: impl Fn(&str) -> bool, now_ms: 
 
 /// Runs collection rounds on the leader until `shutdown` turns true.
 pub async fn run(node: Arc<RaftNode>, ost: Ost, cfg: GcConfig, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = tokio::time::interval(Duration::from_millis(cfg.interval_ms.max(100)));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut tick = crate::ticker(cfg.interval_ms.max(100));
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = shutdown.changed() => {}
-        }
-        if *shutdown.borrow() {
-            return;
-        }
-        if !node.is_leader() || node.state.read().state.maintenance {
-            continue;
+        match crate::leader_tick(&node, &mut tick, &mut shutdown).await {
+            crate::Tick::Stop => return,
+            crate::Tick::Idle => continue,
+            crate::Tick::Work => {}
         }
         match round(&node, &ost, &cfg).await {
             Ok(0) => {}

@@ -39,6 +39,36 @@ impl Default for SchedulerConfig {
     }
 }
 
+/// What a periodic leader-only loop should do after its next tick.
+pub(crate) enum Tick {
+    Stop,
+    /// Not the leader, or the cluster is in maintenance.
+    Idle,
+    Work,
+}
+
+/// Waits for the next tick of `interval` (or shutdown) and says whether to work.
+pub(crate) async fn leader_tick(node: &RaftNode, interval: &mut tokio::time::Interval, shutdown: &mut watch::Receiver<bool>) -> Tick {
+    tokio::select! {
+        _ = interval.tick() => {}
+        _ = shutdown.changed() => {}
+    }
+    if *shutdown.borrow() {
+        Tick::Stop
+    } else if !node.is_leader() || node.state.read().state.maintenance {
+        Tick::Idle
+    } else {
+        Tick::Work
+    }
+}
+
+/// A ticker for a periodic loop that skips missed ticks.
+pub(crate) fn ticker(period_ms: u64) -> tokio::time::Interval {
+    let mut tick = tokio::time::interval(Duration::from_millis(period_ms));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
