@@ -1,0 +1,151 @@
+//! Scheduler (control plane) throughput: runs of many independent one-step tasks driven to
+//! completion by simulated executors speaking the executor HTTP API (no Docker), on a
+//! three-node cluster with the executors spread over all nodes; the same load on a
+//! one-node cluster is the baseline, side by side in the same run. Reported: task state
+//! transitions per second (each task goes notstarted → running → success through two
+//! executor reports) and run completions per second.
+//!
+//! `cargo bench --bench scheduler [-- --quick]`
+
+#[path = "../tests/common/mod.rs"]
+mod common;
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use flotilla_api::types::{ExecutorInfo, ExecutorTaskView, RunCreate};
+use flotilla_api::Client;
+use flotilla_store::run::{Phase, RunPhase};
+use futures::StreamExt;
+
+const EXECUTORS: usize = 8;
+
+fn status(t: &ExecutorTaskView, phase: Phase) -> flotilla_api::types::ExecutorTaskStatus {
+    let mut s = t.status.clone();
+    s.phase = phase;
+    s.setup_step.phase = Phase::Success;
+    for step in &mut s.steps {
+        step.phase = phase;
+    }
+    s
+}
+
+/// One simulated executor: long-polls its tasks and moves each to running then success.
+async fn executor(c: Client, id: String, transitions: Arc<AtomicU64>, stop: Arc<std::sync::atomic::AtomicBool>) {
+    let info: ExecutorInfo = serde_json::from_value(serde_json::json!({"archs": ["amd64"]})).unwrap();
+    c.executor_heartbeat(&id, &info).await.unwrap();
+    let mut since = 0;
+    let mut last_beat = Instant::now();
+    let mut reported: BTreeMap<String, Phase> = BTreeMap::new();
+    while !stop.load(Ordering::Relaxed) {
+        if last_beat.elapsed() > Duration::from_secs(2) {
+            let _ = c.executor_heartbeat(&id, &info).await;
+            last_beat = Instant::now();
+        }
+        let Ok(tasks) = c.executor_tasks(&id, since, 1000).await else { continue };
+        since = tasks.revision;
+        let mut todo = Vec::new();
+        for t in tasks.tasks {
+            let next = match (reported.get(&t.id), t.status.phase) {
+                (None, Phase::Notstarted) => Phase::Running,
+                (Some(Phase::Running), Phase::Running) => Phase::Success,
+                _ => continue,
+            };
+            reported.insert(t.id.clone(), next);
+            todo.push((t, next));
+        }
+        let again = todo.iter().any(|(_, p)| *p == Phase::Running);
+        futures::stream::iter(todo)
+            .map(|(t, next)| {
+                let (c, id, transitions) = (c.clone(), id.clone(), transitions.clone());
+                async move {
+                    if c.executor_task_status(&id, &t.id, &status(&t, next)).await.is_ok() {
+                        transitions.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+            .buffer_unordered(16)
+            .for_each(|_| async {})
+            .await;
+        if again {
+            since = 0; // the running ones are due for success at once
+        }
+        reported.retain(|_, p| *p != Phase::Success);
+    }
+}
+
+struct Result {
+    transitions_per_s: f64,
+    runs_per_s: f64,
+    secs: f64,
+}
+
+async fn measure(nodes: u64, runs: usize, tasks: usize) -> Result {
+    let cluster = Cluster::bootstrap(nodes, &[]).await;
+    let transitions = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut handles = Vec::new();
+    for e in 0..EXECUTORS {
+        let c = cluster.client(1 + (e as u64 % nodes));
+        handles.push(tokio::spawn(executor(c, format!("sim-{e}"), transitions.clone(), stop.clone())));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let api = cluster.client(1);
+    let create: RunCreate = serde_json::from_value(serde_json::json!({
+        "name": "load", "group": "/load",
+        "tasks": (0..tasks).map(|i| serde_json::json!({"name": format!("t{i}"), "image": "busybox", "steps": [{"run": {"command": "true"}}]})).collect::<Vec<_>>()
+    }))
+    .unwrap();
+    let start = Instant::now();
+    let ids: Vec<String> = futures::stream::iter(0..runs)
+        .map(|_| {
+            let (api, create) = (api.clone(), create.clone());
+            async move { api.run_create(&create).await.unwrap().id }
+        })
+        .buffer_unordered(16)
+        .collect()
+        .await;
+    let deadline = Instant::now() + Duration::from_secs(600);
+    loop {
+        let q = flotilla_api::client::RunQuery { phase: Some("finished".into()), limit: 1000, ..Default::default() };
+        let mut done = 0;
+        let mut start_id = None;
+        loop {
+            let page = api.run_list(&flotilla_api::client::RunQuery { start: start_id.clone(), ..q.clone() }).await.unwrap();
+            done += page.runs.len();
+            if !page.more {
+                break;
+            }
+            start_id = page.runs.last().map(|r| r.id.clone());
+        }
+        if done >= ids.len() {
+            break;
+        }
+        assert!(Instant::now() < deadline, "load did not finish: {done}/{}", ids.len());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.abort();
+    }
+    let run = api.run_get(&ids[0]).await.unwrap();
+    assert_eq!(run.phase, RunPhase::Finished);
+    Result { transitions_per_s: transitions.load(Ordering::Relaxed) as f64 / secs, runs_per_s: ids.len() as f64 / secs, secs }
+}
+
+#[tokio::main]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (runs, tasks) = if quick { (100, 10) } else { (500, 20) };
+    let three = measure(3, runs, tasks).await;
+    let one = measure(1, runs, tasks).await;
+    println!("{runs} runs x {tasks} one-step tasks, {EXECUTORS} simulated executors (HTTP), 2 reports per task");
+    println!("{:<34} {:>16} {:>10} {:>8}", "", "transitions/s", "runs/s", "secs");
+    println!("{:<34} {:>16.0} {:>10.1} {:>8.1}", "1 node (baseline)", one.transitions_per_s, one.runs_per_s, one.secs);
+    println!("{:<34} {:>16.0} {:>10.1} {:>8.1}", "3 nodes, executors on every node", three.transitions_per_s, three.runs_per_s, three.secs);
+    println!("ratio 3 nodes / 1 node: {:.2}", three.transitions_per_s / one.transitions_per_s);
+}
