@@ -7,6 +7,7 @@
 //! only through `flotilla_store::{Command, Response, State}`; it must never contain domain
 //! decisions, HTTP routing or anything of the scheduler.
 
+pub mod batch;
 pub mod error;
 pub mod log_store;
 pub mod network;

@@ -59,7 +59,8 @@ impl LogStore {
         let log = db.open_tree("log")?;
         let meta = db.open_tree("meta")?;
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(flush_loop(db.clone(), rx));
+        let flusher_db = db.clone();
+        std::thread::Builder::new().name("raft-fsync".into()).spawn(move || flush_loop(flusher_db, rx))?;
         Ok(LogStore { db: db.clone(), log, meta, flusher: tx })
     }
 
@@ -89,14 +90,16 @@ impl LogStore {
 }
 
 /// Group commit: one fsync covers every append whose callback was waiting when it started.
-async fn flush_loop(db: sled::Db, mut rx: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>) {
+/// A thread of its own calls sled's blocking `flush` (its `flush_async` hands every call to
+/// sled's thread pool, a thread hop and often a thread start per fsync).
+fn flush_loop(db: sled::Db, mut rx: mpsc::UnboundedReceiver<LogFlushed<TypeConfig>>) {
     let mut waiting = Vec::new();
-    while let Some(first) = rx.recv().await {
+    while let Some(first) = rx.blocking_recv() {
         waiting.push(first);
         while let Ok(more) = rx.try_recv() {
             waiting.push(more);
         }
-        let result = db.flush_async().await.map(|_| ()).map_err(|e| e.to_string());
+        let result = db.flush().map(|_| ()).map_err(|e| e.to_string());
         if let Err(e) = &result {
             tracing::error!(error = %e, "fsync of the raft log failed");
         }

@@ -65,7 +65,14 @@ pub enum Command {
     /// Replace the whole state with an export (only in maintenance; the cluster stays in
     /// maintenance after it).
     Import(Box<crate::state::State>),
+    /// Several commands proposed as one log entry by the leader (group commit): applied in
+    /// order, each as if alone and with its own response, all at the entry's index. A batch
+    /// holds no batch and no import, and at most [`MAX_BATCH_COMMANDS`] commands.
+    Batch(Vec<Command>),
 }
+
+/// The most commands one [`Command::Batch`] carries.
+pub const MAX_BATCH_COMMANDS: usize = 512;
 
 /// What a scheduler round decided for one run: the run's new status (accepted only if the
 /// run is still at `prev_revision`), the executor tasks to create, to stop and to delete.
@@ -99,6 +106,7 @@ impl Command {
             Command::ArchiveRuns { .. } => "archive_runs",
             Command::DeleteRun { .. } => "delete_run",
             Command::Import(_) => "import",
+            Command::Batch(_) => "batch",
         }
     }
 
@@ -149,7 +157,24 @@ impl Command {
                 Ok(())
             }
             Command::DeleteRun { .. } => Ok(()),
+            // Each command is validated when it is applied, so that one bad command rejects
+            // only itself; here only the batch's shape.
+            Command::Batch(cmds) => {
+                if cmds.is_empty() || cmds.len() > MAX_BATCH_COMMANDS {
+                    return Err(invalid(format!("a batch holds 1 to {MAX_BATCH_COMMANDS} commands")));
+                }
+                match cmds.iter().find(|c| !c.batchable()) {
+                    Some(c) => Err(invalid(format!("a {} command cannot be batched", c.kind()))),
+                    None => Ok(()),
+                }
+            }
         }
+    }
+
+    /// Whether the command may travel in a [`Command::Batch`]: an import replaces the whole
+    /// state (and is large), and batches do not nest.
+    pub fn batchable(&self) -> bool {
+        !matches!(self, Command::Import(_) | Command::Batch(_))
     }
 }
 
@@ -188,6 +213,8 @@ pub enum Response {
     Done { revision: u64 },
     /// The command was applied and changed nothing, for this reason.
     Rejected(CommandError),
+    /// The responses to the commands of a [`Command::Batch`], in order.
+    Batch(Vec<Response>),
 }
 
 /// Why a command changed nothing.

@@ -78,6 +78,7 @@ impl State {
             return Response::Rejected(e);
         }
         match cmd {
+            Command::Batch(cmds) => Response::Batch(cmds.iter().map(|c| self.apply_with_events(index, c, events)).collect()),
             Command::KvPut { key, value, prev_revision } => {
                 let current = self.kv.get(key);
                 if let Some(expected) = *prev_revision {
@@ -456,6 +457,44 @@ mod tests {
         assert_eq!(s.apply(7, &put("a", "2", None)), Response::KvPut { revision: 7 });
         let e = &s.kv["a"];
         assert_eq!((e.value.as_str(), e.revision, e.create_revision), ("2", 7, 3));
+    }
+
+    #[test]
+    fn a_batch_applies_its_commands_in_order_each_with_its_own_response() {
+        let mut s = State::default();
+        s.apply(1, &put("k", "old", None));
+        let batch = Command::Batch(vec![
+            put("a", "1", None),
+            put("k", "new", Some(1)),
+            // Sees the previous command of the batch: k is now at revision 5, not 1.
+            put("k", "lost", Some(1)),
+            put("", "bad key", None),
+            Command::KvDelete { key: "a".into(), prev_revision: Some(5) },
+        ]);
+        assert_eq!(batch.validate(), Ok(()));
+        let Response::Batch(rs) = s.apply(5, &batch) else { panic!("a batch answers with a batch") };
+        assert_eq!(rs.len(), 5);
+        assert_eq!(rs[0], Response::KvPut { revision: 5 });
+        assert_eq!(rs[1], Response::KvPut { revision: 5 });
+        assert_eq!(rs[2], Response::Rejected(CommandError::RevisionMismatch { key: "k".into(), expected: 1, actual: 5 }));
+        assert!(matches!(rs[3], Response::Rejected(CommandError::Invalid { .. })), "{:?}", rs[3]);
+        assert_eq!(rs[4], Response::KvDelete { revision: 5 });
+        assert_eq!(s.kv["k"].value, "new");
+        assert!(!s.kv.contains_key("a"));
+    }
+
+    #[test]
+    fn batches_do_not_nest_or_carry_imports_and_are_bounded() {
+        let nested = Command::Batch(vec![Command::Batch(vec![put("a", "1", None)])]);
+        assert!(matches!(nested.validate(), Err(CommandError::Invalid { .. })));
+        let import = Command::Batch(vec![Command::Import(Box::default())]);
+        assert!(matches!(import.validate(), Err(CommandError::Invalid { .. })));
+        assert!(matches!(Command::Batch(vec![]).validate(), Err(CommandError::Invalid { .. })));
+        let big = Command::Batch(vec![put("a", "1", None); crate::command::MAX_BATCH_COMMANDS + 1]);
+        assert!(matches!(big.validate(), Err(CommandError::Invalid { .. })));
+        let mut s = State::default();
+        assert!(matches!(s.apply(1, &nested), Response::Rejected(_)));
+        assert!(s.kv.is_empty());
     }
 
     #[test]
