@@ -29,6 +29,10 @@ if ! command -v moto_server >/dev/null 2>&1; then
   export MOTO_SERVER_BIN="$venv/bin/moto_server"
 fi
 
+# etcd and protoc: the benchmarks' baseline and the etcd client's build (the benchmark
+# target is built with the tests, and its quick mode runs below as a smoke test).
+bash scripts/bench-deps.sh
+
 # Docker and the local test image for the executor tests (no registry: built from
 # Debian's busybox-static with docker import).
 need docker "install Docker Engine and start it"
@@ -42,6 +46,23 @@ cargo build --locked --workspace --all-targets
 echo "== tests"
 # Black-box tests start 1-4 server processes each; two at a time suits a 2-core machine.
 cargo test --locked --workspace -- --test-threads=2
+
+echo "== benchmarks, quick mode (a smoke test: it must finish and write valid JSON; no speed is asserted)"
+need python3 "apt-get install -y python3"
+bench_out="$(mktemp -d)"
+cargo bench --locked --bench cluster -- --quick --out "$bench_out"
+python3 - "$bench_out/bench-results.json" <<'PY'
+import json, sys
+doc = json.load(open(sys.argv[1]))
+keys = {"name", "unit", "flotilla", "baseline_name", "baseline", "ratio", "higher_is_better"}
+assert doc["cores"] > 0 and doc["date"], doc
+assert len(doc["results"]) >= 30, len(doc["results"])
+for row in doc["results"]:
+    assert set(row) == keys, row
+    assert isinstance(row["flotilla"], (int, float)) and isinstance(row["baseline"], (int, float)), row
+print("bench-results.json: %d results, valid" % len(doc["results"]))
+PY
+rm -rf "$bench_out"
 
 echo "== no container left behind"
 left="$(docker ps -aq --filter label=flotilla)"

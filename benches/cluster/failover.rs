@@ -1,81 +1,148 @@
-//! Failover: under a steady write load (16 clients spread over the nodes, retrying on the
-//! next node), SIGKILL the leader 10 times; the time from each kill to the first write
-//! accepted after it. The baseline, side by side in the same run, is the same load with
-//! no kill: the gap between two consecutive accepted writes (p50 / max).
-//!
-//! `cargo bench --bench failover [-- --quick]` (--quick: 3 kills)
+//! 4. Failover: under a steady write load (16 writers spread over the three nodes, each moving
+//! to the next node on an error), SIGKILL the leader and time the kill to the first write
+//! accepted after it; the killed node is restarted on its data dir and caught up before the
+//! next kill. The baseline is the same load and the same kills on the three-member etcd.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
+use crate::etcd::{self, Etcd};
+use crate::load::percentile_ms;
+use crate::report::Row;
 
-fn pct(mut v: Vec<Duration>, p: f64) -> f64 {
-    v.sort();
-    v[((v.len() - 1) as f64 * p).round() as usize].as_secs_f64() * 1000.0
+const WRITERS: usize = 16;
+
+/// The writers and the instants of their accepted writes.
+struct Load {
+    accepted: Arc<Mutex<Vec<Instant>>>,
+    stop: Arc<AtomicBool>,
+    writers: Vec<tokio::task::JoinHandle<()>>,
 }
 
-#[tokio::main]
-async fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let kills = if quick { 3 } else { 10 };
-    let mut cluster = Cluster::bootstrap(3, &[]).await;
-    let accepted: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
-    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let clients: Vec<_> = (1..=3).map(|i| cluster.client(i)).collect();
-    let mut writers = Vec::new();
-    for w in 0..16usize {
-        let (clients, accepted, stop) = (clients.clone(), accepted.clone(), stop.clone());
-        writers.push(tokio::spawn(async move {
-            let mut at = w;
-            let mut n = 0u64;
-            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
-                n += 1;
-                match clients[at % 3].kv_put(&format!("load/{w}/{n}"), "v", None).await {
-                    Ok(_) => accepted.lock().unwrap().push(Instant::now()),
-                    Err(_) => {
-                        at += 1;
-                        tokio::time::sleep(Duration::from_millis(5)).await;
+impl Load {
+    /// `put(node, key)` writes through the client of `node` (0..3).
+    fn start<F, Fut>(put: F) -> Load
+    where
+        F: Fn(usize, String) -> Fut + Clone + Send + 'static,
+        Fut: Future<Output = bool> + Send,
+    {
+        let accepted: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
+        let stop = Arc::new(AtomicBool::new(false));
+        let writers = (0..WRITERS)
+            .map(|w| {
+                let (put, accepted, stop) = (put.clone(), accepted.clone(), stop.clone());
+                tokio::spawn(async move {
+                    let (mut at, mut n) = (w, 0u64);
+                    while !stop.load(Ordering::Relaxed) {
+                        n += 1;
+                        if put(at % 3, format!("load/{w}/{n}")).await {
+                            accepted.lock().unwrap().push(Instant::now());
+                        } else {
+                            at += 1;
+                            tokio::time::sleep(Duration::from_millis(5)).await;
+                        }
                     }
-                }
-            }
-        }));
+                })
+            })
+            .collect();
+        Load { accepted, stop, writers }
     }
-    // Baseline: gaps between accepted writes with no kill.
-    tokio::time::sleep(Duration::from_secs(3)).await;
-    let base: Vec<Duration> = {
-        let a = accepted.lock().unwrap();
-        a.windows(2).map(|w| w[1].saturating_duration_since(w[0])).collect()
-    };
+
+    async fn first_write_after(&self, killed_at: Instant) -> Duration {
+        let deadline = killed_at + Duration::from_secs(30);
+        loop {
+            if let Some(t) = self.accepted.lock().unwrap().iter().copied().find(|t| *t > killed_at) {
+                return t - killed_at;
+            }
+            assert!(Instant::now() < deadline, "no write accepted within 30 s of a kill");
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+
+    async fn stop(self) {
+        self.stop.store(true, Ordering::Relaxed);
+        for w in self.writers {
+            w.abort();
+            let _ = w.await;
+        }
+    }
+}
+
+async fn flotilla(kills: usize) -> Vec<Duration> {
+    let mut cluster = Cluster::bootstrap(3, &[]).await;
+    let clients: Arc<Vec<_>> = Arc::new((1..=3).map(|i| cluster.client(i)).collect());
+    let load = Load::start(move |node, key| {
+        let clients = clients.clone();
+        async move { clients[node].kv_put(&key, "v", None).await.is_ok() }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
     let mut recoveries = Vec::new();
     for _ in 0..kills {
         let leader = cluster.wait_for_leader().await;
         let killed_at = Instant::now();
         cluster.kill(leader);
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            let first = accepted.lock().unwrap().iter().copied().find(|t| *t > killed_at);
-            if let Some(t) = first {
-                recoveries.push(t - killed_at);
-                break;
-            }
-            assert!(Instant::now() < deadline, "no write accepted within 30 s of a kill");
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        }
+        recoveries.push(load.first_write_after(killed_at).await);
         cluster.start(leader);
         cluster.wait_healthy(leader).await;
         cluster.wait_caught_up().await;
         tokio::time::sleep(Duration::from_secs(1)).await;
     }
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    for w in writers {
-        let _ = w.await;
+    load.stop().await;
+    recoveries
+}
+
+async fn etcd(kills: usize) -> Vec<Duration> {
+    let mut etcd = Etcd::start(3).await;
+    let mut clients = Vec::new();
+    for i in 0..etcd.len() {
+        clients.push(etcd::connect(&etcd.endpoint(i)).await.expect("connect to etcd").kv_client());
     }
-    println!("3 nodes, 16 writers retrying on the next node, {kills} leader SIGKILLs");
-    println!("{:<40} {:>10} {:>10}", "", "p50 ms", "max ms");
-    println!("{:<40} {:>10.1} {:>10.1}", "gap between accepted writes (no kill)", pct(base.clone(), 0.5), pct(base, 1.0));
-    println!("{:<40} {:>10.1} {:>10.1}", "kill → first accepted write", pct(recoveries.clone(), 0.5), pct(recoveries, 1.0));
+    let clients = Arc::new(clients);
+    let load = Load::start(move |node, key| {
+        let mut kv = clients[node].clone();
+        async move { kv.put(key, "v", None).await.is_ok() }
+    });
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut recoveries = Vec::new();
+    for _ in 0..kills {
+        let leader = etcd.wait_for_leader().await;
+        let killed_at = Instant::now();
+        etcd.kill(leader);
+        recoveries.push(load.first_write_after(killed_at).await);
+        etcd.restart(leader);
+        etcd.wait_for_leader().await;
+        // Caught up: the restarted member answers a linearizable read.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(mut c) = etcd::connect(&etcd.endpoint(leader)).await {
+                if c.get("load/0/1", None).await.is_ok() {
+                    break;
+                }
+            }
+            assert!(Instant::now() < deadline, "restarted etcd member did not come back");
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+    }
+    load.stop().await;
+    recoveries
+}
+
+pub async fn run(quick: bool) -> Vec<Row> {
+    let kills = if quick { 3 } else { 10 };
+    etcd::require();
+    println!("== failover: 3 nodes, {WRITERS} writers moving to the next node on errors, {kills} leader SIGKILLs");
+    let mut f = flotilla(kills).await;
+    let mut e = etcd(kills).await;
+    f.sort();
+    e.sort();
+    let ms = |v: &[Duration]| v.iter().map(|d| format!("{:.0}", d.as_secs_f64() * 1000.0)).collect::<Vec<_>>().join(" ");
+    println!("kill → first accepted write, ms: flotilla {} | etcd {}", ms(&f), ms(&e));
+    vec![
+        Row::new("failover_kill_to_write_p50", "ms", percentile_ms(&f, 0.5), "etcd", percentile_ms(&e, 0.5), false),
+        Row::new("failover_kill_to_write_max", "ms", percentile_ms(&f, 1.0), "etcd", percentile_ms(&e, 1.0), false),
+    ]
 }

@@ -1,19 +1,16 @@
-//! The run archive's effect, side by side in one run: two one-node clusters get the same
-//! N finished runs through the API; one archives them (`--archive-after-s 0`), the
-//! baseline keeps them in the Raft state. Reported: Raft snapshot size and server RSS.
-//! Then the full run index of 1,000,000 runs: encoded size and time to write it to a
-//! POSIX object storage.
-//!
-//! `cargo bench --bench archive [-- --quick]` (--quick: 10,000 runs instead of 100,000)
+//! 5. Growth: 100,000 finished runs written through the API to a three-node cluster that
+//! archives them to the object storage (`--archive-after-s 0`; a POSIX directory shared by
+//! the three nodes, as an NFS mount would be), side by side with the baseline, the same
+//! cluster keeping every run in the Raft state. Reported: Raft log entries and snapshot size,
+//! sled disk use and RSS of each node, and the write throughput of the first and the last
+//! 10,000 runs.
 
-#[path = "../tests/common/mod.rs"]
-mod common;
-
+use std::path::Path;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
+use crate::report::Row;
 use flotilla_api::types::RunCreate;
-use flotilla_store::run::RunPhase;
 use futures::StreamExt;
 
 fn rss_mib(pid: u32) -> f64 {
@@ -22,15 +19,28 @@ fn rss_mib(pid: u32) -> f64 {
         / 1024.0
 }
 
+fn disk_bytes(path: &Path) -> u64 {
+    let Ok(entries) = std::fs::read_dir(path) else { return 0 };
+    entries
+        .flatten()
+        .map(|e| match e.metadata() {
+            Ok(m) if m.is_dir() => disk_bytes(&e.path()),
+            Ok(m) => std::os::unix::fs::MetadataExt::blocks(&m) * 512,
+            Err(_) => 0,
+        })
+        .sum()
+}
+
 async fn metric(url: &str, name: &str) -> u64 {
     let text = reqwest::Client::new().get(format!("{url}/metrics")).bearer_auth(TOKEN).send().await.unwrap().text().await.unwrap();
     text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
 }
 
-async fn fill(c: &Cluster, n: usize) -> Duration {
-    let client = c.client(1);
-    let t = Instant::now();
-    futures::stream::iter(0..n)
+/// Creates `n` finished runs (64 in flight) and returns the instant each one was acknowledged.
+async fn fill(c: &Cluster, n: usize) -> (Instant, Vec<Instant>) {
+    let client = c.client(c.wait_for_leader().await);
+    let start = Instant::now();
+    let mut done: Vec<Instant> = futures::stream::iter(0..n)
         .map(|i| {
             let client = client.clone();
             async move {
@@ -40,18 +50,20 @@ async fn fill(c: &Cluster, n: usize) -> Duration {
                     "tasks": [{"name": "build", "image": "busybox", "steps": [{"run": {"command": "make all && make test"}}]}]
                 }))
                 .unwrap();
-                client.run_create(&create).await.expect("create")
+                client.run_create(&create).await.expect("create");
+                Instant::now()
             }
         })
         .buffer_unordered(64)
-        .for_each(|_| async {})
+        .collect()
         .await;
-    t.elapsed()
+    done.sort();
+    (start, done)
 }
 
-/// Writes enough keys to make the node build a new snapshot (every 5,000 entries).
+/// Writes enough keys to make every node build a new snapshot (every 5,000 entries).
 async fn force_snapshot(c: &Cluster) {
-    let client = c.client(1);
+    let client = c.client(c.wait_for_leader().await);
     futures::stream::iter(0..5_100)
         .map(|i| {
             let client = client.clone();
@@ -63,57 +75,86 @@ async fn force_snapshot(c: &Cluster) {
     tokio::time::sleep(Duration::from_secs(2)).await;
 }
 
-#[tokio::main]
-async fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
-    let n = if quick { 10_000 } else { 100_000 };
-    let common = ["--snapshot-logs", "5000", "--archive-interval-ms", "500", "--index-dump-interval-s", "0"];
-    let archiving = Cluster::bootstrap(1, &[&common[..], &["--archive-after-s", "0"]].concat()).await;
-    let baseline = Cluster::bootstrap(1, &[&common[..], &["--archive-after-s", "100000000"]].concat()).await;
-    let fill_a = fill(&archiving, n).await;
-    let fill_b = fill(&baseline, n).await;
-    let deadline = Instant::now() + Duration::from_secs(600);
-    loop {
-        let s = archiving.client(1).archive_status().await.unwrap();
-        if s["runs_in_state"] == serde_json::json!(0) {
-            break;
-        }
-        assert!(Instant::now() < deadline, "archiving did not finish: {s}");
-        tokio::time::sleep(Duration::from_millis(500)).await;
-    }
-    force_snapshot(&archiving).await;
-    force_snapshot(&baseline).await;
-    let pid = |c: &Cluster| c.nodes[&1].child.as_ref().unwrap().id();
-    let snap_a = metric(&archiving.url(1), "flotilla_raft_snapshot_bytes").await;
-    let snap_b = metric(&baseline.url(1), "flotilla_raft_snapshot_bytes").await;
-    let (rss_a, rss_b) = (rss_mib(pid(&archiving)), rss_mib(pid(&baseline)));
-    let status = archiving.client(1).archive_status().await.unwrap();
-    println!("{n} finished runs created through the API (64 in flight), then a new snapshot");
-    println!("{:<28} {:>16} {:>12} {:>14}", "", "snapshot bytes", "RSS MiB", "create s");
-    println!("{:<28} {:>16} {:>12.1} {:>14.1}", "kept in Raft (baseline)", snap_b, rss_b, fill_b.as_secs_f64());
-    println!("{:<28} {:>16} {:>12.1} {:>14.1}", "archived to the ost", snap_a, rss_a, fill_a.as_secs_f64());
-    println!("ratio archived/baseline: snapshot {:.3}, RSS {:.2}", snap_a as f64 / snap_b.max(1) as f64, rss_a / rss_b.max(0.1));
-    println!("archive: {status}");
+struct Figures {
+    first_per_s: f64,
+    last_per_s: f64,
+    log_entries: u64,
+    snapshot_bytes: u64,
+    sled_bytes: Vec<u64>,
+    rss_mib: Vec<f64>,
+}
 
-    // The full index of 1,000,000 runs.
-    let dir = tempfile::tempdir().unwrap();
-    let ost = flotilla_store::ost::Ost::posix(dir.path().join("ost")).unwrap();
-    let entries: Vec<(String, String, RunPhase)> =
-        (0..1_000_000u64).map(|i| (format!("{i:016}"), format!("/project/{}/branch/main", i % 1000), RunPhase::Finished)).collect();
-    let t = Instant::now();
-    let bytes = flotilla_store::archive::encode_index(entries.iter().map(|(i, g, p)| (i.as_str(), g.as_str(), *p)));
-    let size = bytes.len();
-    ost.put_bytes(flotilla_store::archive::FULL_INDEX_KEY, bytes, true).await.unwrap();
-    let write = t.elapsed();
-    let t = Instant::now();
-    let back = flotilla_store::archive::read_index(&ost, flotilla_store::archive::FULL_INDEX_KEY).await.unwrap();
-    let read = t.elapsed();
-    assert_eq!(back.len(), 1_000_000);
-    println!(
-        "index of 1,000,000 runs: {:.1} MB ({:.0} bytes/run; limit 100 MB), encoded and written (fsync) in {:.0} ms, read and parsed in {:.0} ms",
-        size as f64 / 1e6,
-        size as f64 / 1e6,
-        write.as_secs_f64() * 1000.0,
-        read.as_secs_f64() * 1000.0
-    );
+async fn measure(n: usize, archive: bool) -> Figures {
+    let ost = tempfile::tempdir().unwrap();
+    let ost_url = format!("file://{}", ost.path().display());
+    let after = if archive { "0" } else { "100000000" };
+    let args = ["--snapshot-logs", "5000", "--archive-interval-ms", "500", "--index-dump-interval-s", "0", "--archive-after-s", after, "--ost", &ost_url];
+    let c = Cluster::bootstrap(3, &args).await;
+    let (start, done) = fill(&c, n).await;
+    let chunk = n / 10;
+    let first_per_s = chunk as f64 / (done[chunk - 1] - start).as_secs_f64();
+    let last_per_s = chunk as f64 / (done[n - 1] - done[n - chunk - 1]).as_secs_f64();
+    if archive {
+        let deadline = Instant::now() + Duration::from_secs(600);
+        loop {
+            let s = c.client(1).archive_status().await.unwrap();
+            if s["runs_in_state"] == serde_json::json!(0) {
+                break;
+            }
+            assert!(Instant::now() < deadline, "archiving did not finish: {s}");
+            tokio::time::sleep(Duration::from_millis(500)).await;
+        }
+    }
+    force_snapshot(&c).await;
+    c.wait_caught_up().await;
+    let leader = c.wait_for_leader().await;
+    let mut f = Figures {
+        first_per_s,
+        last_per_s,
+        log_entries: metric(&c.url(leader), "flotilla_raft_log_entries").await,
+        snapshot_bytes: metric(&c.url(leader), "flotilla_raft_snapshot_bytes").await,
+        sled_bytes: Vec::new(),
+        rss_mib: Vec::new(),
+    };
+    for node in c.nodes.values() {
+        f.sled_bytes.push(disk_bytes(&node.data_dir));
+        f.rss_mib.push(rss_mib(node.child.as_ref().unwrap().id()));
+    }
+    f
+}
+
+pub async fn run(quick: bool) -> Vec<Row> {
+    let n = if quick { 10_000 } else { 100_000 };
+    println!("== growth: {n} finished runs through the API (64 in flight), 3 nodes, then a new snapshot");
+    let a = measure(n, true).await;
+    let b = measure(n, false).await;
+    let chunk = n / 10;
+    println!("{:<26} {:>12} {:>12} {:>12} {:>14} {:>26} {:>22}", "", "first runs/s", "last runs/s", "log entries", "snapshot B", "sled disk B per node", "RSS MiB per node");
+    for (name, f) in [("kept in Raft (baseline)", &b), ("archived to the ost", &a)] {
+        println!(
+            "{name:<26} {:>12.0} {:>12.0} {:>12} {:>14} {:>26} {:>22}",
+            f.first_per_s,
+            f.last_per_s,
+            f.log_entries,
+            f.snapshot_bytes,
+            format!("{:?}", f.sled_bytes),
+            format!("{:?}", f.rss_mib.iter().map(|r| r.round() as u64).collect::<Vec<_>>())
+        );
+    }
+    let max_u = |v: &[u64]| v.iter().copied().max().unwrap_or(0) as f64;
+    let max_f = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let base = "flotilla, runs kept in Raft";
+    let mut rows = vec![
+        Row::new(format!("growth_runs_per_s_first_{chunk}"), "runs/s", a.first_per_s, base, b.first_per_s, true),
+        Row::new(format!("growth_runs_per_s_last_{chunk}"), "runs/s", a.last_per_s, base, b.last_per_s, true),
+        Row::new("growth_last_over_first", "ratio", a.last_per_s / a.first_per_s, base, b.last_per_s / b.first_per_s, true),
+        Row::new("growth_raft_log_entries", "entries", a.log_entries as f64, base, b.log_entries as f64, false),
+        Row::new("growth_snapshot_size", "bytes", a.snapshot_bytes as f64, base, b.snapshot_bytes as f64, false),
+        Row::new("growth_sled_disk_max_node", "bytes", max_u(&a.sled_bytes), base, max_u(&b.sled_bytes), false),
+    ];
+    for (i, (ra, rb)) in a.rss_mib.iter().zip(&b.rss_mib).enumerate() {
+        rows.push(Row::new(format!("growth_rss_node{}", i + 1), "MiB", *ra, base, *rb, false));
+    }
+    rows.push(Row::new("growth_rss_max_node", "MiB", max_f(&a.rss_mib), base, max_f(&b.rss_mib), false));
+    rows
 }

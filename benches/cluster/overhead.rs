@@ -1,17 +1,14 @@
-//! Per-task overhead of the Docker executor: a run of one task with one `true` step,
+//! 3. Per-task overhead of the Docker executor: a run of one task with one `true` step,
 //! from `POST /runs` to the run finished (scheduling, container create/start, one exec,
 //! log push and store, status reports, container removal), side by side in the same run
-//! with the baseline `docker run --rm IMAGE true` on the same engine.
-//!
-//! `cargo bench --bench task_overhead [-- --quick]`
-
-#[path = "../tests/common/mod.rs"]
-mod common;
+//! with the baseline `docker run --rm IMAGE true` on the same engine, the two alternating.
+//! The cluster has three nodes and one executor.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
+use crate::report::Row;
 use flotilla_api::types::RunCreate;
 
 fn stats(mut v: Vec<Duration>) -> (f64, f64, f64) {
@@ -21,50 +18,53 @@ fn stats(mut v: Vec<Duration>) -> (f64, f64, f64) {
     (ms(v[v.len() / 2]), mean, ms(v[v.len() - 1]))
 }
 
-#[tokio::main]
-async fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+pub async fn run(quick: bool) -> Vec<Row> {
     let n = if quick { 5 } else { 20 };
     require_docker_image();
 
-    let mut docker = Vec::new();
-    for _ in 0..n {
-        let t = Instant::now();
-        let ok = Command::new("docker").args(["run", "--rm", IMAGE, "true"]).status().unwrap().success();
-        assert!(ok);
-        docker.push(t.elapsed());
-    }
-
-    let cluster = Cluster::bootstrap(1, &[]).await;
+    let cluster = Cluster::bootstrap(3, &[]).await;
     let _exec = ExecutorProc::start(&cluster, "bench-exec", &[]);
-    let c = cluster.client(1);
+    let c = cluster.client(cluster.wait_for_leader().await);
     let create: RunCreate = serde_json::from_value(serde_json::json!({
         "name": "overhead", "group": "/bench",
         "tasks": [{"name": "t", "image": IMAGE, "steps": [{"run": {"command": "true"}}]}]
     }))
     .unwrap();
-    // One warm-up run (executor registration, first connections).
-    let mut flotilla = Vec::new();
-    for i in 0..=n {
+    let flotilla_run = || async {
         let t = Instant::now();
         let run = c.run_create(&create).await.unwrap();
         loop {
             let r = c.run_get(&run.id).await.unwrap();
             if r.phase.is_final() {
                 assert_eq!(r.result, flotilla_store::run::RunResult::Success);
-                break;
+                return t.elapsed();
             }
             tokio::time::sleep(Duration::from_millis(5)).await;
         }
-        if i > 0 {
-            flotilla.push(t.elapsed());
-        }
+    };
+    let docker_run = || {
+        let t = Instant::now();
+        let ok = Command::new("docker").args(["run", "--rm", IMAGE, "true"]).status().unwrap().success();
+        assert!(ok, "docker run --rm {IMAGE} true failed");
+        t.elapsed()
+    };
+    // One warm-up each (executor registration, first connections, page cache), then the
+    // two alternate so that both see the same machine.
+    flotilla_run().await;
+    docker_run();
+    let (mut docker, mut flotilla) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        docker.push(docker_run());
+        flotilla.push(flotilla_run().await);
     }
     let (dp50, dmean, dmax) = stats(docker);
     let (fp50, fmean, fmax) = stats(flotilla);
-    println!("one task, one `true` step, {n} runs each, sequential");
+    println!("== per-task overhead: one task, one `true` step, {n} runs each, sequential");
     println!("{:<40} {:>9} {:>9} {:>9}", "", "p50 ms", "mean ms", "max ms");
     println!("{:<40} {:>9.0} {:>9.0} {:>9.0}", "docker run --rm (baseline)", dp50, dmean, dmax);
     println!("{:<40} {:>9.0} {:>9.0} {:>9.0}", "flotilla run (create → finished)", fp50, fmean, fmax);
-    println!("ratio flotilla / docker run: p50 {:.2}, mean {:.2}", fp50 / dp50, fmean / dmean);
+    vec![
+        Row::new("task_overhead_p50", "ms", fp50, "docker run --rm", dp50, false),
+        Row::new("task_overhead_mean", "ms", fmean, "docker run --rm", dmean, false),
+    ]
 }

@@ -1,21 +1,17 @@
-//! Scheduler (control plane) throughput: runs of many independent one-step tasks driven to
+//! 2. Scheduler (control plane) throughput: runs of many independent one-step tasks driven to
 //! completion by simulated executors speaking the executor HTTP API (no Docker), on a
 //! three-node cluster with the executors spread over all nodes; the same load on a
 //! one-node cluster is the baseline, side by side in the same run. Reported: task state
 //! transitions per second (each task goes notstarted → running → success through two
 //! executor reports) and run completions per second.
-//!
-//! `cargo bench --bench scheduler [-- --quick]`
-
-#[path = "../tests/common/mod.rs"]
-mod common;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use crate::common::*;
+use crate::report::Row;
 use flotilla_api::types::{ExecutorInfo, ExecutorTaskView, RunCreate};
 use flotilla_api::Client;
 use flotilla_store::run::{Phase, RunPhase};
@@ -137,15 +133,16 @@ async fn measure(nodes: u64, runs: usize, tasks: usize) -> Result {
     Result { transitions_per_s: transitions.load(Ordering::Relaxed) as f64 / secs, runs_per_s: ids.len() as f64 / secs, secs }
 }
 
-#[tokio::main]
-async fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+pub async fn run(quick: bool) -> Vec<Row> {
     let (runs, tasks) = if quick { (100, 10) } else { (500, 20) };
+    println!("== scheduler: {runs} runs x {tasks} one-step tasks, {EXECUTORS} simulated executors (HTTP), 2 reports per task");
     let three = measure(3, runs, tasks).await;
     let one = measure(1, runs, tasks).await;
-    println!("{runs} runs x {tasks} one-step tasks, {EXECUTORS} simulated executors (HTTP), 2 reports per task");
     println!("{:<34} {:>16} {:>10} {:>8}", "", "transitions/s", "runs/s", "secs");
     println!("{:<34} {:>16.0} {:>10.1} {:>8.1}", "1 node (baseline)", one.transitions_per_s, one.runs_per_s, one.secs);
     println!("{:<34} {:>16.0} {:>10.1} {:>8.1}", "3 nodes, executors on every node", three.transitions_per_s, three.runs_per_s, three.secs);
-    println!("ratio 3 nodes / 1 node: {:.2}", three.transitions_per_s / one.transitions_per_s);
+    vec![
+        Row::new("scheduler_task_transitions", "transitions/s", three.transitions_per_s, "flotilla, 1 node", one.transitions_per_s, true),
+        Row::new("scheduler_run_completions", "runs/s", three.runs_per_s, "flotilla, 1 node", one.runs_per_s, true),
+    ]
 }

@@ -1,0 +1,104 @@
+//! 1. Coordination writes and linearizable reads: a three-node flotilla cluster through its
+//! HTTP API client against a three-member etcd through its gRPC client (`etcd-client`),
+//! both driven by the same load generator with the same client counts, one after the other
+//! for each count. Every load client talks to the leader of its system; writes are durable
+//! puts of 128-byte values to distinct keys, reads are linearizable gets of existing keys.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::common::{Cluster, TOKEN};
+use crate::etcd::{self, Etcd};
+use crate::load::{drive, Stats};
+use crate::report::Row;
+
+pub const CLIENTS: [usize; 4] = [1, 16, 64, 256];
+const READ_KEYS: u64 = 1000;
+
+pub struct Outcome {
+    pub rows: Vec<Row>,
+    /// (clients, flotilla writes/s, etcd writes/s) for the chart.
+    pub chart: Vec<(usize, f64, f64)>,
+}
+
+pub async fn run(quick: bool, clients: &[usize]) -> Outcome {
+    let etcd_version = etcd::require();
+    let duration = Duration::from_secs(if quick { 1 } else { 5 });
+    let cluster = Cluster::bootstrap(3, &[]).await;
+    let etcd = Etcd::start(3).await;
+    let flotilla = Arc::new(flotilla_api::Client::new(&cluster.url(cluster.wait_for_leader().await), Some(TOKEN.into())));
+    let etcd_kv = etcd::connect(&etcd.endpoint(etcd.wait_for_leader().await)).await.expect("connect to etcd").kv_client();
+    let value = Arc::new("x".repeat(128));
+    println!("== coordination writes and linearizable reads: flotilla (3 nodes) vs {etcd_version} (3 members), {} s per point", duration.as_secs());
+
+    for k in 0..READ_KEYS {
+        flotilla.kv_put(&format!("read/{k}"), &value, None).await.expect("flotilla put");
+        etcd_kv.clone().put(format!("read/{k}"), value.as_bytes(), None).await.expect("etcd put");
+    }
+
+    let mut rows = Vec::new();
+    let mut chart = Vec::new();
+    for &n in clients {
+        let f = {
+            let (c, v) = (flotilla.clone(), value.clone());
+            drive(n, duration, move |w, i| {
+                let (c, v) = (c.clone(), v.clone());
+                async move { c.kv_put(&format!("bench/{n}/{w}/{i}"), &v, None).await.map(|_| ()) }
+            })
+            .await
+        };
+        let e = {
+            let (kv, v) = (etcd_kv.clone(), value.clone());
+            drive(n, duration, move |w, i| {
+                let (mut kv, v) = (kv.clone(), v.clone());
+                async move { kv.put(format!("bench/{n}/{w}/{i}"), v.as_bytes(), None).await.map(|_| ()) }
+            })
+            .await
+        };
+        print_point("write", n, &f, &e);
+        chart.push((n, f.ops_per_s, e.ops_per_s));
+        push_rows(&mut rows, "write", n, &f, &e);
+
+        let f = {
+            let c = flotilla.clone();
+            drive(n, duration, move |w, i| {
+                let c = c.clone();
+                async move { c.kv_get(&read_key(w, i), false).await.map(|_| ()) }
+            })
+            .await
+        };
+        let e = {
+            let kv = etcd_kv.clone();
+            drive(n, duration, move |w, i| {
+                let mut kv = kv.clone();
+                async move {
+                    let resp = kv.get(read_key(w, i), None).await?;
+                    assert_eq!(resp.kvs().len(), 1, "etcd lost a key");
+                    Ok::<_, etcd_client::Error>(())
+                }
+            })
+            .await
+        };
+        print_point("read", n, &f, &e);
+        push_rows(&mut rows, "read", n, &f, &e);
+    }
+    Outcome { rows, chart }
+}
+
+fn read_key(client: usize, i: u64) -> String {
+    format!("read/{}", (client as u64 * 7919 + i) % READ_KEYS)
+}
+
+fn print_point(what: &str, n: usize, f: &Stats, e: &Stats) {
+    println!(
+        "{what:>5} {n:>4} clients: flotilla {:>8.0}/s p50 {:>6.2} ms p99 {:>7.2} ms | etcd {:>8.0}/s p50 {:>6.2} ms p99 {:>7.2} ms",
+        f.ops_per_s, f.p50_ms, f.p99_ms, e.ops_per_s, e.p50_ms, e.p99_ms
+    );
+}
+
+fn push_rows(rows: &mut Vec<Row>, what: &str, n: usize, f: &Stats, e: &Stats) {
+    let unit = if what == "write" { "writes/s" } else { "reads/s" };
+    rows.push(Row::new(format!("kv_{what}_throughput_{n}_clients"), unit, f.ops_per_s, "etcd", e.ops_per_s, true));
+    rows.push(Row::new(format!("kv_{what}_p50_{n}_clients"), "ms", f.p50_ms, "etcd", e.p50_ms, false));
+    rows.push(Row::new(format!("kv_{what}_p99_{n}_clients"), "ms", f.p99_ms, "etcd", e.p99_ms, false));
+}

@@ -1,0 +1,57 @@
+//! The load generator both systems get: N concurrent clients, each doing one operation after
+//! another for a fixed time; every operation's latency is kept.
+
+use std::future::Future;
+use std::time::{Duration, Instant};
+
+pub struct Stats {
+    pub ops_per_s: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+}
+
+/// Runs `op(client, i)` from `clients` tasks for `duration`. An error fails the benchmark:
+/// a figure that counts failed operations would be worthless.
+pub async fn drive<F, Fut, E>(clients: usize, duration: Duration, op: F) -> Stats
+where
+    F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = Result<(), E>> + Send,
+    E: std::fmt::Display,
+{
+    let start = Instant::now();
+    let deadline = start + duration;
+    let tasks: Vec<_> = (0..clients)
+        .map(|c| {
+            let op = op.clone();
+            tokio::spawn(async move {
+                let mut latencies = Vec::with_capacity(4096);
+                let mut i = 0u64;
+                while Instant::now() < deadline {
+                    let t = Instant::now();
+                    if let Err(e) = op(c, i).await {
+                        panic!("client {c}, operation {i}: {e}");
+                    }
+                    latencies.push(t.elapsed());
+                    i += 1;
+                }
+                latencies
+            })
+        })
+        .collect();
+    let mut all: Vec<Duration> = Vec::new();
+    for t in tasks {
+        all.extend(t.await.expect("a load client panicked"));
+    }
+    let elapsed = start.elapsed();
+    all.sort();
+    Stats { ops_per_s: all.len() as f64 / elapsed.as_secs_f64(), p50_ms: percentile_ms(&all, 0.5), p99_ms: percentile_ms(&all, 0.99) }
+}
+
+/// The `p` quantile (nearest rank) of sorted durations, in milliseconds; NaN when empty.
+pub fn percentile_ms(sorted: &[Duration], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let i = ((sorted.len() - 1) as f64 * p).round() as usize;
+    sorted[i].as_secs_f64() * 1000.0
+}

@@ -1,0 +1,148 @@
+//! The results: one row per measured figure, each with the baseline it ran beside; printed
+//! as a table, written as `bench-results.json`, and the throughput-vs-clients chart as SVG.
+
+use std::path::Path;
+
+use serde_json::json;
+
+pub struct Row {
+    pub name: String,
+    pub unit: &'static str,
+    pub flotilla: f64,
+    pub baseline_name: String,
+    pub baseline: f64,
+    pub higher_is_better: bool,
+}
+
+impl Row {
+    pub fn new(name: impl Into<String>, unit: &'static str, flotilla: f64, baseline_name: impl Into<String>, baseline: f64, higher_is_better: bool) -> Row {
+        Row { name: name.into(), unit, flotilla, baseline_name: baseline_name.into(), baseline, higher_is_better }
+    }
+
+    /// flotilla / baseline (so > 1 is better where higher is better, worse otherwise).
+    pub fn ratio(&self) -> f64 {
+        if self.baseline == 0.0 {
+            f64::NAN
+        } else {
+            self.flotilla / self.baseline
+        }
+    }
+}
+
+fn num(v: f64) -> String {
+    if !v.is_finite() {
+        "-".into()
+    } else if v.abs() >= 100.0 {
+        format!("{v:.0}")
+    } else if v.abs() >= 10.0 {
+        format!("{v:.1}")
+    } else {
+        format!("{v:.2}")
+    }
+}
+
+pub fn print_table(rows: &[Row]) {
+    println!();
+    println!("{:<40} {:>12} {:>12} {:<34} {:>12} {:>7}", "benchmark", "unit", "flotilla", "baseline", "", "ratio");
+    for r in rows {
+        let arrow = if r.higher_is_better { "↑" } else { "↓" };
+        println!(
+            "{:<40} {:>12} {:>12} {:<34} {:>12} {:>7} {arrow}",
+            r.name,
+            r.unit,
+            num(r.flotilla),
+            r.baseline_name,
+            num(r.baseline),
+            num(r.ratio())
+        );
+    }
+}
+
+/// Today's date (UTC) from the system clock, as YYYY-MM-DD (civil-from-days).
+pub fn today() -> String {
+    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs());
+    let z = (secs / 86_400) as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!("{year:04}-{month:02}-{day:02}")
+}
+
+pub fn write_json(path: &Path, rows: &[Row], mode: &str) -> std::io::Result<()> {
+    let results: Vec<_> = rows
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.name, "unit": r.unit,
+                "flotilla": finite(r.flotilla),
+                "baseline_name": r.baseline_name, "baseline": finite(r.baseline),
+                "ratio": finite(r.ratio()),
+                "higher_is_better": r.higher_is_better,
+            })
+        })
+        .collect();
+    let doc = json!({
+        "date": today(),
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "cpu": cpu_model(),
+        "mode": mode,
+        "results": results,
+    });
+    std::fs::write(path, serde_json::to_string_pretty(&doc).expect("JSON of plain values") + "\n")
+}
+
+/// JSON has no NaN: a figure that could not be computed is null.
+fn finite(v: f64) -> serde_json::Value {
+    if v.is_finite() {
+        json!(v)
+    } else {
+        serde_json::Value::Null
+    }
+}
+
+pub fn cpu_model() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    info.lines()
+        .find_map(|l| l.strip_prefix("model name").and_then(|v| v.split_once(':')).map(|(_, m)| m.trim().to_string()))
+        .unwrap_or_else(|| "unknown".into())
+}
+
+/// Writes a line chart of write throughput against client count, one line per system.
+pub fn write_chart(path: &Path, points: &[(usize, f64, f64)]) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let max_y = points.iter().map(|p| p.1.max(p.2)).fold(0.0, f64::max) * 1.15;
+    let max_x = points.iter().map(|p| p.0).max().unwrap_or(1) as f64;
+    let mut chart = ChartBuilder::on(&root)
+        .caption("Durable 128-byte writes/s, three nodes, against concurrent clients", ("sans-serif", 18))
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .build_cartesian_2d((1f64..max_x * 1.3).log_scale(), 0f64..max_y.max(1.0))?;
+    chart
+        .configure_mesh()
+        .x_desc("concurrent clients")
+        .y_desc("writes/s")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .draw()?;
+    let series: [(&str, RGBColor, fn(&(usize, f64, f64)) -> f64); 2] =
+        [("flotilla", RGBColor(0x1f, 0x77, 0xb4), |p| p.1), ("etcd 3.4", RGBColor(0xd6, 0x27, 0x28), |p| p.2)];
+    for (label, color, y) in series {
+        let data: Vec<(f64, f64)> = points.iter().map(|p| (p.0 as f64, y(p))).collect();
+        chart
+            .draw_series(LineSeries::new(data.clone(), color.stroke_width(2)))?
+            .label(label)
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
+        chart.draw_series(data.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
+    }
+    chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.9)).position(SeriesLabelPosition::UpperLeft).draw()?;
+    root.present()?;
+    Ok(())
+}
