@@ -47,10 +47,11 @@ struct ClientArgs {
 #[derive(clap::Args)]
 struct RaftTuning {
     /// Raft heartbeat interval; every AppendEntries call must finish within it.
-    #[arg(long, env = "FLOTILLA_HEARTBEAT_MS", default_value_t = 150)]
+    #[arg(long, env = "FLOTILLA_HEARTBEAT_MS", default_value_t = 100)]
     heartbeat_ms: u64,
-    /// Minimum election timeout (the maximum is twice this).
-    #[arg(long, env = "FLOTILLA_ELECTION_TIMEOUT_MS", default_value_t = 500)]
+    /// Minimum election timeout (the maximum is 1.5 times this; a follower campaigns after
+    /// the maximum plus its own random timeout without hearing from the leader).
+    #[arg(long, env = "FLOTILLA_ELECTION_TIMEOUT_MS", default_value_t = 250)]
     election_timeout_ms: u64,
     /// Build a snapshot every this many log entries.
     #[arg(long, env = "FLOTILLA_SNAPSHOT_LOGS", default_value_t = 5000)]
@@ -409,7 +410,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             cfg.cluster_token = cluster_token.clone();
             cfg.heartbeat_ms = tuning.heartbeat_ms;
             cfg.election_timeout_min_ms = tuning.election_timeout_ms;
-            cfg.election_timeout_max_ms = tuning.election_timeout_ms * 2;
+            cfg.election_timeout_max_ms = tuning.election_timeout_ms * 3 / 2;
             cfg.snapshot_logs = tuning.snapshot_logs;
             cfg.max_logs_keep = tuning.max_logs_keep;
             let advertise = advertise.unwrap_or_else(|| format!("http://{listen}"));
