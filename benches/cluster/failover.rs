@@ -15,9 +15,9 @@ use crate::report::Row;
 
 const WRITERS: usize = 16;
 
-/// The writers and the instants of their accepted writes.
+/// The writers and, for each accepted write, when it was sent and when it was accepted.
 struct Load {
-    accepted: Arc<Mutex<Vec<Instant>>>,
+    accepted: Arc<Mutex<Vec<(Instant, Instant)>>>,
     stop: Arc<AtomicBool>,
     writers: Vec<tokio::task::JoinHandle<()>>,
 }
@@ -29,7 +29,7 @@ impl Load {
         F: Fn(usize, String) -> Fut + Clone + Send + 'static,
         Fut: Future<Output = bool> + Send,
     {
-        let accepted: Arc<Mutex<Vec<Instant>>> = Arc::new(Mutex::new(Vec::new()));
+        let accepted: Arc<Mutex<Vec<(Instant, Instant)>>> = Arc::new(Mutex::new(Vec::new()));
         let stop = Arc::new(AtomicBool::new(false));
         let writers = (0..WRITERS)
             .map(|w| {
@@ -38,8 +38,9 @@ impl Load {
                     let (mut at, mut n) = (w, 0u64);
                     while !stop.load(Ordering::Relaxed) {
                         n += 1;
+                        let sent = Instant::now();
                         if put(at % 3, format!("load/{w}/{n}")).await {
-                            accepted.lock().unwrap().push(Instant::now());
+                            accepted.lock().unwrap().push((sent, Instant::now()));
                         } else {
                             at += 1;
                             tokio::time::sleep(Duration::from_millis(5)).await;
@@ -51,10 +52,13 @@ impl Load {
         Load { accepted, stop, writers }
     }
 
+    /// From the kill to the first write sent after it and accepted (a write committed
+    /// before the kill whose answer arrives later says nothing about recovery).
     async fn first_write_after(&self, killed_at: Instant) -> Duration {
         let deadline = killed_at + Duration::from_secs(30);
         loop {
-            if let Some(t) = self.accepted.lock().unwrap().iter().copied().find(|t| *t > killed_at) {
+            let first = self.accepted.lock().unwrap().iter().filter(|(sent, _)| *sent > killed_at).map(|(_, at)| *at).min();
+            if let Some(t) = first {
                 return t - killed_at;
             }
             assert!(Instant::now() < deadline, "no write accepted within 30 s of a kill");
