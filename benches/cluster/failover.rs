@@ -1,4 +1,4 @@
-//! 4. Failover: under a steady write load (16 writers spread over the three nodes, each moving
+//! Benchmark 4, failover: under a steady write load (16 writers spread over the three nodes, each moving
 //! to the next node on an error), SIGKILL the leader and time the kill to the first write
 //! accepted after it; the killed node is restarted on its data dir and caught up before the
 //! next kill. The baseline is the same load and the same kills on the three-member etcd.

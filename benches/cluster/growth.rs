@@ -1,4 +1,4 @@
-//! 5. Growth: 100,000 finished runs written through the API to a three-node cluster that
+//! Benchmark 5, growth: 100,000 finished runs written through the API to a three-node cluster that
 //! archives them to the object storage (`--archive-after-s 0`; a POSIX directory shared by
 //! the three nodes, as an NFS mount would be), side by side with the baseline, the same
 //! cluster keeping every run in the Raft state. Reported: Raft log entries and snapshot size,

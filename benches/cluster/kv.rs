@@ -1,4 +1,4 @@
-//! 1. Coordination writes and linearizable reads: a three-node flotilla cluster through its
+//! Benchmark 1, coordination writes and linearizable reads: a three-node flotilla cluster through its
 //! HTTP API client against a three-member etcd through its gRPC client (`etcd-client`),
 //! both driven by the same load generator with the same client counts, one after the other
 //! for each count. Every load client talks to the leader of its system; writes are durable

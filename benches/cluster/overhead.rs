@@ -1,4 +1,4 @@
-//! 3. Per-task overhead of the Docker executor: a run of one task with one `true` step,
+//! Benchmark 3, per-task overhead of the Docker executor: a run of one task with one `true` step,
 //! from `POST /runs` to the run finished (scheduling, container create/start, one exec,
 //! log push and store, status reports, container removal), side by side in the same run
 //! with the baseline `docker run --rm IMAGE true` on the same engine, the two alternating.

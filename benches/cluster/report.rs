@@ -112,8 +112,13 @@ pub fn cpu_model() -> String {
         .unwrap_or_else(|| "unknown".into())
 }
 
+/// (clients, flotilla writes/s, etcd writes/s).
+type Point = (usize, f64, f64);
+/// A line of the chart: its label, its colour, and how to read its y from a point.
+type Series = (&'static str, plotters::style::RGBColor, fn(&Point) -> f64);
+
 /// Writes a line chart of write throughput against client count, one line per system.
-pub fn write_chart(path: &Path, points: &[(usize, f64, f64)]) -> Result<(), Box<dyn std::error::Error>> {
+pub fn write_chart(path: &Path, points: &[Point]) -> Result<(), Box<dyn std::error::Error>> {
     use plotters::prelude::*;
     let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
     root.fill(&WHITE)?;
@@ -132,7 +137,7 @@ pub fn write_chart(path: &Path, points: &[(usize, f64, f64)]) -> Result<(), Box<
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()?;
-    let series: [(&str, RGBColor, fn(&(usize, f64, f64)) -> f64); 2] =
+    let series: [Series; 2] =
         [("flotilla", RGBColor(0x1f, 0x77, 0xb4), |p| p.1), ("etcd 3.4", RGBColor(0xd6, 0x27, 0x28), |p| p.2)];
     for (label, color, y) in series {
         let data: Vec<(f64, f64)> = points.iter().map(|p| (p.0 as f64, y(p))).collect();

@@ -1,4 +1,4 @@
-//! 2. Scheduler (control plane) throughput: runs of many independent one-step tasks driven to
+//! Benchmark 2, scheduler (control plane) throughput: runs of many independent one-step tasks driven to
 //! completion by simulated executors speaking the executor HTTP API (no Docker), on a
 //! three-node cluster with the executors spread over all nodes; the same load on a
 //! one-node cluster is the baseline, side by side in the same run. Reported: task state

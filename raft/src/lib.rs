@@ -7,6 +7,9 @@
 //! only through `flotilla_store::{Command, Response, State}`; it must never contain domain
 //! decisions, HTTP routing or anything of the scheduler.
 
+// openraft's storage traits return its StorageError (over 200 bytes) by design.
+#![allow(clippy::result_large_err)]
+
 pub mod batch;
 pub mod error;
 pub mod log_store;
