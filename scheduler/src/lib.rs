@@ -117,19 +117,29 @@ async fn round(node: &RaftNode, cfg: &SchedulerConfig) {
             .collect();
         (updates, decide::expired_executors(state, now, &cfg.settings))
     };
-    let commands = expired
-        .into_iter()
-        .map(|id| Command::DeleteExecutor { id })
-        .chain(updates.into_iter().map(|u| Command::UpdateRun(Box::new(u))));
-    for cmd in commands {
-        let kind = cmd.kind();
-        match node.write_if_leader(cmd).await {
-            Ok((_, Response::Rejected(e))) => tracing::debug!(kind, error = %e, "scheduler proposal refused; will decide again"),
-            Ok(_) => {}
-            Err(e) => {
-                tracing::debug!(kind, error = %e, "scheduler proposal failed");
-                return;
-            }
+    // Removals first, so that no update below is decided against an executor that is going.
+    for id in expired {
+        if !propose(node, Command::DeleteExecutor { id }).await {
+            return;
+        }
+    }
+    // The runs are independent (each update is a compare-and-swap on its own run): proposed
+    // together, they leave the leader as one batched log entry instead of one round trip each.
+    futures::future::join_all(updates.into_iter().map(|u| propose(node, Command::UpdateRun(Box::new(u))))).await;
+}
+
+/// Proposes one scheduler decision; false when this node can no longer write.
+async fn propose(node: &RaftNode, cmd: Command) -> bool {
+    let kind = cmd.kind();
+    match node.write_if_leader(cmd).await {
+        Ok((_, Response::Rejected(e))) => {
+            tracing::debug!(kind, error = %e, "scheduler proposal refused; will decide again");
+            true
+        }
+        Ok(_) => true,
+        Err(e) => {
+            tracing::debug!(kind, error = %e, "scheduler proposal failed");
+            false
         }
     }
 }
