@@ -5,8 +5,13 @@
 //! map order nor the order of tasks can change an outcome. Passes repeat until nothing
 //! changes, so one round settles everything the current state allows (a skipped task
 //! skips its own children in the same round) and the run is written once.
+//!
+//! [`run_fingerprint`] sums up what a run's decision reads, so that the loop can skip the
+//! runs it already found nothing to do for (most of them, under load) until their inputs
+//! change.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::hash::{DefaultHasher, Hash, Hasher};
 
 use flotilla_store::executor::{executor_task_id, ExecutorTask, ExecutorTaskSpec, ExecutorTaskStatus};
 use flotilla_store::run::{approvers, Phase, RunPhase, RunResult, RunTask, TaskConfig, TaskStatus};
@@ -50,6 +55,35 @@ pub fn expired_executors(state: &State, now_ms: u64, settings: &Settings) -> Vec
 pub fn run_executor_tasks<'a>(state: &'a State, run_id: &str) -> impl Iterator<Item = &'a ExecutorTask> + 'a {
     let prefix = format!("{run_id}.");
     state.executor_tasks.range(prefix.clone()..).take_while(move |(k, _)| k.starts_with(&prefix)).map(|(_, v)| v)
+}
+
+/// What the executors offer to decisions at `now_ms`: which exist, which are live, what
+/// they accept and, for those with a task limit, their load. Seeds [`run_fingerprint`].
+pub fn executors_fingerprint(state: &State, active: &BTreeMap<String, u32>, now_ms: u64, settings: &Settings) -> u64 {
+    let mut h = DefaultHasher::new();
+    for e in state.executors.values() {
+        let live = now_ms.saturating_sub(e.last_seen) <= settings.executor_timeout_ms;
+        (&e.id, live, &e.info.archs, e.info.allow_privileged_containers, e.info.active_tasks_limit).hash(&mut h);
+        if e.info.active_tasks_limit > 0 {
+            active.get(&e.id).hash(&mut h);
+        }
+    }
+    h.finish()
+}
+
+/// Everything [`decide_run`] reads for `run_id`, as one number: the run (its revision moves
+/// on every change), its executor tasks (each with the revision of its last change) and
+/// the executors (`executors`, from [`executors_fingerprint`]). The configuration never
+/// changes. Between two rounds with the same fingerprint, only the clock differs; the
+/// loop's periodic full sweep covers that.
+pub fn run_fingerprint(state: &State, run_id: &str, executors: u64) -> Option<u64> {
+    let run = state.runs.get(run_id)?;
+    let mut h = DefaultHasher::new();
+    (executors, run_id, run.revision).hash(&mut h);
+    for et in run_executor_tasks(state, run_id) {
+        (&et.id, et.revision).hash(&mut h);
+    }
+    Some(h.finish())
 }
 
 /// What one round decides for one run, or `None` when nothing is to change. `active` is
@@ -307,11 +341,13 @@ mod tests {
         state: State,
         index: u64,
         assignments: BTreeMap<String, usize>,
+        /// Fingerprints of the runs the last round left unchanged (as the loop keeps them).
+        settled: BTreeMap<String, u64>,
     }
 
     impl Sim {
         fn new() -> Sim {
-            Sim { state: State::default(), index: 0, assignments: BTreeMap::new() }
+            Sim { state: State::default(), index: 0, assignments: BTreeMap::new(), settled: BTreeMap::new() }
         }
         fn apply(&mut self, cmd: Command) -> Response {
             self.index += 1;
@@ -323,12 +359,29 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-        /// One scheduler round over every active run; true if anything was written.
+        /// One scheduler round over every active run; true if anything was written. Checks
+        /// that the loop's skipping is sound: a run whose fingerprint is the one it had when
+        /// it was last left unchanged is left unchanged again.
         fn round(&mut self) -> bool {
             let mut active = active_counts(&self.state);
+            let executors = executors_fingerprint(&self.state, &active, NOW, &Settings::default());
             let ids: Vec<String> = self.state.active_runs.iter().cloned().collect();
-            let updates: Vec<_> =
-                ids.iter().filter_map(|id| decide_run(&self.state, id, NOW, &Settings::default(), &mut active)).collect();
+            let mut updates = Vec::new();
+            let mut settled = BTreeMap::new();
+            for id in &ids {
+                let fingerprint = run_fingerprint(&self.state, id, executors).expect("an active run exists");
+                let decided = decide_run(&self.state, id, NOW, &Settings::default(), &mut active);
+                if self.settled.get(id) == Some(&fingerprint) {
+                    assert!(decided.is_none(), "run {id} was skipped by its fingerprint but had work: {decided:?}");
+                }
+                match decided {
+                    Some(u) => updates.push(u),
+                    None => {
+                        settled.insert(id.clone(), fingerprint);
+                    }
+                }
+            }
+            self.settled = settled;
             let any = !updates.is_empty();
             for u in updates {
                 for s in &u.create_tasks {
@@ -367,6 +420,38 @@ mod tests {
         fn status(&self, run: &str, task: &str) -> TaskStatus {
             self.state.runs[run].tasks[task].status
         }
+    }
+
+    #[test]
+    fn fingerprint_moves_with_every_input_of_a_decision() {
+        let mut sim = Sim::new();
+        let run = sim.create(create(vec![task("a", vec![]), task("b", vec![dep("a", &[])])]));
+        let fp = |sim: &Sim| {
+            let active = active_counts(&sim.state);
+            let executors = executors_fingerprint(&sim.state, &active, NOW, &Settings::default());
+            run_fingerprint(&sim.state, &run, executors).unwrap()
+        };
+        let f0 = fp(&sim);
+        assert_eq!(f0, fp(&sim), "same state, same fingerprint");
+        sim.round(); // queued -> running, nothing to run on
+        let f1 = fp(&sim);
+        assert_ne!(f0, f1, "the run changed");
+        sim.apply(Command::PutExecutor { id: "e1".into(), info: executor(0, false), now_ms: NOW });
+        let f2 = fp(&sim);
+        assert_ne!(f1, f2, "an executor came");
+        sim.apply(Command::PutExecutor { id: "e1".into(), info: executor(0, false), now_ms: NOW + 1 });
+        assert_eq!(f2, fp(&sim), "a heartbeat alone changes nothing a decision reads");
+        assert!(sim.round(), "a is handed out");
+        let f3 = fp(&sim);
+        sim.round();
+        assert_eq!(f3, fp(&sim), "nothing to do while a runs");
+        sim.executors_report(&|_| Phase::Running);
+        assert_ne!(f3, fp(&sim), "the executor reported");
+        let f4 = fp(&sim);
+        let stale = Settings::default().executor_timeout_ms + 10;
+        let active = active_counts(&sim.state);
+        let later = executors_fingerprint(&sim.state, &active, NOW + stale, &Settings::default());
+        assert_ne!(f4, run_fingerprint(&sim.state, &run, later).unwrap(), "the executor went stale");
     }
 
     fn outcome_fails(failing: &'static [&'static str]) -> impl Fn(&str) -> Phase {

@@ -17,6 +17,7 @@ pub mod archive;
 pub mod decide;
 pub mod gc;
 
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
@@ -80,6 +81,10 @@ pub async fn run(node: Arc<RaftNode>, cfg: SchedulerConfig, mut shutdown: watch:
     let mut sweep = tokio::time::interval(Duration::from_millis(cfg.sweep_interval_ms.max(10)));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut was_leader = false;
+    // Runs the last round left unchanged, with their fingerprints then: skipped until their
+    // inputs change. The sweep decides on every run (the clock is not in the fingerprint).
+    let mut settled: HashMap<String, u64> = HashMap::new();
+    let mut full = true;
     loop {
         let leader = node.is_leader();
         if leader != was_leader {
@@ -87,34 +92,56 @@ pub async fn run(node: Arc<RaftNode>, cfg: SchedulerConfig, mut shutdown: watch:
             was_leader = leader;
         }
         if leader {
-            round(&node, &cfg).await;
+            if full {
+                settled.clear();
+            }
+            round(&node, &cfg, &mut settled).await;
+        } else {
+            settled.clear();
         }
-        tokio::select! {
-            r = applied.changed() => if r.is_err() { return },
-            _ = sweep.tick() => {}
+        full = tokio::select! {
+            r = applied.changed() => if r.is_err() { return } else { false },
+            _ = sweep.tick() => true,
             _ = shutdown.changed() => return,
-        }
+        };
         if *shutdown.borrow() {
             return;
         }
     }
 }
 
-/// One round: decide on every active run from one consistent view, then propose.
-async fn round(node: &RaftNode, cfg: &SchedulerConfig) {
+/// One round: decide on every active run whose inputs changed since it was last left
+/// unchanged (`settled`), from one consistent view, then propose.
+async fn round(node: &RaftNode, cfg: &SchedulerConfig, settled: &mut HashMap<String, u64>) {
     let now = now_ms();
     let (updates, expired) = {
         let sm = node.state.read();
         let state = &sm.state;
         if state.maintenance {
+            // An import may bring back runs under old revisions.
+            settled.clear();
             return;
         }
         let mut active = decide::active_counts(state);
-        let updates: Vec<_> = state
-            .active_runs
-            .iter()
-            .filter_map(|id| decide::decide_run(state, id, now, &cfg.settings, &mut active))
-            .collect();
+        let executors = decide::executors_fingerprint(state, &active, now, &cfg.settings);
+        let mut still = HashMap::with_capacity(settled.len());
+        let mut updates = Vec::new();
+        for id in &state.active_runs {
+            let fingerprint = decide::run_fingerprint(state, id, executors);
+            if let Some(f) = fingerprint.filter(|f| settled.get(id) == Some(f)) {
+                still.insert(id.clone(), f);
+                continue;
+            }
+            match decide::decide_run(state, id, now, &cfg.settings, &mut active) {
+                Some(update) => updates.push(update),
+                None => {
+                    if let Some(f) = fingerprint {
+                        still.insert(id.clone(), f);
+                    }
+                }
+            }
+        }
+        *settled = still;
         (updates, decide::expired_executors(state, now, &cfg.settings))
     };
     // Removals first, so that no update below is decided against an executor that is going.
