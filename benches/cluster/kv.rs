@@ -1,15 +1,17 @@
-//! Benchmark 1, coordination writes and linearizable reads: a three-node flotilla cluster through its
-//! HTTP API client against a three-member etcd through its gRPC client (`etcd-client`),
-//! both driven by the same load generator with the same client counts, one after the other
-//! for each count. Every load client talks to the leader of its system; writes are durable
-//! puts of 128-byte values to distinct keys, reads are linearizable gets of existing keys.
+//! Benchmark 1, coordination writes and linearizable reads: a three-node flotilla cluster
+//! through its HTTP API client against a three-member etcd through its gRPC client
+//! (`etcd-client`), both driven by the same load generator with the same client counts,
+//! taking turns in one-second slices for each count. Every load client talks to the leader
+//! of its system; writes are durable puts of 128-byte values to distinct keys, reads are
+//! linearizable gets of existing keys.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::{Cluster, TOKEN};
 use crate::etcd::{self, Etcd};
-use crate::load::{drive, Stats};
+use crate::load::{drive, Sample, Stats};
+use etcd_client::KvClient;
 use crate::report::Row;
 
 pub const CLIENTS: [usize; 4] = [1, 16, 64, 256];
@@ -24,6 +26,8 @@ pub struct Outcome {
 pub async fn run(quick: bool, clients: &[usize]) -> Outcome {
     let etcd_version = etcd::require();
     let duration = Duration::from_secs(if quick { 1 } else { 5 });
+    let slices: u32 = if quick { 1 } else { 5 };
+    let slice_len = duration / slices;
     let cluster = Cluster::bootstrap(3, &[]).await;
     let etcd = Etcd::start(3).await;
     let flotilla = Arc::new(flotilla_api::Client::new(&cluster.url(cluster.wait_for_leader().await), Some(TOKEN.into())));
@@ -39,50 +43,84 @@ pub async fn run(quick: bool, clients: &[usize]) -> Outcome {
     let mut rows = Vec::new();
     let mut chart = Vec::new();
     for &n in clients {
-        let f = {
-            let (c, v) = (flotilla.clone(), value.clone());
-            drive(n, duration, move |w, i| {
-                let (c, v) = (c.clone(), v.clone());
-                async move { c.kv_put(&format!("bench/{n}/{w}/{i}"), &v, None).await.map(|_| ()) }
-            })
-            .await
-        };
-        let e = {
-            let (kv, v) = (etcd_kv.clone(), value.clone());
-            drive(n, duration, move |w, i| {
-                let (mut kv, v) = (kv.clone(), v.clone());
-                async move { kv.put(format!("bench/{n}/{w}/{i}"), v.as_bytes(), None).await.map(|_| ()) }
-            })
-            .await
-        };
+        // The two systems take turns in short slices (and take turns going first), so that
+        // a slow spell of the machine hits both alike.
+        let (mut fw, mut ew, mut fr, mut er) = (Sample::default(), Sample::default(), Sample::default(), Sample::default());
+        for slice in 0..slices {
+            let f = flotilla_writes(&flotilla, &value, n, slice, slice_len);
+            let e = etcd_writes(&etcd_kv, &value, n, slice, slice_len);
+            if slice % 2 == 0 {
+                fw.add(f.await);
+                ew.add(e.await);
+            } else {
+                ew.add(e.await);
+                fw.add(f.await);
+            }
+        }
+        for slice in 0..slices {
+            let f = flotilla_reads(&flotilla, n, slice_len);
+            let e = etcd_reads(&etcd_kv, n, slice_len);
+            if slice % 2 == 0 {
+                fr.add(f.await);
+                er.add(e.await);
+            } else {
+                er.add(e.await);
+                fr.add(f.await);
+            }
+        }
+        let (f, e) = (fw.stats(), ew.stats());
         print_point("write", n, &f, &e);
         chart.push((n, f.ops_per_s, e.ops_per_s));
         push_rows(&mut rows, "write", n, &f, &e);
-
-        let f = {
-            let c = flotilla.clone();
-            drive(n, duration, move |w, i| {
-                let c = c.clone();
-                async move { c.kv_get(&read_key(w, i), false).await.map(|_| ()) }
-            })
-            .await
-        };
-        let e = {
-            let kv = etcd_kv.clone();
-            drive(n, duration, move |w, i| {
-                let mut kv = kv.clone();
-                async move {
-                    let resp = kv.get(read_key(w, i), None).await?;
-                    assert_eq!(resp.kvs().len(), 1, "etcd lost a key");
-                    Ok::<_, etcd_client::Error>(())
-                }
-            })
-            .await
-        };
+        let (f, e) = (fr.stats(), er.stats());
         print_point("read", n, &f, &e);
         push_rows(&mut rows, "read", n, &f, &e);
     }
     Outcome { rows, chart }
+}
+
+/// Durable puts of distinct keys through flotilla's HTTP API client.
+async fn flotilla_writes(c: &Arc<flotilla_api::Client>, v: &Arc<String>, n: usize, slice: u32, d: Duration) -> Sample {
+    let (c, v) = (c.clone(), v.clone());
+    drive(n, d, move |w, i| {
+        let (c, v) = (c.clone(), v.clone());
+        async move { c.kv_put(&format!("bench/{n}/{slice}/{w}/{i}"), &v, None).await.map(|_| ()) }
+    })
+    .await
+}
+
+/// The same puts through etcd's gRPC client.
+async fn etcd_writes(kv: &KvClient, v: &Arc<String>, n: usize, slice: u32, d: Duration) -> Sample {
+    let (kv, v) = (kv.clone(), v.clone());
+    drive(n, d, move |w, i| {
+        let (mut kv, v) = (kv.clone(), v.clone());
+        async move { kv.put(format!("bench/{n}/{slice}/{w}/{i}"), v.as_bytes(), None).await.map(|_| ()) }
+    })
+    .await
+}
+
+/// Linearizable gets of existing keys.
+async fn flotilla_reads(c: &Arc<flotilla_api::Client>, n: usize, d: Duration) -> Sample {
+    let c = c.clone();
+    drive(n, d, move |w, i| {
+        let c = c.clone();
+        async move { c.kv_get(&read_key(w, i), false).await.map(|_| ()) }
+    })
+    .await
+}
+
+/// The same gets from etcd (linearizable is its default).
+async fn etcd_reads(kv: &KvClient, n: usize, d: Duration) -> Sample {
+    let kv = kv.clone();
+    drive(n, d, move |w, i| {
+        let mut kv = kv.clone();
+        async move {
+            let resp = kv.get(read_key(w, i), None).await?;
+            assert_eq!(resp.kvs().len(), 1, "etcd lost a key");
+            Ok::<_, etcd_client::Error>(())
+        }
+    })
+    .await
 }
 
 fn read_key(client: usize, i: u64) -> String {

@@ -1,5 +1,6 @@
 //! The load generator both systems get: N concurrent clients, each doing one operation after
-//! another for a fixed time; every operation's latency is kept.
+//! another for a fixed time; every operation's latency is kept, so that several slices of
+//! load (see `kv`, which alternates the two systems) add up to one figure.
 
 use std::future::Future;
 use std::time::{Duration, Instant};
@@ -10,9 +11,29 @@ pub struct Stats {
     pub p99_ms: f64,
 }
 
+/// What one or more slices of load measured: time under load and every latency.
+#[derive(Default)]
+pub struct Sample {
+    elapsed: Duration,
+    latencies: Vec<Duration>,
+}
+
+impl Sample {
+    pub fn add(&mut self, other: Sample) {
+        self.elapsed += other.elapsed;
+        self.latencies.extend(other.latencies);
+    }
+
+    pub fn stats(mut self) -> Stats {
+        self.latencies.sort();
+        let all = &self.latencies;
+        Stats { ops_per_s: all.len() as f64 / self.elapsed.as_secs_f64(), p50_ms: percentile_ms(all, 0.5), p99_ms: percentile_ms(all, 0.99) }
+    }
+}
+
 /// Runs `op(client, i)` from `clients` tasks for `duration`. An error fails the benchmark:
 /// a figure that counts failed operations would be worthless.
-pub async fn drive<F, Fut, E>(clients: usize, duration: Duration, op: F) -> Stats
+pub async fn drive<F, Fut, E>(clients: usize, duration: Duration, op: F) -> Sample
 where
     F: Fn(usize, u64) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Result<(), E>> + Send,
@@ -42,9 +63,7 @@ where
     for t in tasks {
         all.extend(t.await.expect("a load client panicked"));
     }
-    let elapsed = start.elapsed();
-    all.sort();
-    Stats { ops_per_s: all.len() as f64 / elapsed.as_secs_f64(), p50_ms: percentile_ms(&all, 0.5), p99_ms: percentile_ms(&all, 0.99) }
+    Sample { elapsed: start.elapsed(), latencies: all }
 }
 
 /// The `p` quantile (nearest rank) of sorted durations, in milliseconds; NaN when empty.
