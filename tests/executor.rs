@@ -47,9 +47,18 @@ async fn log(c: &Client, run: &str, task: &str, step: &str) -> String {
     String::from_utf8_lossy(&bytes).into_owned()
 }
 
+/// The executor removes a task's container right after reporting its outcome: once the
+/// runs ended, every container of `exec` is gone within a few seconds.
 fn assert_no_containers(exec: &ExecutorProc) {
-    let left = containers_with_label("flotilla.executor", &exec.id);
-    assert!(left.is_empty(), "containers of executor {} left behind: {left:?}", exec.id);
+    let deadline = Instant::now() + Duration::from_secs(15);
+    loop {
+        let left = containers_with_label("flotilla.executor", &exec.id);
+        if left.is_empty() {
+            return;
+        }
+        assert!(Instant::now() < deadline, "containers of executor {} left behind: {left:?}", exec.id);
+        std::thread::sleep(Duration::from_millis(200));
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -129,12 +129,16 @@ pub async fn run(agent: Arc<Agent>, task: ExecutorTaskView, mut stop: watch::Rec
             break;
         }
     }
-    if let Err(e) = agent.docker.remove(&container).await {
-        tracing::warn!(task = id, error = %e, "cannot remove the task's container");
-    }
     status.phase = final_phase;
     status.end_time = Some(now_ms());
     report(&agent, &id, &status).await;
+    // Cleanup once the outcome is out: nothing the task produced is in the container any
+    // more (logs and archives went up step by step), so its result does not wait for Docker
+    // to kill and remove it. A crash before this point leaves a labeled container that the
+    // next start of the executor removes.
+    if let Err(e) = agent.docker.remove(&container).await {
+        tracing::warn!(task = id, error = %e, "cannot remove the task's container");
+    }
     let _ = tokio::fs::remove_dir_all(&dir).await;
     status
 }
