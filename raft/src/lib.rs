@@ -11,6 +11,7 @@
 #![allow(clippy::result_large_err)]
 
 pub mod batch;
+pub mod blobs;
 pub mod error;
 pub mod log_store;
 pub mod network;

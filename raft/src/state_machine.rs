@@ -79,6 +79,8 @@ pub struct StateMachineStore {
     inner: Arc<RwLock<StateMachineData>>,
     db: sled::Db,
     snapshots: sled::Tree,
+    /// A snapshot is always a blob file of sled's (see [`crate::blobs`]).
+    blobs: Arc<crate::blobs::Blobs>,
     applied_tx: Arc<watch::Sender<u64>>,
     events_tx: broadcast::Sender<Arc<Event>>,
     snapshot_seq: Arc<AtomicU64>,
@@ -113,6 +115,7 @@ impl StateMachineStore {
             inner: Arc::new(RwLock::new(data)),
             db: db.clone(),
             snapshots,
+            blobs: Arc::new(crate::blobs::Blobs::new(db)),
             applied_tx: Arc::new(applied_tx),
             events_tx: broadcast::channel(flotilla_store::limits::EVENT_BUFFER).0,
             snapshot_seq: Arc::new(AtomicU64::new(0)),
@@ -132,13 +135,19 @@ impl StateMachineStore {
         let bytes = encode(&stored).map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
         self.snapshots.insert(KEY_CURRENT, bytes).map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
         self.db.flush_async().await.map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
-        Ok(())
+        sync_blobs(&self.blobs).await.map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))
     }
 
     /// Size in bytes of the snapshot kept on disk (0 when there is none).
     pub fn snapshot_size_bytes(&self) -> u64 {
         self.snapshots.get(KEY_CURRENT).ok().flatten().map_or(0, |b| b.len() as u64)
     }
+}
+
+/// [`crate::blobs::Blobs::sync`] off the async runtime.
+async fn sync_blobs(blobs: &Arc<crate::blobs::Blobs>) -> std::io::Result<()> {
+    let blobs = blobs.clone();
+    tokio::task::spawn_blocking(move || blobs.sync().map(|_| ())).await.map_err(std::io::Error::other)?
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
