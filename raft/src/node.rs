@@ -278,7 +278,15 @@ impl RaftNode {
                         return Err(NodeError::unavailable(format!("no leader could take the request: {why}")));
                     }
                     tracing::debug!(%why, "retrying leader request");
-                    tokio::time::sleep(delay).await;
+                    // Again as soon as this node learns of another leader (an election
+                    // just ended), or after the back-off.
+                    let known = self.current_leader();
+                    let mut metrics = self.raft.metrics();
+                    let _ = tokio::time::timeout(
+                        delay,
+                        metrics.wait_for(|m| m.current_leader.is_some() && m.current_leader != known),
+                    )
+                    .await;
                     delay = (delay * 2).min(Duration::from_millis(200));
                 }
             }
