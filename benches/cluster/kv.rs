@@ -43,31 +43,8 @@ pub async fn run(quick: bool, clients: &[usize]) -> Outcome {
     let mut rows = Vec::new();
     let mut chart = Vec::new();
     for &n in clients {
-        // The two systems take turns in short slices (and take turns going first), so that
-        // a slow spell of the machine hits both alike.
-        let (mut fw, mut ew, mut fr, mut er) = (Sample::default(), Sample::default(), Sample::default(), Sample::default());
-        for slice in 0..slices {
-            let f = flotilla_writes(&flotilla, &value, n, slice, slice_len);
-            let e = etcd_writes(&etcd_kv, &value, n, slice, slice_len);
-            if slice % 2 == 0 {
-                fw.add(f.await);
-                ew.add(e.await);
-            } else {
-                ew.add(e.await);
-                fw.add(f.await);
-            }
-        }
-        for slice in 0..slices {
-            let f = flotilla_reads(&flotilla, n, slice_len);
-            let e = etcd_reads(&etcd_kv, n, slice_len);
-            if slice % 2 == 0 {
-                fr.add(f.await);
-                er.add(e.await);
-            } else {
-                er.add(e.await);
-                fr.add(f.await);
-            }
-        }
+        let (fw, ew) = take_turns(slices, |s| flotilla_writes(&flotilla, &value, n, s, slice_len), |s| etcd_writes(&etcd_kv, &value, n, s, slice_len)).await;
+        let (fr, er) = take_turns(slices, |_| flotilla_reads(&flotilla, n, slice_len), |_| etcd_reads(&etcd_kv, n, slice_len)).await;
         let (f, e) = (fw.stats(), ew.stats());
         print_point("write", n, &f, &e);
         chart.push((n, f.ops_per_s, e.ops_per_s));
@@ -77,6 +54,28 @@ pub async fn run(quick: bool, clients: &[usize]) -> Outcome {
         push_rows(&mut rows, "read", n, &f, &e);
     }
     Outcome { rows, chart }
+}
+
+/// The two systems take turns in short slices (and take turns going first), so that a slow
+/// spell of the machine hits both alike; each side's slices add up to its sample.
+async fn take_turns<F, E, FF, EF>(slices: u32, f: F, e: E) -> (Sample, Sample)
+where
+    F: Fn(u32) -> FF,
+    E: Fn(u32) -> EF,
+    FF: std::future::Future<Output = Sample>,
+    EF: std::future::Future<Output = Sample>,
+{
+    let (mut fs, mut es) = (Sample::default(), Sample::default());
+    for slice in 0..slices {
+        if slice % 2 == 0 {
+            fs.add(f(slice).await);
+            es.add(e(slice).await);
+        } else {
+            es.add(e(slice).await);
+            fs.add(f(slice).await);
+        }
+    }
+    (fs, es)
 }
 
 /// Durable puts of distinct keys through flotilla's HTTP API client.
