@@ -144,7 +144,8 @@ async fn round(node: &RaftNode, cfg: &SchedulerConfig, settled: &mut HashMap<Str
         *settled = still;
         (updates, decide::expired_executors(state, now, &cfg.settings))
     };
-    // Removals first, so that no update below is decided against an executor that is going.
+    // Removals of expired executors first, one by one (rare); a run update that hands a task
+    // to one of them is refused at apply and decided again.
     for id in expired {
         if !propose(node, Command::DeleteExecutor { id }).await {
             return;
