@@ -79,7 +79,10 @@ fn pct(all: &[Duration], p: f64) -> f64 {
 async fn main() {
     let quick = std::env::args().any(|a| a == "--quick");
     let runs = if quick { 50 } else { 200 };
-    println!("cores: {}; {runs} runs of a two-task chain each", std::thread::available_parallelism().map_or(0, |n| n.get()));
+    println!(
+        "cores: {}; {runs} runs of a two-task chain each",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
     let three = {
         let c = Cluster::bootstrap(3, &[]).await;
         let leader = c.wait_for_leader().await;

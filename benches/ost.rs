@@ -76,7 +76,10 @@ async fn main() {
     rows.push(measure("s3s-fs", &s3s.ost("bench", "base").await.unwrap(), size).await);
     rows.push(measure("moto", &moto.ost("bench", "base").await.unwrap(), size).await);
     println!("object of {} MiB, streamed up (put of unknown size) then down (get)", size / MIB);
-    println!("{:<8} {:>10} {:>10} {:>9} {:>9} {:>12} {:>12}", "backend", "up MiB/s", "down MiB/s", "up/posix", "dn/posix", "peak RSS up", "peak RSS dn");
+    println!(
+        "{:<8} {:>10} {:>10} {:>9} {:>9} {:>12} {:>12}",
+        "backend", "up MiB/s", "down MiB/s", "up/posix", "dn/posix", "peak RSS up", "peak RSS dn"
+    );
     let (bu, bd) = (rows[0].up_mib_s, rows[0].down_mib_s);
     for r in &rows {
         println!(

@@ -16,7 +16,11 @@ use flotilla_raft::NodeConfig;
 mod run_cmd;
 
 #[derive(Parser)]
-#[command(name = "flotilla", version, about = "A self-contained run scheduler: Raft-replicated servers, Docker executors.")]
+#[command(
+    name = "flotilla",
+    version,
+    about = "A self-contained run scheduler: Raft-replicated servers, Docker executors."
+)]
 struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, env = "FLOTILLA_LOG_FORMAT", value_enum, default_value = "text")]
@@ -394,7 +398,18 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
-        Cmd::Server { id, listen, data_dir, advertise, token_file, cluster_token_file, executor_token_file, tuning, scheduler, ost } => {
+        Cmd::Server {
+            id,
+            listen,
+            data_dir,
+            advertise,
+            token_file,
+            cluster_token_file,
+            executor_token_file,
+            tuning,
+            scheduler,
+            ost,
+        } => {
             init_logging(cli.log_format);
             let api_token = read_token(&token_file)?;
             let cluster_token = match cluster_token_file {
@@ -423,9 +438,15 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 archive: ost.archive(),
                 ost_url: ost.ost,
             };
-            serve_node(cfg, listen, server_cfg, |_, addr| tracing::info!(id, %addr, %advertise, "node serving"), shutdown_signal())
-                .await
-                .map_err(|e| Failure::Refused(e.to_string()))
+            serve_node(
+                cfg,
+                listen,
+                server_cfg,
+                |_, addr| tracing::info!(id, %addr, %advertise, "node serving"),
+                shutdown_signal(),
+            )
+            .await
+            .map_err(|e| Failure::Refused(e.to_string()))
         }
         Cmd::Dev { data_dir, listen, token_file, scheduler, ost } => {
             init_logging(cli.log_format);
@@ -447,7 +468,11 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             pull_timeout_s,
         } => {
             init_logging(cli.log_format);
-            let mut cfg = flotilla_executor::Config::new(&id, servers, std::path::absolute(&work_dir).unwrap_or(work_dir));
+            let mut cfg = flotilla_executor::Config::new(
+                &id,
+                servers,
+                std::path::absolute(&work_dir).unwrap_or(work_dir),
+            );
             cfg.token = read_token(&token_file)?;
             cfg.listen = Some(listen);
             cfg.group = group;
@@ -470,11 +495,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             let mut export = client(&args)?.export().await?;
             // Written beside the target and renamed: a failed export leaves no half file.
             let tmp = output.with_extension("partial");
-            let mut file = std::fs::File::create(&tmp).map_err(|e| Failure::Refused(format!("cannot write {}: {e}", tmp.display())))?;
+            let mut file = std::fs::File::create(&tmp)
+                .map_err(|e| Failure::Refused(format!("cannot write {}: {e}", tmp.display())))?;
             let mut size = 0;
             while let Some(chunk) = export.chunk().await? {
                 size += chunk.len();
-                std::io::Write::write_all(&mut file, &chunk).map_err(|e| Failure::Refused(format!("cannot write {}: {e}", tmp.display())))?;
+                std::io::Write::write_all(&mut file, &chunk)
+                    .map_err(|e| Failure::Refused(format!("cannot write {}: {e}", tmp.display())))?;
             }
             file.sync_all().map_err(|e| Failure::Refused(e.to_string()))?;
             std::fs::rename(&tmp, &output).map_err(|e| Failure::Refused(e.to_string()))?;
@@ -482,9 +509,13 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             Ok(())
         }
         Cmd::Import { client: args, input } => {
-            let bytes = std::fs::read(&input).map_err(|e| Failure::Refused(format!("cannot read {}: {e}", input.display())))?;
+            let bytes = std::fs::read(&input)
+                .map_err(|e| Failure::Refused(format!("cannot read {}: {e}", input.display())))?;
             client(&args)?.import(bytes.into()).await?;
-            eprintln!("imported {}; the cluster stays in maintenance until `flotilla maintenance disable`", input.display());
+            eprintln!(
+                "imported {}; the cluster stays in maintenance until `flotilla maintenance disable`",
+                input.display()
+            );
             Ok(())
         }
         Cmd::Maintenance { client: args, command } => {
@@ -540,7 +571,8 @@ async fn dev(
         ost_url: ost.ost,
     };
     let data_dir_shown = data_dir.display().to_string();
-    let executor_dir = std::path::absolute(data_dir.join("executor")).unwrap_or_else(|_| data_dir.join("executor"));
+    let executor_dir =
+        std::path::absolute(data_dir.join("executor")).unwrap_or_else(|_| data_dir.join("executor"));
     serve_node(
         cfg,
         listen,
@@ -578,7 +610,10 @@ pub(crate) fn print_json<T: serde::Serialize>(v: &T) {
 
 fn print_status(s: &ClusterStatus) {
     let leader = s.leader_id.map_or("none".to_string(), |l| l.to_string());
-    println!("leader: {leader}  term: {}  commit index: {}  (answered by node {})", s.term, s.commit_index, s.node_id);
+    println!(
+        "leader: {leader}  term: {}  commit index: {}  (answered by node {})",
+        s.term, s.commit_index, s.node_id
+    );
     println!("{:<6} {:<8} {:<32} {:>10} {:>6}", "ID", "ROLE", "ADDRESS", "MATCHED", "LAG");
     for n in &s.nodes {
         let matched = n.matched_index.map_or("-".into(), |m| m.to_string());
@@ -604,9 +639,12 @@ async fn cluster(c: &Client, json: bool, cmd: ClusterCmd) -> Result<(), Failure>
         ClusterCmd::Promote { id } => {
             let current = c.cluster(false).await?;
             if !current.nodes.iter().any(|n| n.id == id) {
-                return Err(Failure::Refused(format!("node {id} is not a member; add it as a learner first")));
+                return Err(Failure::Refused(format!(
+                    "node {id} is not a member; add it as a learner first"
+                )));
             }
-            let mut voters: Vec<u64> = current.nodes.iter().filter(|n| n.role == "voter").map(|n| n.id).collect();
+            let mut voters: Vec<u64> =
+                current.nodes.iter().filter(|n| n.role == "voter").map(|n| n.id).collect();
             if voters.contains(&id) {
                 return Err(Failure::Refused(format!("node {id} is already a voter")));
             }
@@ -654,11 +692,13 @@ async fn kv(c: &Client, json: bool, cmd: KvCmd) -> Result<(), Failure> {
                     println!("{}\t{}\t{}", item.key, item.revision, item.value);
                 }
                 if list.more {
-                    eprintln!("(more keys; continue with --start-after {:?})", list.items.last().map(|i| &i.key));
+                    eprintln!(
+                        "(more keys; continue with --start-after {:?})",
+                        list.items.last().map(|i| &i.key)
+                    );
                 }
             }
         }
     }
     Ok(())
 }
-

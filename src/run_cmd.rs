@@ -94,12 +94,26 @@ pub async fn run(c: &Client, json: bool, cmd: RunCmd) -> Result<(), Failure> {
             if json {
                 print_json(&list);
             } else {
-                println!("{:<16} {:<8} {:<10} {:<8} {:<24} NAME", "ID", "COUNTER", "PHASE", "RESULT", "GROUP");
+                println!(
+                    "{:<16} {:<8} {:<10} {:<8} {:<24} NAME",
+                    "ID", "COUNTER", "PHASE", "RESULT", "GROUP"
+                );
                 for r in &list.runs {
-                    println!("{:<16} {:<8} {:<10} {:<8} {:<24} {}", r.id, r.counter, word(&r.phase), word(&r.result), r.group, r.name);
+                    println!(
+                        "{:<16} {:<8} {:<10} {:<8} {:<24} {}",
+                        r.id,
+                        r.counter,
+                        word(&r.phase),
+                        word(&r.result),
+                        r.group,
+                        r.name
+                    );
                 }
                 if list.more {
-                    eprintln!("(more runs; continue with --start {})", list.runs.last().map_or("", |r| r.id.as_str()));
+                    eprintln!(
+                        "(more runs; continue with --start {})",
+                        list.runs.last().map_or("", |r| r.id.as_str())
+                    );
                 }
             }
         }
@@ -157,7 +171,9 @@ async fn wait(c: &Client, id: &str, timeout_s: u64) -> Result<Run, Failure> {
     let group = c.run_get(id).await?.group;
     loop {
         let remaining = match deadline {
-            Some(d) => d.checked_duration_since(Instant::now()).ok_or_else(|| Failure::Refused(format!("run {id} did not end within {timeout_s} s")))?,
+            Some(d) => d
+                .checked_duration_since(Instant::now())
+                .ok_or_else(|| Failure::Refused(format!("run {id} did not end within {timeout_s} s")))?,
             None => Duration::from_secs(u64::MAX / 4),
         };
         let step = async {
@@ -191,7 +207,11 @@ pub async fn load_definition(reference: &str) -> Result<RunCreate, Failure> {
     } else {
         let path = match reference.strip_prefix("file://") {
             Some(p) if p.starts_with('/') => p,
-            Some(_) => return Err(Failure::Usage(format!("{reference:?}: a file:// reference needs an absolute path"))),
+            Some(_) => {
+                return Err(Failure::Usage(format!(
+                    "{reference:?}: a file:// reference needs an absolute path"
+                )))
+            }
             None => reference,
         };
         let meta = std::fs::metadata(path).map_err(|e| Failure::Usage(format!("cannot read {path}: {e}")))?;
@@ -234,7 +254,12 @@ fn word<T: serde::Serialize>(v: &T) -> String {
 
 fn print_run(r: &Run) {
     println!("run {}  #{}  {}  {}", r.id, r.counter, r.name, r.group);
-    println!("phase: {}  result: {}{}", word(&r.phase), word(&r.result), if r.stop { "  (stop requested)" } else { "" });
+    println!(
+        "phase: {}  result: {}{}",
+        word(&r.phase),
+        word(&r.result),
+        if r.stop { "  (stop requested)" } else { "" }
+    );
     for e in &r.setup_errors {
         println!("setup error: {e}");
     }

@@ -42,7 +42,11 @@ async fn create_many(clients: &[Client], range: std::ops::Range<usize>) -> Vec<R
                         Ok(run) => return run,
                         // A retried create may have been applied already: a duplicate run
                         // (callers compare sets, not counts).
-                        Err(e) if clients.len() > 1 && e.status().is_none_or(|s| s >= 500) && Instant::now() < deadline => {
+                        Err(e)
+                            if clients.len() > 1
+                                && e.status().is_none_or(|s| s >= 500)
+                                && Instant::now() < deadline =>
+                        {
                             eprintln!("create {i}: {e}; retrying");
                             at += 1;
                             tokio::time::sleep(Duration::from_millis(100)).await;
@@ -80,7 +84,13 @@ async fn list_all(c: &Client, group: Option<&str>, asc: bool) -> Vec<String> {
     let mut ids = Vec::new();
     let mut start = None;
     loop {
-        let q = RunQuery { group: group.map(str::to_string), start: start.clone(), limit: 1000, asc, ..Default::default() };
+        let q = RunQuery {
+            group: group.map(str::to_string),
+            start: start.clone(),
+            limit: 1000,
+            asc,
+            ..Default::default()
+        };
         let page = c.run_list(&q).await.expect("list");
         ids.extend(page.runs.iter().map(|r| r.id.clone()));
         if !page.more {
@@ -91,8 +101,19 @@ async fn list_all(c: &Client, group: Option<&str>, asc: bool) -> Vec<String> {
 }
 
 async fn snapshot_bytes(url: &str) -> u64 {
-    let text = reqwest::Client::new().get(format!("{url}/metrics")).bearer_auth(TOKEN).send().await.unwrap().text().await.unwrap();
-    text.lines().find_map(|l| l.strip_prefix("flotilla_raft_snapshot_bytes ")).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    let text = reqwest::Client::new()
+        .get(format!("{url}/metrics"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix("flotilla_raft_snapshot_bytes "))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -100,8 +121,18 @@ async fn ten_thousand_finished_runs_move_to_the_archive_and_stay_served() {
     let cluster = Cluster::bootstrap(
         1,
         &[
-            "--archive-after-s", "0", "--archive-interval-ms", "200", "--archive-max-file-bytes", "1048576",
-            "--snapshot-logs", "500", "--max-logs-keep", "100", "--index-dump-interval-s", "0",
+            "--archive-after-s",
+            "0",
+            "--archive-interval-ms",
+            "200",
+            "--archive-max-file-bytes",
+            "1048576",
+            "--snapshot-logs",
+            "500",
+            "--max-logs-keep",
+            "100",
+            "--index-dump-interval-s",
+            "0",
         ],
     )
     .await;
@@ -132,7 +163,10 @@ async fn ten_thousand_finished_runs_move_to_the_archive_and_stay_served() {
     // By id, from the archive: the same run as created (phase, group, annotations).
     for run in created.iter().step_by(197) {
         let got = c.run_get(&run.id).await.unwrap();
-        assert_eq!((&got.id, &got.group, got.phase, &got.annotations), (&run.id, &run.group, run.phase, &run.annotations));
+        assert_eq!(
+            (&got.id, &got.group, got.phase, &got.annotations),
+            (&run.id, &run.group, run.phase, &run.annotations)
+        );
     }
     // Listing: everything, newest first, paged; by group (from the index); oldest first.
     let all = list_all(&c, None, false).await;
@@ -152,9 +186,16 @@ async fn ten_thousand_finished_runs_move_to_the_archive_and_stay_served() {
     assert!(a_all.len() >= created.iter().filter(|r| r.group.starts_with("/a/")).count());
     assert!(a_all.len() < all.len());
     // A new live run lists before the archived ones.
-    let live = c.run_create(&serde_json::from_value(json!({"name": "live", "group": "/a/x", "tasks": [
-        {"name": "t", "image": "busybox", "arch": "s390x", "steps": [{"run": {"command": "true"}}]}]})).unwrap()).await.unwrap();
-    let first = c.run_list(&RunQuery { group: Some("/a/x".into()), limit: 2, ..Default::default() }).await.unwrap();
+    let live = c
+        .run_create(
+            &serde_json::from_value(json!({"name": "live", "group": "/a/x", "tasks": [
+        {"name": "t", "image": "busybox", "arch": "s390x", "steps": [{"run": {"command": "true"}}]}]}))
+            .unwrap(),
+        )
+        .await
+        .unwrap();
+    let first =
+        c.run_list(&RunQuery { group: Some("/a/x".into()), limit: 2, ..Default::default() }).await.unwrap();
     assert_eq!(first.runs[0].id, live.id);
     assert_eq!(first.runs[1].id, *ax.last().unwrap());
     assert!(first.more);
@@ -181,7 +222,16 @@ async fn a_leader_killed_while_archiving_on_s3_loses_and_duplicates_no_run() {
     let url = s3.url("flotilla", "arch");
     let mut cluster = Cluster::bootstrap_with_env(
         3,
-        &["--ost", &url, "--archive-after-s", "0", "--archive-interval-ms", "100", "--archive-max-file-bytes", "262144"],
+        &[
+            "--ost",
+            &url,
+            "--archive-after-s",
+            "0",
+            "--archive-interval-ms",
+            "100",
+            "--archive-max-file-bytes",
+            "262144",
+        ],
         &s3.env(),
     )
     .await;

@@ -45,7 +45,8 @@ impl Writers {
             .map(|w| {
                 let (stop, acked, seq, urls) = (stop.clone(), acked.clone(), seq.clone(), urls.clone());
                 tokio::spawn(async move {
-                    let clients: Vec<_> = urls.iter().map(|u| flotilla_api::Client::new(u, Some(TOKEN.into()))).collect();
+                    let clients: Vec<_> =
+                        urls.iter().map(|u| flotilla_api::Client::new(u, Some(TOKEN.into()))).collect();
                     let mut i = w;
                     while !stop.load(Ordering::Relaxed) {
                         let n = seq.fetch_add(1, Ordering::Relaxed);
@@ -144,10 +145,16 @@ async fn twenty_random_kills_under_write_load_lose_no_acknowledged_write() {
         let before = writers.acked.lock().unwrap().len();
         let deadline = Instant::now() + Duration::from_secs(30);
         while writers.acked.lock().unwrap().len() < before + 10 {
-            assert!(Instant::now() < deadline, "round {round}: writes did not resume after killing node {victim}");
+            assert!(
+                Instant::now() < deadline,
+                "round {round}: writes did not resume after killing node {victim}"
+            );
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
-        eprintln!("round {round}: killed node {victim} {second:?}; {} writes acknowledged", writers.acked.lock().unwrap().len());
+        eprintln!(
+            "round {round}: killed node {victim} {second:?}; {} writes acknowledged",
+            writers.acked.lock().unwrap().len()
+        );
     }
     let acked = writers.stop().await;
     c.wait_caught_up().await;

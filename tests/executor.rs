@@ -146,7 +146,9 @@ async fn logs_follow_live_and_a_stop_kills_the_running_container() {
     let started = Instant::now();
     let mut text = String::new();
     let mut first_at = None;
-    while let Some(chunk) = tokio::time::timeout(Duration::from_secs(60), follow.chunk()).await.expect("log stalled").unwrap() {
+    while let Some(chunk) =
+        tokio::time::timeout(Duration::from_secs(60), follow.chunk()).await.expect("log stalled").unwrap()
+    {
         if first_at.is_none() && !chunk.is_empty() {
             first_at = Some(started.elapsed());
         }
@@ -155,7 +157,10 @@ async fn logs_follow_live_and_a_stop_kills_the_running_container() {
     let ended_at = started.elapsed();
     assert_eq!(text, "line 1\nline 2\nline 3\nline 4\n");
     let first_at = first_at.unwrap();
-    assert!(ended_at - first_at >= Duration::from_secs(2), "lines came at once ({first_at:?} then end {ended_at:?}): not live");
+    assert!(
+        ended_at - first_at >= Duration::from_secs(2),
+        "lines came at once ({first_at:?} then end {ended_at:?}): not live"
+    );
 
     // Stop while `hang` runs: its container is killed and the task ends stopped.
     wait_until("hang running", Duration::from_secs(30), async || {
@@ -171,7 +176,10 @@ async fn logs_follow_live_and_a_stop_kills_the_running_container() {
     assert_eq!(done.tasks["hang"].status, TaskStatus::Stopped, "{done:#?}");
     assert_eq!(done.tasks["hang"].steps[0].phase, Phase::Stopped);
     assert_eq!(done.result, RunResult::Stopped);
-    assert!(containers_with_label("flotilla.task", &task_id).is_empty(), "the stopped task's container is gone");
+    assert!(
+        containers_with_label("flotilla.task", &task_id).is_empty(),
+        "the stopped task's container is gone"
+    );
     assert_no_containers(&exec);
 }
 
@@ -188,9 +196,12 @@ async fn an_executor_killed_mid_task_removes_its_orphan_on_restart_and_the_task_
     let cluster = Cluster::bootstrap(1, &[]).await;
     let mut exec = ExecutorProc::start(&cluster, "crash-exec", &[]);
     let c = cluster.client(1);
-    let run = create(&c, json!({"name": "crash", "group": "/crash", "tasks": [
-        {"name": "crashy", "steps": [{"run": {"command": "echo working; sleep 300"}}]}
-    ]}))
+    let run = create(
+        &c,
+        json!({"name": "crash", "group": "/crash", "tasks": [
+            {"name": "crashy", "steps": [{"run": {"command": "echo working; sleep 300"}}]}
+        ]}),
+    )
     .await;
     // Task ids repeat across tests (each has its own cluster): names are unique per test.
     let task_id = format!("{}.crashy", run.id);
@@ -199,7 +210,11 @@ async fn an_executor_killed_mid_task_removes_its_orphan_on_restart_and_the_task_
     })
     .await;
     exec.kill();
-    assert_eq!(containers_with_label("flotilla.task", &task_id).len(), 1, "SIGKILL leaves the container running");
+    assert_eq!(
+        containers_with_label("flotilla.task", &task_id).len(),
+        1,
+        "SIGKILL leaves the container running"
+    );
     exec.restart();
     let done = wait_final(&c, &run.id, &exec).await;
     assert_eq!(done.tasks["crashy"].status, TaskStatus::Failed, "{done:#?}");
@@ -214,7 +229,8 @@ async fn privileged_tasks_are_refused_without_permission_and_missing_images_fail
     require_docker_image();
     let cluster = Cluster::bootstrap(1, &[]).await;
     // Registered as allowing privileged containers, so the scheduler sends it one...
-    let mut exec = ExecutorProc::start(&cluster, "strict-exec", &["--allow-privileged", "--pull-timeout-s", "10"]);
+    let mut exec =
+        ExecutorProc::start(&cluster, "strict-exec", &["--allow-privileged", "--pull-timeout-s", "10"]);
     let c = cluster.client(1);
     wait_until("executor registered", Duration::from_secs(30), async || {
         c.executors().await.is_ok_and(|l| l.executors.iter().any(|e| e.id == "strict-exec"))
@@ -250,9 +266,12 @@ async fn a_sibling_removes_the_containers_of_a_dynamic_executor_that_vanished() 
     let cluster = Cluster::bootstrap(1, &["--executor-timeout-ms", "1500"]).await;
     let c = cluster.client(1);
     let mut dynamic = ExecutorProc::start(&cluster, "dyn-exec", &["--group", "pool-a", "--dynamic"]);
-    let run = create(&c, json!({"name": "dyn", "group": "/dyn", "tasks": [
-        {"name": "orphaned", "steps": [{"run": {"command": "sleep 300"}}]}
-    ]}))
+    let run = create(
+        &c,
+        json!({"name": "dyn", "group": "/dyn", "tasks": [
+            {"name": "orphaned", "steps": [{"run": {"command": "sleep 300"}}]}
+        ]}),
+    )
     .await;
     let task_id = format!("{}.orphaned", run.id);
     wait_until("the dynamic executor's container", Duration::from_secs(30), async || {
@@ -263,7 +282,11 @@ async fn a_sibling_removes_the_containers_of_a_dynamic_executor_that_vanished() 
     dynamic.kill();
     let sibling = ExecutorProc::start(&cluster, "sib-exec", &["--group", "pool-a"]);
     let done = wait_final(&c, &run.id, &sibling).await;
-    assert_eq!(done.tasks["orphaned"].status, TaskStatus::Failed, "the vanished executor's task fails: {done:#?}");
+    assert_eq!(
+        done.tasks["orphaned"].status,
+        TaskStatus::Failed,
+        "the vanished executor's task fails: {done:#?}"
+    );
     wait_until("the sibling to remove the orphan", Duration::from_secs(40), async || {
         containers_with_label("flotilla.task", &task_id).is_empty()
     })
@@ -275,7 +298,8 @@ async fn a_sibling_removes_the_containers_of_a_dynamic_executor_that_vanished() 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_running_through_a_leader_failover_succeeds_with_its_whole_log() {
     require_docker_image();
-    let s3 = flotilla_store::ost::test_servers::S3Server::start(flotilla_store::ost::test_servers::Kind::S3sFs);
+    let s3 =
+        flotilla_store::ost::test_servers::S3Server::start(flotilla_store::ost::test_servers::Kind::S3sFs);
     s3.ost("failover", "").await.unwrap();
     let mut cluster = Cluster::bootstrap_with_env(3, &["--ost", &s3.url("failover", "")], &s3.env()).await;
     let exec = ExecutorProc::start(&cluster, "fo-exec", &[]);
@@ -286,7 +310,10 @@ async fn a_task_running_through_a_leader_failover_succeeds_with_its_whole_log() 
         {"name": "ticker", "steps": [{"run": {"command": "for i in 1 2 3 4 5 6 7 8; do echo tick $i; sleep 0.5; done"}}]}
     ]}))
     .await;
-    wait_until("the step to print", Duration::from_secs(30), async || log_has(&c, &run.id, "ticker", "tick 2").await).await;
+    wait_until("the step to print", Duration::from_secs(30), async || {
+        log_has(&c, &run.id, "ticker", "tick 2").await
+    })
+    .await;
     cluster.kill(leader);
     let done = wait_final(&c, &run.id, &exec).await;
     assert_eq!(done.tasks["ticker"].status, TaskStatus::Success, "{done:#?}");

@@ -101,7 +101,10 @@ async fn export_import_round_trip_between_three_node_clusters_and_bad_files_chan
             format!("{:?}/{:?}", r.phase, r.result)
         })
         .collect();
-    assert_eq!(results, ["Setuperror/Failed", "Running/Unknown", "Running/Unknown", "Finished/Success", "Finished/Stopped"]);
+    assert_eq!(
+        results,
+        ["Setuperror/Failed", "Running/Unknown", "Running/Unknown", "Finished/Success", "Finished/Stopped"]
+    );
 
     // Through the CLI, from a follower, to a file.
     let file = a.dir.path().join("cluster.export");
@@ -154,7 +157,11 @@ async fn export_import_round_trip_between_three_node_clusters_and_bad_files_chan
         let ex: Vec<String> = c.executors().await.unwrap().executors.into_iter().map(|e| e.id).collect();
         assert_eq!(ex, ["ex-1"]);
         let archived = c.archive_status().await.unwrap();
-        assert_eq!((archived["runs"].clone(), archived["runs_in_state"].clone()), (json!(3), json!(2)), "node {node}");
+        assert_eq!(
+            (archived["runs"].clone(), archived["runs_in_state"].clone()),
+            (json!(3), json!(2)),
+            "node {node}"
+        );
     }
     // New runs get ids after the imported ones.
     let next = target.run_create(&def("after", "s390x", &[])).await.unwrap();

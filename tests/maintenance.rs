@@ -10,7 +10,11 @@ use common::{Cluster, TOKEN};
 use flotilla_api::types::{ExecutorInfo, RunCreate};
 use serde_json::json;
 
-async fn status(url: &str, method: reqwest::Method, body: Option<serde_json::Value>) -> (u16, serde_json::Value) {
+async fn status(
+    url: &str,
+    method: reqwest::Method,
+    body: Option<serde_json::Value>,
+) -> (u16, serde_json::Value) {
     let mut r = reqwest::Client::new().request(method, url).bearer_auth(TOKEN);
     if let Some(b) = body {
         r = r.json(&b);

@@ -19,7 +19,8 @@ use serde_json::json;
 const EXECUTOR: &str = "exec-1";
 
 async fn register(c: &Client) {
-    let info: ExecutorInfo = serde_json::from_value(json!({"archs": ["amd64"], "active_tasks_limit": 4})).unwrap();
+    let info: ExecutorInfo =
+        serde_json::from_value(json!({"archs": ["amd64"], "active_tasks_limit": 4})).unwrap();
     c.executor_heartbeat(EXECUTOR, &info).await.expect("heartbeat");
 }
 
@@ -58,11 +59,16 @@ async fn logs_archives_and_caches_flow_through_any_node_into_s3() {
     let direct = s3.ost("flotilla", "prod/ost").await.unwrap();
     let url = format!("{}&max_attempts=3&initial_backoff_ms=50", s3.url("flotilla", "prod/ost"));
     // Ended runs are archived at once: their logs must stay readable from the archive.
-    let cluster =
-        Cluster::bootstrap_with_env(3, &["--ost", &url, "--archive-after-s", "0", "--archive-interval-ms", "100"], &s3.env()).await;
+    let cluster = Cluster::bootstrap_with_env(
+        3,
+        &["--ost", &url, "--archive-after-s", "0", "--archive-interval-ms", "100"],
+        &s3.env(),
+    )
+    .await;
     let leader = cluster.wait_for_leader().await;
     let followers: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
-    let (api, exec, reader) = (cluster.client(leader), cluster.client(followers[0]), cluster.client(followers[1]));
+    let (api, exec, reader) =
+        (cluster.client(leader), cluster.client(followers[0]), cluster.client(followers[1]));
 
     let create: RunCreate = serde_json::from_value(json!({
         "name": "ost", "group": "/p/1", "cache_group": "/p",
@@ -102,23 +108,34 @@ async fn logs_archives_and_caches_flow_through_any_node_into_s3() {
     assert_eq!((a.size, a.stored), (7, false));
     let live_at = Instant::now();
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let a = exec.executor_log_append(EXECUTOR, &build.id, "0", 0, "line 1\nline 2\n".into(), false).await.unwrap();
+    let a = exec
+        .executor_log_append(EXECUTOR, &build.id, "0", 0, "line 1\nline 2\n".into(), false)
+        .await
+        .unwrap();
     assert_eq!(a.size, 14, "an overlapping resend appends only what is new");
     let a = exec.executor_log_append(EXECUTOR, &build.id, "0", 100, "gap".into(), false).await.unwrap();
     assert_eq!(a.size, 14, "an append past the end is refused by size, not stored");
     let a = exec.executor_log_append(EXECUTOR, &build.id, "0", 14, "done\n".into(), true).await.unwrap();
     assert_eq!((a.size, a.stored), (19, true));
-    let e = exec.executor_log_append(EXECUTOR, &build.id, "1", u64::MAX, "x".into(), false).await.unwrap_err();
+    let e =
+        exec.executor_log_append(EXECUTOR, &build.id, "1", u64::MAX, "x".into(), false).await.unwrap_err();
     assert_eq!(e.status(), Some(400), "an offset past u64 is refused, not a panic: {e}");
     let again = exec.executor_log_append(EXECUTOR, &build.id, "0", 14, "done\n".into(), true).await.unwrap();
     assert_eq!((again.size, again.stored), (19, true), "a retried final append is a no-op");
-    let (got, first_at) = tokio::time::timeout(Duration::from_secs(10), follow).await.expect("follow ends").unwrap();
+    let (got, first_at) =
+        tokio::time::timeout(Duration::from_secs(10), follow).await.expect("follow ends").unwrap();
     assert_eq!(String::from_utf8(got).unwrap(), "line 1\nline 2\ndone\n");
-    assert!(first_at.expect("bytes arrived") < live_at + Duration::from_millis(450), "the first line arrived while the step ran");
+    assert!(
+        first_at.expect("bytes arrived") < live_at + Duration::from_millis(450),
+        "the first line arrived while the step ran"
+    );
 
     // The archive: streamed up through a follower, 3 MiB.
     let archive = gen(3 * 1024 * 1024 + 17);
-    let stored = exec.executor_archive_put(EXECUTOR, &build.id, 1, archive.clone().into(), Some(archive.len() as u64)).await.unwrap();
+    let stored = exec
+        .executor_archive_put(EXECUTOR, &build.id, 1, archive.clone().into(), Some(archive.len() as u64))
+        .await
+        .unwrap();
     assert_eq!(stored.size, archive.len() as u64);
     report(&exec, &build, Phase::Success).await;
 
@@ -126,7 +143,8 @@ async fn logs_archives_and_caches_flow_through_any_node_into_s3() {
     let test = task_named(&exec, "test").await;
     assert_eq!(test.spec.data.workspace.len(), 1);
     let w = &test.spec.data.workspace[0];
-    let restored = reader.executor_archive_get(EXECUTOR, &w.task_id, w.step).await.unwrap().bytes().await.unwrap();
+    let restored =
+        reader.executor_archive_get(EXECUTOR, &w.task_id, w.step).await.unwrap().bytes().await.unwrap();
     assert!(restored == archive, "restored archive differs");
     report(&exec, &test, Phase::Success).await;
 
@@ -147,7 +165,8 @@ async fn logs_archives_and_caches_flow_through_any_node_into_s3() {
     }
     // Any node reads the stored log of the archived run; the CLI prints it.
     for id in 1..=3 {
-        let log = cluster.client(id).run_log(&run.id, "build", "0", false).await.unwrap().bytes().await.unwrap();
+        let log =
+            cluster.client(id).run_log(&run.id, "build", "0", false).await.unwrap().bytes().await.unwrap();
         assert_eq!(log, "line 1\nline 2\ndone\n");
     }
     let (code, out, err) = cluster.cli(followers[1], &["run", "logs", &run.id, "build", "--step", "0"]);
@@ -169,10 +188,20 @@ async fn logs_archives_and_caches_flow_through_any_node_into_s3() {
     let c1 = exec.executor_cache_put(EXECUTOR, "/p", "deps-abc", "v1".into(), None).await.unwrap();
     assert_eq!(c1.size, 2);
     exec.executor_cache_put(EXECUTOR, "/p", "deps-abc", "v2-ignored".into(), None).await.unwrap();
-    assert_eq!(exec.executor_cache_match(EXECUTOR, "/p", "deps-").await.unwrap().key.as_deref(), Some("deps-abc"));
+    assert_eq!(
+        exec.executor_cache_match(EXECUTOR, "/p", "deps-").await.unwrap().key.as_deref(),
+        Some("deps-abc")
+    );
     assert_eq!(exec.executor_cache_match(EXECUTOR, "/p", "other-").await.unwrap().key, None);
-    assert_eq!(exec.executor_cache_match(EXECUTOR, "/q", "deps-").await.unwrap().key, None, "caches are per group");
-    assert_eq!(reader.executor_cache_get(EXECUTOR, "/p", "deps-abc").await.unwrap().bytes().await.unwrap(), "v1");
+    assert_eq!(
+        exec.executor_cache_match(EXECUTOR, "/q", "deps-").await.unwrap().key,
+        None,
+        "caches are per group"
+    );
+    assert_eq!(
+        reader.executor_cache_get(EXECUTOR, "/p", "deps-abc").await.unwrap().bytes().await.unwrap(),
+        "v1"
+    );
     assert!(keys_now(&direct).await.contains(&"caches/p/deps-abc.tar".to_string()));
     let e = exec.executor_cache_put(EXECUTOR, "/p", "a/b", "x".into(), None).await.unwrap_err();
     assert_eq!(e.status(), Some(400), "{e}");
@@ -197,7 +226,11 @@ async fn keys_now(ost: &Ost) -> Vec<String> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_leader_collects_unreferenced_logs_those_of_deleted_runs_and_old_caches() {
-    let cluster = Cluster::bootstrap(1, &["--ost-gc-interval-s", "1", "--ost-gc-grace-s", "0", "--cache-max-age-s", "3"]).await;
+    let cluster = Cluster::bootstrap(
+        1,
+        &["--ost-gc-interval-s", "1", "--ost-gc-grace-s", "0", "--cache-max-age-s", "3"],
+    )
+    .await;
     let c = cluster.client(1);
     let def = |name: &str| -> RunCreate {
         serde_json::from_value(json!({
@@ -210,7 +243,8 @@ async fn the_leader_collects_unreferenced_logs_those_of_deleted_runs_and_old_cac
     let gone_run = c.run_create(&def("gone")).await.unwrap();
     // The default object storage: <data dir>/ost, written to directly by the test.
     let ost = Ost::posix(cluster.nodes[&1].data_dir.join("ost")).unwrap();
-    let kept = [format!("logs/{}.t/0.log", kept_run.id), format!("logs/{}.t/runs/{}", kept_run.id, kept_run.id)];
+    let kept =
+        [format!("logs/{}.t/0.log", kept_run.id), format!("logs/{}.t/runs/{}", kept_run.id, kept_run.id)];
     let collected = [
         "logs/0000000000009999.t/0.log".to_string(),
         format!("workspacearchives/{}.t/0.tar", gone_run.id),

@@ -74,7 +74,13 @@ async fn a_data_dir_of_another_node_is_refused() {
     let mut other = Cluster::new(&[]);
     other.nodes.insert(
         7,
-        NodeProc { id: 7, port: free_port(), data_dir: c.nodes[&1].data_dir.clone(), log: c.dir.path().join("n7.log"), child: None },
+        NodeProc {
+            id: 7,
+            port: free_port(),
+            data_dir: c.nodes[&1].data_dir.clone(),
+            log: c.dir.path().join("n7.log"),
+            child: None,
+        },
     );
     other.start(7);
     let status = other.wait_exit(7, Duration::from_secs(20)).expect("must refuse");

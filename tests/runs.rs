@@ -129,7 +129,11 @@ fn spawn_executor(
                     continue;
                 }
                 let next = if t.spec.spec.stop {
-                    if reported.is_none() { Phase::Cancelled } else { Phase::Stopped }
+                    if reported.is_none() {
+                        Phase::Cancelled
+                    } else {
+                        Phase::Stopped
+                    }
                 } else if reported.is_none() {
                     rec.0.lock().unwrap().push((id.clone(), t.id.clone()));
                     Phase::Running
@@ -198,9 +202,14 @@ async fn diamond_with_a_failing_branch_runs_on_failure_children_and_streams_even
     let followers: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
     // Events from one follower, executor on the other, API calls via the leader.
     let mut events = cluster.client(followers[0]).events(None).await.unwrap();
-    let (received, _exec) = spawn_executor(vec![cluster.client(followers[1])], "e1", info(&["amd64"], false, false), |t| {
-        if t == "b" { Outcome::Fail } else { Outcome::Succeed }
-    });
+    let (received, _exec) =
+        spawn_executor(vec![cluster.client(followers[1])], "e1", info(&["amd64"], false, false), |t| {
+            if t == "b" {
+                Outcome::Fail
+            } else {
+                Outcome::Succeed
+            }
+        });
     let c = cluster.client(leader);
     let run = create(
         &c,
@@ -238,11 +247,16 @@ async fn diamond_with_a_failing_branch_runs_on_failure_children_and_streams_even
     // The whole run as events, in log order, from a node that is not the leader.
     let mut got: Vec<Event> = Vec::new();
     while !got.last().is_some_and(|e| e.kind == EventKind::Run && e.phase == RunPhase::Finished) {
-        let e = tokio::time::timeout(Duration::from_secs(10), events.next()).await.expect("event in time").unwrap().expect("stream open");
+        let e = tokio::time::timeout(Duration::from_secs(10), events.next())
+            .await
+            .expect("event in time")
+            .unwrap()
+            .expect("stream open");
         got.push(e);
     }
     assert!(got.windows(2).all(|w| w[0].revision <= w[1].revision), "events in log order");
-    let run_phases: Vec<RunPhase> = got.iter().filter(|e| e.kind == EventKind::Run).map(|e| e.phase).collect();
+    let run_phases: Vec<RunPhase> =
+        got.iter().filter(|e| e.kind == EventKind::Run).map(|e| e.phase).collect();
     assert_eq!(run_phases, [RunPhase::Queued, RunPhase::Running, RunPhase::Finished]);
     assert_eq!(got.last().unwrap().result, RunResult::Failed);
     for (name, final_status) in &want {
@@ -279,7 +293,11 @@ async fn a_run_with_setup_errors_is_created_in_setuperror_and_never_scheduled() 
     let again = c.run_get(&run.id).await.unwrap();
     assert_eq!(again.tasks["a"].status, TaskStatus::Notstarted);
     let listed = c
-        .run_list(&flotilla_api::client::RunQuery { phase: Some("setuperror".into()), limit: 10, ..Default::default() })
+        .run_list(&flotilla_api::client::RunQuery {
+            phase: Some("setuperror".into()),
+            limit: 10,
+            ..Default::default()
+        })
         .await
         .unwrap();
     assert_eq!(listed.runs.iter().map(|r| r.id.as_str()).collect::<Vec<_>>(), [run.id.as_str()]);
@@ -291,11 +309,16 @@ async fn a_run_with_setup_errors_is_created_in_setuperror_and_never_scheduled() 
 async fn a_task_needing_two_approvers_waits_for_both_while_the_rest_of_the_run_goes_on() {
     let cluster = Cluster::bootstrap(1, &[]).await;
     let c = cluster.client(1);
-    let (_, _exec) = spawn_executor(vec![c.clone()], "e1", info(&["amd64"], false, false), |_| Outcome::Succeed);
+    let (_, _exec) =
+        spawn_executor(vec![c.clone()], "e1", info(&["amd64"], false, false), |_| Outcome::Succeed);
     let mut gated = task("deploy", json!([{"task": "build"}]));
     gated["needs_approval"] = json!(true);
     gated["approvers_required"] = json!(2);
-    let run = create(&c, json!({"name": "gated", "tasks": [task("build", json!([])), gated, task("lint", json!([]))]})).await;
+    let run = create(
+        &c,
+        json!({"name": "gated", "tasks": [task("build", json!([])), gated, task("lint", json!([]))]}),
+    )
+    .await;
     wait_for("deploy waiting for approval", async || {
         c.run_get(&run.id).await.is_ok_and(|r| r.tasks["deploy"].waiting_approval)
     })
@@ -333,7 +356,11 @@ async fn stopping_a_running_run_stops_running_tasks_and_cancels_pending_ones() {
     let cluster = Cluster::bootstrap(1, &[]).await;
     let c = cluster.client(1);
     let (_, _exec) = spawn_executor(vec![c.clone()], "e1", info(&["amd64"], false, false), |t| {
-        if t == "long" { Outcome::Hold } else { Outcome::Succeed }
+        if t == "long" {
+            Outcome::Hold
+        } else {
+            Outcome::Succeed
+        }
     });
     let run = create(&c, json!({"name": "stoppable", "tasks": [task("long", json!([])), task("after", json!([{"task": "long"}]))]})).await;
     wait_for("the long task to run", async || {
@@ -357,8 +384,15 @@ async fn deleting_an_executor_mid_run_fails_its_tasks_with_end_times() {
     let cluster = Cluster::bootstrap(1, &[]).await;
     let c = cluster.client(1);
     let (_, exec) = spawn_executor(vec![c.clone()], "e1", info(&["amd64"], false, false), |_| Outcome::Hold);
-    let run = create(&c, json!({"name": "orphaned", "tasks": [task("a", json!([])), task("b", json!([{"task": "a"}]))]})).await;
-    wait_for("task a to run", async || c.run_get(&run.id).await.is_ok_and(|r| r.tasks["a"].status == TaskStatus::Running)).await;
+    let run = create(
+        &c,
+        json!({"name": "orphaned", "tasks": [task("a", json!([])), task("b", json!([{"task": "a"}]))]}),
+    )
+    .await;
+    wait_for("task a to run", async || {
+        c.run_get(&run.id).await.is_ok_and(|r| r.tasks["a"].status == TaskStatus::Running)
+    })
+    .await;
     exec.abort(); // the host is gone; an admin removes it
     let _ = exec.await;
     c.executor_delete("e1").await.unwrap();
@@ -379,8 +413,10 @@ async fn deleting_an_executor_mid_run_fails_its_tasks_with_end_times() {
 async fn tasks_go_to_executors_of_their_arch_and_privileged_ones_only_where_allowed() {
     let cluster = Cluster::bootstrap(1, &[]).await;
     let c = cluster.client(1);
-    let (received_x86, _a) = spawn_executor(vec![c.clone()], "x86", info(&["amd64"], false, false), |_| Outcome::Succeed);
-    let (received_arm, _b) = spawn_executor(vec![c.clone()], "arm", info(&["arm64"], true, false), |_| Outcome::Succeed);
+    let (received_x86, _a) =
+        spawn_executor(vec![c.clone()], "x86", info(&["amd64"], false, false), |_| Outcome::Succeed);
+    let (received_arm, _b) =
+        spawn_executor(vec![c.clone()], "arm", info(&["arm64"], true, false), |_| Outcome::Succeed);
     wait_for("both executors", async || c.executors().await.is_ok_and(|l| l.executors.len() == 2)).await;
     let with = |name: &str, extra: serde_json::Value| {
         let mut t = task(name, json!([]));
@@ -415,8 +451,10 @@ async fn killing_the_leader_mid_run_finishes_the_run_on_the_new_leader_with_no_t
     let mut cluster = Cluster::bootstrap(3, &[]).await;
     let leader = cluster.wait_for_leader().await;
     let others: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
-    let servers: Vec<Client> = others.iter().map(|i| cluster.client(*i)).chain([cluster.client(leader)]).collect();
-    let (received, _exec) = spawn_executor(servers, "e1", info(&["amd64"], false, false), |_| Outcome::Succeed);
+    let servers: Vec<Client> =
+        others.iter().map(|i| cluster.client(*i)).chain([cluster.client(leader)]).collect();
+    let (received, _exec) =
+        spawn_executor(servers, "e1", info(&["amd64"], false, false), |_| Outcome::Succeed);
     let c = cluster.client(others[0]);
     let names: Vec<String> = (0..8).map(|i| format!("step{i}")).collect();
     let tasks: Vec<serde_json::Value> = names
@@ -449,7 +487,8 @@ async fn bad_run_definitions_are_refused_with_400_and_create_nothing() {
     let cluster = Cluster::bootstrap(1, &[]).await;
     let url = format!("{}/api/v1/runs", cluster.url(1));
     let http = reqwest::Client::new();
-    let many: Vec<serde_json::Value> = (0..10_000).map(|i| json!({"name": format!("t{i}"), "image": "b"})).collect();
+    let many: Vec<serde_json::Value> =
+        (0..10_000).map(|i| json!({"name": format!("t{i}"), "image": "b"})).collect();
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![
         ("cycle", serde_json::to_vec(&json!({"name": "r", "tasks": [task("a", json!([{"task": "b"}])), task("b", json!([{"task": "a"}]))]})).unwrap(), "cycle"),
         ("unknown dependency", serde_json::to_vec(&json!({"name": "r", "tasks": [task("a", json!([{"task": "ghost"}]))]})).unwrap(), "ghost"),
@@ -469,7 +508,11 @@ async fn bad_run_definitions_are_refused_with_400_and_create_nothing() {
         assert_eq!(err["code"], "bad_request", "{what}");
         assert!(err["message"].as_str().unwrap().contains(needle), "{what}: {err}");
     }
-    let list = cluster.client(1).run_list(&flotilla_api::client::RunQuery { limit: 10, ..Default::default() }).await.unwrap();
+    let list = cluster
+        .client(1)
+        .run_list(&flotilla_api::client::RunQuery { limit: 10, ..Default::default() })
+        .await
+        .unwrap();
     assert!(list.runs.is_empty(), "nothing was created: {list:?}");
 
     // The CLI parses locally: a malformed file is a usage error, a cycle a refusal.
@@ -506,14 +549,23 @@ async fn yaml_definitions_by_path_and_url_create_runs_that_list_by_group() {
         let (mut s, _) = listener.accept().unwrap();
         let mut buf = [0u8; 4096];
         let _ = s.read(&mut buf);
-        let _ = write!(s, "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}", body.len(), body);
+        let _ = write!(
+            s,
+            "HTTP/1.1 200 OK\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{}",
+            body.len(),
+            body
+        );
     });
     let (code, out, err) = cluster.cli(1, &["run", "create", "-f", &format!("http://{addr}/run.yaml")]);
     assert_eq!(code, 0, "{err}");
     let second = out.trim().to_string();
     assert!(first < second, "run ids sort in creation order: {first} {second}");
     let c = cluster.client(1);
-    let q = |group: &str| flotilla_api::client::RunQuery { group: Some(group.into()), limit: 10, ..Default::default() };
+    let q = |group: &str| flotilla_api::client::RunQuery {
+        group: Some(group.into()),
+        limit: 10,
+        ..Default::default()
+    };
     let ids = |l: flotilla_api::types::RunList| l.runs.into_iter().map(|r| r.id).collect::<Vec<_>>();
     assert_eq!(ids(c.run_list(&q("/project")).await.unwrap()), [second.clone(), first.clone()]);
     assert_eq!(ids(c.run_list(&q("/project/42")).await.unwrap()), [first.as_str()]);
@@ -531,9 +583,13 @@ async fn a_dynamic_executor_that_stops_heartbeating_is_removed() {
     let c = cluster.client(1);
     c.executor_heartbeat("dyn", &info(&["amd64"], false, true)).await.unwrap();
     c.executor_heartbeat("static", &info(&["amd64"], false, false)).await.unwrap();
-    let ids = async || c.executors().await.unwrap().executors.into_iter().map(|e| e.id).collect::<BTreeSet<_>>();
+    let ids =
+        async || c.executors().await.unwrap().executors.into_iter().map(|e| e.id).collect::<BTreeSet<_>>();
     assert_eq!(ids().await, BTreeSet::from(["dyn".to_string(), "static".to_string()]));
-    wait_for("the dynamic executor to be removed", async || ids().await == BTreeSet::from(["static".to_string()])).await;
+    wait_for("the dynamic executor to be removed", async || {
+        ids().await == BTreeSet::from(["static".to_string()])
+    })
+    .await;
     // Executor routes use the executor token; the API token is the default for it.
     let resp = reqwest::Client::new()
         .put(format!("{}/api/v1/executor/x", cluster.url(1)))

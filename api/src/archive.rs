@@ -57,7 +57,12 @@ impl Archive {
                 None => Arc::new(read_index(&self.ost, &f.index_key).await?),
             };
             let file: Arc<str> = Arc::from(f.key.as_str());
-            rows.extend(entries.iter().map(|e| Row { id: e.id.clone(), group: e.group.clone(), phase: e.phase, file: file.clone() }));
+            rows.extend(entries.iter().map(|e| Row {
+                id: e.id.clone(),
+                group: e.group.clone(),
+                phase: e.phase,
+                file: file.clone(),
+            }));
             loaded.insert(f.index_key.clone(), entries);
         }
         rows.sort_by(|a, b| a.id.cmp(&b.id));

@@ -15,7 +15,17 @@ use crate::types::*;
 /// Characters escaped in a single path segment.
 const SEGMENT: &AsciiSet = &KEY.add(b'/');
 
-const KEY: &AsciiSet = &CONTROLS.add(b' ').add(b'"').add(b'#').add(b'%').add(b'?').add(b'<').add(b'>').add(b'`').add(b'{').add(b'}');
+const KEY: &AsciiSet = &CONTROLS
+    .add(b' ')
+    .add(b'"')
+    .add(b'#')
+    .add(b'%')
+    .add(b'?')
+    .add(b'<')
+    .add(b'>')
+    .add(b'`')
+    .add(b'{')
+    .add(b'}');
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -57,7 +67,12 @@ impl Client {
         &self.base
     }
 
-    async fn send<T: DeserializeOwned>(&self, method: reqwest::Method, path: &str, body: Option<&impl Serialize>) -> Result<Option<T>, ClientError> {
+    async fn send<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<Option<T>, ClientError> {
         let url = format!("{}{}", self.base, path);
         let mut req = self.http.request(method, &url);
         if let Some(t) = &self.token {
@@ -66,7 +81,8 @@ impl Client {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let transport = |e: reqwest::Error| ClientError::Transport { url: url.clone(), message: e.to_string() };
+        let transport =
+            |e: reqwest::Error| ClientError::Transport { url: url.clone(), message: e.to_string() };
         let resp = req.send().await.map_err(transport)?;
         let status = resp.status().as_u16();
         let bytes = resp.bytes().await.map_err(transport)?;
@@ -83,16 +99,22 @@ impl Client {
         if status == 204 || bytes.is_empty() {
             return Ok(None);
         }
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| ClientError::Transport { url: url.clone(), message: format!("unreadable answer: {e}") })
+        serde_json::from_slice(&bytes).map(Some).map_err(|e| ClientError::Transport {
+            url: url.clone(),
+            message: format!("unreadable answer: {e}"),
+        })
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
         self.send::<T>(reqwest::Method::GET, path, None::<&()>).await?.ok_or_else(|| self.empty(path))
     }
 
-    async fn with_body<T: DeserializeOwned>(&self, method: reqwest::Method, path: &str, body: &impl Serialize) -> Result<T, ClientError> {
+    async fn with_body<T: DeserializeOwned>(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: &impl Serialize,
+    ) -> Result<T, ClientError> {
         self.send::<T>(method, path, Some(body)).await?.ok_or_else(|| self.empty(path))
     }
 
@@ -112,12 +134,18 @@ impl Client {
         self.get("/healthz").await
     }
 
-    pub async fn kv_put(&self, key: &str, value: &str, prev_revision: Option<u64>) -> Result<u64, ClientError> {
+    pub async fn kv_put(
+        &self,
+        key: &str,
+        value: &str,
+        prev_revision: Option<u64>,
+    ) -> Result<u64, ClientError> {
         let mut path = Self::key_path(key);
         if let Some(p) = prev_revision {
             path.push_str(&format!("?prev_revision={p}"));
         }
-        let r: Revision = self.with_body(reqwest::Method::PUT, &path, &KvPutRequest { value: value.into() }).await?;
+        let r: Revision =
+            self.with_body(reqwest::Method::PUT, &path, &KvPutRequest { value: value.into() }).await?;
         Ok(r.revision)
     }
 
@@ -137,7 +165,13 @@ impl Client {
         self.no_content(reqwest::Method::DELETE, &path).await
     }
 
-    pub async fn kv_list(&self, prefix: &str, start_after: Option<&str>, limit: usize, stale: bool) -> Result<KvList, ClientError> {
+    pub async fn kv_list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+        stale: bool,
+    ) -> Result<KvList, ClientError> {
         let mut q = vec![("prefix", prefix.to_string()), ("limit", limit.to_string())];
         if let Some(a) = start_after {
             q.push(("start_after", a.to_string()));
@@ -168,11 +202,17 @@ impl Client {
     }
 
     pub async fn add_learner(&self, id: u64, addr: &str) -> Result<ClusterStatus, ClientError> {
-        self.with_body(reqwest::Method::POST, "/api/v1/cluster/learners", &AddLearnerRequest { id, addr: addr.into() }).await
+        self.with_body(
+            reqwest::Method::POST,
+            "/api/v1/cluster/learners",
+            &AddLearnerRequest { id, addr: addr.into() },
+        )
+        .await
     }
 
     pub async fn set_voters(&self, ids: &[u64]) -> Result<ClusterStatus, ClientError> {
-        self.with_body(reqwest::Method::POST, "/api/v1/cluster/voters", &VotersRequest { ids: ids.to_vec() }).await
+        self.with_body(reqwest::Method::POST, "/api/v1/cluster/voters", &VotersRequest { ids: ids.to_vec() })
+            .await
     }
 
     pub async fn remove_node(&self, id: u64) -> Result<(), ClientError> {
@@ -218,7 +258,12 @@ impl Client {
         self.put_no_content(&path, &ActionRequest { action: "stop".into() }).await
     }
 
-    pub async fn task_annotate(&self, id: &str, task: &str, annotations: BTreeMap<String, Option<String>>) -> Result<(), ClientError> {
+    pub async fn task_annotate(
+        &self,
+        id: &str,
+        task: &str,
+        annotations: BTreeMap<String, Option<String>>,
+    ) -> Result<(), ClientError> {
         let path = format!("/api/v1/runs/{}/tasks/{}/annotations", Self::seg(id), Self::seg(task));
         self.put_no_content(&path, &AnnotationsRequest { annotations }).await
     }
@@ -242,11 +287,21 @@ impl Client {
     }
 
     /// The executor's tasks, waiting up to `wait_ms` for a change after revision `since`.
-    pub async fn executor_tasks(&self, id: &str, since: u64, wait_ms: u64) -> Result<ExecutorTasks, ClientError> {
+    pub async fn executor_tasks(
+        &self,
+        id: &str,
+        since: u64,
+        wait_ms: u64,
+    ) -> Result<ExecutorTasks, ClientError> {
         self.get(&format!("/api/v1/executor/{}/tasks?since={since}&wait_ms={wait_ms}", Self::seg(id))).await
     }
 
-    pub async fn executor_task_status(&self, id: &str, task_id: &str, status: &ExecutorTaskStatus) -> Result<(), ClientError> {
+    pub async fn executor_task_status(
+        &self,
+        id: &str,
+        task_id: &str,
+        status: &ExecutorTaskStatus,
+    ) -> Result<(), ClientError> {
         let path = format!("/api/v1/executor/{}/tasks/{}", Self::seg(id), Self::seg(task_id));
         self.put_no_content(&path, status).await
     }
@@ -264,10 +319,18 @@ impl Client {
 
     /// Sends a request whose answer (or body) streams: no total timeout, only a connect
     /// timeout. A non-2xx answer becomes the server's error.
-    async fn open(&self, method: reqwest::Method, path: &str, body: Option<reqwest::Body>, size: Option<u64>) -> Result<reqwest::Response, ClientError> {
+    async fn open(
+        &self,
+        method: reqwest::Method,
+        path: &str,
+        body: Option<reqwest::Body>,
+        size: Option<u64>,
+    ) -> Result<reqwest::Response, ClientError> {
         let url = format!("{}{}", self.base, path);
-        let transport = |e: reqwest::Error| ClientError::Transport { url: url.clone(), message: e.to_string() };
-        let http = reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).build().map_err(transport)?;
+        let transport =
+            |e: reqwest::Error| ClientError::Transport { url: url.clone(), message: e.to_string() };
+        let http =
+            reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).build().map_err(transport)?;
         let mut req = http.request(method, &url);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
@@ -282,8 +345,10 @@ impl Client {
         let status = resp.status().as_u16();
         if !(200..300).contains(&status) {
             let bytes = resp.bytes().await.unwrap_or_default();
-            let e: ErrorBody = serde_json::from_slice(&bytes)
-                .unwrap_or(ErrorBody { code: "unknown".into(), message: String::from_utf8_lossy(&bytes).into() });
+            let e: ErrorBody = serde_json::from_slice(&bytes).unwrap_or(ErrorBody {
+                code: "unknown".into(),
+                message: String::from_utf8_lossy(&bytes).into(),
+            });
             return Err(ClientError::Api { status, code: e.code, message: e.message });
         }
         Ok(resp)
@@ -307,7 +372,10 @@ impl Client {
     /// The export of the whole replicated state (versioned, checksummed).
     pub async fn export(&self) -> Result<Download, ClientError> {
         let path = "/api/v1/export";
-        Ok(Download { url: format!("{}{path}", self.base), resp: self.open(reqwest::Method::GET, path, None, None).await? })
+        Ok(Download {
+            url: format!("{}{path}", self.base),
+            resp: self.open(reqwest::Method::GET, path, None, None).await?,
+        })
     }
 
     /// Replaces the whole state with an export (the cluster must be in maintenance).
@@ -322,10 +390,21 @@ impl Client {
 
     /// A step's log (`step` is a number or `setup`); with `follow`, streams until the step
     /// ends.
-    pub async fn run_log(&self, id: &str, task: &str, step: &str, follow: bool) -> Result<Download, ClientError> {
-        let q = serde_urlencoded::to_string([("step", step), ("follow", if follow { "true" } else { "false" })]).unwrap_or_default();
+    pub async fn run_log(
+        &self,
+        id: &str,
+        task: &str,
+        step: &str,
+        follow: bool,
+    ) -> Result<Download, ClientError> {
+        let q =
+            serde_urlencoded::to_string([("step", step), ("follow", if follow { "true" } else { "false" })])
+                .unwrap_or_default();
         let path = format!("/api/v1/runs/{}/tasks/{}/logs?{q}", Self::seg(id), Self::seg(task));
-        Ok(Download { url: format!("{}{path}", self.base), resp: self.open(reqwest::Method::GET, &path, None, None).await? })
+        Ok(Download {
+            url: format!("{}{path}", self.base),
+            resp: self.open(reqwest::Method::GET, &path, None, None).await?,
+        })
     }
 
     /// Appends log bytes starting at `offset`; the answer says how much the server holds.
@@ -355,31 +434,66 @@ impl Client {
     }
 
     /// Uploads a workspace archive (streamed).
-    pub async fn executor_archive_put(&self, id: &str, task_id: &str, step: usize, body: reqwest::Body, size: Option<u64>) -> Result<crate::objects::Stored, ClientError> {
+    pub async fn executor_archive_put(
+        &self,
+        id: &str,
+        task_id: &str,
+        step: usize,
+        body: reqwest::Body,
+        size: Option<u64>,
+    ) -> Result<crate::objects::Stored, ClientError> {
         let path = format!("/api/v1/executor/{}/tasks/{}/archives/{step}", Self::seg(id), Self::seg(task_id));
         let resp = self.open(reqwest::Method::PUT, &path, Some(body), size).await?;
         Self::read_json(&path, resp).await
     }
 
-    pub async fn executor_archive_get(&self, id: &str, task_id: &str, step: usize) -> Result<Download, ClientError> {
+    pub async fn executor_archive_get(
+        &self,
+        id: &str,
+        task_id: &str,
+        step: usize,
+    ) -> Result<Download, ClientError> {
         let path = format!("/api/v1/executor/{}/archives/{}/{step}", Self::seg(id), Self::seg(task_id));
-        Ok(Download { url: format!("{}{path}", self.base), resp: self.open(reqwest::Method::GET, &path, None, None).await? })
+        Ok(Download {
+            url: format!("{}{path}", self.base),
+            resp: self.open(reqwest::Method::GET, &path, None, None).await?,
+        })
     }
 
     /// The first cache key of `group` starting with `prefix`.
-    pub async fn executor_cache_match(&self, id: &str, group: &str, prefix: &str) -> Result<crate::objects::CacheMatch, ClientError> {
+    pub async fn executor_cache_match(
+        &self,
+        id: &str,
+        group: &str,
+        prefix: &str,
+    ) -> Result<crate::objects::CacheMatch, ClientError> {
         let q = serde_urlencoded::to_string([("group", group), ("prefix", prefix)]).unwrap_or_default();
         self.get(&format!("/api/v1/executor/{}/caches/match?{q}", Self::seg(id))).await
     }
 
-    pub async fn executor_cache_get(&self, id: &str, group: &str, key: &str) -> Result<Download, ClientError> {
+    pub async fn executor_cache_get(
+        &self,
+        id: &str,
+        group: &str,
+        key: &str,
+    ) -> Result<Download, ClientError> {
         let q = serde_urlencoded::to_string([("group", group), ("key", key)]).unwrap_or_default();
         let path = format!("/api/v1/executor/{}/caches?{q}", Self::seg(id));
-        Ok(Download { url: format!("{}{path}", self.base), resp: self.open(reqwest::Method::GET, &path, None, None).await? })
+        Ok(Download {
+            url: format!("{}{path}", self.base),
+            resp: self.open(reqwest::Method::GET, &path, None, None).await?,
+        })
     }
 
     /// Saves a cache (streamed); a key already saved is kept as it is.
-    pub async fn executor_cache_put(&self, id: &str, group: &str, key: &str, body: reqwest::Body, size: Option<u64>) -> Result<crate::objects::Stored, ClientError> {
+    pub async fn executor_cache_put(
+        &self,
+        id: &str,
+        group: &str,
+        key: &str,
+        body: reqwest::Body,
+        size: Option<u64>,
+    ) -> Result<crate::objects::Stored, ClientError> {
         let q = serde_urlencoded::to_string([("group", group), ("key", key)]).unwrap_or_default();
         let path = format!("/api/v1/executor/{}/caches?{q}", Self::seg(id));
         let resp = self.open(reqwest::Method::PUT, &path, Some(body), size).await?;
@@ -396,7 +510,10 @@ pub struct Download {
 impl Download {
     /// The next chunk; `None` at the end.
     pub async fn chunk(&mut self) -> Result<Option<bytes::Bytes>, ClientError> {
-        self.resp.chunk().await.map_err(|e| ClientError::Transport { url: self.url.clone(), message: e.to_string() })
+        self.resp
+            .chunk()
+            .await
+            .map_err(|e| ClientError::Transport { url: self.url.clone(), message: e.to_string() })
     }
 
     /// The whole answer as a stream of chunks.
@@ -466,7 +583,9 @@ impl EventStream {
             match self.resp.chunk().await {
                 Ok(Some(chunk)) => self.buf.extend_from_slice(&chunk),
                 Ok(None) => return Ok(None),
-                Err(e) => return Err(ClientError::Transport { url: self.url.clone(), message: e.to_string() }),
+                Err(e) => {
+                    return Err(ClientError::Transport { url: self.url.clone(), message: e.to_string() })
+                }
             }
         }
     }

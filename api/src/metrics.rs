@@ -51,16 +51,24 @@ impl Metrics {
         out.push_str("# HELP flotilla_http_requests_total HTTP requests by route and status.\n");
         out.push_str("# TYPE flotilla_http_requests_total counter\n");
         for ((route, status), n) in lock(&self.requests).iter() {
-            let _ = writeln!(out, "flotilla_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
+            let _ =
+                writeln!(out, "flotilla_http_requests_total{{route=\"{route}\",status=\"{status}\"}} {n}");
         }
-        out.push_str("# HELP flotilla_write_duration_seconds Time from receiving a write to its commit and apply.\n");
+        out.push_str(
+            "# HELP flotilla_write_duration_seconds Time from receiving a write to its commit and apply.\n",
+        );
         out.push_str("# TYPE flotilla_write_duration_seconds histogram\n");
         for ((kind, outcome), h) in lock(&self.writes).iter() {
             let labels = format!("kind=\"{kind}\",outcome=\"{outcome}\"");
             for (i, bound) in BUCKETS_S.iter().enumerate() {
-                let _ = writeln!(out, "flotilla_write_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {}", h.counts[i]);
+                let _ = writeln!(
+                    out,
+                    "flotilla_write_duration_seconds_bucket{{{labels},le=\"{bound}\"}} {}",
+                    h.counts[i]
+                );
             }
-            let _ = writeln!(out, "flotilla_write_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
+            let _ =
+                writeln!(out, "flotilla_write_duration_seconds_bucket{{{labels},le=\"+Inf\"}} {}", h.count);
             let _ = writeln!(out, "flotilla_write_duration_seconds_sum{{{labels}}} {}", h.sum_s);
             let _ = writeln!(out, "flotilla_write_duration_seconds_count{{{labels}}} {}", h.count);
         }

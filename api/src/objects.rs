@@ -104,8 +104,15 @@ impl LiveLogs {
 }
 
 /// `POST /api/v1/executor/{id}/tasks/{task_id}/logs/{step}?offset=N[&final=true]`.
-pub(crate) async fn append_log(ctx: &Arc<Ctx>, executor: &str, task_id: &str, step: &str, req: &Request<'_>) -> Result<Reply, ApiError> {
-    let step = LogStep::parse(step).ok_or_else(|| ApiError::bad_request(format!("log step {step:?} is not a number or 'setup'")))?;
+pub(crate) async fn append_log(
+    ctx: &Arc<Ctx>,
+    executor: &str,
+    task_id: &str,
+    step: &str,
+    req: &Request<'_>,
+) -> Result<Reply, ApiError> {
+    let step = LogStep::parse(step)
+        .ok_or_else(|| ApiError::bad_request(format!("log step {step:?} is not a number or 'setup'")))?;
     let offset = req.number("offset")?.ok_or_else(|| ApiError::bad_request("offset is required"))?;
     let is_final = req.flag("final")?;
     if !ctx.node.is_leader() && !req.forwarded {
@@ -126,13 +133,24 @@ pub(crate) async fn append_log(ctx: &Arc<Ctx>, executor: &str, task_id: &str, st
     if state.stored {
         return Ok(json(200, &LogAppended { size: state.size, stored: true }));
     }
-    let end = offset.checked_add(req.body.len() as u64).ok_or_else(|| ApiError::bad_request("offset out of range"))?;
+    let end = offset
+        .checked_add(req.body.len() as u64)
+        .ok_or_else(|| ApiError::bad_request("offset out of range"))?;
     if offset <= state.size && end > state.size {
         if end > MAX_LOG_BYTES {
-            return Err(ApiError::new(413, "payload_too_large", format!("a step log is at most {MAX_LOG_BYTES} bytes")));
+            return Err(ApiError::new(
+                413,
+                "payload_too_large",
+                format!("a step log is at most {MAX_LOG_BYTES} bytes"),
+            ));
         }
         let new = &req.body[(state.size - offset) as usize..];
-        let mut file = tokio::fs::OpenOptions::new().create(true).append(true).open(&live.path).await.map_err(spool_error)?;
+        let mut file = tokio::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&live.path)
+            .await
+            .map_err(spool_error)?;
         file.write_all(new).await.map_err(spool_error)?;
         file.flush().await.map_err(spool_error)?;
         state.size = end;
@@ -167,7 +185,11 @@ pub(crate) async fn append_log(ctx: &Arc<Ctx>, executor: &str, task_id: &str, st
 async fn task_owner(ctx: &Ctx, executor: &str, task_id: &str) -> Result<String, ApiError> {
     ctx.node.linearizable_barrier().await?;
     let sm = ctx.node.state.read();
-    let task = sm.state.executor_tasks.get(task_id).ok_or_else(|| ApiError::not_found(format!("executor task {task_id:?} not found")))?;
+    let task = sm
+        .state
+        .executor_tasks
+        .get(task_id)
+        .ok_or_else(|| ApiError::not_found(format!("executor task {task_id:?} not found")))?;
     if task.spec.executor_id != executor {
         return Err(ApiError::conflict(format!("executor task {task_id:?} belongs to another executor")));
     }
@@ -180,7 +202,12 @@ fn spool_error(e: std::io::Error) -> ApiError {
 }
 
 /// `GET /api/v1/runs/{id}/tasks/{task}/logs?step=N|setup[&follow=true]`.
-pub(crate) async fn get_log(ctx: &Arc<Ctx>, run_id: &str, task: &str, req: &Request<'_>) -> Result<Reply, ApiError> {
+pub(crate) async fn get_log(
+    ctx: &Arc<Ctx>,
+    run_id: &str,
+    task: &str,
+    req: &Request<'_>,
+) -> Result<Reply, ApiError> {
     let step_param = req.query.get("step").map(String::as_str).unwrap_or("0");
     let step = LogStep::parse(step_param)
         .ok_or_else(|| ApiError::bad_request(format!("step {step_param:?} is not a number or 'setup'")))?;
@@ -189,7 +216,10 @@ pub(crate) async fn get_log(ctx: &Arc<Ctx>, run_id: &str, task: &str, req: &Requ
     // The run may be live or archived: its logs outlive its place in the state.
     let (live, manifest) = {
         let sm = ctx.node.state.read();
-        (sm.state.runs.get(run_id).map(|r| r.tasks.get(task).map(|t| t.steps.len())), sm.state.archive.clone())
+        (
+            sm.state.runs.get(run_id).map(|r| r.tasks.get(task).map(|t| t.steps.len())),
+            sm.state.archive.clone(),
+        )
     };
     let steps = match live {
         Some(steps) => steps,
@@ -198,7 +228,8 @@ pub(crate) async fn get_log(ctx: &Arc<Ctx>, run_id: &str, task: &str, req: &Requ
             None => return Err(ApiError::not_found(format!("run {run_id:?} not found"))),
         },
     };
-    let steps = steps.ok_or_else(|| ApiError::not_found(format!("task {task:?} not found in run {run_id}")))?;
+    let steps =
+        steps.ok_or_else(|| ApiError::not_found(format!("task {task:?} not found in run {run_id}")))?;
     if let LogStep::Step(n) = step {
         if n >= steps {
             return Err(ApiError::not_found(format!("task {task:?} has {steps} steps (numbered from 0)")));
@@ -218,7 +249,9 @@ pub(crate) async fn get_log(ctx: &Arc<Ctx>, run_id: &str, task: &str, req: &Requ
         return forward_to_leader(ctx, req).await;
     }
     if !follow {
-        return Err(ApiError::not_found(format!("the log of step {step} of task {task:?} is not available (not started, or lost)")));
+        return Err(ApiError::not_found(format!(
+            "the log of step {step} of task {task:?} is not available (not started, or lost)"
+        )));
     }
     // Follow a log that has not started yet: wait for it, or for the task to end.
     let (ctx2, run_id, task) = (ctx.clone(), run_id.to_string(), task.to_string());
@@ -249,7 +282,14 @@ pub(crate) async fn get_log(ctx: &Arc<Ctx>, run_id: &str, task: &str, req: &Requ
 /// The bytes of a live log from the start; with `follow`, until it is stored (or the
 /// task ended without storing it: a lost executor). Once stored, the rest comes from the
 /// object storage, so a slow reader never misses the end when the spool is removed.
-fn tail(ctx: Arc<Ctx>, live: Arc<LiveLog>, key: String, follow: bool, run_id: String, task: String) -> ObjectStream {
+fn tail(
+    ctx: Arc<Ctx>,
+    live: Arc<LiveLog>,
+    key: String,
+    follow: bool,
+    run_id: String,
+    task: String,
+) -> ObjectStream {
     enum Mode {
         Spool(u64, watch::Receiver<LiveState>),
         Rest(ObjectStream),
@@ -258,7 +298,8 @@ fn tail(ctx: Arc<Ctx>, live: Arc<LiveLog>, key: String, follow: bool, run_id: St
     let path = live.path.clone();
     let start = Mode::Spool(0, live.state.subscribe());
     Box::pin(futures::stream::unfold(start, move |mode| {
-        let (ctx, path, key, run_id, task) = (ctx.clone(), path.clone(), key.clone(), run_id.clone(), task.clone());
+        let (ctx, path, key, run_id, task) =
+            (ctx.clone(), path.clone(), key.clone(), run_id.clone(), task.clone());
         async move {
             match mode {
                 Mode::Done => None,
@@ -266,7 +307,9 @@ fn tail(ctx: Arc<Ctx>, live: Arc<LiveLog>, key: String, follow: bool, run_id: St
                 Mode::Spool(pos, mut rx) => loop {
                     let state = *rx.borrow_and_update();
                     if pos < state.size {
-                        if let Ok(chunk) = read_file_range(&path, pos, (state.size - pos).min(256 * 1024)).await {
+                        if let Ok(chunk) =
+                            read_file_range(&path, pos, (state.size - pos).min(256 * 1024)).await
+                        {
                             if !chunk.is_empty() {
                                 let next = pos + chunk.len() as u64;
                                 return Some((Ok(chunk), Mode::Spool(next, rx)));
@@ -294,7 +337,6 @@ fn task_ended(ctx: &Ctx, run_id: &str, task: &str) -> bool {
     sm.state.runs.get(run_id).and_then(|r| r.tasks.get(task)).is_none_or(|t| t.status.is_final())
 }
 
-
 /// A 200 streaming `stream` as `application/octet-stream` (text for logs is fine too).
 pub(crate) fn stream_reply(mut stream: ObjectStream) -> Reply {
     // warp wants a Sync stream: relay through a channel.
@@ -309,14 +351,17 @@ pub(crate) fn stream_reply(mut stream: ObjectStream) -> Reply {
     });
     let body = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
     let mut resp = warp::Reply::into_response(warp::reply::stream(body));
-    resp.headers_mut().insert("content-type", warp::http::HeaderValue::from_static("application/octet-stream"));
+    resp.headers_mut()
+        .insert("content-type", warp::http::HeaderValue::from_static("application/octet-stream"));
     Reply::Raw(resp)
 }
 
 /// Sends the request on to the leader and relays its answer (streamed).
 pub(crate) async fn forward_to_leader(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
-    let leader = ctx.node.leader_url().ok_or_else(|| ApiError::unavailable("no leader known; retry shortly"))?;
-    let mut url = format!("{leader}/{}", req.segments.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("/"));
+    let leader =
+        ctx.node.leader_url().ok_or_else(|| ApiError::unavailable("no leader known; retry shortly"))?;
+    let mut url =
+        format!("{leader}/{}", req.segments.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("/"));
     if !req.raw_query.is_empty() {
         url = format!("{url}?{}", req.raw_query);
     }
@@ -329,7 +374,8 @@ pub(crate) async fn forward_to_leader(ctx: &Ctx, req: &Request<'_>) -> Result<Re
     let content_type = resp.headers().get("content-type").cloned();
     let stream: ObjectStream = Box::pin(resp.bytes_stream().map(|r| r.map_err(std::io::Error::other)));
     let Reply::Raw(mut out) = stream_reply(stream) else { unreachable!() };
-    *out.status_mut() = warp::http::StatusCode::from_u16(status).unwrap_or(warp::http::StatusCode::BAD_GATEWAY);
+    *out.status_mut() =
+        warp::http::StatusCode::from_u16(status).unwrap_or(warp::http::StatusCode::BAD_GATEWAY);
     if let Some(ct) = content_type {
         out.headers_mut().insert("content-type", ct);
     }
@@ -339,7 +385,10 @@ pub(crate) async fn forward_to_leader(ctx: &Ctx, req: &Request<'_>) -> Result<Re
 /// The streamed upload routes (their bodies are not buffered like other requests').
 pub(crate) fn is_upload(method: &Method, segments: &[&str]) -> bool {
     method == Method::PUT
-        && matches!(segments, ["api", "v1", "executor", _, "tasks", _, "archives", _] | ["api", "v1", "executor", _, "caches"])
+        && matches!(
+            segments,
+            ["api", "v1", "executor", _, "tasks", _, "archives", _] | ["api", "v1", "executor", _, "caches"]
+        )
 }
 
 /// `PUT /api/v1/executor/{id}/tasks/{task_id}/archives/{step}` and
@@ -357,7 +406,8 @@ pub(crate) async fn upload(
     let body = capped(body, MAX_ARCHIVE_BYTES);
     match segments {
         ["api", "v1", "executor", executor, "tasks", task_id, "archives", step] => {
-            let step: usize = step.parse().map_err(|_| ApiError::bad_request(format!("step {step:?} is not a number")))?;
+            let step: usize =
+                step.parse().map_err(|_| ApiError::bad_request(format!("step {step:?} is not a number")))?;
             let run_id = task_owner(ctx, executor, task_id).await?;
             ctx.ost.put_bytes(&keys::run_ref(keys::ARCHIVES, task_id, &run_id), Bytes::new(), true).await?;
             let key = keys::archive(task_id, step);
@@ -369,7 +419,10 @@ pub(crate) async fn upload(
             let object = keys::cache(group, key)?;
             // A cache key names one content: the first save wins, later ones are no-ops.
             if ctx.ost.exists(&object).await? {
-                return Ok(json(200, &Stored { key: key.to_string(), size: ctx.ost.stat(&object).await?.size }));
+                return Ok(json(
+                    200,
+                    &Stored { key: key.to_string(), size: ctx.ost.stat(&object).await?.size },
+                ));
             }
             let size = ctx.ost.put(&object, body, size, true).await?;
             Ok(json(201, &Stored { key: key.to_string(), size }))
@@ -379,7 +432,8 @@ pub(crate) async fn upload(
 }
 
 fn cache_params(query: &HashMap<String, String>) -> Result<(&str, &str), ApiError> {
-    let group = query.get("group").map(String::as_str).ok_or_else(|| ApiError::bad_request("group is required"))?;
+    let group =
+        query.get("group").map(String::as_str).ok_or_else(|| ApiError::bad_request("group is required"))?;
     let key = query.get("key").map(String::as_str).ok_or_else(|| ApiError::bad_request("key is required"))?;
     Ok((group, key))
 }
@@ -402,7 +456,8 @@ pub(crate) async fn executor_read(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -
     match rest {
         // GET /api/v1/executor/{id}/archives/{task_id}/{step}
         ["executor", _, "archives", task_id, step] => {
-            let step: usize = step.parse().map_err(|_| ApiError::bad_request(format!("step {step:?} is not a number")))?;
+            let step: usize =
+                step.parse().map_err(|_| ApiError::bad_request(format!("step {step:?} is not a number")))?;
             Ok(stream_reply(ctx.ost.get(&keys::archive(task_id, step)).await?))
         }
         // GET /api/v1/executor/{id}/caches?group=G&key=K: the cache itself.
@@ -412,10 +467,18 @@ pub(crate) async fn executor_read(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -
         }
         // GET /api/v1/executor/{id}/caches/match?group=G&prefix=P: first key by prefix.
         ["executor", _, "caches", "match"] => {
-            let group = req.query.get("group").map(String::as_str).ok_or_else(|| ApiError::bad_request("group is required"))?;
+            let group = req
+                .query
+                .get("group")
+                .map(String::as_str)
+                .ok_or_else(|| ApiError::bad_request("group is required"))?;
             let prefix = req.query.get("prefix").map(String::as_str).unwrap_or("");
             if prefix.contains('/') {
-                return Err(OstError::InvalidKey { key: prefix.to_string(), reason: "a cache key cannot contain '/'" }.into());
+                return Err(OstError::InvalidKey {
+                    key: prefix.to_string(),
+                    reason: "a cache key cannot contain '/'",
+                }
+                .into());
             }
             let dir = keys::cache_dir(group)?;
             let found = ctx.ost.list(&format!("{dir}{prefix}"), None, 100).await?;

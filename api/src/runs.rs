@@ -109,8 +109,15 @@ pub(crate) async fn route(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -> Result
         ["executors", id] if m == Method::DELETE => {
             expect_done(write(ctx, Command::DeleteExecutor { id: id.to_string() }).await?)
         }
-        ["archive"] | ["archive", "index"] | ["runs"] | ["runs", _] | ["runs", _, "actions"] | ["runs", _, "tasks", _, "annotations" | "actions"] | ["events"]
-        | ["executors"] | ["executors", _] => Err(ApiError::method_not_allowed()),
+        ["archive"]
+        | ["archive", "index"]
+        | ["runs"]
+        | ["runs", _]
+        | ["runs", _, "actions"]
+        | ["runs", _, "tasks", _, "annotations" | "actions"]
+        | ["events"]
+        | ["executors"]
+        | ["executors", _] => Err(ApiError::method_not_allowed()),
         _ => Err(ApiError::not_found(format!("no route for {} /api/v1/{}", m, rest.join("/")))),
     }
 }
@@ -125,7 +132,8 @@ fn expect_done(r: Response) -> Result<Reply, ApiError> {
 async fn create_run(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
     let create: RunCreate = req.json()?;
     create.validate().map_err(|e| ApiError::bad_request(format!("invalid run: {e}")))?;
-    let (index, response) = write_at(ctx, Command::CreateRun { create: Box::new(create), now_ms: now_ms() }).await?;
+    let (index, response) =
+        write_at(ctx, Command::CreateRun { create: Box::new(create), now_ms: now_ms() }).await?;
     let Response::RunCreated { run_id } = response else { return Err(unexpected(response)) };
     // The write is applied on the leader; this node may be a follower a little behind.
     ctx.node.wait_applied(index).await?;
@@ -168,8 +176,12 @@ async fn list_runs(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
         let runs = &sm.state.runs;
         use std::ops::Bound::{Excluded, Unbounded};
         let range: Box<dyn Iterator<Item = &Run>> = match (&start, asc) {
-            (Some(s), true) => Box::new(runs.range::<String, _>((Excluded(s.clone()), Unbounded)).map(|(_, r)| r)),
-            (Some(s), false) => Box::new(runs.range::<String, _>((Unbounded, Excluded(s.clone()))).rev().map(|(_, r)| r)),
+            (Some(s), true) => {
+                Box::new(runs.range::<String, _>((Excluded(s.clone()), Unbounded)).map(|(_, r)| r))
+            }
+            (Some(s), false) => {
+                Box::new(runs.range::<String, _>((Unbounded, Excluded(s.clone()))).rev().map(|(_, r)| r))
+            }
             (None, true) => Box::new(runs.values()),
             (None, false) => Box::new(runs.values().rev()),
         };
@@ -230,10 +242,18 @@ async fn delete_run(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
         ctx.node.linearizable_barrier().await?;
         let (in_state, manifest) = {
             let sm = ctx.node.state.read();
-            (sm.state.runs.get(id).map(|r| r.tasks.keys().cloned().collect::<Vec<_>>()), sm.state.archive.clone())
+            (
+                sm.state.runs.get(id).map(|r| r.tasks.keys().cloned().collect::<Vec<_>>()),
+                sm.state.archive.clone(),
+            )
         };
         if let Some(tasks) = in_state {
-            let cmd = Command::DeleteRun { run_id: id.to_string(), prev_generation: manifest.generation, replace: None, with: None };
+            let cmd = Command::DeleteRun {
+                run_id: id.to_string(),
+                prev_generation: manifest.generation,
+                replace: None,
+                with: None,
+            };
             expect_done(write(ctx, cmd).await?)?;
             break tasks;
         }
@@ -241,15 +261,29 @@ async fn delete_run(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
         let Ok(i) = rows.binary_search_by(|r| r.id.as_str().cmp(id)) else {
             return Err(ApiError::not_found(format!("run {id} not found")));
         };
-        let old = manifest.files.iter().find(|f| *f.key == *rows[i].file).cloned().ok_or_else(ApiError::internal)?;
+        let old = manifest
+            .files
+            .iter()
+            .find(|f| *f.key == *rows[i].file)
+            .cloned()
+            .ok_or_else(ApiError::internal)?;
         let runs = flotilla_store::archive::read_file(&ctx.ost, &old.key).await?;
-        let tasks = runs.iter().find(|a| a.run.id == id).map(|a| a.run.tasks.keys().cloned().collect()).unwrap_or_default();
+        let tasks = runs
+            .iter()
+            .find(|a| a.run.id == id)
+            .map(|a| a.run.tasks.keys().cloned().collect())
+            .unwrap_or_default();
         let rest: Vec<_> = runs.into_iter().filter(|a| a.run.id != id).collect();
         let stamp = flotilla_scheduler::now_ms();
         let with = if rest.is_empty() {
             None
         } else {
-            let name = |n| format!("del-{}", flotilla_store::archive::fresh_name(manifest.generation + 1, ctx.node.id, stamp, n));
+            let name = |n| {
+                format!(
+                    "del-{}",
+                    flotilla_store::archive::fresh_name(manifest.generation + 1, ctx.node.id, stamp, n)
+                )
+            };
             // One file in, at most one file out: it only shrinks.
             flotilla_store::archive::write_files(&ctx.ost, rest, u64::MAX, name).await?.pop()
         };
@@ -293,7 +327,9 @@ fn events(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
     let subscribers = ctx.event_subscribers.clone();
     if subscribers.fetch_add(1, Ordering::SeqCst) >= MAX_EVENT_SUBSCRIBERS {
         subscribers.fetch_sub(1, Ordering::SeqCst);
-        return Err(ApiError::unavailable(format!("this node already serves {MAX_EVENT_SUBSCRIBERS} event streams")));
+        return Err(ApiError::unavailable(format!(
+            "this node already serves {MAX_EVENT_SUBSCRIBERS} event streams"
+        )));
     }
     let mut rx = ctx.node.state.subscribe_events();
     let mut closing = ctx.closing();
@@ -348,23 +384,40 @@ pub(crate) async fn executor_route(ctx: &Ctx, rest: &[&str], req: &Request<'_>) 
         ["executor", id] if m == Method::PUT => {
             validate_executor_id(id).map_err(ApiError::bad_request)?;
             let info: ExecutorInfo = req.json()?;
-            expect_done(write(ctx, Command::PutExecutor { id: id.to_string(), info, now_ms: now_ms() }).await?)
+            expect_done(
+                write(ctx, Command::PutExecutor { id: id.to_string(), info, now_ms: now_ms() }).await?,
+            )
         }
         ["executor", id, "tasks"] if m == Method::GET => executor_tasks(ctx, id, req).await,
         ["executor", id, "siblings"] if m == Method::GET => {
             read_barrier(ctx, req).await?;
             let sm = ctx.node.state.read();
-            let me = sm.state.executors.get(*id).ok_or_else(|| ApiError::not_found(format!("executor {id:?} is not registered")))?;
-            let executors =
-                sm.state.executors.values().filter(|e| e.info.group == me.info.group).map(|e| e.id.clone()).collect();
+            let me = sm
+                .state
+                .executors
+                .get(*id)
+                .ok_or_else(|| ApiError::not_found(format!("executor {id:?} is not registered")))?;
+            let executors = sm
+                .state
+                .executors
+                .values()
+                .filter(|e| e.info.group == me.info.group)
+                .map(|e| e.id.clone())
+                .collect();
             Ok(json(200, &crate::types::Siblings { executors }))
         }
         ["executor", id, "tasks", task_id] if m == Method::PUT => {
             let status: ExecutorTaskStatus = req.json()?;
-            let cmd = Command::SetExecutorTaskStatus { id: task_id.to_string(), executor_id: id.to_string(), status };
+            let cmd = Command::SetExecutorTaskStatus {
+                id: task_id.to_string(),
+                executor_id: id.to_string(),
+                status,
+            };
             expect_done(write(ctx, cmd).await?)
         }
-        ["executor", _] | ["executor", _, "tasks"] | ["executor", _, "tasks", _] => Err(ApiError::method_not_allowed()),
+        ["executor", _] | ["executor", _, "tasks"] | ["executor", _, "tasks", _] => {
+            Err(ApiError::method_not_allowed())
+        }
         _ => Err(ApiError::not_found(format!("no route for {} /api/v1/{}", m, rest.join("/")))),
     }
 }
@@ -381,9 +434,12 @@ async fn executor_tasks(ctx: &Ctx, id: &str, req: &Request<'_>) -> Result<Reply,
         {
             let sm = ctx.node.state.read();
             let state = &sm.state;
-            let executor =
-                state.executors.get(id).ok_or_else(|| ApiError::not_found(format!("executor {id:?} is not registered")))?;
-            if executor.tasks_revision > since || tokio::time::Instant::now() >= deadline || *closing.borrow() {
+            let executor = state
+                .executors
+                .get(id)
+                .ok_or_else(|| ApiError::not_found(format!("executor {id:?} is not registered")))?;
+            if executor.tasks_revision > since || tokio::time::Instant::now() >= deadline || *closing.borrow()
+            {
                 let tasks = state
                     .executor_tasks
                     .values()

@@ -17,7 +17,9 @@ use bytes::{Buf, BufMut, Bytes, BytesMut};
 use flotilla_raft::network::MSGPACK;
 use flotilla_raft::rpc::{self, RpcKind};
 use flotilla_raft::{LeaderRequest, RaftNode};
-use flotilla_store::limits::{DEFAULT_LIST_LIMIT, MAX_API_BODY_BYTES, MAX_LIST_LIMIT, MAX_NODE_ADDR_BYTES, MAX_RAFT_BODY_BYTES};
+use flotilla_store::limits::{
+    DEFAULT_LIST_LIMIT, MAX_API_BODY_BYTES, MAX_LIST_LIMIT, MAX_NODE_ADDR_BYTES, MAX_RAFT_BODY_BYTES,
+};
 use flotilla_store::ost::{ObjectStream, Ost};
 use flotilla_store::{Command, Response};
 use futures::{Stream, StreamExt};
@@ -69,7 +71,12 @@ pub struct Ctx {
 
 impl Ctx {
     /// `spool_dir` holds the logs being written on this node (emptied at start).
-    pub fn new(node: Arc<RaftNode>, cfg: ServerConfig, ost: Ost, spool_dir: std::path::PathBuf) -> std::io::Result<Arc<Ctx>> {
+    pub fn new(
+        node: Arc<RaftNode>,
+        cfg: ServerConfig,
+        ost: Ost,
+        spool_dir: std::path::PathBuf,
+    ) -> std::io::Result<Arc<Ctx>> {
         let peers = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(500))
             .timeout(Duration::from_secs(2))
@@ -111,11 +118,18 @@ pub async fn run(listener: TcpListener, ctx: Arc<Ctx>, shutdown: impl Future<Out
         .and(warp::body::stream())
         .then({
             let ctx = ctx.clone();
-            move |method: Method, path: warp::path::FullPath, query: String, auth, len, fwd: Option<String>, body| {
-            let ctx = ctx.clone();
-            let path = path.as_str().to_string();
-            async move { handle(ctx, method, path, query, auth, len, fwd.is_some(), body).await }
-        }});
+            move |method: Method,
+                  path: warp::path::FullPath,
+                  query: String,
+                  auth,
+                  len,
+                  fwd: Option<String>,
+                  body| {
+                let ctx = ctx.clone();
+                let path = path.as_str().to_string();
+                async move { handle(ctx, method, path, query, auth, len, fwd.is_some(), body).await }
+            }
+        });
     let closing = async move {
         shutdown.await;
         ctx.closing_tx.send_replace(true);
@@ -128,7 +142,8 @@ pub async fn run(listener: TcpListener, ctx: Arc<Ctx>, shutdown: impl Future<Out
 /// waiting for the peer's delayed ACK of the previous one (up to 40 ms on a busy
 /// keep-alive or HTTP/2 connection).
 pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
-    let socket = if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
+    let socket =
+        if addr.is_ipv4() { tokio::net::TcpSocket::new_v4()? } else { tokio::net::TcpSocket::new_v6()? };
     socket.set_reuseaddr(true)?;
     socket.set_nodelay(true)?;
     socket.bind(addr)?;
@@ -159,11 +174,14 @@ impl warp::Reply for Reply {
         };
         let mut resp = warp::reply::Response::new(body.into());
         *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        resp.headers_mut().insert("content-type", warp::http::HeaderValue::from_static(match ct {
-            "application/json" => "application/json",
-            MSGPACK => MSGPACK,
-            _ => "text/plain; version=0.0.4; charset=utf-8",
-        }));
+        resp.headers_mut().insert(
+            "content-type",
+            warp::http::HeaderValue::from_static(match ct {
+                "application/json" => "application/json",
+                MSGPACK => MSGPACK,
+                _ => "text/plain; version=0.0.4; charset=utf-8",
+            }),
+        );
         resp
     }
 }
@@ -186,8 +204,8 @@ where
     let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
     let route = route_label(&segments);
     let result = async {
-        let query: HashMap<String, String> =
-            serde_urlencoded::from_str(&raw_query).map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
+        let query: HashMap<String, String> = serde_urlencoded::from_str(&raw_query)
+            .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
         let content_length = content_length
             .map(|len| len.trim().parse::<u64>().map_err(|_| ApiError::bad_request("invalid content-length")))
             .transpose()?;
@@ -211,7 +229,15 @@ where
             return Err(ApiError::payload_too_large(limit));
         }
         let body = read_body(body, limit).await?;
-        let req = Request { method, segments: &segments, query, raw_query: raw_query.clone(), auth, forwarded, body };
+        let req = Request {
+            method,
+            segments: &segments,
+            query,
+            raw_query: raw_query.clone(),
+            auth,
+            forwarded,
+            body,
+        };
         dispatch(&ctx, req).await
     }
     .await;
@@ -263,21 +289,28 @@ impl Request<'_> {
         if self.body.is_empty() {
             return Err(ApiError::bad_request("request body is empty; a JSON object is expected"));
         }
-        serde_json::from_slice(&self.body).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
+        serde_json::from_slice(&self.body)
+            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
     }
 
     pub(crate) fn flag(&self, name: &str) -> Result<bool, ApiError> {
         match self.query.get(name).map(String::as_str) {
             None | Some("false") | Some("0") => Ok(false),
             Some("true") | Some("1") | Some("") => Ok(true),
-            Some(other) => Err(ApiError::bad_request(format!("query parameter {name}={other:?} is not a boolean"))),
+            Some(other) => {
+                Err(ApiError::bad_request(format!("query parameter {name}={other:?} is not a boolean")))
+            }
         }
     }
 
     pub(crate) fn number(&self, name: &str) -> Result<Option<u64>, ApiError> {
         self.query
             .get(name)
-            .map(|v| v.parse().map_err(|_| ApiError::bad_request(format!("query parameter {name}={v:?} is not a number"))))
+            .map(|v| {
+                v.parse().map_err(|_| {
+                    ApiError::bad_request(format!("query parameter {name}={v:?} is not a number"))
+                })
+            })
             .transpose()
     }
 }
@@ -331,7 +364,8 @@ async fn dispatch(ctx: &Arc<Ctx>, req: Request<'_>) -> Result<Reply, ApiError> {
                 "leader" => RpcKind::Leader,
                 _ => return Err(ApiError::not_found("no such raft route")),
             };
-            let out = rpc::handle(node, kind, &req.body).await.map_err(|e| ApiError::bad_request(e.to_string()))?;
+            let out =
+                rpc::handle(node, kind, &req.body).await.map_err(|e| ApiError::bad_request(e.to_string()))?;
             Ok(Reply::Msgpack(out))
         }
         ["api", "v1", "executor", ..] => {
@@ -342,7 +376,9 @@ async fn dispatch(ctx: &Arc<Ctx>, req: Request<'_>) -> Result<Reply, ApiError> {
                 ["executor", id, "tasks", task_id, "logs", step] if m == Method::POST => {
                     crate::objects::append_log(ctx, id, task_id, step, &req).await
                 }
-                rest @ (["executor", _, "archives", _, _] | ["executor", _, "caches"] | ["executor", _, "caches", "match"])
+                rest @ (["executor", _, "archives", _, _]
+                | ["executor", _, "caches"]
+                | ["executor", _, "caches", "match"])
                     if m == Method::GET =>
                 {
                     crate::objects::executor_read(ctx, rest, &req).await
@@ -377,14 +413,17 @@ async fn api_v1(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -> Result<Reply, Ap
     let m = &req.method;
     match rest {
         ["cluster"] if m == Method::GET => {
-            let status = if req.flag("stale")? { node.local_status().await } else { node.cluster_status().await? };
+            let status =
+                if req.flag("stale")? { node.local_status().await } else { node.cluster_status().await? };
             Ok(json(200, &status))
         }
         ["cluster", "init"] if m == Method::POST => {
             let body: InitRequest = req.json()?;
             let mut nodes = BTreeMap::new();
             for (id, addr) in body.nodes {
-                let id: u64 = id.parse().map_err(|_| ApiError::bad_request(format!("node id {id:?} is not a number")))?;
+                let id: u64 = id
+                    .parse()
+                    .map_err(|_| ApiError::bad_request(format!("node id {id:?} is not a number")))?;
                 nodes.insert(id, check_addr(&addr)?);
             }
             node.initialize(nodes).await?;
@@ -403,7 +442,8 @@ async fn api_v1(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -> Result<Reply, Ap
             Ok(json(200, &node.cluster_status().await?))
         }
         ["cluster", "nodes", id] if m == Method::DELETE => {
-            let id: u64 = id.parse().map_err(|_| ApiError::bad_request(format!("node id {id:?} is not a number")))?;
+            let id: u64 =
+                id.parse().map_err(|_| ApiError::bad_request(format!("node id {id:?} is not a number")))?;
             membership(ctx, LeaderRequest::RemoveNode { id }).await?;
             Ok(Reply::Empty)
         }
@@ -442,15 +482,18 @@ async fn api_v1(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -> Result<Reply, Ap
             let archived = ctx.archive.load(&rows).await?;
             let bytes = flotilla_store::export::encode(&state, archived);
             let mut resp = warp::reply::Response::new(bytes.into());
-            resp.headers_mut().insert("content-type", warp::http::HeaderValue::from_static("application/octet-stream"));
+            resp.headers_mut()
+                .insert("content-type", warp::http::HeaderValue::from_static("application/octet-stream"));
             Ok(Reply::Raw(resp))
         }
         ["import"] if m == Method::POST => {
             if !node.state.read().state.maintenance {
-                return Err(ApiError::conflict("an import is only accepted in maintenance mode (flotilla maintenance enable)"));
+                return Err(ApiError::conflict(
+                    "an import is only accepted in maintenance mode (flotilla maintenance enable)",
+                ));
             }
-            let (mut state, mut archived) =
-                flotilla_store::export::decode(&req.body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+            let (mut state, mut archived) = flotilla_store::export::decode(&req.body)
+                .map_err(|e| ApiError::bad_request(e.to_string()))?;
             // The archived runs go into this cluster's object storage first, under fresh
             // names; the import then points the manifest at them.
             archived.sort_by(|a, b| a.run.id.cmp(&b.run.id));
@@ -468,7 +511,9 @@ async fn api_v1(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -> Result<Reply, Ap
             Ok(Reply::Empty)
         }
         ["export"] | ["import"] => Err(ApiError::method_not_allowed()),
-        ["runs", ..] | ["events"] | ["executors", ..] | ["archive", ..] => crate::runs::route(ctx, rest, req).await,
+        ["runs", ..] | ["events"] | ["executors", ..] | ["archive", ..] => {
+            crate::runs::route(ctx, rest, req).await
+        }
         ["maintenance"] => match *m {
             Method::GET if req.flag("local")? => {
                 let enabled = node.state.read().state.maintenance;
@@ -495,9 +540,11 @@ fn open_in_maintenance(rest: &[&str]) -> bool {
 
 fn route_or_405(rest: &[&str]) -> Result<Reply, ApiError> {
     match rest {
-        ["cluster"] | ["cluster", "init"] | ["cluster", "learners"] | ["cluster", "voters"] | ["cluster", "nodes", _] => {
-            Err(ApiError::method_not_allowed())
-        }
+        ["cluster"]
+        | ["cluster", "init"]
+        | ["cluster", "learners"]
+        | ["cluster", "voters"]
+        | ["cluster", "nodes", _] => Err(ApiError::method_not_allowed()),
         _ => Err(ApiError::not_found(format!("no route for /api/v1/{}", rest.join("/")))),
     }
 }
@@ -517,14 +564,19 @@ fn check_addr(addr: &str) -> Result<String, ApiError> {
         && addr.len() <= MAX_NODE_ADDR_BYTES
         && reqwest::Url::parse(addr).map(|u| u.host().is_some()).unwrap_or(false);
     if !ok {
-        return Err(ApiError::bad_request(format!("node address {addr:?} must be an http(s)://host:port URL")));
+        return Err(ApiError::bad_request(format!(
+            "node address {addr:?} must be an http(s)://host:port URL"
+        )));
     }
     Ok(addr.trim_end_matches('/').to_string())
 }
 
 fn decode_key(segments: &[&str]) -> Result<String, ApiError> {
     let raw = segments.join("/");
-    let key = percent_decode_str(&raw).decode_utf8().map_err(|_| ApiError::bad_request("key is not valid UTF-8"))?.into_owned();
+    let key = percent_decode_str(&raw)
+        .decode_utf8()
+        .map_err(|_| ApiError::bad_request("key is not valid UTF-8"))?
+        .into_owned();
     flotilla_store::command::validate_key(&key)?;
     Ok(key)
 }
@@ -539,7 +591,11 @@ pub(crate) async fn write_at(ctx: &Ctx, cmd: Command) -> Result<(u64, Response),
     let kind = cmd.kind();
     let start = Instant::now();
     let result = ctx.node.write(cmd).await;
-    ctx.metrics.write(kind, matches!(&result, Ok((_, r)) if !matches!(r, Response::Rejected(_))), start.elapsed());
+    ctx.metrics.write(
+        kind,
+        matches!(&result, Ok((_, r)) if !matches!(r, Response::Rejected(_))),
+        start.elapsed(),
+    );
     let (index, response) = result?;
     match response {
         Response::Rejected(e) => Err(e.into()),
@@ -564,7 +620,12 @@ async fn kv_get(ctx: &Ctx, req: &Request<'_>, key: String) -> Result<Reply, ApiE
     read_barrier(ctx, req).await?;
     let sm = ctx.node.state.read();
     let entry = sm.state.kv.get(&key).ok_or_else(|| ApiError::not_found(format!("key {key:?} not found")))?;
-    let item = KvItem { key, value: entry.value.clone(), revision: entry.revision, create_revision: entry.create_revision };
+    let item = KvItem {
+        key,
+        value: entry.value.clone(),
+        revision: entry.revision,
+        create_revision: entry.create_revision,
+    };
     Ok(json(200, &item))
 }
 
@@ -580,7 +641,12 @@ async fn kv_list(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
     let (items, more) = sm.state.kv_list(prefix, start_after, limit);
     let items = items
         .into_iter()
-        .map(|(k, e)| KvItem { key: k.clone(), value: e.value.clone(), revision: e.revision, create_revision: e.create_revision })
+        .map(|(k, e)| KvItem {
+            key: k.clone(),
+            value: e.value.clone(),
+            revision: e.revision,
+            create_revision: e.create_revision,
+        })
         .collect();
     Ok(json(200, &KvList { items, more }))
 }
@@ -603,7 +669,9 @@ async fn maintenance_status(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiEr
             r = r.bearer_auth(t);
         }
         let answer = match r.send().await {
-            Ok(resp) if resp.status().is_success() => resp.json::<LocalMaintenance>().await.ok().map(|l| l.enabled),
+            Ok(resp) if resp.status().is_success() => {
+                resp.json::<LocalMaintenance>().await.ok().map(|l| l.enabled)
+            }
             _ => None,
         };
         (id, answer)
@@ -645,8 +713,16 @@ async fn render_metrics(ctx: &Ctx) -> String {
         ("flotilla_raft_applied_index", "Highest log index applied here.", s.applied_index),
         ("flotilla_raft_last_log_index", "Last log index stored here.", s.last_log_index),
         ("flotilla_raft_leader_id", "Id of the known leader (0 when none).", s.leader_id.unwrap_or(0)),
-        ("flotilla_raft_is_leader", "1 when this node is the leader.", u64::from(s.leader_id == Some(ctx.node.id))),
-        ("flotilla_raft_log_entries", "Entries kept in the log (purged after snapshots).", log_entries as u64),
+        (
+            "flotilla_raft_is_leader",
+            "1 when this node is the leader.",
+            u64::from(s.leader_id == Some(ctx.node.id)),
+        ),
+        (
+            "flotilla_raft_log_entries",
+            "Entries kept in the log (purged after snapshots).",
+            log_entries as u64,
+        ),
         ("flotilla_raft_snapshot_bytes", "Size of the last snapshot on disk.", snapshot_bytes),
         ("flotilla_raft_members", "Voters and learners in the membership.", s.nodes.len() as u64),
     ];
@@ -673,13 +749,20 @@ pub async fn serve_node(
     on_ready(&node, local);
     let scheduler_cfg = cfg.scheduler.clone();
     let gc_cfg = cfg.gc.clone();
-    let ost_url = cfg.ost_url.clone().unwrap_or_else(|| format!("file://{}", node_cfg_ost_dir(&data_dir).display()));
+    let ost_url =
+        cfg.ost_url.clone().unwrap_or_else(|| format!("file://{}", node_cfg_ost_dir(&data_dir).display()));
     let ost = Ost::open(&ost_url).await?;
     tracing::info!(ost = %ost.describe(), "object storage");
-    let ctx = Ctx::new(node.clone(), cfg, ost.clone(), data_dir.join("logspool")).map_err(ServeError::Spool)?;
+    let ctx =
+        Ctx::new(node.clone(), cfg, ost.clone(), data_dir.join("logspool")).map_err(ServeError::Spool)?;
     let scheduler = tokio::spawn(flotilla_scheduler::run(node.clone(), scheduler_cfg, ctx.closing()));
     let gc = tokio::spawn(flotilla_scheduler::gc::run(node.clone(), ost.clone(), gc_cfg, ctx.closing()));
-    let archiver = tokio::spawn(flotilla_scheduler::archive::run(node.clone(), ost, ctx.cfg.archive.clone(), ctx.closing()));
+    let archiver = tokio::spawn(flotilla_scheduler::archive::run(
+        node.clone(),
+        ost,
+        ctx.cfg.archive.clone(),
+        ctx.closing(),
+    ));
     run(listener, ctx, shutdown).await;
     let _ = scheduler.await;
     let _ = gc.await;

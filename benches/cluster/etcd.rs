@@ -45,8 +45,11 @@ impl Etcd {
                 child: None,
             })
             .collect();
-        let initial_cluster =
-            members.iter().map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port)).collect::<Vec<_>>().join(",");
+        let initial_cluster = members
+            .iter()
+            .map(|m| format!("{}=http://127.0.0.1:{}", m.name, m.peer_port))
+            .collect::<Vec<_>>()
+            .join(",");
         let mut etcd = Etcd { _dir: dir, members, initial_cluster };
         for i in 0..n {
             etcd.spawn(i);
@@ -118,8 +121,11 @@ impl Etcd {
                 return i;
             }
             if Instant::now() > deadline {
-                let logs: Vec<String> =
-                    self.members.iter().map(|m| std::fs::read_to_string(&m.log).unwrap_or_default()).collect();
+                let logs: Vec<String> = self
+                    .members
+                    .iter()
+                    .map(|m| std::fs::read_to_string(&m.log).unwrap_or_default())
+                    .collect();
                 panic!("etcd elected no leader within 30 s:\n{}", logs.join("\n---\n"));
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
@@ -136,6 +142,8 @@ impl Drop for Etcd {
 }
 
 pub async fn connect(endpoint: &str) -> Result<etcd_client::Client, etcd_client::Error> {
-    let opts = etcd_client::ConnectOptions::new().with_connect_timeout(Duration::from_millis(500)).with_timeout(Duration::from_secs(10));
+    let opts = etcd_client::ConnectOptions::new()
+        .with_connect_timeout(Duration::from_millis(500))
+        .with_timeout(Duration::from_secs(10));
     etcd_client::Client::connect([endpoint], Some(opts)).await
 }

@@ -57,7 +57,14 @@ impl Load {
     async fn first_write_after(&self, killed_at: Instant) -> Duration {
         let deadline = killed_at + Duration::from_secs(30);
         loop {
-            let first = self.accepted.lock().unwrap().iter().filter(|(sent, _)| *sent > killed_at).map(|(_, at)| *at).min();
+            let first = self
+                .accepted
+                .lock()
+                .unwrap()
+                .iter()
+                .filter(|(sent, _)| *sent > killed_at)
+                .map(|(_, at)| *at)
+                .min();
             if let Some(t) = first {
                 return t - killed_at;
             }
@@ -138,15 +145,33 @@ async fn etcd(kills: usize) -> Vec<Duration> {
 pub async fn run(quick: bool) -> Vec<Row> {
     let kills = if quick { 3 } else { 10 };
     etcd::require();
-    println!("== failover: 3 nodes, {WRITERS} writers moving to the next node on errors, {kills} leader SIGKILLs");
+    println!(
+        "== failover: 3 nodes, {WRITERS} writers moving to the next node on errors, {kills} leader SIGKILLs"
+    );
     let mut f = flotilla(kills).await;
     let mut e = etcd(kills).await;
     f.sort();
     e.sort();
-    let ms = |v: &[Duration]| v.iter().map(|d| format!("{:.0}", d.as_secs_f64() * 1000.0)).collect::<Vec<_>>().join(" ");
+    let ms = |v: &[Duration]| {
+        v.iter().map(|d| format!("{:.0}", d.as_secs_f64() * 1000.0)).collect::<Vec<_>>().join(" ")
+    };
     println!("kill → first accepted write, ms: flotilla {} | etcd {}", ms(&f), ms(&e));
     vec![
-        Row::new("failover_kill_to_write_p50", "ms", percentile_ms(&f, 0.5), "etcd", percentile_ms(&e, 0.5), false),
-        Row::new("failover_kill_to_write_max", "ms", percentile_ms(&f, 1.0), "etcd", percentile_ms(&e, 1.0), false),
+        Row::new(
+            "failover_kill_to_write_p50",
+            "ms",
+            percentile_ms(&f, 0.5),
+            "etcd",
+            percentile_ms(&e, 0.5),
+            false,
+        ),
+        Row::new(
+            "failover_kill_to_write_max",
+            "ms",
+            percentile_ms(&f, 1.0),
+            "etcd",
+            percentile_ms(&e, 1.0),
+            false,
+        ),
     ]
 }

@@ -15,7 +15,11 @@ use futures::StreamExt;
 
 fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
-    status.lines().find_map(|l| l.strip_prefix("VmRSS:")).and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok()).unwrap_or(0.0)
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+        .unwrap_or(0.0)
         / 1024.0
 }
 
@@ -32,8 +36,19 @@ fn disk_bytes(path: &Path) -> u64 {
 }
 
 async fn metric(url: &str, name: &str) -> u64 {
-    let text = reqwest::Client::new().get(format!("{url}/metrics")).bearer_auth(TOKEN).send().await.unwrap().text().await.unwrap();
-    text.lines().find_map(|l| l.strip_prefix(&format!("{name} "))).and_then(|v| v.trim().parse().ok()).unwrap_or(0)
+    let text = reqwest::Client::new()
+        .get(format!("{url}/metrics"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(&format!("{name} ")))
+        .and_then(|v| v.trim().parse().ok())
+        .unwrap_or(0)
 }
 
 /// Creates `n` finished runs (64 in flight) and returns the instant each one was acknowledged.
@@ -84,7 +99,18 @@ async fn measure(n: usize, archive: bool) -> Figures {
     let ost = tempfile::tempdir().unwrap();
     let ost_url = format!("file://{}", ost.path().display());
     let after = if archive { "0" } else { "100000000" };
-    let args = ["--snapshot-logs", "5000", "--archive-interval-ms", "500", "--index-dump-interval-s", "0", "--archive-after-s", after, "--ost", &ost_url];
+    let args = [
+        "--snapshot-logs",
+        "5000",
+        "--archive-interval-ms",
+        "500",
+        "--index-dump-interval-s",
+        "0",
+        "--archive-after-s",
+        after,
+        "--ost",
+        &ost_url,
+    ];
     let c = Cluster::bootstrap(3, &args).await;
     let (start, done) = fill(&c, n).await;
     let chunk = n / 10;
@@ -125,7 +151,16 @@ pub async fn run(quick: bool) -> Vec<Row> {
     let a = measure(n, true).await;
     let b = measure(n, false).await;
     let chunk = n / 10;
-    println!("{:<26} {:>12} {:>12} {:>12} {:>14} {:>26} {:>22}", "", "first runs/s", "last runs/s", "log entries", "snapshot B", "sled disk B per node", "RSS MiB per node");
+    println!(
+        "{:<26} {:>12} {:>12} {:>12} {:>14} {:>26} {:>22}",
+        "",
+        "first runs/s",
+        "last runs/s",
+        "log entries",
+        "snapshot B",
+        "sled disk B per node",
+        "RSS MiB per node"
+    );
     for (name, f) in [("kept in Raft (baseline)", &b), ("archived to the ost", &a)] {
         println!(
             "{name:<26} {:>12.0} {:>12.0} {:>12} {:>14} {:>26} {:>22}",
@@ -141,12 +176,47 @@ pub async fn run(quick: bool) -> Vec<Row> {
     let max_f = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
     let base = "flotilla, runs kept in Raft";
     let mut rows = vec![
-        Row::new(format!("growth_runs_per_s_first_{chunk}"), "runs/s", a.first_per_s, base, b.first_per_s, true),
+        Row::new(
+            format!("growth_runs_per_s_first_{chunk}"),
+            "runs/s",
+            a.first_per_s,
+            base,
+            b.first_per_s,
+            true,
+        ),
         Row::new(format!("growth_runs_per_s_last_{chunk}"), "runs/s", a.last_per_s, base, b.last_per_s, true),
-        Row::new("growth_last_over_first", "ratio", a.last_per_s / a.first_per_s, base, b.last_per_s / b.first_per_s, true),
-        Row::new("growth_raft_log_entries", "entries", a.log_entries as f64, base, b.log_entries as f64, false),
-        Row::new("growth_snapshot_size", "bytes", a.snapshot_bytes as f64, base, b.snapshot_bytes as f64, false),
-        Row::new("growth_sled_disk_max_node", "bytes", max_u(&a.sled_bytes), base, max_u(&b.sled_bytes), false),
+        Row::new(
+            "growth_last_over_first",
+            "ratio",
+            a.last_per_s / a.first_per_s,
+            base,
+            b.last_per_s / b.first_per_s,
+            true,
+        ),
+        Row::new(
+            "growth_raft_log_entries",
+            "entries",
+            a.log_entries as f64,
+            base,
+            b.log_entries as f64,
+            false,
+        ),
+        Row::new(
+            "growth_snapshot_size",
+            "bytes",
+            a.snapshot_bytes as f64,
+            base,
+            b.snapshot_bytes as f64,
+            false,
+        ),
+        Row::new(
+            "growth_sled_disk_max_node",
+            "bytes",
+            max_u(&a.sled_bytes),
+            base,
+            max_u(&b.sled_bytes),
+            false,
+        ),
     ];
     for (i, (ra, rb)) in a.rss_mib.iter().zip(&b.rss_mib).enumerate() {
         rows.push(Row::new(format!("growth_rss_node{}", i + 1), "MiB", *ra, base, *rb, false));

@@ -11,8 +11,8 @@ use std::time::Duration;
 use crate::common::{Cluster, TOKEN};
 use crate::etcd::{self, Etcd};
 use crate::load::{drive, Sample, Stats};
-use etcd_client::KvClient;
 use crate::report::Row;
+use etcd_client::KvClient;
 
 pub const CLIENTS: [usize; 4] = [1, 16, 64, 256];
 const READ_KEYS: u64 = 1000;
@@ -30,8 +30,14 @@ pub async fn run(quick: bool, clients: &[usize]) -> Outcome {
     let slice_len = duration / slices;
     let cluster = Cluster::bootstrap(3, &[]).await;
     let etcd = Etcd::start(3).await;
-    let flotilla = Arc::new(flotilla_api::Client::new(&cluster.url(cluster.wait_for_leader().await), Some(TOKEN.into())));
-    let etcd_kv = etcd::connect(&etcd.endpoint(etcd.wait_for_leader().await)).await.expect("connect to etcd").kv_client();
+    let flotilla = Arc::new(flotilla_api::Client::new(
+        &cluster.url(cluster.wait_for_leader().await),
+        Some(TOKEN.into()),
+    ));
+    let etcd_kv = etcd::connect(&etcd.endpoint(etcd.wait_for_leader().await))
+        .await
+        .expect("connect to etcd")
+        .kv_client();
     let value = Arc::new("x".repeat(128));
     println!("== coordination writes and linearizable reads: flotilla (3 nodes) vs {etcd_version} (3 members), {} s per point", duration.as_secs());
 
@@ -43,8 +49,18 @@ pub async fn run(quick: bool, clients: &[usize]) -> Outcome {
     let mut rows = Vec::new();
     let mut chart = Vec::new();
     for &n in clients {
-        let (fw, ew) = take_turns(slices, |s| flotilla_writes(&flotilla, &value, n, s, slice_len), |s| etcd_writes(&etcd_kv, &value, n, s, slice_len)).await;
-        let (fr, er) = take_turns(slices, |_| flotilla_reads(&flotilla, n, slice_len), |_| etcd_reads(&etcd_kv, n, slice_len)).await;
+        let (fw, ew) = take_turns(
+            slices,
+            |s| flotilla_writes(&flotilla, &value, n, s, slice_len),
+            |s| etcd_writes(&etcd_kv, &value, n, s, slice_len),
+        )
+        .await;
+        let (fr, er) = take_turns(
+            slices,
+            |_| flotilla_reads(&flotilla, n, slice_len),
+            |_| etcd_reads(&etcd_kv, n, slice_len),
+        )
+        .await;
         let (f, e) = (fw.stats(), ew.stats());
         print_point("write", n, &f, &e);
         chart.push((n, f.ops_per_s, e.ops_per_s));
@@ -79,7 +95,13 @@ where
 }
 
 /// Durable puts of distinct keys through flotilla's HTTP API client.
-async fn flotilla_writes(c: &Arc<flotilla_api::Client>, v: &Arc<String>, n: usize, slice: u32, d: Duration) -> Sample {
+async fn flotilla_writes(
+    c: &Arc<flotilla_api::Client>,
+    v: &Arc<String>,
+    n: usize,
+    slice: u32,
+    d: Duration,
+) -> Sample {
     let (c, v) = (c.clone(), v.clone());
     drive(n, d, move |w, i| {
         let (c, v) = (c.clone(), v.clone());
@@ -135,7 +157,14 @@ fn print_point(what: &str, n: usize, f: &Stats, e: &Stats) {
 
 fn push_rows(rows: &mut Vec<Row>, what: &str, n: usize, f: &Stats, e: &Stats) {
     let unit = if what == "write" { "writes/s" } else { "reads/s" };
-    rows.push(Row::new(format!("kv_{what}_throughput_{n}_clients"), unit, f.ops_per_s, "etcd", e.ops_per_s, true));
+    rows.push(Row::new(
+        format!("kv_{what}_throughput_{n}_clients"),
+        unit,
+        f.ops_per_s,
+        "etcd",
+        e.ops_per_s,
+        true,
+    ));
     rows.push(Row::new(format!("kv_{what}_p50_{n}_clients"), "ms", f.p50_ms, "etcd", e.p50_ms, false));
     rows.push(Row::new(format!("kv_{what}_p99_{n}_clients"), "ms", f.p99_ms, "etcd", e.p99_ms, false));
 }

@@ -27,7 +27,11 @@ impl Sample {
     pub fn stats(mut self) -> Stats {
         self.latencies.sort();
         let all = &self.latencies;
-        Stats { ops_per_s: all.len() as f64 / self.elapsed.as_secs_f64(), p50_ms: percentile_ms(all, 0.5), p99_ms: percentile_ms(all, 0.99) }
+        Stats {
+            ops_per_s: all.len() as f64 / self.elapsed.as_secs_f64(),
+            p50_ms: percentile_ms(all, 0.5),
+            p99_ms: percentile_ms(all, 0.99),
+        }
     }
 }
 

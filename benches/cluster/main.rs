@@ -36,7 +36,12 @@ struct Args {
 }
 
 fn parse_args() -> Args {
-    let mut args = Args { quick: false, only: ALL.iter().map(|s| s.to_string()).collect(), out: PathBuf::from("."), clients: kv::CLIENTS.to_vec() };
+    let mut args = Args {
+        quick: false,
+        only: ALL.iter().map(|s| s.to_string()).collect(),
+        out: PathBuf::from("."),
+        clients: kv::CLIENTS.to_vec(),
+    };
     let mut it = std::env::args().skip(1);
     while let Some(a) = it.next() {
         match a.as_str() {
@@ -50,9 +55,14 @@ fn parse_args() -> Args {
             }
             "--clients" => {
                 let list = it.next().unwrap_or_else(|| usage("--clients needs a list"));
-                args.clients = list.split(',').map(|n| n.parse().unwrap_or_else(|_| usage(&format!("bad client count {n:?}")))).collect();
+                args.clients = list
+                    .split(',')
+                    .map(|n| n.parse().unwrap_or_else(|_| usage(&format!("bad client count {n:?}"))))
+                    .collect();
             }
-            "--out" => args.out = PathBuf::from(it.next().unwrap_or_else(|| usage("--out needs a directory"))),
+            "--out" => {
+                args.out = PathBuf::from(it.next().unwrap_or_else(|| usage("--out needs a directory")))
+            }
             // cargo bench passes --bench to harness=false targets.
             "--bench" => {}
             other => usage(&format!("unknown argument {other:?}")),

@@ -15,8 +15,22 @@ pub struct Row {
 }
 
 impl Row {
-    pub fn new(name: impl Into<String>, unit: &'static str, flotilla: f64, baseline_name: impl Into<String>, baseline: f64, higher_is_better: bool) -> Row {
-        Row { name: name.into(), unit, flotilla, baseline_name: baseline_name.into(), baseline, higher_is_better }
+    pub fn new(
+        name: impl Into<String>,
+        unit: &'static str,
+        flotilla: f64,
+        baseline_name: impl Into<String>,
+        baseline: f64,
+        higher_is_better: bool,
+    ) -> Row {
+        Row {
+            name: name.into(),
+            unit,
+            flotilla,
+            baseline_name: baseline_name.into(),
+            baseline,
+            higher_is_better,
+        }
     }
 
     /// flotilla / baseline (so > 1 is better where higher is better, worse otherwise).
@@ -43,7 +57,10 @@ fn num(v: f64) -> String {
 
 pub fn print_table(rows: &[Row]) {
     println!();
-    println!("{:<40} {:>12} {:>12} {:<34} {:>12} {:>7}", "benchmark", "unit", "flotilla", "baseline", "", "ratio");
+    println!(
+        "{:<40} {:>12} {:>12} {:<34} {:>12} {:>7}",
+        "benchmark", "unit", "flotilla", "baseline", "", "ratio"
+    );
     for r in rows {
         let arrow = if r.higher_is_better { "↑" } else { "↓" };
         println!(
@@ -108,7 +125,9 @@ fn finite(v: f64) -> serde_json::Value {
 pub fn cpu_model() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     info.lines()
-        .find_map(|l| l.strip_prefix("model name").and_then(|v| v.split_once(':')).map(|(_, m)| m.trim().to_string()))
+        .find_map(|l| {
+            l.strip_prefix("model name").and_then(|v| v.split_once(':')).map(|(_, m)| m.trim().to_string())
+        })
         .unwrap_or_else(|| "unknown".into())
 }
 
@@ -137,8 +156,10 @@ pub fn write_chart(path: &Path, points: &[Point]) -> Result<(), Box<dyn std::err
         .x_label_formatter(&|x| format!("{x:.0}"))
         .y_label_formatter(&|y| format!("{y:.0}"))
         .draw()?;
-    let series: [Series; 2] =
-        [("flotilla", RGBColor(0x1f, 0x77, 0xb4), |p| p.1), ("etcd 3.4", RGBColor(0xd6, 0x27, 0x28), |p| p.2)];
+    let series: [Series; 2] = [
+        ("flotilla", RGBColor(0x1f, 0x77, 0xb4), |p| p.1),
+        ("etcd 3.4", RGBColor(0xd6, 0x27, 0x28), |p| p.2),
+    ];
     for (label, color, y) in series {
         let data: Vec<(f64, f64)> = points.iter().map(|p| (p.0 as f64, y(p))).collect();
         chart
@@ -147,7 +168,12 @@ pub fn write_chart(path: &Path, points: &[Point]) -> Result<(), Box<dyn std::err
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
         chart.draw_series(data.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
     }
-    chart.configure_series_labels().border_style(BLACK).background_style(WHITE.mix(0.9)).position(SeriesLabelPosition::UpperLeft).draw()?;
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.9))
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()?;
     root.present()?;
     Ok(())
 }

@@ -30,7 +30,12 @@ fn status(t: &ExecutorTaskView, phase: Phase) -> flotilla_api::types::ExecutorTa
 }
 
 /// One simulated executor: long-polls its tasks and moves each to running then success.
-async fn executor(c: Client, id: String, transitions: Arc<AtomicU64>, stop: Arc<std::sync::atomic::AtomicBool>) {
+async fn executor(
+    c: Client,
+    id: String,
+    transitions: Arc<AtomicU64>,
+    stop: Arc<std::sync::atomic::AtomicBool>,
+) {
     let info: ExecutorInfo = serde_json::from_value(serde_json::json!({"archs": ["amd64"]})).unwrap();
     c.executor_heartbeat(&id, &info).await.unwrap();
     let mut since = 0;
@@ -106,11 +111,18 @@ async fn measure(nodes: u64, runs: usize, tasks: usize) -> Result {
         .await;
     let deadline = Instant::now() + Duration::from_secs(600);
     loop {
-        let q = flotilla_api::client::RunQuery { phase: Some("finished".into()), limit: 1000, ..Default::default() };
+        let q = flotilla_api::client::RunQuery {
+            phase: Some("finished".into()),
+            limit: 1000,
+            ..Default::default()
+        };
         let mut done = 0;
         let mut start_id = None;
         loop {
-            let page = api.run_list(&flotilla_api::client::RunQuery { start: start_id.clone(), ..q.clone() }).await.unwrap();
+            let page = api
+                .run_list(&flotilla_api::client::RunQuery { start: start_id.clone(), ..q.clone() })
+                .await
+                .unwrap();
             done += page.runs.len();
             if !page.more {
                 break;
@@ -130,7 +142,11 @@ async fn measure(nodes: u64, runs: usize, tasks: usize) -> Result {
     }
     let run = api.run_get(&ids[0]).await.unwrap();
     assert_eq!(run.phase, RunPhase::Finished);
-    Result { transitions_per_s: transitions.load(Ordering::Relaxed) as f64 / secs, runs_per_s: ids.len() as f64 / secs, secs }
+    Result {
+        transitions_per_s: transitions.load(Ordering::Relaxed) as f64 / secs,
+        runs_per_s: ids.len() as f64 / secs,
+        secs,
+    }
 }
 
 pub async fn run(quick: bool) -> Vec<Row> {
@@ -139,10 +155,30 @@ pub async fn run(quick: bool) -> Vec<Row> {
     let three = measure(3, runs, tasks).await;
     let one = measure(1, runs, tasks).await;
     println!("{:<34} {:>16} {:>10} {:>8}", "", "transitions/s", "runs/s", "secs");
-    println!("{:<34} {:>16.0} {:>10.1} {:>8.1}", "1 node (baseline)", one.transitions_per_s, one.runs_per_s, one.secs);
-    println!("{:<34} {:>16.0} {:>10.1} {:>8.1}", "3 nodes, executors on every node", three.transitions_per_s, three.runs_per_s, three.secs);
+    println!(
+        "{:<34} {:>16.0} {:>10.1} {:>8.1}",
+        "1 node (baseline)", one.transitions_per_s, one.runs_per_s, one.secs
+    );
+    println!(
+        "{:<34} {:>16.0} {:>10.1} {:>8.1}",
+        "3 nodes, executors on every node", three.transitions_per_s, three.runs_per_s, three.secs
+    );
     vec![
-        Row::new("scheduler_task_transitions", "transitions/s", three.transitions_per_s, "flotilla, 1 node", one.transitions_per_s, true),
-        Row::new("scheduler_run_completions", "runs/s", three.runs_per_s, "flotilla, 1 node", one.runs_per_s, true),
+        Row::new(
+            "scheduler_task_transitions",
+            "transitions/s",
+            three.transitions_per_s,
+            "flotilla, 1 node",
+            one.transitions_per_s,
+            true,
+        ),
+        Row::new(
+            "scheduler_run_completions",
+            "runs/s",
+            three.runs_per_s,
+            "flotilla, 1 node",
+            one.runs_per_s,
+            true,
+        ),
     ]
 }

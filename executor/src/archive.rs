@@ -20,7 +20,10 @@ pub fn patterns(paths: &[String]) -> Result<GlobSet, String> {
     for p in paths {
         let p = p.trim_start_matches("./");
         let p = if p == "." || p.is_empty() { "**" } else { p };
-        let glob = GlobBuilder::new(p).literal_separator(true).build().map_err(|e| format!("invalid path pattern {p:?}: {e}"))?;
+        let glob = GlobBuilder::new(p)
+            .literal_separator(true)
+            .build()
+            .map_err(|e| format!("invalid path pattern {p:?}: {e}"))?;
         b.add(glob);
     }
     b.build().map_err(|e| format!("invalid path patterns: {e}"))
@@ -61,8 +64,14 @@ impl<W: Write> Selection<W> {
 /// Copies the entries of `input` (a Docker archive of one directory) whose path inside
 /// that directory matches `globs`, placed under `dest` (relative), with their parent
 /// directories. Returns the number of files and links copied.
-pub fn select<R: Read, W: Write>(input: R, globs: &GlobSet, dest: &str, sel: &mut Selection<W>) -> io::Result<u64> {
-    let dest = clean_relative(Path::new(dest)).ok_or_else(|| io::Error::other(format!("invalid destination {dest:?}")))?;
+pub fn select<R: Read, W: Write>(
+    input: R,
+    globs: &GlobSet,
+    dest: &str,
+    sel: &mut Selection<W>,
+) -> io::Result<u64> {
+    let dest = clean_relative(Path::new(dest))
+        .ok_or_else(|| io::Error::other(format!("invalid destination {dest:?}")))?;
     let mut archive = tar::Archive::new(input);
     let (builder, dirs) = (&mut sel.builder, &mut sel.dirs);
     let mut count = 0;
@@ -94,7 +103,11 @@ pub fn select<R: Read, W: Write>(input: R, globs: &GlobSet, dest: &str, sel: &mu
 }
 
 /// Writes a directory entry for each missing ancestor of `target`, outermost first.
-fn add_parents<W: Write>(builder: &mut tar::Builder<W>, dirs: &mut BTreeSet<PathBuf>, target: &Path) -> io::Result<()> {
+fn add_parents<W: Write>(
+    builder: &mut tar::Builder<W>,
+    dirs: &mut BTreeSet<PathBuf>,
+    target: &Path,
+) -> io::Result<()> {
     let mut missing: Vec<&Path> =
         target.ancestors().skip(1).filter(|p| !p.as_os_str().is_empty() && !dirs.contains(*p)).collect();
     missing.reverse();
@@ -121,7 +134,8 @@ pub fn rebase<R: Read, W: Write>(input: R, prefix: &str, out: W) -> io::Result<W
     for entry in archive.entries()? {
         let mut entry = entry?;
         let path = entry.path()?.into_owned();
-        let rel = clean_relative(&path).ok_or_else(|| io::Error::other(format!("archive entry {path:?} escapes its root")))?;
+        let rel = clean_relative(&path)
+            .ok_or_else(|| io::Error::other(format!("archive entry {path:?} escapes its root")))?;
         let target = root.join(&rel);
         add_parents(&mut builder, &mut dirs, &target)?;
         let mut h = entry.header().clone();
@@ -132,7 +146,8 @@ pub fn rebase<R: Read, W: Write>(input: R, prefix: &str, out: W) -> io::Result<W
             }
         } else if kind.is_symlink() || kind.is_hard_link() {
             let link = entry.link_name()?.map(|l| l.into_owned()).unwrap_or_default();
-            let link = if kind.is_hard_link() { root.join(clean_relative(&link).unwrap_or_default()) } else { link };
+            let link =
+                if kind.is_hard_link() { root.join(clean_relative(&link).unwrap_or_default()) } else { link };
             builder.append_link(&mut h, &target, link)?;
         } else {
             builder.append_data(&mut h, &target, &mut entry)?;
@@ -229,16 +244,25 @@ mod tests {
     }
 
     fn names(tar_bytes: &[u8]) -> Vec<String> {
-        tar::Archive::new(tar_bytes).entries().unwrap().map(|e| e.unwrap().path().unwrap().display().to_string()).collect()
+        tar::Archive::new(tar_bytes)
+            .entries()
+            .unwrap()
+            .map(|e| e.unwrap().path().unwrap().display().to_string())
+            .collect()
     }
 
     #[test]
     fn select_keeps_matching_files_under_dest_with_their_parents() {
-        let input = docker_archive(&[("bin/app", "x"), ("bin/sub/lib", "y"), ("src/main.c", "z"), ("top", "t")]);
+        let input =
+            docker_archive(&[("bin/app", "x"), ("bin/sub/lib", "y"), ("src/main.c", "z"), ("top", "t")]);
         let mut sel = Selection::new(Vec::new());
         assert_eq!(select(&input[..], &patterns(&["bin/**".into()]).unwrap(), "out", &mut sel).unwrap(), 2);
         // A second selection into the same archive (several `contents`).
-        assert_eq!(select(&input[..], &patterns(&["*".into()]).unwrap(), ".", &mut sel).unwrap(), 1, "'*' does not cross '/'");
+        assert_eq!(
+            select(&input[..], &patterns(&["*".into()]).unwrap(), ".", &mut sel).unwrap(),
+            1,
+            "'*' does not cross '/'"
+        );
         let out = sel.finish().unwrap();
         assert_eq!(names(&out), ["out", "out/bin", "out/bin/app", "out/bin/sub", "out/bin/sub/lib", "top"]);
         let mut sel = Selection::new(Vec::new());

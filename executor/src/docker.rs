@@ -8,8 +8,8 @@ use std::time::Duration;
 use bollard::container::LogOutput;
 use bollard::models::{ContainerCreateBody, ExecConfig, HostConfig};
 use bollard::query_parameters::{
-    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, DownloadFromContainerOptionsBuilder, ListContainersOptionsBuilder,
-    RemoveContainerOptionsBuilder, UploadToContainerOptionsBuilder,
+    CreateContainerOptionsBuilder, CreateImageOptionsBuilder, DownloadFromContainerOptionsBuilder,
+    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, UploadToContainerOptionsBuilder,
 };
 use bollard::Docker;
 use bytes::Bytes;
@@ -60,7 +60,8 @@ impl Driver {
     /// an API version both sides speak (the engine may be older than bollard).
     pub async fn connect() -> Result<Driver, DockerError> {
         let docker = Docker::connect_with_defaults().map_err(|e| err("cannot connect to Docker", e))?;
-        let docker = docker.negotiate_version().await.map_err(|e| err("cannot reach the Docker engine", e))?;
+        let docker =
+            docker.negotiate_version().await.map_err(|e| err("cannot reach the Docker engine", e))?;
         Ok(Driver { docker })
     }
 
@@ -104,11 +105,16 @@ impl Driver {
             user: spec.user.map(str::to_string),
             env: Some(spec.env.clone()),
             labels: Some(spec.labels.clone()),
-            host_config: Some(HostConfig { privileged: Some(spec.privileged), init: Some(true), ..Default::default() }),
+            host_config: Some(HostConfig {
+                privileged: Some(spec.privileged),
+                init: Some(true),
+                ..Default::default()
+            }),
             ..Default::default()
         };
         let opts = CreateContainerOptionsBuilder::new().name(spec.name).build();
-        let created = self.docker.create_container(Some(opts), body).await.map_err(|e| err("create container", e))?;
+        let created =
+            self.docker.create_container(Some(opts), body).await.map_err(|e| err("create container", e))?;
         if let Err(e) = self.docker.start_container(&created.id, None).await {
             let _ = self.remove(&created.id).await;
             return Err(err("start container", e));
@@ -143,7 +149,9 @@ impl Driver {
             bollard::exec::StartExecResults::Attached { mut output, .. } => {
                 while let Some(item) = output.next().await {
                     match item.map_err(|e| err("exec output", e))? {
-                        LogOutput::StdOut { message } | LogOutput::StdErr { message } | LogOutput::Console { message } => sink(message),
+                        LogOutput::StdOut { message }
+                        | LogOutput::StdErr { message }
+                        | LogOutput::Console { message } => sink(message),
                         LogOutput::StdIn { .. } => {}
                     }
                 }
@@ -155,9 +163,15 @@ impl Driver {
     }
 
     /// A tar stream of `path` in the container (Docker's archive API).
-    pub fn download(&self, container: &str, path: &str) -> impl Stream<Item = Result<Bytes, DockerError>> + Send + use<> {
+    pub fn download(
+        &self,
+        container: &str,
+        path: &str,
+    ) -> impl Stream<Item = Result<Bytes, DockerError>> + Send + use<> {
         let opts = DownloadFromContainerOptionsBuilder::new().path(path).build();
-        self.docker.download_from_container(container, Some(opts)).map(|r| r.map_err(|e| err("download from container", e)))
+        self.docker
+            .download_from_container(container, Some(opts))
+            .map(|r| r.map_err(|e| err("download from container", e)))
     }
 
     /// Extracts a tar stream at `path` in the container.

@@ -92,12 +92,14 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     flotilla_store::executor::validate_executor_id(&cfg.id)?;
     let docker = Driver::connect().await.map_err(|e| e.to_string())?;
     let arch = docker.arch().await.map_err(|e| e.to_string())?;
-    std::fs::create_dir_all(&cfg.work_dir).map_err(|e| format!("cannot create {}: {e}", cfg.work_dir.display()))?;
+    std::fs::create_dir_all(&cfg.work_dir)
+        .map_err(|e| format!("cannot create {}: {e}", cfg.work_dir.display()))?;
     let servers = Arc::new(Servers::new(&cfg.servers, cfg.token.clone()));
     let agent = Arc::new(Agent { cfg, servers, docker, arch });
 
     // What a previous life of this agent left: containers (killed) and local files.
-    let orphans = agent.docker.list(docker::LABEL_EXECUTOR, &agent.cfg.id).await.map_err(|e| e.to_string())?;
+    let orphans =
+        agent.docker.list(docker::LABEL_EXECUTOR, &agent.cfg.id).await.map_err(|e| e.to_string())?;
     for c in &orphans {
         tracing::info!(container = c.id, task = c.task, "removing an orphan container of this executor");
         if let Err(e) = agent.docker.remove(&c.id).await {
@@ -110,7 +112,8 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         }
     }
     if let Some(addr) = agent.cfg.listen {
-        let listener = tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
         tokio::spawn(health(listener));
     }
     tracing::info!(id = agent.cfg.id, arch = agent.arch, servers = ?agent.cfg.servers, "executor started");
@@ -127,7 +130,8 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         if *shutdown.borrow() {
             break;
         }
-        let finished: Vec<String> = running.iter().filter(|(_, r)| r.handle.is_finished()).map(|(id, _)| id.clone()).collect();
+        let finished: Vec<String> =
+            running.iter().filter(|(_, r)| r.handle.is_finished()).map(|(id, _)| id.clone()).collect();
         for id in finished {
             if let Some(r) = running.remove(&id) {
                 ended.insert(id, r.handle.await.ok());
@@ -200,8 +204,15 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
                 (_, _) => {
                     let mut s: ExecutorTaskStatus = t.status.clone();
                     s.phase = Phase::Failed;
-                    s.setup_error.get_or_insert_with(|| format!("executor {} restarted while the task ran; its container was lost", agent.cfg.id));
-                    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+                    s.setup_error.get_or_insert_with(|| {
+                        format!(
+                            "executor {} restarted while the task ran; its container was lost",
+                            agent.cfg.id
+                        )
+                    });
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map_or(0, |d| d.as_millis() as u64);
                     s.end_time = Some(now);
                     for step in &mut s.steps {
                         if step.phase == Phase::Running {
@@ -209,7 +220,10 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
                             step.end_time = Some(now);
                         }
                     }
-                    tracing::warn!(task = t.id, "task was running before this executor restarted; reporting it failed");
+                    tracing::warn!(
+                        task = t.id,
+                        "task was running before this executor restarted; reporting it failed"
+                    );
                     task::report(&agent, &t.id, &s).await;
                     ended.insert(t.id.clone(), Some(s));
                 }
@@ -268,7 +282,11 @@ async fn remove_lost_siblings(agent: &Agent) {
     if others.is_empty() {
         return;
     }
-    let known = match agent.servers.call("siblings", |c| async move { c.executor_siblings(&agent.cfg.id).await }).await {
+    let known = match agent
+        .servers
+        .call("siblings", |c| async move { c.executor_siblings(&agent.cfg.id).await })
+        .await
+    {
         Ok(k) => k,
         Err(e) => {
             tracing::debug!(error = %e, "cannot list sibling executors");
@@ -277,7 +295,11 @@ async fn remove_lost_siblings(agent: &Agent) {
     };
     for c in others {
         if !known.executors.iter().any(|e| e == &c.executor) {
-            tracing::info!(container = c.id, executor = c.executor, "removing a container of a vanished dynamic sibling");
+            tracing::info!(
+                container = c.id,
+                executor = c.executor,
+                "removing a container of a vanished dynamic sibling"
+            );
             let _ = agent.docker.remove(&c.id).await;
         }
     }

@@ -30,7 +30,13 @@ pub struct StepLog {
 
 impl StepLog {
     /// Creates the local file and starts pushing it as `step` (`setup` or a number).
-    pub fn start(servers: Arc<Servers>, executor: String, task_id: String, step: String, path: PathBuf) -> std::io::Result<StepLog> {
+    pub fn start(
+        servers: Arc<Servers>,
+        executor: String,
+        task_id: String,
+        step: String,
+        path: PathBuf,
+    ) -> std::io::Result<StepLog> {
         let file = std::fs::OpenOptions::new().create(true).truncate(true).write(true).open(&path)?;
         let (done, done_rx) = watch::channel(false);
         let pusher = tokio::spawn(push(servers, executor, task_id, step, path, done_rx));
@@ -43,7 +49,8 @@ impl StepLog {
             return;
         }
         let room = MAX_LOG_BYTES.saturating_sub(self.written + 64);
-        let (data, cut) = if data.len() as u64 > room { (&data[..room as usize], true) } else { (data, false) };
+        let (data, cut) =
+            if data.len() as u64 > room { (&data[..room as usize], true) } else { (data, false) };
         if self.file.write_all(data).is_ok() {
             self.written += data.len() as u64;
         }
@@ -68,7 +75,14 @@ impl StepLog {
     }
 }
 
-async fn push(servers: Arc<Servers>, executor: String, task_id: String, step: String, path: PathBuf, mut done: watch::Receiver<bool>) -> LogPhase {
+async fn push(
+    servers: Arc<Servers>,
+    executor: String,
+    task_id: String,
+    step: String,
+    path: PathBuf,
+    mut done: watch::Receiver<bool>,
+) -> LogPhase {
     let mut sent = 0u64;
     loop {
         let finished = *done.borrow();

@@ -28,7 +28,8 @@ impl Servers {
     }
 
     fn rotate(&self, from: usize) {
-        let _ = self.current.compare_exchange(from, from.wrapping_add(1), Ordering::Relaxed, Ordering::Relaxed);
+        let _ =
+            self.current.compare_exchange(from, from.wrapping_add(1), Ordering::Relaxed, Ordering::Relaxed);
     }
 
     /// Runs `f` against the current server, moving on to the next on transport errors and

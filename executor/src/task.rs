@@ -37,7 +37,11 @@ enum Outcome {
 
 /// Runs the task to its end; returns the final status once reported (or given up on: the
 /// agent reports it again while the servers still show the task running).
-pub async fn run(agent: Arc<Agent>, task: ExecutorTaskView, mut stop: watch::Receiver<bool>) -> ExecutorTaskStatus {
+pub async fn run(
+    agent: Arc<Agent>,
+    task: ExecutorTaskView,
+    mut stop: watch::Receiver<bool>,
+) -> ExecutorTaskStatus {
     let id = task.id.clone();
     let data = task.spec.data.clone();
     let mut status = task.status.clone();
@@ -56,9 +60,17 @@ pub async fn run(agent: Arc<Agent>, task: ExecutorTaskView, mut stop: watch::Rec
     let working_dir = data.working_dir.clone().unwrap_or_else(|| DEFAULT_WORKING_DIR.into());
 
     // Setup: the container.
-    let mut log = match StepLog::start(agent.servers.clone(), agent.cfg.id.clone(), id.clone(), "setup".into(), dir.join("setup.log")) {
+    let mut log = match StepLog::start(
+        agent.servers.clone(),
+        agent.cfg.id.clone(),
+        id.clone(),
+        "setup".into(),
+        dir.join("setup.log"),
+    ) {
         Ok(l) => l,
-        Err(e) => return fail_setup(&agent, &id, status, None, format!("cannot write the setup log: {e}")).await,
+        Err(e) => {
+            return fail_setup(&agent, &id, status, None, format!("cannot write the setup log: {e}")).await
+        }
     };
     let setup = tokio::select! {
         r = setup(&agent, &id, &name, &data, &working_dir, &mut log) => r,
@@ -92,7 +104,13 @@ pub async fn run(agent: Arc<Agent>, task: ExecutorTaskView, mut stop: watch::Rec
         status.steps[i].phase = Phase::Running;
         status.steps[i].start_time = Some(now_ms());
         report(&agent, &id, &status).await;
-        let mut log = match StepLog::start(agent.servers.clone(), agent.cfg.id.clone(), id.clone(), i.to_string(), dir.join(format!("{i}.log"))) {
+        let mut log = match StepLog::start(
+            agent.servers.clone(),
+            agent.cfg.id.clone(),
+            id.clone(),
+            i.to_string(),
+            dir.join(format!("{i}.log")),
+        ) {
             Ok(l) => l,
             Err(e) => {
                 tracing::error!(task = id, error = %e, "cannot write a step log");
@@ -155,7 +173,13 @@ pub fn container_name(executor: &str, task_id: &str) -> String {
     format!("flotilla-{executor}-{task_id}")
 }
 
-async fn fail_setup(agent: &Agent, id: &str, mut status: ExecutorTaskStatus, log: Option<StepLog>, message: String) -> ExecutorTaskStatus {
+async fn fail_setup(
+    agent: &Agent,
+    id: &str,
+    mut status: ExecutorTaskStatus,
+    log: Option<StepLog>,
+    message: String,
+) -> ExecutorTaskStatus {
     tracing::info!(task = id, message, "task setup failed");
     let now = now_ms();
     if status.phase != Phase::Stopped {
@@ -191,7 +215,14 @@ pub async fn report(agent: &Agent, id: &str, status: &ExecutorTaskStatus) {
     }
 }
 
-async fn setup(agent: &Agent, id: &str, name: &str, data: &TaskData, working_dir: &str, log: &mut StepLog) -> Result<String, String> {
+async fn setup(
+    agent: &Agent,
+    id: &str,
+    name: &str,
+    data: &TaskData,
+    working_dir: &str,
+    log: &mut StepLog,
+) -> Result<String, String> {
     if data.privileged && !agent.cfg.allow_privileged {
         return Err(format!(
             "the task asks for a privileged container and executor {} does not allow them (--allow-privileged)",
@@ -229,7 +260,10 @@ async fn setup(agent: &Agent, id: &str, name: &str, data: &TaskData, working_dir
     Ok(container)
 }
 
-fn env_list(base: &flotilla_store::run::StringMap, step: Option<&flotilla_store::run::StringMap>) -> Vec<String> {
+fn env_list(
+    base: &flotilla_store::run::StringMap,
+    step: Option<&flotilla_store::run::StringMap>,
+) -> Vec<String> {
     let mut env = base.clone();
     if let Some(step) = step {
         env.extend(step.clone());
@@ -268,10 +302,17 @@ async fn run_step(
     let result = match step {
         Step::Run(r) => {
             let shell = r.shell.as_deref().or(data.shell.as_deref()).unwrap_or(DEFAULT_SHELL).to_string();
-            let wd = r.working_dir.as_deref().map_or_else(|| working_dir.to_string(), |d| absolute(working_dir, d));
+            let wd = r
+                .working_dir
+                .as_deref()
+                .map_or_else(|| working_dir.to_string(), |d| absolute(working_dir, d));
             let cmd = vec![shell, "-e".into(), "-c".into(), r.command.clone()];
             let env = env_list(&data.environment, Some(&r.environment));
-            match agent.docker.exec(container, cmd, env, &wd, data.user.as_deref(), r.tty, |b| log.write(&b)).await {
+            match agent
+                .docker
+                .exec(container, cmd, env, &wd, data.user.as_deref(), r.tty, |b| log.write(&b))
+                .await
+            {
                 Ok(code) => {
                     *exit_status = Some(code as i32);
                     if code == 0 {
@@ -283,10 +324,28 @@ async fn run_step(
                 Err(e) => Err(e.to_string()),
             }
         }
-        Step::SaveToWorkspace(s) => save_to_workspace(agent, id, container, working_dir, index, &s.contents, log).await,
-        Step::RestoreWorkspace(r) => restore_workspace(agent, id, container, data, &absolute(working_dir, &r.dest_dir), log).await,
-        Step::SaveCache(s) => save_cache(agent, id, container, data, working_dir, &s.key, &s.contents, log).await,
-        Step::RestoreCache(r) => restore_cache(agent, id, container, data, working_dir, &r.keys, &absolute(working_dir, &r.dest_dir), log).await,
+        Step::SaveToWorkspace(s) => {
+            save_to_workspace(agent, id, container, working_dir, index, &s.contents, log).await
+        }
+        Step::RestoreWorkspace(r) => {
+            restore_workspace(agent, id, container, data, &absolute(working_dir, &r.dest_dir), log).await
+        }
+        Step::SaveCache(s) => {
+            save_cache(agent, id, container, data, working_dir, &s.key, &s.contents, log).await
+        }
+        Step::RestoreCache(r) => {
+            restore_cache(
+                agent,
+                id,
+                container,
+                data,
+                working_dir,
+                &r.keys,
+                &absolute(working_dir, &r.dest_dir),
+                log,
+            )
+            .await
+        }
     };
     match result {
         Ok(()) => Outcome::Success,
@@ -296,7 +355,13 @@ async fn run_step(
 
 /// Builds the archive of `contents` (from the container) into a temp file in the task's
 /// work dir; returns the file and the number of entries.
-async fn build_archive(agent: &Agent, id: &str, container: &str, working_dir: &str, contents: &[SaveContent]) -> Result<(PathBuf, u64), String> {
+async fn build_archive(
+    agent: &Agent,
+    id: &str,
+    container: &str,
+    working_dir: &str,
+    contents: &[SaveContent],
+) -> Result<(PathBuf, u64), String> {
     let dir = agent.cfg.work_dir.join(id);
     let stamp = now_ms();
     let mut raws = Vec::new();
@@ -321,7 +386,8 @@ async fn build_archive(agent: &Agent, id: &str, container: &str, working_dir: &s
         let mut total = 0;
         for (raw_path, globs, dest, src) in &raws {
             let input = std::io::BufReader::new(std::fs::File::open(raw_path).map_err(|e| e.to_string())?);
-            total += archive::select(input, globs, dest, &mut sel).map_err(|e| format!("cannot archive {src}: {e}"))?;
+            total += archive::select(input, globs, dest, &mut sel)
+                .map_err(|e| format!("cannot archive {src}: {e}"))?;
             let _ = std::fs::remove_file(raw_path);
         }
         let file = sel.finish().map_err(|e| e.to_string())?.into_inner().map_err(|e| e.to_string())?;
@@ -339,7 +405,15 @@ async fn file_body(path: &Path) -> Result<(reqwest::Body, u64), String> {
     Ok((reqwest::Body::wrap_stream(reader_stream(f, 256 * 1024)), size))
 }
 
-async fn save_to_workspace(agent: &Agent, id: &str, container: &str, working_dir: &str, index: usize, contents: &[SaveContent], log: &mut StepLog) -> Result<(), String> {
+async fn save_to_workspace(
+    agent: &Agent,
+    id: &str,
+    container: &str,
+    working_dir: &str,
+    index: usize,
+    contents: &[SaveContent],
+    log: &mut StepLog,
+) -> Result<(), String> {
     let (path, count) = build_archive(agent, id, container, working_dir, contents).await?;
     log.line(&format!("[flotilla] saving {count} files to the workspace"));
     let r = agent
@@ -348,7 +422,9 @@ async fn save_to_workspace(agent: &Agent, id: &str, container: &str, working_dir
             let path = path.clone();
             let (exec, id) = (agent.cfg.id.clone(), id.to_string());
             async move {
-                let (body, size) = file_body(&path).await.map_err(|m| ClientError::Transport { url: String::new(), message: m })?;
+                let (body, size) = file_body(&path)
+                    .await
+                    .map_err(|m| ClientError::Transport { url: String::new(), message: m })?;
                 c.executor_archive_put(&exec, &id, index, body, Some(size)).await
             }
         })
@@ -360,14 +436,23 @@ async fn save_to_workspace(agent: &Agent, id: &str, container: &str, working_dir
 }
 
 /// Downloads an archive to a temp file, rebases it under `dest` and extracts it at `/`.
-async fn extract(agent: &Agent, id: &str, container: &str, download: flotilla_api::client::Download, dest: &str) -> Result<(), String> {
+async fn extract(
+    agent: &Agent,
+    id: &str,
+    container: &str,
+    download: flotilla_api::client::Download,
+    dest: &str,
+) -> Result<(), String> {
     let dir = agent.cfg.work_dir.join(id);
     let stamp = now_ms();
-    let (raw_path, rebased_path) = (dir.join(format!("in-{stamp}.tar")), dir.join(format!("rebased-{stamp}.tar")));
+    let (raw_path, rebased_path) =
+        (dir.join(format!("in-{stamp}.tar")), dir.join(format!("rebased-{stamp}.tar")));
     let mut raw = tokio::fs::File::create(&raw_path).await.map_err(|e| e.to_string())?;
     let mut s = download.into_stream();
     while let Some(chunk) = s.next().await {
-        raw.write_all(&chunk.map_err(|e| format!("download failed: {e}"))?).await.map_err(|e| e.to_string())?;
+        raw.write_all(&chunk.map_err(|e| format!("download failed: {e}"))?)
+            .await
+            .map_err(|e| e.to_string())?;
     }
     raw.flush().await.map_err(|e| e.to_string())?;
     drop(raw);
@@ -384,12 +469,20 @@ async fn extract(agent: &Agent, id: &str, container: &str, download: flotilla_ap
     .map_err(|e| format!("invalid archive: {e}"))?;
     let _ = tokio::fs::remove_file(&raw_path).await;
     let f = tokio::fs::File::open(&rebased_path).await.map_err(|e| e.to_string())?;
-    let r = agent.docker.upload(container, "/", reader_stream(f, 256 * 1024)).await.map_err(|e| e.to_string());
+    let r =
+        agent.docker.upload(container, "/", reader_stream(f, 256 * 1024)).await.map_err(|e| e.to_string());
     let _ = tokio::fs::remove_file(&rebased_path).await;
     r
 }
 
-async fn restore_workspace(agent: &Agent, id: &str, container: &str, data: &TaskData, dest: &str, log: &mut StepLog) -> Result<(), String> {
+async fn restore_workspace(
+    agent: &Agent,
+    id: &str,
+    container: &str,
+    data: &TaskData,
+    dest: &str,
+    log: &mut StepLog,
+) -> Result<(), String> {
     for w in &data.workspace {
         let r = agent
             .servers
@@ -401,10 +494,16 @@ async fn restore_workspace(agent: &Agent, id: &str, container: &str, data: &Task
         match r {
             Ok(d) => {
                 extract(agent, id, container, d, dest).await?;
-                log.line(&format!("[flotilla] restored the workspace of task {} (step {}) into {dest}", w.task_name, w.step));
+                log.line(&format!(
+                    "[flotilla] restored the workspace of task {} (step {}) into {dest}",
+                    w.task_name, w.step
+                ));
             }
             Err(ClientError::Api { status: 404, .. }) => {
-                log.line(&format!("[flotilla] task {} saved no workspace (step {}); skipped", w.task_name, w.step));
+                log.line(&format!(
+                    "[flotilla] task {} saved no workspace (step {}); skipped",
+                    w.task_name, w.step
+                ));
             }
             Err(e) => return Err(format!("cannot fetch the workspace of task {}: {e}", w.task_name)),
         }
@@ -413,12 +512,20 @@ async fn restore_workspace(agent: &Agent, id: &str, container: &str, data: &Task
 }
 
 /// Renders a cache key template against the container and the task's environment.
-async fn render_key(agent: &Agent, container: &str, data: &TaskData, working_dir: &str, template: &str) -> Result<String, String> {
+async fn render_key(
+    agent: &Agent,
+    container: &str,
+    data: &TaskData,
+    working_dir: &str,
+    template: &str,
+) -> Result<String, String> {
     let mut key = String::new();
     for part in archive::parse_template(template)? {
         match part {
             archive::Part::Text(t) => key.push_str(&t),
-            archive::Part::Env(name) => key.push_str(data.environment.get(&name).map(String::as_str).unwrap_or("")),
+            archive::Part::Env(name) => {
+                key.push_str(data.environment.get(&name).map(String::as_str).unwrap_or(""))
+            }
             archive::Part::Var(v) => {
                 let now = now_ms() / 1000;
                 let (y, m, d) = archive::civil_date(now);
@@ -453,7 +560,16 @@ async fn render_key(agent: &Agent, container: &str, data: &TaskData, working_dir
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn save_cache(agent: &Agent, id: &str, container: &str, data: &TaskData, working_dir: &str, template: &str, contents: &[SaveContent], log: &mut StepLog) -> Result<(), String> {
+async fn save_cache(
+    agent: &Agent,
+    id: &str,
+    container: &str,
+    data: &TaskData,
+    working_dir: &str,
+    template: &str,
+    contents: &[SaveContent],
+    log: &mut StepLog,
+) -> Result<(), String> {
     let key = render_key(agent, container, data, working_dir, template).await?;
     let group = data.cache_group.clone();
     let found = agent
@@ -475,7 +591,9 @@ async fn save_cache(agent: &Agent, id: &str, container: &str, data: &TaskData, w
             let path = path.clone();
             let (exec, group, key) = (agent.cfg.id.clone(), group.clone(), key.clone());
             async move {
-                let (body, size) = file_body(&path).await.map_err(|m| ClientError::Transport { url: String::new(), message: m })?;
+                let (body, size) = file_body(&path)
+                    .await
+                    .map_err(|m| ClientError::Transport { url: String::new(), message: m })?;
                 c.executor_cache_put(&exec, &group, &key, body, Some(size)).await
             }
         })
@@ -487,7 +605,16 @@ async fn save_cache(agent: &Agent, id: &str, container: &str, data: &TaskData, w
 }
 
 #[allow(clippy::too_many_arguments)]
-async fn restore_cache(agent: &Agent, id: &str, container: &str, data: &TaskData, working_dir: &str, templates: &[String], dest: &str, log: &mut StepLog) -> Result<(), String> {
+async fn restore_cache(
+    agent: &Agent,
+    id: &str,
+    container: &str,
+    data: &TaskData,
+    working_dir: &str,
+    templates: &[String],
+    dest: &str,
+    log: &mut StepLog,
+) -> Result<(), String> {
     let group = data.cache_group.clone();
     for template in templates {
         let prefix = render_key(agent, container, data, working_dir, template).await?;

@@ -52,7 +52,11 @@ impl Batcher {
 
     /// Proposes `cmd` (alone or with others) and returns its entry's index and its response.
     pub async fn write(&self, cmd: Command) -> Option<WriteResult> {
-        let size = if cmd.batchable() { rmp_serde::encode::to_vec_named(&cmd).map_or(MAX_BATCH_BYTES, |b| b.len()) } else { MAX_BATCH_BYTES };
+        let size = if cmd.batchable() {
+            rmp_serde::encode::to_vec_named(&cmd).map_or(MAX_BATCH_BYTES, |b| b.len())
+        } else {
+            MAX_BATCH_BYTES
+        };
         let (reply, rx) = oneshot::channel();
         self.writes.send(Pending { cmd, size, reply }).ok()?;
         rx.await.ok()

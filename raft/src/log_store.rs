@@ -18,7 +18,9 @@ use std::io;
 use std::ops::{Bound, RangeBounds};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogStorage};
-use openraft::{ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote};
+use openraft::{
+    ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote,
+};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::sync::mpsc;
@@ -37,7 +39,11 @@ pub struct LogStore {
     flusher: mpsc::UnboundedSender<LogFlushed<TypeConfig>>,
 }
 
-fn io_err(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+fn io_err(
+    subject: ErrorSubject<NodeId>,
+    verb: ErrorVerb,
+    e: impl std::error::Error + 'static,
+) -> StorageError<NodeId> {
     StorageIOError::new(subject, verb, openraft::AnyError::new(&e)).into()
 }
 
@@ -142,7 +148,8 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         let last = self.log.last().map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
         let last_log_id = match last {
             Some((_, bytes)) => {
-                let entry: Entry = decode(&bytes).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
+                let entry: Entry =
+                    decode(&bytes).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Read, e))?;
                 Some(entry.log_id)
             }
             None => last_purged_log_id,
@@ -173,7 +180,11 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         Ok(self.read_meta::<Option<LogId<NodeId>>>(KEY_COMMITTED)?.flatten())
     }
 
-    async fn append<I>(&mut self, entries: I, callback: LogFlushed<TypeConfig>) -> Result<(), StorageError<NodeId>>
+    async fn append<I>(
+        &mut self,
+        entries: I,
+        callback: LogFlushed<TypeConfig>,
+    ) -> Result<(), StorageError<NodeId>>
     where
         I: IntoIterator<Item = Entry> + OptionalSend,
         I::IntoIter: OptionalSend,
@@ -194,7 +205,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
 
     async fn truncate(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         // Removing from the end keeps the log free of holes at every instant.
-        let keys: Vec<_> = self.log.range(index_key(log_id.index)..).keys().collect::<Result<_, _>>().map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        let keys: Vec<_> = self
+            .log
+            .range(index_key(log_id.index)..)
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
         for key in keys.into_iter().rev() {
             self.log.remove(key).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
         }
@@ -204,7 +220,12 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
         self.write_meta(KEY_LAST_PURGED, &log_id)?;
         self.flush(ErrorSubject::Logs).await?;
-        let keys: Vec<_> = self.log.range(..=index_key(log_id.index)).keys().collect::<Result<_, _>>().map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
+        let keys: Vec<_> = self
+            .log
+            .range(..=index_key(log_id.index))
+            .keys()
+            .collect::<Result<_, _>>()
+            .map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
         let mut batch = sled::Batch::default();
         for key in keys {
             batch.remove(key);

@@ -10,8 +10,8 @@ use std::time::Duration;
 use openraft::error::{InstallSnapshotError, NetworkError, RPCError, RaftError, RemoteError, Unreachable};
 use openraft::network::{RPCOption, RaftNetwork, RaftNetworkFactory};
 use openraft::raft::{
-    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
-    VoteResponse,
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse,
+    VoteRequest, VoteResponse,
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
@@ -127,7 +127,9 @@ impl PeerNetwork {
                 TransportError::Connect { .. } => RPCError::Unreachable(Unreachable::new(&e)),
                 TransportError::Failed { .. } => RPCError::Network(NetworkError::new(&e)),
             })?;
-        result.map_err(|e| RPCError::RemoteError(RemoteError::new_with_node(self.target, Node::new(&self.addr), e)))
+        result.map_err(|e| {
+            RPCError::RemoteError(RemoteError::new_with_node(self.target, Node::new(&self.addr), e))
+        })
     }
 }
 
@@ -144,7 +146,10 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         &mut self,
         rpc: InstallSnapshotRequest<TypeConfig>,
         option: RPCOption,
-    ) -> Result<InstallSnapshotResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>> {
+    ) -> Result<
+        InstallSnapshotResponse<NodeId>,
+        RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>,
+    > {
         self.rpc(paths::SNAPSHOT, &rpc, &option).await
     }
 

@@ -72,9 +72,16 @@ pub enum LeaderRequest {
     /// The leader confirms its leadership with a quorum and returns the index a follower
     /// must have applied before it may serve a linearizable read (ReadIndex).
     ReadIndex,
-    AddLearner { id: NodeId, addr: String },
-    SetVoters { ids: BTreeSet<NodeId> },
-    RemoveNode { id: NodeId },
+    AddLearner {
+        id: NodeId,
+        addr: String,
+    },
+    SetVoters {
+        ids: BTreeSet<NodeId>,
+    },
+    RemoveNode {
+        id: NodeId,
+    },
     Status,
 }
 
@@ -241,7 +248,12 @@ impl RaftNode {
     pub async fn linearizable_barrier(&self) -> Result<(), NodeError> {
         let index = match self.leader_request(LeaderRequest::ReadIndex).await? {
             LeaderResponse::ReadIndex(i) => i,
-            other => return Err(NodeError::internal("read index", format!("unexpected leader response {other:?}"))),
+            other => {
+                return Err(NodeError::internal(
+                    "read index",
+                    format!("unexpected leader response {other:?}"),
+                ))
+            }
         };
         self.wait_applied(index).await
     }
@@ -249,11 +261,14 @@ impl RaftNode {
     /// Waits until this replica has applied `index`.
     pub async fn wait_applied(&self, index: u64) -> Result<(), NodeError> {
         let mut rx = self.state.subscribe();
-        let result = tokio::time::timeout(self.request_timeout, rx.wait_for(|applied| *applied >= index)).await;
+        let result =
+            tokio::time::timeout(self.request_timeout, rx.wait_for(|applied| *applied >= index)).await;
         match result.map(|r| r.map(|_| ())) {
             Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Err(NodeError::unavailable("node is shutting down")),
-            Err(_) => Err(NodeError::unavailable(format!("this node has not caught up to index {index} in time"))),
+            Err(_) => {
+                Err(NodeError::unavailable(format!("this node has not caught up to index {index} in time")))
+            }
         }
     }
 
@@ -266,7 +281,9 @@ impl RaftNode {
                 Some(leader) if leader == self.id => self.run_on_leader(req.clone()).await,
                 Some(leader) => match self.leader_addr(leader) {
                     Some(addr) => self.forward(leader, &addr, &req).await,
-                    None => Err(Attempt::Retry(format!("leader {leader} is not in this node's membership yet"))),
+                    None => {
+                        Err(Attempt::Retry(format!("leader {leader} is not in this node's membership yet")))
+                    }
                 },
                 None => Err(Attempt::Retry("no leader is elected (is the cluster initialized?)".into())),
             };
@@ -275,7 +292,9 @@ impl RaftNode {
                 Err(Attempt::Fail(e)) => return Err(e),
                 Err(Attempt::Retry(why)) => {
                     if Instant::now() + delay > deadline {
-                        return Err(NodeError::unavailable(format!("no leader could take the request: {why}")));
+                        return Err(NodeError::unavailable(format!(
+                            "no leader could take the request: {why}"
+                        )));
                     }
                     tracing::debug!(%why, "retrying leader request");
                     // Again as soon as this node learns of another leader (an election
@@ -293,7 +312,12 @@ impl RaftNode {
         }
     }
 
-    async fn forward(&self, leader: NodeId, addr: &str, req: &LeaderRequest) -> Result<LeaderResponse, Attempt> {
+    async fn forward(
+        &self,
+        leader: NodeId,
+        addr: &str,
+        req: &LeaderRequest,
+    ) -> Result<LeaderResponse, Attempt> {
         let timeout = self.request_timeout + Duration::from_secs(1);
         let result: Result<Result<LeaderResponse, NodeError>, TransportError> =
             self.peers.call(addr, paths::LEADER, req, timeout).await;
@@ -337,7 +361,10 @@ impl RaftNode {
                 LeaderRequest::RemoveNode { id } => self.remove_node(id).await,
                 LeaderRequest::Status => {
                     if !self.is_leader() {
-                        return Err(Attempt::Retry(format!("{NOT_LEADER}: node {} is not the leader", self.id)));
+                        return Err(Attempt::Retry(format!(
+                            "{NOT_LEADER}: node {} is not the leader",
+                            self.id
+                        )));
                     }
                     Ok(LeaderResponse::Status(self.local_status().await))
                 }
@@ -388,7 +415,11 @@ impl RaftNode {
                 ))));
             }
         }
-        let r = self.raft.change_membership(ChangeMembers::ReplaceAllVoters(ids), true).await.map_err(write_err)?;
+        let r = self
+            .raft
+            .change_membership(ChangeMembers::ReplaceAllVoters(ids), true)
+            .await
+            .map_err(write_err)?;
         Ok(LeaderResponse::Membership { index: r.log_id.index })
     }
 
@@ -396,12 +427,16 @@ impl RaftNode {
         let membership = self.raft.metrics().borrow().membership_config.clone();
         let m = membership.membership();
         if m.get_node(&id).is_none() {
-            return Err(Attempt::Fail(NodeError::not_found(format!("node {id} is not a member of the cluster"))));
+            return Err(Attempt::Fail(NodeError::not_found(format!(
+                "node {id} is not a member of the cluster"
+            ))));
         }
         let voters: BTreeSet<NodeId> = m.voter_ids().collect();
         let change = if voters.contains(&id) {
             if voters.len() == 1 {
-                return Err(Attempt::Fail(NodeError::conflict(format!("node {id} is the last voter; it cannot be removed"))));
+                return Err(Attempt::Fail(NodeError::conflict(format!(
+                    "node {id} is the last voter; it cannot be removed"
+                ))));
             }
             ChangeMembers::RemoveVoters(BTreeSet::from([id]))
         } else {
@@ -420,11 +455,12 @@ impl RaftNode {
         if nodes.len() > flotilla_store::limits::MAX_CLUSTER_NODES {
             return Err(NodeError::bad_request("too many nodes"));
         }
-        let members: BTreeMap<NodeId, Node> = nodes.into_iter().map(|(id, addr)| (id, Node::new(addr))).collect();
+        let members: BTreeMap<NodeId, Node> =
+            nodes.into_iter().map(|(id, addr)| (id, Node::new(addr))).collect();
         self.raft.initialize(members).await.map_err(|e| match e {
-            RaftError::APIError(InitializeError::NotAllowed(_)) => {
-                NodeError::conflict("this node is already part of an initialized cluster; nothing was changed")
-            }
+            RaftError::APIError(InitializeError::NotAllowed(_)) => NodeError::conflict(
+                "this node is already part of an initialized cluster; nothing was changed",
+            ),
             RaftError::APIError(InitializeError::NotInMembers(_)) => {
                 NodeError::bad_request(format!("this node (id {}) must be one of the nodes", self.id))
             }
@@ -432,7 +468,10 @@ impl RaftNode {
         })?;
         let wait = self.raft.wait(Some(self.request_timeout * 2));
         wait.metrics(
-            |m| m.current_leader.is_some() && m.last_applied.map(|l| l.index) >= m.membership_config.log_id().map(|l| l.index),
+            |m| {
+                m.current_leader.is_some()
+                    && m.last_applied.map(|l| l.index) >= m.membership_config.log_id().map(|l| l.index)
+            },
             "a leader commits the initial membership",
         )
         .await
@@ -451,7 +490,8 @@ impl RaftNode {
     /// This node's own view, without asking anyone.
     pub async fn local_status(&self) -> ClusterStatus {
         let m = self.raft.metrics().borrow().clone();
-        let commit_index = self.raft.with_raft_state(|s| s.committed.map_or(0, |l| l.index)).await.unwrap_or(0);
+        let commit_index =
+            self.raft.with_raft_state(|s| s.committed.map_or(0, |l| l.index)).await.unwrap_or(0);
         let last_log_index = m.last_log_index.unwrap_or(0);
         let membership = m.membership_config.membership();
         let voters: BTreeSet<NodeId> = membership.voter_ids().collect();
@@ -463,7 +503,8 @@ impl RaftNode {
                 } else {
                     m.replication.as_ref().and_then(|r| r.get(id).cloned().flatten()).map(|l| l.index)
                 };
-                let matched_index = if m.state == ServerState::Leader || *id == m.id { matched_index } else { None };
+                let matched_index =
+                    if m.state == ServerState::Leader || *id == m.id { matched_index } else { None };
                 NodeStatus {
                     id: *id,
                     addr: node.addr.clone(),
@@ -505,18 +546,30 @@ fn open_store(cfg: &NodeConfig, path: &std::path::Path) -> Result<sled::Db, Star
     };
     let marker = cfg.data_dir.join("node-id");
     let marked: Option<u64> = match std::fs::read_to_string(&marker) {
-        Ok(text) => Some(text.trim().parse().map_err(|_| open_err(format!("unreadable marker file {}", marker.display()).into()))?),
+        Ok(text) => Some(
+            text.trim()
+                .parse()
+                .map_err(|_| open_err(format!("unreadable marker file {}", marker.display()).into()))?,
+        ),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => None,
         Err(e) => return Err(open_err(Box::new(e))),
     };
     if let Some(found) = marked {
         if found != cfg.id {
-            return Err(StartError::WrongNode { path: cfg.data_dir.display().to_string(), found, wanted: cfg.id });
+            return Err(StartError::WrongNode {
+                path: cfg.data_dir.display().to_string(),
+                found,
+                wanted: cfg.id,
+            });
         }
     }
     std::fs::create_dir_all(path).map_err(|e| open_err(Box::new(e)))?;
     let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        sled::Config::new().path(path).cache_capacity(cfg.cache_capacity_bytes).mode(sled::Mode::HighThroughput).open()
+        sled::Config::new()
+            .path(path)
+            .cache_capacity(cfg.cache_capacity_bytes)
+            .mode(sled::Mode::HighThroughput)
+            .open()
     }));
     let db = match opened {
         Ok(Ok(db)) => db,
@@ -528,11 +581,17 @@ fn open_store(cfg: &NodeConfig, path: &std::path::Path) -> Result<sled::Db, Star
         Some(found) => {
             let found = u64::from_be_bytes(found.as_ref().try_into().unwrap_or([0; 8]));
             if found != cfg.id {
-                return Err(StartError::WrongNode { path: path.display().to_string(), found, wanted: cfg.id });
+                return Err(StartError::WrongNode {
+                    path: path.display().to_string(),
+                    found,
+                    wanted: cfg.id,
+                });
             }
         }
         None if marked.is_some() => {
-            return Err(open_err("the store is empty or unreadable, although this data dir held this node's store".into()));
+            return Err(open_err(
+                "the store is empty or unreadable, although this data dir held this node's store".into(),
+            ));
         }
         None => {
             meta.insert("node_id", &cfg.id.to_be_bytes()).map_err(|e| open_err(Box::new(e)))?;

@@ -90,7 +90,11 @@ fn sm_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError<
     StorageIOError::new(ErrorSubject::StateMachine, verb, openraft::AnyError::new(&e)).into()
 }
 
-fn snap_err(meta: Option<&SnapshotMeta<NodeId, Node>>, verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError<NodeId> {
+fn snap_err(
+    meta: Option<&SnapshotMeta<NodeId, Node>>,
+    verb: ErrorVerb,
+    e: impl std::error::Error + 'static,
+) -> StorageError<NodeId> {
     let subject = match meta {
         Some(m) => ErrorSubject::Snapshot(Some(m.signature())),
         None => ErrorSubject::Snapshot(None),
@@ -105,7 +109,8 @@ impl StateMachineStore {
         let mut data = StateMachineData::default();
         if let Some(bytes) = snapshots.get(KEY_CURRENT).map_err(|e| snap_err(None, ErrorVerb::Read, e))? {
             let stored: StoredSnapshot = decode(&bytes).map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
-            data.state = decode(&stored.data).map_err(|e| snap_err(Some(&stored.meta), ErrorVerb::Read, e))?;
+            data.state =
+                decode(&stored.data).map_err(|e| snap_err(Some(&stored.meta), ErrorVerb::Read, e))?;
             data.last_applied = stored.meta.last_log_id;
             data.last_membership = stored.meta.last_membership.clone();
         }
@@ -123,14 +128,22 @@ impl StateMachineStore {
     }
 
     pub fn shared(&self) -> SharedState {
-        SharedState { inner: self.inner.clone(), applied: self.applied_tx.subscribe(), events: self.events_tx.clone() }
+        SharedState {
+            inner: self.inner.clone(),
+            applied: self.applied_tx.subscribe(),
+            events: self.events_tx.clone(),
+        }
     }
 
     fn write(&self) -> std::sync::RwLockWriteGuard<'_, StateMachineData> {
         self.inner.write().unwrap_or_else(|p| p.into_inner())
     }
 
-    async fn persist_snapshot(&self, meta: &SnapshotMeta<NodeId, Node>, data: &[u8]) -> Result<(), StorageError<NodeId>> {
+    async fn persist_snapshot(
+        &self,
+        meta: &SnapshotMeta<NodeId, Node>,
+        data: &[u8],
+    ) -> Result<(), StorageError<NodeId>> {
         let stored = StoredSnapshot { meta: meta.clone(), data: data.to_vec() };
         let bytes = encode(&stored).map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
         self.snapshots.insert(KEY_CURRENT, bytes).map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
@@ -192,7 +205,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 sm.last_applied = Some(entry.log_id);
                 let response = match entry.payload {
                     EntryPayload::Blank => Response::None,
-                    EntryPayload::Normal(cmd) => sm.state.apply_with_events(entry.log_id.index, &cmd, &mut events),
+                    EntryPayload::Normal(cmd) => {
+                        sm.state.apply_with_events(entry.log_id.index, &cmd, &mut events)
+                    }
                     EntryPayload::Membership(m) => {
                         sm.last_membership = StoredMembership::new(Some(entry.log_id), m);
                         Response::None
@@ -239,7 +254,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_current_snapshot(&mut self) -> Result<Option<Snapshot<TypeConfig>>, StorageError<NodeId>> {
-        let Some(bytes) = self.snapshots.get(KEY_CURRENT).map_err(|e| snap_err(None, ErrorVerb::Read, e))? else {
+        let Some(bytes) = self.snapshots.get(KEY_CURRENT).map_err(|e| snap_err(None, ErrorVerb::Read, e))?
+        else {
             return Ok(None);
         };
         let stored: StoredSnapshot = decode(&bytes).map_err(|e| snap_err(None, ErrorVerb::Read, e))?;

@@ -73,12 +73,16 @@ pub async fn round(node: &RaftNode, ost: &Ost, cfg: &ArchiveConfig) -> Result<us
     let (generation, last, picked) = {
         let sm = node.state.read();
         let st = &sm.state;
-        let busy: std::collections::BTreeSet<&str> = st.executor_tasks.values().map(|t| t.spec.run_id.as_str()).collect();
+        let busy: std::collections::BTreeSet<&str> =
+            st.executor_tasks.values().map(|t| t.spec.run_id.as_str()).collect();
         let picked: Vec<ArchivedRun> = st
             .runs
             .values()
             .filter(|r| archivable(r.phase) && !busy.contains(r.id.as_str()))
-            .filter(|r| r.end_time.or(r.start_time).or(r.enqueue_time).unwrap_or(0).saturating_add(cfg.after_ms) <= now)
+            .filter(|r| {
+                r.end_time.or(r.start_time).or(r.enqueue_time).unwrap_or(0).saturating_add(cfg.after_ms)
+                    <= now
+            })
             .take(cfg.batch.clamp(1, archive::MAX_ARCHIVE_BATCH))
             .filter_map(|r| Some(ArchivedRun { run: r.clone(), config: st.run_configs.get(&r.id)?.clone() }))
             .collect();
@@ -95,10 +99,17 @@ pub async fn round(node: &RaftNode, ost: &Ost, cfg: &ArchiveConfig) -> Result<us
     };
     runs.extend(picked);
     runs.sort_by(|a, b| a.run.id.cmp(&b.run.id));
-    let files = archive::write_files(ost, runs, cfg.max_file_bytes, |n| archive::fresh_name(generation + 1, node.id, now, n))
-        .await
-        .map_err(|e| e.to_string())?;
-    let cmd = Command::ArchiveRuns { prev_generation: generation, replace: last.as_ref().map(|f| f.key.clone()), files: files.clone(), run_ids };
+    let files = archive::write_files(ost, runs, cfg.max_file_bytes, |n| {
+        archive::fresh_name(generation + 1, node.id, now, n)
+    })
+    .await
+    .map_err(|e| e.to_string())?;
+    let cmd = Command::ArchiveRuns {
+        prev_generation: generation,
+        replace: last.as_ref().map(|f| f.key.clone()),
+        files: files.clone(),
+        run_ids,
+    };
     let n = match node.write_if_leader(cmd).await {
         Ok((_, Response::Done { .. })) => files.iter().map(|f| f.runs as usize).sum::<usize>(),
         Ok((_, other)) => {
@@ -143,7 +154,9 @@ pub async fn dump_index(node: &RaftNode, ost: &Ost) -> Result<IndexDump, OstErro
     };
     let mut entries: Vec<(String, String, flotilla_store::run::RunPhase)> = live;
     for f in &manifest.files {
-        entries.extend(archive::read_index(ost, &f.index_key).await?.into_iter().map(|e| (e.id, e.group, e.phase)));
+        entries.extend(
+            archive::read_index(ost, &f.index_key).await?.into_iter().map(|e| (e.id, e.group, e.phase)),
+        );
     }
     entries.sort_by(|a, b| a.0.cmp(&b.0));
     let bytes = archive::encode_index(entries.iter().map(|(i, g, p)| (i.as_str(), g.as_str(), *p)));

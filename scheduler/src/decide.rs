@@ -54,16 +54,26 @@ pub fn expired_executors(state: &State, now_ms: u64, settings: &Settings) -> Vec
 /// Executor tasks of `run_id` (ids are `<run id>.<task>`, so they sit together in the map).
 pub fn run_executor_tasks<'a>(state: &'a State, run_id: &str) -> impl Iterator<Item = &'a ExecutorTask> + 'a {
     let prefix = format!("{run_id}.");
-    state.executor_tasks.range(prefix.clone()..).take_while(move |(k, _)| k.starts_with(&prefix)).map(|(_, v)| v)
+    state
+        .executor_tasks
+        .range(prefix.clone()..)
+        .take_while(move |(k, _)| k.starts_with(&prefix))
+        .map(|(_, v)| v)
 }
 
 /// What the executors offer to decisions at `now_ms`: which exist, which are live, what
 /// they accept and, for those with a task limit, their load. Seeds [`run_fingerprint`].
-pub fn executors_fingerprint(state: &State, active: &BTreeMap<String, u32>, now_ms: u64, settings: &Settings) -> u64 {
+pub fn executors_fingerprint(
+    state: &State,
+    active: &BTreeMap<String, u32>,
+    now_ms: u64,
+    settings: &Settings,
+) -> u64 {
     let mut h = DefaultHasher::new();
     for e in state.executors.values() {
         let live = now_ms.saturating_sub(e.last_seen) <= settings.executor_timeout_ms;
-        (&e.id, live, &e.info.archs, e.info.allow_privileged_containers, e.info.active_tasks_limit).hash(&mut h);
+        (&e.id, live, &e.info.archs, e.info.allow_privileged_containers, e.info.active_tasks_limit)
+            .hash(&mut h);
         if e.info.active_tasks_limit > 0 {
             active.get(&e.id).hash(&mut h);
         }
@@ -222,7 +232,9 @@ pub fn decide_run(
     if run == *cur && create_tasks.is_empty() && stop_tasks.is_empty() && delete_tasks.is_empty() {
         return None;
     }
-    debug_assert!(create_tasks.iter().all(|s| !state.executor_tasks.contains_key(&executor_task_id(run_id, &s.task_name))));
+    debug_assert!(create_tasks
+        .iter()
+        .all(|s| !state.executor_tasks.contains_key(&executor_task_id(run_id, &s.task_name))));
     Some(RunUpdate { prev_revision: cur.revision, run, create_tasks, stop_tasks, delete_tasks })
 }
 
@@ -372,7 +384,10 @@ mod tests {
                 let fingerprint = run_fingerprint(&self.state, id, executors).expect("an active run exists");
                 let decided = decide_run(&self.state, id, NOW, &Settings::default(), &mut active);
                 if self.settled.get(id) == Some(&fingerprint) {
-                    assert!(decided.is_none(), "run {id} was skipped by its fingerprint but had work: {decided:?}");
+                    assert!(
+                        decided.is_none(),
+                        "run {id} was skipped by its fingerprint but had work: {decided:?}"
+                    );
                 }
                 match decided {
                     Some(u) => updates.push(u),
@@ -402,7 +417,11 @@ mod tests {
                 status.start_time = Some(NOW);
                 status.end_time = Some(NOW);
                 let id = et.id.clone();
-                let r = self.apply(Command::SetExecutorTaskStatus { id, executor_id: et.spec.executor_id.clone(), status });
+                let r = self.apply(Command::SetExecutorTaskStatus {
+                    id,
+                    executor_id: et.spec.executor_id.clone(),
+                    status,
+                });
                 assert!(matches!(r, Response::Done { .. }), "{r:?}");
             }
             !tasks.is_empty()
@@ -574,7 +593,8 @@ mod tests {
     /// A random DAG: task i may depend on any earlier task, with random conditions.
     fn dag_strategy() -> impl Strategy<Value = (Vec<TaskConfig>, Vec<bool>)> {
         (1usize..14).prop_flat_map(|n| {
-            let deps = prop::collection::vec(prop::collection::vec((any::<prop::sample::Index>(), 0u8..8), 0..3), n);
+            let deps =
+                prop::collection::vec(prop::collection::vec((any::<prop::sample::Index>(), 0u8..8), 0..3), n);
             let fails = prop::collection::vec(any::<bool>(), n);
             (deps, fails).prop_map(move |(deps, fails)| {
                 let tasks = deps
@@ -589,7 +609,12 @@ mod tests {
                                     continue;
                                 }
                                 let all = [Condition::OnSuccess, Condition::OnFailure, Condition::OnSkipped];
-                                let conds = all.iter().enumerate().filter(|(b, _)| mask & (1 << b) != 0).map(|(_, c)| *c).collect::<Vec<_>>();
+                                let conds = all
+                                    .iter()
+                                    .enumerate()
+                                    .filter(|(b, _)| mask & (1 << b) != 0)
+                                    .map(|(_, c)| *c)
+                                    .collect::<Vec<_>>();
                                 parents.push(dep(&p, &conds));
                             }
                         }

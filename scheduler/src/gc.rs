@@ -32,13 +32,22 @@ pub struct GcConfig {
 
 impl Default for GcConfig {
     fn default() -> Self {
-        GcConfig { interval_ms: 10 * 60 * 1000, grace_ms: 60 * 60 * 1000, cache_max_age_ms: 7 * 24 * 60 * 60 * 1000 }
+        GcConfig {
+            interval_ms: 10 * 60 * 1000,
+            grace_ms: 60 * 60 * 1000,
+            cache_max_age_ms: 7 * 24 * 60 * 60 * 1000,
+        }
     }
 }
 
 /// The keys to delete, given every object under `logs/`, `workspacearchives/`, `caches/`
 /// and the archive's data prefix, whether the archive manifest names a key, and the time.
-pub fn plan(objects: &[ObjectInfo], in_manifest: impl Fn(&str) -> bool, now_ms: u64, cfg: &GcConfig) -> Vec<String> {
+pub fn plan(
+    objects: &[ObjectInfo],
+    in_manifest: impl Fn(&str) -> bool,
+    now_ms: u64,
+    cfg: &GcConfig,
+) -> Vec<String> {
     let old = |o: &ObjectInfo, age: u64| o.last_modified_ms.saturating_add(age) <= now_ms;
     // Per task: its data objects and how many run references it has.
     let mut groups: BTreeMap<&str, (Vec<&ObjectInfo>, usize)> = BTreeMap::new();
@@ -87,7 +96,9 @@ pub async fn run(node: Arc<RaftNode>, ost: Ost, cfg: GcConfig, mut shutdown: wat
         match round(&node, &ost, &cfg).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(deleted = n, "object storage garbage collected"),
-            Err(e) => tracing::warn!(error = %e, "object storage garbage collection failed; retrying next round"),
+            Err(e) => {
+                tracing::warn!(error = %e, "object storage garbage collection failed; retrying next round")
+            }
         }
     }
 }

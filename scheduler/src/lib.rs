@@ -49,7 +49,11 @@ pub(crate) enum Tick {
 }
 
 /// Waits for the next tick of `interval` (or shutdown) and says whether to work.
-pub(crate) async fn leader_tick(node: &RaftNode, interval: &mut tokio::time::Interval, shutdown: &mut watch::Receiver<bool>) -> Tick {
+pub(crate) async fn leader_tick(
+    node: &RaftNode,
+    interval: &mut tokio::time::Interval,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Tick {
     tokio::select! {
         _ = interval.tick() => {}
         _ = shutdown.changed() => {}
@@ -153,7 +157,8 @@ async fn round(node: &RaftNode, cfg: &SchedulerConfig, settled: &mut HashMap<Str
     }
     // The runs are independent (each update is a compare-and-swap on its own run): proposed
     // together, they leave the leader as one batched log entry instead of one round trip each.
-    futures::future::join_all(updates.into_iter().map(|u| propose(node, Command::UpdateRun(Box::new(u))))).await;
+    futures::future::join_all(updates.into_iter().map(|u| propose(node, Command::UpdateRun(Box::new(u)))))
+        .await;
 }
 
 /// Proposes one scheduler decision; false when this node can no longer write.

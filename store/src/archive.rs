@@ -122,7 +122,9 @@ pub fn decode_index(bytes: &[u8]) -> Result<Vec<IndexEntry>, String> {
         .map(|line| {
             let mut f = line.split('\t');
             match (f.next(), f.next(), f.next().and_then(parse_phase), f.next()) {
-                (Some(id), Some(group), Some(phase), None) => Ok(IndexEntry { id: id.into(), group: group.into(), phase }),
+                (Some(id), Some(group), Some(phase), None) => {
+                    Ok(IndexEntry { id: id.into(), group: group.into(), phase })
+                }
                 _ => Err(format!("bad index line {line:?}")),
             }
         })
@@ -168,8 +170,14 @@ pub async fn write_files(
     for (n, chunk) in split(runs, max_bytes).into_iter().enumerate() {
         let base = name(n);
         let data = encode_data(&chunk);
-        let index = encode_index(chunk.iter().map(|r| (r.run.id.as_str(), r.run.group.as_str(), r.run.phase)));
-        let file = DataFile { key: data_key(&base), index_key: index_key(&base), runs: chunk.len() as u64, bytes: data.len() as u64 };
+        let index =
+            encode_index(chunk.iter().map(|r| (r.run.id.as_str(), r.run.group.as_str(), r.run.phase)));
+        let file = DataFile {
+            key: data_key(&base),
+            index_key: index_key(&base),
+            runs: chunk.len() as u64,
+            bytes: data.len() as u64,
+        };
         ost.put_bytes(&file.key, data, true).await?;
         ost.put_bytes(&file.index_key, index, true).await?;
         files.push(file);
@@ -204,10 +212,14 @@ mod tests {
     fn data_and_index_round_trip_and_split_bounds_file_size() {
         let runs: Vec<ArchivedRun> = (1..=300).map(|i| archived(i, "/p/x")).collect();
         assert_eq!(decode_data(&encode_data(&runs)).unwrap(), runs);
-        let idx = encode_index(runs.iter().map(|r| (r.run.id.as_str(), r.run.group.as_str(), RunPhase::Finished)));
+        let idx =
+            encode_index(runs.iter().map(|r| (r.run.id.as_str(), r.run.group.as_str(), RunPhase::Finished)));
         let back = decode_index(&idx).unwrap();
         assert_eq!(back.len(), 300);
-        assert_eq!(back[0], IndexEntry { id: runs[0].run.id.clone(), group: "/p/x".into(), phase: RunPhase::Finished });
+        assert_eq!(
+            back[0],
+            IndexEntry { id: runs[0].run.id.clone(), group: "/p/x".into(), phase: RunPhase::Finished }
+        );
         let one = encode_data(&runs[..1]).len() as u64;
         let chunks = split(runs.clone(), one * 10);
         assert!(chunks.len() >= 30, "{}", chunks.len());

@@ -130,14 +130,21 @@ impl Command {
             Command::SetTaskAnnotations { task, annotations, .. } => {
                 validate_name("task name", task).map_err(invalid)?;
                 if annotations.len() > MAX_MAP_ENTRIES {
-                    return Err(invalid(format!("{} annotations, the limit is {MAX_MAP_ENTRIES}", annotations.len())));
+                    return Err(invalid(format!(
+                        "{} annotations, the limit is {MAX_MAP_ENTRIES}",
+                        annotations.len()
+                    )));
                 }
                 for (k, v) in annotations {
                     if k.is_empty() || k.len() > MAX_NAME_BYTES || k.chars().any(char::is_control) {
-                        return Err(invalid(format!("annotation key {k:?} must be 1 to {MAX_NAME_BYTES} bytes")));
+                        return Err(invalid(format!(
+                            "annotation key {k:?} must be 1 to {MAX_NAME_BYTES} bytes"
+                        )));
                     }
                     if v.as_ref().is_some_and(|v| v.len() > MAX_MAP_VALUE_BYTES) {
-                        return Err(invalid(format!("annotation {k:?} is longer than {MAX_MAP_VALUE_BYTES} bytes")));
+                        return Err(invalid(format!(
+                            "annotation {k:?} is longer than {MAX_MAP_VALUE_BYTES} bytes"
+                        )));
                     }
                 }
                 Ok(())
@@ -151,7 +158,10 @@ impl Command {
             }
             Command::Import(state) => state.validate_import().map_err(invalid),
             Command::ArchiveRuns { run_ids, files, .. } => {
-                if run_ids.is_empty() || run_ids.len() > crate::archive::MAX_ARCHIVE_BATCH || files.len() > 1000 {
+                if run_ids.is_empty()
+                    || run_ids.len() > crate::archive::MAX_ARCHIVE_BATCH
+                    || files.len() > 1000
+                {
                     return Err(invalid("an archive batch moves 1 to 20,000 runs in at most 1,000 files"));
                 }
                 Ok(())
@@ -204,13 +214,23 @@ pub fn validate_key(key: &str) -> Result<(), CommandError> {
 pub enum Response {
     /// Blank and membership entries, which carry no command.
     None,
-    KvPut { revision: u64 },
-    KvDelete { revision: u64 },
-    Maintenance { enabled: bool },
+    KvPut {
+        revision: u64,
+    },
+    KvDelete {
+        revision: u64,
+    },
+    Maintenance {
+        enabled: bool,
+    },
     /// A run was created with this id.
-    RunCreated { run_id: String },
+    RunCreated {
+        run_id: String,
+    },
     /// The change was made at this log index.
-    Done { revision: u64 },
+    Done {
+        revision: u64,
+    },
     /// The command was applied and changed nothing, for this reason.
     Rejected(CommandError),
     /// The responses to the commands of a [`Command::Batch`], in order.

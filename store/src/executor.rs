@@ -48,7 +48,9 @@ impl ExecutorInfo {
         if let Some(g) = &self.group {
             validate_name("executor group", g)?;
         }
-        if self.labels.len() > MAX_MAP_ENTRIES || self.labels.iter().any(|(k, v)| k.len() + v.len() > MAX_MAP_VALUE_BYTES) {
+        if self.labels.len() > MAX_MAP_ENTRIES
+            || self.labels.iter().any(|(k, v)| k.len() + v.len() > MAX_MAP_VALUE_BYTES)
+        {
             return Err("too many or too long labels".into());
         }
         if self.listen_url.as_ref().is_some_and(|u| u.len() > MAX_NODE_ADDR_BYTES) {
@@ -160,11 +162,14 @@ pub fn task_data(run: &Run, config: &RunConfig, task_name: &str) -> Option<TaskD
     environment.insert("FLOTILLA_RUN_ID".into(), run.id.clone());
     environment.insert("FLOTILLA_RUN_COUNTER".into(), run.counter.to_string());
     environment.insert("FLOTILLA_TASK_NAME".into(), task_name.into());
-    let cache_group =
-        config.cache_group.clone().unwrap_or_else(|| format!("/{}", crate::run::root_group_of(&config.group)));
+    let cache_group = config
+        .cache_group
+        .clone()
+        .unwrap_or_else(|| format!("/{}", crate::run::root_group_of(&config.group)));
 
     // Ancestors with their level (longest distance from a root), walked without recursion.
-    let by_name: BTreeMap<&str, &crate::run::TaskConfig> = config.tasks.iter().map(|t| (t.name.as_str(), t)).collect();
+    let by_name: BTreeMap<&str, &crate::run::TaskConfig> =
+        config.tasks.iter().map(|t| (t.name.as_str(), t)).collect();
     let mut ancestors: BTreeMap<&str, ()> = BTreeMap::new();
     let mut todo: Vec<&str> = task.depends.iter().map(|d| d.task.as_str()).collect();
     while let Some(name) = todo.pop() {
@@ -181,7 +186,10 @@ pub fn task_data(run: &Run, config: &RunConfig, task_name: &str) -> Option<TaskD
         for (step, s) in t.steps.iter().enumerate() {
             if matches!(s, Step::SaveToWorkspace(_)) {
                 let task_id = crate::executor::executor_task_id(&run.id, name);
-                workspace.push((levels.get(*name).copied().unwrap_or(0), WorkspaceArchive { task_id, task_name: name.to_string(), step }));
+                workspace.push((
+                    levels.get(*name).copied().unwrap_or(0),
+                    WorkspaceArchive { task_id, task_name: name.to_string(), step },
+                ));
             }
         }
     }
@@ -210,7 +218,8 @@ pub fn task_levels(config: &RunConfig) -> BTreeMap<String, usize> {
     while !remaining.is_empty() {
         let before = remaining.len();
         remaining.retain(|t| {
-            let parent_levels: Option<Vec<usize>> = t.depends.iter().map(|d| levels.get(&d.task).copied()).collect();
+            let parent_levels: Option<Vec<usize>> =
+                t.depends.iter().map(|d| levels.get(&d.task).copied()).collect();
             match parent_levels {
                 Some(ls) => {
                     levels.insert(t.name.clone(), ls.into_iter().map(|l| l + 1).max().unwrap_or(0));

@@ -136,7 +136,10 @@ mod tests {
         assert_eq!(target, State::default());
         target.apply(2, &Command::SetMaintenance { enabled: true });
         target.last_run_seq = 99;
-        assert_eq!(target.apply(3, &Command::Import(Box::new(exported.clone()))), crate::Response::Done { revision: 3 });
+        assert_eq!(
+            target.apply(3, &Command::Import(Box::new(exported.clone()))),
+            crate::Response::Done { revision: 3 }
+        );
         assert!(target.maintenance, "the cluster stays in maintenance after an import");
         assert_eq!(target.runs, exported.runs);
         assert_eq!(target.kv, exported.kv);

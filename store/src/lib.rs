@@ -13,8 +13,8 @@
 pub mod archive;
 pub mod command;
 pub mod event;
-pub mod export;
 pub mod executor;
+pub mod export;
 pub mod limits;
 pub mod ost;
 pub mod run;

@@ -300,7 +300,13 @@ pub struct StepStatus {
 
 impl Default for StepStatus {
     fn default() -> Self {
-        StepStatus { phase: Phase::Notstarted, exit_status: None, start_time: None, end_time: None, log_phase: LogPhase::Notavailable }
+        StepStatus {
+            phase: Phase::Notstarted,
+            exit_status: None,
+            start_time: None,
+            end_time: None,
+            log_phase: LogPhase::Notavailable,
+        }
     }
 }
 
@@ -360,7 +366,9 @@ pub fn root_group_of(group: &str) -> &str {
 /// Whether `group` is `filter` or lies below it (`/a/b` is under `/a`, `/ab` is not).
 pub fn group_matches(group: &str, filter: &str) -> bool {
     let filter = filter.trim_end_matches('/');
-    filter.is_empty() || group == filter || (group.starts_with(filter) && group[filter.len()..].starts_with('/'))
+    filter.is_empty()
+        || group == filter
+        || (group.starts_with(filter) && group[filter.len()..].starts_with('/'))
 }
 
 /// Names of tasks, runs, executors: short and safe in URLs and object-storage keys.
@@ -368,7 +376,9 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_NAME_BYTES {
         return Err(format!("{what} {name:?} must be 1 to {MAX_NAME_BYTES} bytes"));
     }
-    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.') || name.starts_with('.') {
+    if !name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_' || b == b'.')
+        || name.starts_with('.')
+    {
         return Err(format!("{what} {name:?} may only hold letters, digits, '-', '_' and '.' (not first)"));
     }
     Ok(())
@@ -376,7 +386,9 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), String> {
 
 fn validate_group(what: &str, group: &str) -> Result<(), String> {
     if !group.starts_with('/') || group.len() > MAX_GROUP_BYTES {
-        return Err(format!("{what} {group:?} must be a path starting with '/' of at most {MAX_GROUP_BYTES} bytes"));
+        return Err(format!(
+            "{what} {group:?} must be a path starting with '/' of at most {MAX_GROUP_BYTES} bytes"
+        ));
     }
     for part in group.split('/').skip(1).filter(|p| !p.is_empty()) {
         validate_name(&format!("{what} component"), part)?;
@@ -390,10 +402,15 @@ fn validate_map(what: &str, map: &StringMap) -> Result<(), String> {
     }
     for (k, v) in map {
         if k.is_empty() || k.len() > MAX_NAME_BYTES || k.chars().any(char::is_control) {
-            return Err(format!("{what} key {k:?} must be 1 to {MAX_NAME_BYTES} bytes with no control characters"));
+            return Err(format!(
+                "{what} key {k:?} must be 1 to {MAX_NAME_BYTES} bytes with no control characters"
+            ));
         }
         if v.len() > MAX_MAP_VALUE_BYTES {
-            return Err(format!("{what} value of {k:?} is {} bytes, the limit is {MAX_MAP_VALUE_BYTES}", v.len()));
+            return Err(format!(
+                "{what} value of {k:?} is {} bytes, the limit is {MAX_MAP_VALUE_BYTES}",
+                v.len()
+            ));
         }
     }
     Ok(())
@@ -403,7 +420,8 @@ impl RunCreate {
     /// Checks everything a run must satisfy before it may be stored: names, limits,
     /// dependencies (known, no self-dependency, no cycle) and step contents.
     pub fn validate(&self) -> Result<(), String> {
-        if self.name.is_empty() || self.name.len() > MAX_NAME_BYTES || self.name.chars().any(char::is_control) {
+        if self.name.is_empty() || self.name.len() > MAX_NAME_BYTES || self.name.chars().any(char::is_control)
+        {
             return Err(format!("run name must be 1 to {MAX_NAME_BYTES} bytes with no control characters"));
         }
         validate_group("group", &self.group)?;
@@ -485,7 +503,9 @@ fn validate_task(t: &TaskConfig, names: &BTreeSet<&str>) -> Result<(), String> {
                 }
                 validate_map(&format!("task {n:?} step {i} environment"), &r.environment)?;
             }
-            Step::SaveToWorkspace(s) if s.contents.is_empty() => return bad("save_to_workspace needs contents"),
+            Step::SaveToWorkspace(s) if s.contents.is_empty() => {
+                return bad("save_to_workspace needs contents")
+            }
             Step::SaveCache(s) if s.key.is_empty() || s.contents.is_empty() => {
                 return bad("save_cache needs a key and contents")
             }
@@ -520,7 +540,8 @@ fn find_cycle(tasks: &[TaskConfig]) -> Option<Vec<String>> {
                     }
                     1 => {
                         let from = stack.iter().position(|(n, _)| *n == child).unwrap_or(0);
-                        let mut cycle: Vec<String> = stack[from..].iter().map(|(n, _)| tasks[*n].name.clone()).collect();
+                        let mut cycle: Vec<String> =
+                            stack[from..].iter().map(|(n, _)| tasks[*n].name.clone()).collect();
                         cycle.push(tasks[child].name.clone());
                         return Some(cycle);
                     }

@@ -78,24 +78,35 @@ impl State {
             return Response::Rejected(e);
         }
         match cmd {
-            Command::Batch(cmds) => Response::Batch(cmds.iter().map(|c| self.apply_with_events(index, c, events)).collect()),
+            Command::Batch(cmds) => {
+                Response::Batch(cmds.iter().map(|c| self.apply_with_events(index, c, events)).collect())
+            }
             Command::KvPut { key, value, prev_revision } => {
                 let current = self.kv.get(key);
                 if let Some(expected) = *prev_revision {
                     let actual = current.map_or(0, |e| e.revision);
                     if actual != expected {
-                        return Response::Rejected(CommandError::RevisionMismatch { key: key.clone(), expected, actual });
+                        return Response::Rejected(CommandError::RevisionMismatch {
+                            key: key.clone(),
+                            expected,
+                            actual,
+                        });
                     }
                 }
                 let create_revision = current.map_or(index, |e| e.create_revision);
-                self.kv.insert(key.clone(), KvEntry { value: value.clone(), revision: index, create_revision });
+                self.kv
+                    .insert(key.clone(), KvEntry { value: value.clone(), revision: index, create_revision });
                 Response::KvPut { revision: index }
             }
             Command::KvDelete { key, prev_revision } => {
                 let Some(current) = self.kv.get(key) else {
                     return match *prev_revision {
                         Some(expected) if expected != 0 => {
-                            Response::Rejected(CommandError::RevisionMismatch { key: key.clone(), expected, actual: 0 })
+                            Response::Rejected(CommandError::RevisionMismatch {
+                                key: key.clone(),
+                                expected,
+                                actual: 0,
+                            })
                         }
                         _ => Response::Rejected(CommandError::NotFound { key: key.clone() }),
                     };
@@ -103,7 +114,11 @@ impl State {
                 if let Some(expected) = *prev_revision {
                     if current.revision != expected {
                         let actual = current.revision;
-                        return Response::Rejected(CommandError::RevisionMismatch { key: key.clone(), expected, actual });
+                        return Response::Rejected(CommandError::RevisionMismatch {
+                            key: key.clone(),
+                            expected,
+                            actual,
+                        });
                     }
                 }
                 self.kv.remove(key);
@@ -132,7 +147,13 @@ impl State {
             Command::StopRun { run_id } => {
                 let Some(run) = self.runs.get_mut(run_id) else { return missing(format!("run {run_id}")) };
                 if !matches!(run.phase, RunPhase::Queued | RunPhase::Running) {
-                    return conflict(format!("run {run_id} is {:?}; only a queued or running run can be stopped", run.phase).to_lowercase());
+                    return conflict(
+                        format!(
+                            "run {run_id} is {:?}; only a queued or running run can be stopped",
+                            run.phase
+                        )
+                        .to_lowercase(),
+                    );
                 }
                 run.stop = true;
                 run.revision = index;
@@ -140,7 +161,9 @@ impl State {
             }
             Command::SetTaskAnnotations { run_id, task, annotations } => {
                 let Some(run) = self.runs.get_mut(run_id) else { return missing(format!("run {run_id}")) };
-                let Some(rt) = run.tasks.get_mut(task) else { return missing(format!("task {task:?} of run {run_id}")) };
+                let Some(rt) = run.tasks.get_mut(task) else {
+                    return missing(format!("task {task:?} of run {run_id}"));
+                };
                 let mut merged = rt.annotations.clone();
                 for (k, v) in annotations {
                     match v {
@@ -149,7 +172,9 @@ impl State {
                     };
                 }
                 if merged.len() > MAX_MAP_ENTRIES {
-                    return rejected_invalid(format!("a task may carry at most {MAX_MAP_ENTRIES} annotations"));
+                    return rejected_invalid(format!(
+                        "a task may carry at most {MAX_MAP_ENTRIES} annotations"
+                    ));
                 }
                 rt.annotations = merged;
                 run.revision = index;
@@ -158,7 +183,9 @@ impl State {
             Command::ApproveTask { run_id, task } => {
                 let needs = self.run_configs.get(run_id).and_then(|c| c.task(task)).map(|t| t.needs_approval);
                 let Some(run) = self.runs.get_mut(run_id) else { return missing(format!("run {run_id}")) };
-                let Some(rt) = run.tasks.get_mut(task) else { return missing(format!("task {task:?} of run {run_id}")) };
+                let Some(rt) = run.tasks.get_mut(task) else {
+                    return missing(format!("task {task:?} of run {run_id}"));
+                };
                 if needs != Some(true) {
                     return conflict(format!("task {task:?} does not need approval"));
                 }
@@ -181,7 +208,8 @@ impl State {
                     }
                     None => index,
                 };
-                let executor = Executor { id: id.clone(), info: info.clone(), last_seen: *now_ms, tasks_revision };
+                let executor =
+                    Executor { id: id.clone(), info: info.clone(), last_seen: *now_ms, tasks_revision };
                 self.executors.insert(id.clone(), executor);
                 Response::Done { revision: index }
             }
@@ -208,23 +236,38 @@ impl State {
                 // The importer wrote the archived runs into new files and put them in the
                 // manifest; the generation only grows, so no older archive command applies.
                 new.archive.generation = new.archive.generation.max(self.archive.generation) + 1;
-                new.active_runs =
-                    new.runs.values().filter(|r| matches!(r.phase, RunPhase::Queued | RunPhase::Running)).map(|r| r.id.clone()).collect();
+                new.active_runs = new
+                    .runs
+                    .values()
+                    .filter(|r| matches!(r.phase, RunPhase::Queued | RunPhase::Running))
+                    .map(|r| r.id.clone())
+                    .collect();
                 *self = new;
                 Response::Done { revision: index }
             }
         }
     }
 
-    fn archive_runs(&mut self, prev_generation: u64, replace: Option<&str>, files: &[crate::archive::DataFile], run_ids: &[String]) -> Response {
+    fn archive_runs(
+        &mut self,
+        prev_generation: u64,
+        replace: Option<&str>,
+        files: &[crate::archive::DataFile],
+        run_ids: &[String],
+    ) -> Response {
         if self.archive.generation != prev_generation {
-            return conflict(format!("the archive changed (generation {} != {prev_generation})", self.archive.generation));
+            return conflict(format!(
+                "the archive changed (generation {} != {prev_generation})",
+                self.archive.generation
+            ));
         }
         if replace.is_some_and(|k| !self.archive.files.iter().any(|f| f.key == k)) {
             return conflict("the archive file to replace is gone");
         }
         for id in run_ids {
-            let Some(run) = self.runs.get(id) else { return conflict(format!("run {id} is no longer in the state")) };
+            let Some(run) = self.runs.get(id) else {
+                return conflict(format!("run {id} is no longer in the state"));
+            };
             if !crate::archive::archivable(run.phase) {
                 return conflict(format!("run {id} is not finished"));
             }
@@ -247,7 +290,13 @@ impl State {
 
     /// Deletes a finished run: from the state, or from the archive by replacing its data
     /// file (`replace`) with one without it (`with`, none when it was the last run).
-    fn delete_run(&mut self, run_id: &str, prev_generation: u64, replace: Option<&str>, with: Option<&crate::archive::DataFile>) -> Response {
+    fn delete_run(
+        &mut self,
+        run_id: &str,
+        prev_generation: u64,
+        replace: Option<&str>,
+        with: Option<&crate::archive::DataFile>,
+    ) -> Response {
         match replace {
             None => {
                 let Some(run) = self.runs.get(run_id) else { return missing(format!("run {run_id}")) };
@@ -264,7 +313,10 @@ impl State {
             }
             Some(old) => {
                 if self.archive.generation != prev_generation {
-                    return conflict(format!("the archive changed (generation {} != {prev_generation})", self.archive.generation));
+                    return conflict(format!(
+                        "the archive changed (generation {} != {prev_generation})",
+                        self.archive.generation
+                    ));
                 }
                 let Some(pos) = self.archive.files.iter().position(|f| f.key == old) else {
                     return conflict("the archive file to replace is gone");
@@ -291,7 +343,8 @@ impl State {
             if &run.id != id {
                 return Err(format!("run {id:?} is stored under another id ({:?})", run.id));
             }
-            let config = self.run_configs.get(id).ok_or_else(|| format!("run {id:?} has no configuration"))?;
+            let config =
+                self.run_configs.get(id).ok_or_else(|| format!("run {id:?} has no configuration"))?;
             config.validate().map_err(|e| format!("run {id:?}: {e}"))?;
         }
         for (id, t) in &self.executor_tasks {
@@ -305,7 +358,13 @@ impl State {
         Ok(())
     }
 
-    fn set_executor_task_status(&mut self, index: u64, id: &str, executor_id: &str, status: &ExecutorTaskStatus) -> Response {
+    fn set_executor_task_status(
+        &mut self,
+        index: u64,
+        id: &str,
+        executor_id: &str,
+        status: &ExecutorTaskStatus,
+    ) -> Response {
         let Some(et) = self.executor_tasks.get(id) else { return missing(format!("executor task {id:?}")) };
         if et.spec.executor_id != executor_id {
             return conflict(format!("executor task {id:?} is assigned to another executor"));
@@ -322,7 +381,9 @@ impl State {
             if et.status == *status {
                 return Response::Done { revision: et.revision };
             }
-            return conflict(format!("executor task {id:?} has already ended ({:?})", et.status.phase).to_lowercase());
+            return conflict(
+                format!("executor task {id:?} has already ended ({:?})", et.status.phase).to_lowercase(),
+            );
         }
         let et = self.executor_tasks.get_mut(id).expect("checked above");
         et.status = status.clone();
@@ -344,7 +405,9 @@ impl State {
         if !cur.tasks.keys().eq(u.run.tasks.keys()) {
             return rejected_invalid("a run update must keep the run's tasks");
         }
-        let Some(config) = self.run_configs.get(run_id) else { return missing(format!("configuration of run {run_id}")) };
+        let Some(config) = self.run_configs.get(run_id) else {
+            return missing(format!("configuration of run {run_id}"));
+        };
         // Check everything first: the round applies whole or not at all.
         let mut added: BTreeMap<&str, u32> = BTreeMap::new();
         for spec in &u.create_tasks {
@@ -362,7 +425,10 @@ impl State {
             *extra += 1;
             let limit = executor.info.active_tasks_limit;
             if limit > 0 && self.active_tasks(&spec.executor_id) + *extra > limit {
-                return conflict(format!("executor {:?} is at its limit of {limit} active tasks", spec.executor_id));
+                return conflict(format!(
+                    "executor {:?} is at its limit of {limit} active tasks",
+                    spec.executor_id
+                ));
             }
         }
         for id in u.stop_tasks.iter().chain(&u.delete_tasks) {
@@ -380,7 +446,8 @@ impl State {
         for (spec, steps) in u.create_tasks.iter().zip(steps) {
             let id = executor_task_id(run_id, &spec.task_name);
             let status = ExecutorTaskStatus::new(steps);
-            self.executor_tasks.insert(id.clone(), ExecutorTask { id, spec: spec.clone(), status, revision: index });
+            self.executor_tasks
+                .insert(id.clone(), ExecutorTask { id, spec: spec.clone(), status, revision: index });
             self.touch_executor(&spec.executor_id, index);
         }
         for id in &u.stop_tasks {
@@ -423,16 +490,19 @@ impl State {
 
     /// Keys starting with `prefix` and strictly after `start_after`, in key order, at most
     /// `limit` of them; the flag says whether more matched.
-    pub fn kv_list(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> (Vec<(&String, &KvEntry)>, bool) {
+    pub fn kv_list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> (Vec<(&String, &KvEntry)>, bool) {
         use std::ops::Bound;
         let lower = match start_after {
             Some(after) if after >= prefix => Bound::Excluded(after.to_string()),
             _ => Bound::Included(prefix.to_string()),
         };
-        let mut matching = self
-            .kv
-            .range::<String, _>((lower, Bound::Unbounded))
-            .take_while(|(k, _)| k.starts_with(prefix));
+        let mut matching =
+            self.kv.range::<String, _>((lower, Bound::Unbounded)).take_while(|(k, _)| k.starts_with(prefix));
         let items: Vec<_> = matching.by_ref().take(limit).collect();
         let more = matching.next().is_some();
         (items, more)
@@ -476,7 +546,10 @@ mod tests {
         assert_eq!(rs.len(), 5);
         assert_eq!(rs[0], Response::KvPut { revision: 5 });
         assert_eq!(rs[1], Response::KvPut { revision: 5 });
-        assert_eq!(rs[2], Response::Rejected(CommandError::RevisionMismatch { key: "k".into(), expected: 1, actual: 5 }));
+        assert_eq!(
+            rs[2],
+            Response::Rejected(CommandError::RevisionMismatch { key: "k".into(), expected: 1, actual: 5 })
+        );
         assert!(matches!(rs[3], Response::Rejected(CommandError::Invalid { .. })), "{:?}", rs[3]);
         assert_eq!(rs[4], Response::KvDelete { revision: 5 });
         assert_eq!(s.kv["k"].value, "new");
@@ -524,9 +597,15 @@ mod tests {
     fn invalid_commands_are_rejected_at_apply_too() {
         let mut s = State::default();
         let huge = "v".repeat(crate::limits::MAX_VALUE_BYTES + 1);
-        assert!(matches!(s.apply(1, &put("k", &huge, None)), Response::Rejected(CommandError::Invalid { .. })));
+        assert!(matches!(
+            s.apply(1, &put("k", &huge, None)),
+            Response::Rejected(CommandError::Invalid { .. })
+        ));
         assert!(matches!(s.apply(2, &put("", "v", None)), Response::Rejected(CommandError::Invalid { .. })));
-        assert!(matches!(s.apply(3, &put("a\nb", "v", None)), Response::Rejected(CommandError::Invalid { .. })));
+        assert!(matches!(
+            s.apply(3, &put("a\nb", "v", None)),
+            Response::Rejected(CommandError::Invalid { .. })
+        ));
         assert_eq!(s, State::default());
     }
 

@@ -49,7 +49,8 @@ pub struct Cluster {
 pub struct Rng(u64);
 impl Rng {
     pub fn from_time() -> Rng {
-        let seed = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
+        let seed =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
         eprintln!("rng seed: {seed}");
         Rng(seed)
     }
@@ -239,7 +240,11 @@ impl Cluster {
                     return;
                 }
             }
-            assert!(Instant::now() < deadline, "node {id} did not apply index {index}\n{}", self.log_tail(id));
+            assert!(
+                Instant::now() < deadline,
+                "node {id} did not apply index {index}\n{}",
+                self.log_tail(id)
+            );
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
@@ -260,7 +265,11 @@ impl Cluster {
     }
 
     pub fn all_logs(&self) -> String {
-        self.nodes.keys().map(|id| format!("--- node {id} ---\n{}", self.log_tail(*id))).collect::<Vec<_>>().join("\n")
+        self.nodes
+            .keys()
+            .map(|id| format!("--- node {id} ---\n{}", self.log_tail(*id)))
+            .collect::<Vec<_>>()
+            .join("\n")
     }
 }
 
@@ -281,11 +290,17 @@ pub const IMAGE: &str = "flotilla-busybox:latest";
 
 /// Fails clearly when Docker or the test image is missing (CI builds it first).
 pub fn require_docker_image() {
-    let ok = Command::new("docker").args(["image", "inspect", IMAGE]).stdout(Stdio::null()).stderr(Stdio::null()).status();
+    let ok = Command::new("docker")
+        .args(["image", "inspect", IMAGE])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status();
     match ok {
         Ok(s) if s.success() => {}
         Ok(_) => {
-            let built = Command::new("bash").arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-image.sh")).status();
+            let built = Command::new("bash")
+                .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/scripts/test-image.sh"))
+                .status();
             assert!(
                 built.is_ok_and(|s| s.success()),
                 "the test image {IMAGE} is missing and scripts/test-image.sh could not build it"

@@ -169,7 +169,9 @@ impl Ost {
                     .map_err(|_| OstError::Config(format!("{url:?}: not an absolute local path")))?;
                 Ok(Ost::posix(path)?)
             }
-            "s3" => Ok(Ost { backend: Arc::new(Backend::S3(S3Ost::open(S3Settings::from_url(&parsed)?).await?)) }),
+            "s3" => {
+                Ok(Ost { backend: Arc::new(Backend::S3(S3Ost::open(S3Settings::from_url(&parsed)?).await?)) })
+            }
             other => Err(OstError::Config(format!("{url:?}: unknown scheme {other:?} (file:// or s3://)"))),
         }
     }
@@ -195,7 +197,13 @@ impl Ost {
     /// object or the whole new one, never a part. `size` (when known) picks single or
     /// multipart upload on S3; `persist` makes the POSIX backend fsync before answering
     /// (archives and data files need it; a log being written need not). Returns the size.
-    pub async fn put(&self, key: &str, body: ObjectStream, size: Option<u64>, persist: bool) -> Result<u64, OstError> {
+    pub async fn put(
+        &self,
+        key: &str,
+        body: ObjectStream,
+        size: Option<u64>,
+        persist: bool,
+    ) -> Result<u64, OstError> {
         validate_key(key)?;
         match &*self.backend {
             Backend::Posix(p) => p.put(key, body, persist).await,
@@ -216,7 +224,12 @@ impl Ost {
 
     /// Streams `len` bytes (to the end when `None`) from `offset`; a range past the end
     /// yields what there is (possibly nothing).
-    pub async fn get_range(&self, key: &str, offset: u64, len: Option<u64>) -> Result<ObjectStream, OstError> {
+    pub async fn get_range(
+        &self,
+        key: &str,
+        offset: u64,
+        len: Option<u64>,
+    ) -> Result<ObjectStream, OstError> {
         validate_key(key)?;
         match &*self.backend {
             Backend::Posix(p) => p.get_range(key, offset, len).await,
@@ -265,7 +278,12 @@ impl Ost {
 
     /// Up to `limit` objects whose key starts with `prefix` and sorts after `start_after`,
     /// in key (byte) order. Page by passing the last key back as `start_after`.
-    pub async fn list(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> Result<Vec<ObjectInfo>, OstError> {
+    pub async fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ObjectInfo>, OstError> {
         validate_prefix(prefix)?;
         let limit = limit.clamp(1, MAX_LIST_PAGE);
         match &*self.backend {

@@ -25,7 +25,10 @@ pub struct PosixOst {
 impl PosixOst {
     pub fn new(base: PathBuf) -> Result<PosixOst, OstError> {
         if !base.is_absolute() {
-            return Err(OstError::Config(format!("{}: the POSIX base path must be absolute", base.display())));
+            return Err(OstError::Config(format!(
+                "{}: the POSIX base path must be absolute",
+                base.display()
+            )));
         }
         std::fs::create_dir_all(&base)
             .map_err(|e| OstError::Config(format!("cannot create {}: {e}", base.display())))?;
@@ -52,7 +55,10 @@ impl PosixOst {
             });
         }
         if tokio::fs::metadata(&target).await.map(|m| m.is_dir()).unwrap_or(false) {
-            return Err(OstError::Conflict { key: key.to_string(), reason: "other objects live under this key" });
+            return Err(OstError::Conflict {
+                key: key.to_string(),
+                reason: "other objects live under this key",
+            });
         }
         let tmp = dir.join(format!(
             "{TMP_PREFIX}{}.{}",
@@ -90,7 +96,12 @@ impl PosixOst {
         })
     }
 
-    pub async fn get_range(&self, key: &str, offset: u64, len: Option<u64>) -> Result<ObjectStream, OstError> {
+    pub async fn get_range(
+        &self,
+        key: &str,
+        offset: u64,
+        len: Option<u64>,
+    ) -> Result<ObjectStream, OstError> {
         let path = self.path(key);
         let mut file = tokio::fs::File::open(&path).await.map_err(|e| OstError::io(key, e))?;
         let meta = file.metadata().await.map_err(|e| OstError::io(key, e))?;
@@ -134,7 +145,12 @@ impl PosixOst {
         Ok(())
     }
 
-    pub async fn list(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> Result<Vec<ObjectInfo>, OstError> {
+    pub async fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ObjectInfo>, OstError> {
         let base = self.base.clone();
         let prefix = prefix.to_string();
         let start_after = start_after.map(str::to_string);
@@ -164,7 +180,12 @@ async fn sync_dir(dir: &Path) -> io::Result<()> {
 /// Walks the directory holding the prefix and returns the first `limit` keys after
 /// `start_after`, sorted by bytes like S3 (a directory walk alone would not give that
 /// order: `a-b` sorts before `a/b`).
-fn list_blocking(base: &Path, prefix: &str, start_after: Option<&str>, limit: usize) -> Result<Vec<ObjectInfo>, OstError> {
+fn list_blocking(
+    base: &Path,
+    prefix: &str,
+    start_after: Option<&str>,
+    limit: usize,
+) -> Result<Vec<ObjectInfo>, OstError> {
     let dir_part = match prefix.rfind('/') {
         Some(i) => &prefix[..i],
         None => "",
@@ -174,7 +195,9 @@ fn list_blocking(base: &Path, prefix: &str, start_after: Option<&str>, limit: us
     while let Some((dir, rel)) = stack.pop() {
         let entries = match std::fs::read_dir(&dir) {
             Ok(e) => e,
-            Err(e) if e.kind() == io::ErrorKind::NotFound || e.kind() == io::ErrorKind::NotADirectory => continue,
+            Err(e) if e.kind() == io::ErrorKind::NotFound || e.kind() == io::ErrorKind::NotADirectory => {
+                continue
+            }
             Err(e) => return Err(OstError::io(&rel, e)),
         };
         for entry in entries {

@@ -80,7 +80,9 @@ impl S3Settings {
                     s.path_style = match &*v {
                         "true" | "1" => true,
                         "false" | "0" => false,
-                        _ => return Err(OstError::Config(format!("{url}: path_style must be true or false"))),
+                        _ => {
+                            return Err(OstError::Config(format!("{url}: path_style must be true or false")))
+                        }
                     }
                 }
                 "max_attempts" => s.max_attempts = num(&k, &v)?.clamp(1, 100) as u32,
@@ -117,7 +119,9 @@ impl S3Ost {
             loader = loader.region(Region::new(region.clone()));
         }
         if let Some((id, secret)) = &s.credentials {
-            loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(id, secret, None, None, "flotilla"));
+            loader = loader.credentials_provider(aws_sdk_s3::config::Credentials::new(
+                id, secret, None, None, "flotilla",
+            ));
         }
         let shared = loader.load().await;
         let mut b = aws_sdk_s3::config::Builder::from(&shared)
@@ -202,7 +206,14 @@ impl S3Ost {
         self.multipart(key, first, ended, body, part_size).await
     }
 
-    async fn multipart(&self, key: &str, first: Bytes, mut ended: bool, mut body: ObjectStream, part_size: u64) -> Result<u64, OstError> {
+    async fn multipart(
+        &self,
+        key: &str,
+        first: Bytes,
+        mut ended: bool,
+        mut body: ObjectStream,
+        part_size: u64,
+    ) -> Result<u64, OstError> {
         let full = self.full(key);
         let created = self
             .client
@@ -260,7 +271,9 @@ impl S3Ost {
                 // Some servers (moto) answer 200 with a body the SDK cannot parse
                 // (`CompleteMultipartUploadResponse`); a 200 without an error code is
                 // trusted once HEAD shows the whole object.
-                Err(e) if status(&e) == Some(200) && e.as_service_error().and_then(|se| se.code()).is_none() => {
+                Err(e)
+                    if status(&e) == Some(200) && e.as_service_error().and_then(|se| se.code()).is_none() =>
+                {
                     match self.stat(key).await {
                         Ok(info) if info.size == total => Ok(total),
                         _ => Err(backend(key, "CompleteMultipartUpload", e)),
@@ -271,7 +284,8 @@ impl S3Ost {
         }
         .await;
         if result.is_err() {
-            let abort = self.client.abort_multipart_upload().bucket(&self.bucket).key(&full).upload_id(&upload_id);
+            let abort =
+                self.client.abort_multipart_upload().bucket(&self.bucket).key(&full).upload_id(&upload_id);
             if let Err(e) = abort.send().await {
                 tracing::warn!(key, error = %backend(key, "AbortMultipartUpload", e), "could not abort a failed multipart upload");
             }
@@ -279,7 +293,12 @@ impl S3Ost {
         result
     }
 
-    pub async fn get_range(&self, key: &str, offset: u64, len: Option<u64>) -> Result<ObjectStream, OstError> {
+    pub async fn get_range(
+        &self,
+        key: &str,
+        offset: u64,
+        len: Option<u64>,
+    ) -> Result<ObjectStream, OstError> {
         if len == Some(0) {
             self.stat(key).await?;
             return Ok(Box::pin(futures::stream::empty()));
@@ -289,14 +308,8 @@ impl S3Ost {
             (o, None) => Some(format!("bytes={o}-")),
             (o, Some(l)) => Some(format!("bytes={o}-{}", o + l - 1)),
         };
-        let out = self
-            .client
-            .get_object()
-            .bucket(&self.bucket)
-            .key(self.full(key))
-            .set_range(range)
-            .send()
-            .await;
+        let out =
+            self.client.get_object().bucket(&self.bucket).key(self.full(key)).set_range(range).send().await;
         let out = match out {
             Ok(out) => out,
             // A range starting past the end: the object exists, the answer is empty.
@@ -339,7 +352,12 @@ impl S3Ost {
         }
     }
 
-    pub async fn list(&self, prefix: &str, start_after: Option<&str>, limit: usize) -> Result<Vec<ObjectInfo>, OstError> {
+    pub async fn list(
+        &self,
+        prefix: &str,
+        start_after: Option<&str>,
+        limit: usize,
+    ) -> Result<Vec<ObjectInfo>, OstError> {
         let mut out = Vec::new();
         let mut token: Option<String> = None;
         loop {
@@ -360,7 +378,8 @@ impl S3Ost {
                 out.push(ObjectInfo {
                     key: key.to_string(),
                     size: obj.size().unwrap_or(0).max(0) as u64,
-                    last_modified_ms: obj.last_modified().and_then(|t| t.to_millis().ok()).unwrap_or(0).max(0) as u64,
+                    last_modified_ms: obj.last_modified().and_then(|t| t.to_millis().ok()).unwrap_or(0).max(0)
+                        as u64,
                 });
             }
             token = page.next_continuation_token().map(str::to_string);
@@ -425,7 +444,10 @@ where
                 "{} (HTTP {}): {}",
                 err.code().unwrap_or("error"),
                 se.raw().status().as_u16(),
-                err.message().map(str::to_string).unwrap_or_else(|| format!("{}", aws_smithy_types::error::display::DisplayErrorContext(err)))
+                err.message().map(str::to_string).unwrap_or_else(|| format!(
+                    "{}",
+                    aws_smithy_types::error::display::DisplayErrorContext(err)
+                ))
             )
         }
         SdkError::TimeoutError(_) => "timed out (after retries)".to_string(),

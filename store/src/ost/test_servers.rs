@@ -49,7 +49,9 @@ fn free_port() -> u16 {
 
 fn binary(kind: Kind) -> String {
     let (var, name, how) = match kind {
-        Kind::S3sFs => ("S3S_FS_BIN", "s3s-fs", "cargo install s3s-fs --version 0.14.1 --features binary --locked"),
+        Kind::S3sFs => {
+            ("S3S_FS_BIN", "s3s-fs", "cargo install s3s-fs --version 0.14.1 --features binary --locked")
+        }
         Kind::Moto => ("MOTO_SERVER_BIN", "moto_server", "pip install 'moto[server]'"),
     };
     if let Ok(path) = std::env::var(var) {
@@ -78,8 +80,17 @@ impl S3Server {
         let mut cmd = Command::new(binary(self.kind));
         match self.kind {
             Kind::S3sFs => {
-                cmd.args(["--host", "127.0.0.1", "--port", &port, "--access-key", ACCESS_KEY, "--secret-key", SECRET_KEY])
-                    .arg(self.dir.path());
+                cmd.args([
+                    "--host",
+                    "127.0.0.1",
+                    "--port",
+                    &port,
+                    "--access-key",
+                    ACCESS_KEY,
+                    "--secret-key",
+                    SECRET_KEY,
+                ])
+                .arg(self.dir.path());
             }
             Kind::Moto => {
                 cmd.args(["-H", "127.0.0.1", "-p", &port]);
@@ -118,7 +129,11 @@ impl S3Server {
 
     /// Environment for a flotilla process using this server.
     pub fn env(&self) -> Vec<(&'static str, &'static str)> {
-        vec![("AWS_ACCESS_KEY_ID", ACCESS_KEY), ("AWS_SECRET_ACCESS_KEY", SECRET_KEY), ("AWS_REGION", "us-east-1")]
+        vec![
+            ("AWS_ACCESS_KEY_ID", ACCESS_KEY),
+            ("AWS_SECRET_ACCESS_KEY", SECRET_KEY),
+            ("AWS_REGION", "us-east-1"),
+        ]
     }
 
     /// Settings for `bucket`/`base` with the test credentials and quick retries.
