@@ -84,7 +84,12 @@ pub async fn round(node: &RaftNode, ost: &Ost, cfg: &ArchiveConfig) -> Result<us
                     <= now
             })
             .take(cfg.batch.clamp(1, archive::MAX_ARCHIVE_BATCH))
-            .filter_map(|r| Some(ArchivedRun { run: r.clone(), config: st.run_configs.get(&r.id)?.clone() }))
+            .filter_map(|r| {
+                // An ended run pulls nothing more: its credentials are not archived.
+                let mut config = st.run_configs.get(&r.id)?.clone();
+                flotilla_store::pod::redact_config(&mut config);
+                Some(ArchivedRun { run: r.clone(), config })
+            })
             .collect();
         let last = st.archive.files.last().filter(|f| f.bytes < cfg.max_file_bytes).cloned();
         (st.archive.generation, last, picked)

@@ -14,7 +14,10 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
 
 use flotilla_store::executor::{executor_task_id, ExecutorTask, ExecutorTaskSpec, ExecutorTaskStatus};
-use flotilla_store::run::{approvers, Phase, RunPhase, RunResult, RunTask, TaskConfig, TaskStatus};
+use flotilla_store::limits::TASK_TIMEOUT_GRACE_MS;
+use flotilla_store::run::{
+    approvers, Phase, RunPhase, RunResult, RunTask, TaskConfig, TaskStatus, REASON_TIMEOUT,
+};
 use flotilla_store::{RunUpdate, State};
 
 #[derive(Clone, Debug)]
@@ -116,7 +119,7 @@ pub fn decide_run(
 
     if run.phase == RunPhase::Queued {
         if run.stop {
-            for rt in run.tasks.values_mut() {
+            for rt in run.tasks.values_mut().filter(|rt| !rt.status.is_final()) {
                 rt.status = TaskStatus::Cancelled;
             }
             run.phase = RunPhase::Cancelled;
@@ -148,6 +151,17 @@ pub fn decide_run(
             continue;
         }
         copy_status(rt, &et.status);
+        if !ended {
+            let timeout_s = config.task(&et.spec.task_name).and_then(|t| t.timeout_s);
+            if let Some(why) = past_timeout(rt, timeout_s, now_ms) {
+                // The executor did not end it in time (partitioned, hung): the run moves on
+                // and the executor, no longer finding the task, stops its containers.
+                fail_task(rt, why, now_ms);
+                mark_timeout(rt, now_ms);
+                delete_tasks.push(et.id.clone());
+                continue;
+            }
+        }
         if ended {
             delete_tasks.push(et.id.clone());
         } else {
@@ -219,7 +233,9 @@ pub fn decide_run(
         if assigned.is_empty() && run.tasks.values().all(|t| t.status.is_final()) {
             run.phase = RunPhase::Finished;
             run.end_time = Some(now_ms);
-            run.result = if run.tasks.values().any(|t| t.status == TaskStatus::Failed) {
+            // A failure the task's configuration ignores does not fail the run.
+            let counts = |name: &String| config.task(name).is_none_or(|t| !t.ignore_failure);
+            run.result = if run.tasks.iter().any(|(n, t)| t.status == TaskStatus::Failed && counts(n)) {
                 RunResult::Failed
             } else if run.stop || run.tasks.values().any(|t| t.status == TaskStatus::Stopped) {
                 RunResult::Stopped
@@ -262,8 +278,9 @@ fn choose_executor(
     if arch_ok.is_empty() {
         return Choice::Wait;
     }
+    let privileged = flotilla_store::pod::needs_privileged(task);
     let allowed: Vec<_> =
-        arch_ok.into_iter().filter(|e| !task.privileged || e.info.allow_privileged_containers).collect();
+        arch_ok.into_iter().filter(|e| !privileged || e.info.allow_privileged_containers).collect();
     if allowed.is_empty() {
         return Choice::Fail(
             "the task asks for a privileged container, but no executor for its arch allows privileged containers".into(),
@@ -295,6 +312,27 @@ fn copy_status(rt: &mut RunTask, s: &ExecutorTaskStatus) {
     rt.end_time = s.end_time;
     if let Some(e) = &s.setup_error {
         rt.error = Some(format!("setup failed: {e}"));
+    }
+    if let Some(e) = &s.error {
+        rt.error = Some(e.clone());
+    }
+}
+
+/// Why a running task is past its `timeout_s` (counted from the start its executor
+/// reported, plus [`TASK_TIMEOUT_GRACE_MS`] for the executor to end it itself), if it is.
+fn past_timeout(rt: &RunTask, timeout_s: Option<i64>, now_ms: u64) -> Option<String> {
+    let timeout_s = u64::try_from(timeout_s?).ok()?;
+    let start = rt.start_time?;
+    let deadline = start.saturating_add(timeout_s.saturating_mul(1000)).saturating_add(TASK_TIMEOUT_GRACE_MS);
+    (now_ms > deadline).then(|| format!("timed out after {timeout_s} s"))
+}
+
+/// Records `timeout` on the setup or step that was running when a timeout ended the task.
+fn mark_timeout(rt: &mut RunTask, now_ms: u64) {
+    for step in std::iter::once(&mut rt.setup_step).chain(rt.steps.iter_mut()) {
+        if step.end_time == Some(now_ms) && step.phase == Phase::Failed && step.reason.is_none() {
+            step.reason = Some(REASON_TIMEOUT.to_string());
+        }
     }
 }
 
@@ -588,6 +626,90 @@ mod tests {
         assert_eq!((r.phase, r.result), (RunPhase::Finished, RunResult::Stopped));
         assert_eq!(r.tasks["a"].status, TaskStatus::Stopped);
         assert_eq!(r.tasks["b"].status, TaskStatus::Cancelled);
+    }
+
+    #[test]
+    fn a_skipped_task_is_created_skipped_and_runs_its_on_skipped_children() {
+        let mut sim = Sim::new();
+        sim.apply(Command::PutExecutor { id: "e1".into(), info: executor(0, false), now_ms: NOW });
+        let mut skipped = task("lint", vec![]);
+        skipped.skip = true;
+        let run = sim.create(create(vec![
+            skipped,
+            task("after", vec![dep("lint", &[])]),
+            task("cleanup", vec![dep("lint", &[Condition::OnSkipped])]),
+        ]));
+        assert_eq!(sim.status(&run, "lint"), TaskStatus::Skipped, "skipped from creation on");
+        sim.settle(&outcome_fails(&[]));
+        assert_eq!(sim.status(&run, "lint"), TaskStatus::Skipped);
+        assert_eq!(sim.status(&run, "after"), TaskStatus::Skipped);
+        assert_eq!(sim.status(&run, "cleanup"), TaskStatus::Success);
+        assert_eq!(sim.assignments.get("lint"), None, "a skipped task never reaches an executor");
+        assert_eq!(sim.state.runs[&run].result, RunResult::Success);
+    }
+
+    #[test]
+    fn an_ignored_failure_stays_failed_for_children_but_not_for_the_run_result() {
+        let mut sim = Sim::new();
+        sim.apply(Command::PutExecutor { id: "e1".into(), info: executor(0, false), now_ms: NOW });
+        let mut flaky = task("flaky", vec![]);
+        flaky.ignore_failure = true;
+        let run = sim.create(create(vec![
+            flaky,
+            task("needs_success", vec![dep("flaky", &[])]),
+            task("on_failure", vec![dep("flaky", &[Condition::OnFailure])]),
+        ]));
+        sim.settle(&outcome_fails(&["flaky"]));
+        assert_eq!(sim.status(&run, "flaky"), TaskStatus::Failed);
+        assert_eq!(sim.status(&run, "needs_success"), TaskStatus::Skipped);
+        assert_eq!(sim.status(&run, "on_failure"), TaskStatus::Success);
+        let r = &sim.state.runs[&run];
+        assert_eq!((r.phase, r.result), (RunPhase::Finished, RunResult::Success));
+
+        // The same failure without ignore_failure fails the run.
+        let mut sim = Sim::new();
+        sim.apply(Command::PutExecutor { id: "e1".into(), info: executor(0, false), now_ms: NOW });
+        let run = sim.create(create(vec![task("flaky", vec![])]));
+        sim.settle(&outcome_fails(&["flaky"]));
+        assert_eq!(sim.state.runs[&run].result, RunResult::Failed);
+    }
+
+    #[test]
+    fn the_scheduler_fails_a_task_its_executor_did_not_end_after_its_timeout() {
+        let mut sim = Sim::new();
+        sim.apply(Command::PutExecutor { id: "e1".into(), info: executor(0, false), now_ms: NOW });
+        let mut slow = task("slow", vec![]);
+        slow.timeout_s = Some(3);
+        let run = sim.create(create(vec![slow, task("next", vec![dep("slow", &[Condition::OnFailure])])]));
+        sim.round();
+        let et = sim.state.executor_tasks.values().next().unwrap().clone();
+        let mut status = et.status.clone();
+        status.phase = Phase::Running;
+        status.start_time = Some(NOW);
+        status.steps[0].phase = Phase::Running;
+        status.steps[0].start_time = Some(NOW);
+        sim.apply(Command::SetExecutorTaskStatus { id: et.id.clone(), executor_id: "e1".into(), status });
+        // Within the timeout and its grace: nothing happens (the executor's to end it).
+        let settings = Settings::default();
+        let mut active = active_counts(&sim.state);
+        let just_in = NOW + 3_000 + TASK_TIMEOUT_GRACE_MS;
+        let u = decide_run(&sim.state, &run, just_in, &settings, &mut active).expect("status copied");
+        assert_eq!(u.run.tasks["slow"].status, TaskStatus::Running);
+        assert!(u.delete_tasks.is_empty());
+        // Past it: failed in the run, its executor task dropped (the executor stops it).
+        let late = just_in + 1;
+        let u = decide_run(&sim.state, &run, late, &settings, &mut active).expect("a decision");
+        let slow = &u.run.tasks["slow"];
+        assert_eq!(slow.status, TaskStatus::Failed);
+        assert_eq!(slow.error.as_deref(), Some("timed out after 3 s"));
+        assert_eq!(slow.steps[0].phase, Phase::Failed);
+        assert_eq!(slow.steps[0].reason.as_deref(), Some(REASON_TIMEOUT));
+        assert_eq!(u.delete_tasks, vec![et.id.clone()]);
+        let r = sim.apply(Command::UpdateRun(Box::new(u)));
+        assert!(matches!(r, Response::Done { .. }), "{r:?}");
+        sim.settle(&outcome_fails(&[]));
+        assert_eq!(sim.status(&run, "slow"), TaskStatus::Failed);
+        assert_eq!(sim.status(&run, "next"), TaskStatus::Success);
     }
 
     /// A random DAG: task i may depend on any earlier task, with random conditions.

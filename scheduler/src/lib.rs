@@ -74,6 +74,16 @@ pub(crate) fn ticker(period_ms: u64) -> tokio::time::Interval {
     tick
 }
 
+/// 64 random bits in hex: a name no other cluster sharing a Docker engine will have.
+/// (std's `RandomState` is seeded from the OS's random source for every instance.)
+pub fn new_cluster_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_nanos()));
+    h.write_u32(std::process::id());
+    format!("{:016x}", h.finish())
+}
+
 /// Milliseconds since the Unix epoch.
 pub fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
@@ -118,7 +128,7 @@ pub async fn run(node: Arc<RaftNode>, cfg: SchedulerConfig, mut shutdown: watch:
 /// unchanged (`settled`), from one consistent view, then propose.
 async fn round(node: &RaftNode, cfg: &SchedulerConfig, settled: &mut HashMap<String, u64>) {
     let now = now_ms();
-    let (updates, expired) = {
+    let (updates, expired, unnamed) = {
         let sm = node.state.read();
         let state = &sm.state;
         if state.maintenance {
@@ -126,6 +136,7 @@ async fn round(node: &RaftNode, cfg: &SchedulerConfig, settled: &mut HashMap<Str
             settled.clear();
             return;
         }
+        let unnamed = state.cluster_id.is_none();
         let mut active = decide::active_counts(state);
         let executors = decide::executors_fingerprint(state, &active, now, &cfg.settings);
         let mut still = HashMap::with_capacity(settled.len());
@@ -146,8 +157,12 @@ async fn round(node: &RaftNode, cfg: &SchedulerConfig, settled: &mut HashMap<Str
             }
         }
         *settled = still;
-        (updates, decide::expired_executors(state, now, &cfg.settings))
+        (updates, decide::expired_executors(state, now, &cfg.settings), unnamed)
     };
+    // A cluster is named by its first leader, right after `cluster init` (or `flotilla dev`).
+    if unnamed && !propose(node, Command::SetClusterId { id: new_cluster_id() }).await {
+        return;
+    }
     // Removals of expired executors first, one by one (rare); a run update that hands a task
     // to one of them is refused at apply and decided again.
     for id in expired {

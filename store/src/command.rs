@@ -69,6 +69,10 @@ pub enum Command {
     /// order, each as if alone and with its own response, all at the entry's index. A batch
     /// holds no batch and no import, and at most [`MAX_BATCH_COMMANDS`] commands.
     Batch(Vec<Command>),
+    /// Name the cluster once (proposed by the first leader that finds it unnamed): every
+    /// container an executor creates is labeled with it, so that clusters sharing a Docker
+    /// engine never touch each other's containers. Refused when the cluster has a name.
+    SetClusterId { id: String },
 }
 
 /// The most commands one [`Command::Batch`] carries.
@@ -107,6 +111,7 @@ impl Command {
             Command::DeleteRun { .. } => "delete_run",
             Command::Import(_) => "import",
             Command::Batch(_) => "batch",
+            Command::SetClusterId { .. } => "set_cluster_id",
         }
     }
 
@@ -167,6 +172,7 @@ impl Command {
                 Ok(())
             }
             Command::DeleteRun { .. } => Ok(()),
+            Command::SetClusterId { id } => validate_name("cluster id", id).map_err(invalid),
             // Each command is validated when it is applied, so that one bad command rejects
             // only itself; here only the batch's shape.
             Command::Batch(cmds) => {

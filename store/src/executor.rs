@@ -88,6 +88,10 @@ pub struct ExecutorTaskStatus {
     pub phase: Phase,
     #[serde(default)]
     pub setup_error: Option<String>,
+    /// Why the task failed after its setup, as a sentence ("timed out after 3 s", "service
+    /// container db exited with code 1"); copied into the run task's `error`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
     #[serde(default)]
     pub setup_step: StepStatus,
     #[serde(default)]
@@ -103,6 +107,7 @@ impl ExecutorTaskStatus {
         ExecutorTaskStatus {
             phase: Phase::Notstarted,
             setup_error: None,
+            error: None,
             setup_step: StepStatus::default(),
             steps: vec![StepStatus::default(); steps],
             start_time: None,
@@ -151,6 +156,16 @@ pub struct TaskData {
     pub cache_group: String,
     /// Archives saved by every ancestor, by distance from the root then task name.
     pub workspace: Vec<WorkspaceArchive>,
+    /// The pod, every container named (container 0 runs the steps; `image` and
+    /// `privileged` above are container 0's).
+    #[serde(default)]
+    pub containers: Vec<crate::pod::ContainerConfig>,
+    #[serde(default)]
+    pub timeout_s: Option<u64>,
+    /// The run's registry credentials overlaid with the task's (the task wins per
+    /// registry). The one place secrets leave the state: only to the task's executor.
+    #[serde(default)]
+    pub docker_registries_auth: crate::pod::RegistriesAuth,
 }
 
 /// Builds the data an executor needs for `task_name` of `run`; `None` if the task is unknown.
@@ -194,19 +209,25 @@ pub fn task_data(run: &Run, config: &RunConfig, task_name: &str) -> Option<TaskD
         }
     }
     workspace.sort_by(|a, b| (a.0, &a.1.task_name, a.1.step).cmp(&(b.0, &b.1.task_name, b.1.step)));
+    let containers = crate::pod::pod_of(task);
+    let mut docker_registries_auth = config.docker_registries_auth.clone();
+    docker_registries_auth.extend(task.docker_registries_auth.clone());
     Some(TaskData {
         run_name: run.name.clone(),
         group: run.group.clone(),
-        image: task.image.clone(),
+        image: containers[0].image.clone(),
         arch: task.arch.clone(),
-        privileged: task.privileged,
+        privileged: crate::pod::needs_privileged(task),
         working_dir: task.working_dir.clone(),
         shell: task.shell.clone(),
-        user: task.user.clone(),
         environment,
         steps: task.steps.clone(),
         cache_group,
         workspace: workspace.into_iter().map(|(_, w)| w).collect(),
+        user: containers[0].user.clone(),
+        containers,
+        timeout_s: task.timeout_s.map(|t| t.max(1) as u64),
+        docker_registries_auth,
     })
 }
 
@@ -242,6 +263,9 @@ pub fn validate_status(status: &ExecutorTaskStatus, steps: usize) -> Result<(), 
     }
     if status.setup_error.as_ref().is_some_and(|e| e.len() > MAX_MAP_VALUE_BYTES) {
         return Err(format!("setup_error is longer than {MAX_MAP_VALUE_BYTES} bytes"));
+    }
+    if status.error.as_ref().is_some_and(|e| e.len() > MAX_MAP_VALUE_BYTES) {
+        return Err(format!("error is longer than {MAX_MAP_VALUE_BYTES} bytes"));
     }
     Ok(())
 }

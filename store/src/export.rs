@@ -41,11 +41,15 @@ pub enum ExportError {
 }
 
 /// Encodes `state` (its maintenance flag and archive manifest cleared) and the archived
-/// runs.
+/// runs. Registry credentials are exported as `"***"`: an export is a GET answer, and
+/// secrets never leave the cluster in one.
 pub fn encode(state: &State, archived: Vec<ArchivedRun>) -> Vec<u8> {
     let mut state = state.clone();
     state.maintenance = false;
     state.archive = Default::default();
+    state.run_configs.values_mut().for_each(crate::pod::redact_config);
+    let mut archived = archived;
+    archived.iter_mut().for_each(|a| crate::pod::redact_config(&mut a.config));
     let body = rmp_serde::to_vec_named(&Body { state, archived }).expect("the state always serialises");
     let mut out = Vec::with_capacity(HEADER + body.len());
     out.extend_from_slice(MAGIC);

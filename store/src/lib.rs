@@ -17,6 +17,7 @@ pub mod executor;
 pub mod export;
 pub mod limits;
 pub mod ost;
+pub mod pod;
 pub mod run;
 pub mod state;
 

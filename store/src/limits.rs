@@ -51,3 +51,21 @@ pub const MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;
 /// Largest export accepted by an import (it travels as one Raft entry, under
 /// `MAX_RAFT_BODY_BYTES`).
 pub const MAX_IMPORT_BYTES: u64 = 48 * 1024 * 1024;
+
+/// Most containers in one task's pod (the steps' container and its services): each is a
+/// process tree on the executor host started before the first step.
+pub const MAX_CONTAINERS_PER_TASK: usize = 16;
+/// Most volumes of one container.
+pub const MAX_VOLUMES_PER_CONTAINER: usize = 16;
+/// Most registries in one `docker_registries_auth` map.
+pub const MAX_REGISTRIES_AUTH: usize = 32;
+/// Longest `timeout_s` a task may ask for: a week, longer than any CI job should hang.
+pub const MAX_TASK_TIMEOUT_S: u64 = 7 * 24 * 3600;
+/// How long after a task's `timeout_s` the leader's scheduler fails it itself. The
+/// executor enforces the deadline first (and records `timeout` on the step it stopped);
+/// the scheduler's later deadline only catches an executor that cannot report (partitioned,
+/// hung), so the two never race on a healthy executor.
+pub const TASK_TIMEOUT_GRACE_MS: u64 = 15_000;
+/// How long an executor waits for a service container's log to be read and stored when
+/// the task ends; a slower store loses that log, not the task's outcome.
+pub const SERVICE_LOG_WAIT_MS: u64 = 10_000;

@@ -33,6 +33,10 @@ pub struct RunCreate {
     pub setup_errors: Vec<String>,
     #[serde(default)]
     pub tasks: Vec<TaskConfig>,
+    /// Registry credentials for every task's images (a task's own entry for a registry
+    /// wins). Secrets: see [`crate::pod`].
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub docker_registries_auth: crate::pod::RegistriesAuth,
 }
 
 fn root_group() -> String {
@@ -46,7 +50,26 @@ pub type RunConfig = RunCreate;
 #[serde(deny_unknown_fields)]
 pub struct TaskConfig {
     pub name: String,
+    /// Shorthand for a pod of one container; empty when `containers` is given.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
     pub image: String,
+    /// The task's pod: container 0 runs the steps, the others are services (see
+    /// [`crate::pod`]).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub containers: Vec<crate::pod::ContainerConfig>,
+    /// Running longer than this fails the task (reason `timeout`). Signed so that a
+    /// negative value is refused by [`RunCreate::validate`] with a sentence, not by serde.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<i64>,
+    /// A failure of this task does not make the run's result `failed` (the task's own
+    /// status stays `failed`, and its children see it so).
+    #[serde(default)]
+    pub ignore_failure: bool,
+    /// The task is created `skipped` (children with `on_skipped` run).
+    #[serde(default)]
+    pub skip: bool,
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub docker_registries_auth: crate::pod::RegistriesAuth,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arch: Option<String>,
     #[serde(default)]
@@ -81,6 +104,11 @@ impl TaskConfig {
         TaskConfig {
             name: name.into(),
             image: image.into(),
+            containers: Vec::new(),
+            timeout_s: None,
+            ignore_failure: false,
+            skip: false,
+            docker_registries_auth: BTreeMap::new(),
             arch: None,
             privileged: false,
             working_dir: None,
@@ -114,6 +142,7 @@ impl RunCreate {
             cache_group: None,
             setup_errors: vec![],
             tasks,
+            docker_registries_auth: BTreeMap::new(),
         }
     }
 }
@@ -296,7 +325,13 @@ pub struct StepStatus {
     #[serde(default)]
     pub end_time: Option<u64>,
     pub log_phase: LogPhase,
+    /// Why the step ended other than by its own exit: `timeout` (the task's `timeout_s`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
 }
+
+/// [`StepStatus::reason`] of the step (or setup) a task's timeout stopped.
+pub const REASON_TIMEOUT: &str = "timeout";
 
 impl Default for StepStatus {
     fn default() -> Self {
@@ -306,6 +341,7 @@ impl Default for StepStatus {
             start_time: None,
             end_time: None,
             log_phase: LogPhase::Notavailable,
+            reason: None,
         }
     }
 }
@@ -328,6 +364,12 @@ pub struct RunTask {
     pub start_time: Option<u64>,
     #[serde(default)]
     pub end_time: Option<u64>,
+    /// The task's pod, as `NAME IMAGE` (container 0 first), and its `timeout_s`: what
+    /// `run get` shows of the configuration (no secret is in either).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub containers: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_s: Option<i64>,
 }
 
 /// A run's status. Times are milliseconds since the Unix epoch.
@@ -396,6 +438,11 @@ fn validate_group(what: &str, group: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// [`validate_map`] for the pod module.
+pub(crate) fn validate_map_pub(what: &str, map: &StringMap) -> Result<(), String> {
+    validate_map(what, map)
+}
+
 fn validate_map(what: &str, map: &StringMap) -> Result<(), String> {
     if map.len() > MAX_MAP_ENTRIES {
         return Err(format!("{what} has {} entries, the limit is {MAX_MAP_ENTRIES}", map.len()));
@@ -431,6 +478,7 @@ impl RunCreate {
         validate_map("annotations", &self.annotations)?;
         validate_map("static_environment", &self.static_environment)?;
         validate_map("environment", &self.environment)?;
+        crate::pod::validate_auths("docker_registries_auth", &self.docker_registries_auth)?;
         if self.setup_errors.len() > MAX_SETUP_ERRORS {
             return Err(format!("{} setup_errors, the limit is {MAX_SETUP_ERRORS}", self.setup_errors.len()));
         }
@@ -466,9 +514,7 @@ impl RunCreate {
 
 fn validate_task(t: &TaskConfig, names: &BTreeSet<&str>) -> Result<(), String> {
     let n = &t.name;
-    if t.image.is_empty() || t.image.len() > MAX_GROUP_BYTES {
-        return Err(format!("task {n:?}: image must be 1 to {MAX_GROUP_BYTES} bytes"));
-    }
+    crate::pod::validate_pod(t)?;
     if let Some(arch) = &t.arch {
         validate_name(&format!("task {n:?} arch"), arch)?;
     }
@@ -564,7 +610,7 @@ pub fn new_run(create: &RunCreate, seq: u64, counter: u64, index: u64, now_ms: u
         .iter()
         .map(|t| {
             let task = RunTask {
-                status: TaskStatus::Notstarted,
+                status: if t.skip && !setuperror { TaskStatus::Skipped } else { TaskStatus::Notstarted },
                 approved: false,
                 waiting_approval: false,
                 annotations: StringMap::new(),
@@ -574,6 +620,13 @@ pub fn new_run(create: &RunCreate, seq: u64, counter: u64, index: u64, now_ms: u
                 error: None,
                 start_time: None,
                 end_time: None,
+                containers: crate::pod::pod_of(t)
+                    .iter()
+                    .map(|c| {
+                        format!("{} {}", c.name.as_deref().unwrap_or(crate::pod::MAIN_CONTAINER), c.image)
+                    })
+                    .collect(),
+                timeout_s: t.timeout_s,
             };
             (t.name.clone(), task)
         })

@@ -50,6 +50,9 @@ pub struct State {
     /// The run archive in the object storage (only its manifest lives here).
     #[serde(default)]
     pub archive: crate::archive::Manifest,
+    /// The cluster's name, set once ([`Command::SetClusterId`]); labels executors' containers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cluster_id: Option<String>,
 }
 
 fn missing(what: impl Into<String>) -> Response {
@@ -123,6 +126,13 @@ impl State {
                 }
                 self.kv.remove(key);
                 Response::KvDelete { revision: index }
+            }
+            Command::SetClusterId { id } => {
+                if let Some(have) = &self.cluster_id {
+                    return conflict(format!("the cluster is already named {have}"));
+                }
+                self.cluster_id = Some(id.clone());
+                Response::Done { revision: index }
             }
             Command::SetMaintenance { enabled } => {
                 self.maintenance = *enabled;

@@ -16,18 +16,28 @@ pub const CACHES: &str = "caches";
 pub const MAX_CACHE_KEY_BYTES: usize = 200;
 
 /// Which log of a task.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum LogStep {
     Setup,
     Step(usize),
+    /// The whole output of a service container of the task's pod, by name.
+    Container(String),
 }
 
+/// How a container's log is named where a step number could be: `container-<name>`.
+pub const CONTAINER_LOG_PREFIX: &str = "container-";
+
 impl LogStep {
-    /// `setup` or the step number.
+    /// `setup`, the step number, or `container-<name>`.
     pub fn parse(s: &str) -> Option<LogStep> {
         match s {
             "setup" => Some(LogStep::Setup),
-            n => n.parse().ok().map(LogStep::Step),
+            n => match n.strip_prefix(CONTAINER_LOG_PREFIX) {
+                Some(name) => crate::pod::validate_hostname("container", name)
+                    .ok()
+                    .map(|_| LogStep::Container(name.to_string())),
+                None => n.parse().ok().map(LogStep::Step),
+            },
         }
     }
 }
@@ -37,6 +47,7 @@ impl std::fmt::Display for LogStep {
         match self {
             LogStep::Setup => f.write_str("setup"),
             LogStep::Step(n) => write!(f, "{n}"),
+            LogStep::Container(name) => write!(f, "{CONTAINER_LOG_PREFIX}{name}"),
         }
     }
 }
@@ -107,5 +118,8 @@ mod tests {
         assert_eq!(LogStep::parse("setup"), Some(LogStep::Setup));
         assert_eq!(LogStep::parse("3"), Some(LogStep::Step(3)));
         assert_eq!(LogStep::parse("x"), None);
+        assert_eq!(LogStep::parse("container-db"), Some(LogStep::Container("db".into())));
+        assert_eq!(LogStep::parse("container-../x"), None);
+        assert_eq!(log("1.b", LogStep::Container("db".into())), "logs/1.b/container-db.log");
     }
 }
