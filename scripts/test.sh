@@ -39,6 +39,22 @@ need docker "install Docker Engine and start it"
 docker info >/dev/null 2>&1 || { echo "error: the Docker engine is not reachable (is dockerd running?)" >&2; exit 1; }
 bash scripts/test-image.sh
 
+# A private registry for the pods test of registry credentials: Debian's reference registry
+# (docker-registry; the test starts its own on a free loopback port) and htpasswd from
+# apache2-utils for its bcrypt password file. Installed once (~20 s), skipped after.
+pod_missing=()
+command -v docker-registry >/dev/null 2>&1 || pod_missing+=(docker-registry)
+command -v htpasswd >/dev/null 2>&1 || pod_missing+=(apache2-utils)
+if [ ${#pod_missing[@]} -gt 0 ]; then
+  sudo=""
+  [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  echo "== installing ${pod_missing[*]}"
+  $sudo apt-get update -qq >/dev/null
+  # The package's own service is not wanted (the test runs its own registry); policy-rc.d
+  # usually keeps it from starting in containers, and a started one does not matter.
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${pod_missing[@]}" >/dev/null
+fi
+
 echo "== disk: $(df -h "$(dirname "$CARGO_TARGET_DIR")" | awk 'NR==2 {print $4 " free"}')"
 echo "== build (target dir: $CARGO_TARGET_DIR)"
 cargo build --locked --workspace --all-targets

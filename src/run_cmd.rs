@@ -66,6 +66,9 @@ pub enum RunCmd {
         /// Step number (from 0, in the task's steps order) or `setup`.
         #[arg(long, default_value = "0")]
         step: String,
+        /// A service container of the task's pod: its whole output (instead of a step's).
+        #[arg(long, conflicts_with = "step")]
+        container: Option<String>,
         #[arg(long)]
         follow: bool,
     },
@@ -138,9 +141,12 @@ pub async fn run(c: &Client, json: bool, cmd: RunCmd) -> Result<(), Failure> {
             c.run_delete(&id).await?;
             eprintln!("run {id} deleted");
         }
-        RunCmd::Logs { id, task, step, follow } => {
+        RunCmd::Logs { id, task, step, container, follow } => {
             use std::io::Write;
-            let mut log = c.run_log(&id, &task, &step, follow).await?;
+            let mut log = match container {
+                Some(name) => c.run_container_log(&id, &task, &name, follow).await?,
+                None => c.run_log(&id, &task, &step, follow).await?,
+            };
             let mut out = std::io::stdout().lock();
             while let Some(chunk) = log.chunk().await? {
                 // A closed stdout (e.g. `| head`) ends the command quietly.
@@ -284,5 +290,18 @@ fn print_run(r: &Run) {
         if let Some(e) = &t.error {
             println!("    {e}");
         }
+        print_pod(t);
+    }
+}
+
+/// A task's containers (when it has services) and its timeout, under its row.
+fn print_pod(t: &flotilla_store::run::RunTask) {
+    if t.containers.len() > 1 {
+        for c in &t.containers {
+            println!("    container {c}");
+        }
+    }
+    if let Some(s) = t.timeout_s {
+        println!("    timeout {s} s");
     }
 }

@@ -407,6 +407,26 @@ impl Client {
         })
     }
 
+    /// The whole output of service container `container` of a task's pod.
+    pub async fn run_container_log(
+        &self,
+        id: &str,
+        task: &str,
+        container: &str,
+        follow: bool,
+    ) -> Result<Download, ClientError> {
+        let q = serde_urlencoded::to_string([
+            ("container", container),
+            ("follow", if follow { "true" } else { "false" }),
+        ])
+        .unwrap_or_default();
+        let path = format!("/api/v1/runs/{}/tasks/{}/logs?{q}", Self::seg(id), Self::seg(task));
+        Ok(Download {
+            url: format!("{}{path}", self.base),
+            resp: self.open(reqwest::Method::GET, &path, None, None).await?,
+        })
+    }
+
     /// Appends log bytes starting at `offset`; the answer says how much the server holds.
     pub async fn executor_log_append(
         &self,

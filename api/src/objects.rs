@@ -83,13 +83,13 @@ impl LiveLogs {
         Ok(LiveLogs { dir, logs: Mutex::new(HashMap::new()) })
     }
 
-    fn get(&self, task_id: &str, step: LogStep) -> Option<Arc<LiveLog>> {
-        self.logs.lock().unwrap().get(&(task_id.to_string(), step)).cloned()
+    fn get(&self, task_id: &str, step: &LogStep) -> Option<Arc<LiveLog>> {
+        self.logs.lock().unwrap().get(&(task_id.to_string(), step.clone())).cloned()
     }
 
-    fn get_or_create(&self, task_id: &str, step: LogStep) -> Arc<LiveLog> {
+    fn get_or_create(&self, task_id: &str, step: &LogStep) -> Arc<LiveLog> {
         let mut logs = self.logs.lock().unwrap();
-        logs.entry((task_id.to_string(), step))
+        logs.entry((task_id.to_string(), step.clone()))
             .or_insert_with(|| {
                 let (state, _) = watch::channel(LiveState { size: 0, stored: false });
                 let path = self.dir.join(format!("{task_id}.{step}.log"));
@@ -98,8 +98,8 @@ impl LiveLogs {
             .clone()
     }
 
-    fn remove(&self, task_id: &str, step: LogStep) {
-        self.logs.lock().unwrap().remove(&(task_id.to_string(), step));
+    fn remove(&self, task_id: &str, step: &LogStep) {
+        self.logs.lock().unwrap().remove(&(task_id.to_string(), step.clone()));
     }
 }
 
@@ -119,8 +119,8 @@ pub(crate) async fn append_log(
         return forward_to_leader(ctx, req).await;
     }
     let run_id = task_owner(ctx, executor, task_id).await?;
-    let key = keys::log(task_id, step);
-    let live = ctx.live_logs.get_or_create(task_id, step);
+    let key = keys::log(task_id, step.clone());
+    let live = ctx.live_logs.get_or_create(task_id, &step);
     let _guard = live.write.lock().await;
     let mut state = *live.state.borrow();
     if state.size == 0 && !state.stored {
@@ -172,7 +172,7 @@ pub(crate) async fn append_log(
         let task_id = task_id.to_string();
         tokio::spawn(async move {
             tokio::time::sleep(Duration::from_secs(5)).await;
-            logs.live_logs.remove(&task_id, step);
+            logs.live_logs.remove(&task_id, &step);
             let _ = tokio::fs::remove_file(path).await;
         });
     }
@@ -208,9 +208,22 @@ pub(crate) async fn get_log(
     task: &str,
     req: &Request<'_>,
 ) -> Result<Reply, ApiError> {
-    let step_param = req.query.get("step").map(String::as_str).unwrap_or("0");
-    let step = LogStep::parse(step_param)
-        .ok_or_else(|| ApiError::bad_request(format!("step {step_param:?} is not a number or 'setup'")))?;
+    let step = match (req.query.get("container"), req.query.get("step")) {
+        // A service container's whole output (`run logs ID TASK --container db`).
+        (Some(_), Some(_)) => {
+            return Err(ApiError::bad_request("give either step or container, not both"));
+        }
+        (Some(name), None) => {
+            flotilla_store::pod::validate_hostname("container", name).map_err(ApiError::bad_request)?;
+            LogStep::Container(name.clone())
+        }
+        (None, step_param) => {
+            let step_param = step_param.map(String::as_str).unwrap_or("0");
+            LogStep::parse(step_param).filter(|s| !matches!(s, LogStep::Container(_))).ok_or_else(|| {
+                ApiError::bad_request(format!("step {step_param:?} is not a number or 'setup'"))
+            })?
+        }
+    };
     let follow = req.flag("follow")?;
     crate::server::read_barrier(ctx, req).await?;
     // The run may be live or archived: its logs outlive its place in the state.
@@ -230,14 +243,15 @@ pub(crate) async fn get_log(
     };
     let steps =
         steps.ok_or_else(|| ApiError::not_found(format!("task {task:?} not found in run {run_id}")))?;
-    if let LogStep::Step(n) = step {
+    if let LogStep::Step(n) = &step {
+        let n = *n;
         if n >= steps {
             return Err(ApiError::not_found(format!("task {task:?} has {steps} steps (numbered from 0)")));
         }
     }
     let task_id = executor_task_id(run_id, task);
-    let key = keys::log(&task_id, step);
-    if let Some(live) = ctx.live_logs.get(&task_id, step) {
+    let key = keys::log(&task_id, step.clone());
+    if let Some(live) = ctx.live_logs.get(&task_id, &step) {
         return Ok(stream_reply(tail(ctx.clone(), live, key, follow, run_id.to_string(), task.to_string())));
     }
     match ctx.ost.get(&key).await {
@@ -259,7 +273,7 @@ pub(crate) async fn get_log(
         futures::stream::once(async move {
             let mut closing = ctx2.closing();
             loop {
-                if let Some(live) = ctx2.live_logs.get(&task_id, step) {
+                if let Some(live) = ctx2.live_logs.get(&task_id, &step) {
                     return tail(ctx2.clone(), live, key, true, run_id, task);
                 }
                 if let Ok(s) = ctx2.ost.get(&key).await {

@@ -452,7 +452,11 @@ async fn executor_tasks(ctx: &Ctx, id: &str, req: &Request<'_>) -> Result<Reply,
                         Some(ExecutorTaskView { id: t.id.clone(), spec, status: t.status.clone() })
                     })
                     .collect();
-                return Ok(json(200, &ExecutorTasks { revision: executor.tasks_revision, tasks }));
+                let cluster_id = state.cluster_id.clone();
+                return Ok(json(
+                    200,
+                    &ExecutorTasks { revision: executor.tasks_revision, tasks, cluster_id },
+                ));
             }
         }
         tokio::select! {

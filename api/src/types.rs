@@ -134,6 +134,10 @@ pub struct ExecutorTasks {
     /// Pass back as `since` to wait for the next change.
     pub revision: u64,
     pub tasks: Vec<ExecutorTaskView>,
+    /// The cluster's name (see `State::cluster_id`); the executor labels its containers
+    /// with it. `None` until the first leader named the cluster.
+    #[serde(default)]
+    pub cluster_id: Option<String>,
 }
 
 /// `GET /api/v1/executor/{id}/siblings`: the registered executors of the caller's group.

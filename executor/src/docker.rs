@@ -9,7 +9,8 @@ use bollard::container::LogOutput;
 use bollard::models::{ContainerCreateBody, ExecConfig, HostConfig};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, DownloadFromContainerOptionsBuilder,
-    ListContainersOptionsBuilder, RemoveContainerOptionsBuilder, UploadToContainerOptionsBuilder,
+    ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
+    UploadToContainerOptionsBuilder,
 };
 use bollard::Docker;
 use bytes::Bytes;
@@ -20,6 +21,11 @@ pub const LABEL_EXECUTOR: &str = "flotilla.executor";
 pub const LABEL_TASK: &str = "flotilla.task";
 pub const LABEL_GROUP: &str = "flotilla.group";
 pub const LABEL_DYNAMIC: &str = "flotilla.dynamic";
+/// The cluster the container's executor serves (`State::cluster_id`): two clusters (or two
+/// `flotilla dev`) on one engine tell their containers apart by it.
+pub const LABEL_CLUSTER: &str = "flotilla.cluster";
+/// The container's name in its task's pod (`main`, `db`...).
+pub const LABEL_CONTAINER: &str = "flotilla.container";
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -38,21 +44,39 @@ pub struct Driver {
 #[derive(Debug, Clone)]
 pub struct Ours {
     pub id: String,
+    pub cluster: String,
     pub executor: String,
     pub task: String,
     pub dynamic: bool,
 }
 
-/// What to create for a task.
+/// What to create for a task: its steps' container (kept alive by `keep_alive_shell`) or
+/// a service of its pod (running its image's entrypoint/command, or the ones given).
 pub struct ContainerSpec<'a> {
     pub name: &'a str,
     pub image: &'a str,
-    pub shell: &'a str,
-    pub working_dir: &'a str,
+    /// `Some(shell)`: PID 1 is `shell -c 'sleep forever'` (the steps are execs in it).
+    pub keep_alive_shell: Option<&'a str>,
+    pub entrypoint: Option<Vec<String>>,
+    pub cmd: Option<Vec<String>>,
+    pub working_dir: Option<&'a str>,
     pub user: Option<&'a str>,
     pub env: Vec<String>,
     pub privileged: bool,
     pub labels: HashMap<String, String>,
+    /// `container:<id>`: share that container's network namespace.
+    pub network_mode: Option<String>,
+    /// `host:ip` lines added to /etc/hosts.
+    pub extra_hosts: Vec<String>,
+    /// Mount path → tmpfs options (`size=...,mode=1777`).
+    pub tmpfs: HashMap<String, String>,
+}
+
+/// Registry credentials for one pull (username and password, as Docker's engine wants).
+pub struct PullAuth {
+    pub registry: String,
+    pub username: String,
+    pub password: String,
 }
 
 impl Driver {
@@ -79,11 +103,23 @@ impl Driver {
         }
     }
 
-    /// Pulls `image`, bounded by `timeout` (a host without a registry must fail fast).
-    pub async fn pull(&self, image: &str, timeout: Duration) -> Result<(), DockerError> {
+    /// Pulls `image`, bounded by `timeout` (a host without a registry must fail fast),
+    /// with `auth` if given. The registry's refusal is passed on as it words it.
+    pub async fn pull(
+        &self,
+        image: &str,
+        timeout: Duration,
+        auth: Option<PullAuth>,
+    ) -> Result<(), DockerError> {
         let opts = CreateImageOptionsBuilder::new().from_image(image).build();
+        let credentials = auth.map(|a| bollard::auth::DockerCredentials {
+            username: Some(a.username),
+            password: Some(a.password),
+            serveraddress: Some(a.registry),
+            ..Default::default()
+        });
         let pull = async {
-            let mut s = self.docker.create_image(Some(opts), None, None);
+            let mut s = self.docker.create_image(Some(opts), None, credentials);
             while let Some(item) = s.next().await {
                 item.map_err(|e| err("pull", e))?;
             }
@@ -96,18 +132,28 @@ impl Driver {
 
     /// Creates and starts a long-lived container (the steps are execs in it).
     pub async fn start(&self, spec: &ContainerSpec<'_>) -> Result<String, DockerError> {
+        let (entrypoint, cmd) = match spec.keep_alive_shell {
+            // PID 1 only waits; Docker's init reaps the steps' orphans.
+            Some(shell) => (
+                Some(vec![shell.to_string()]),
+                Some(vec!["-c".into(), "while :; do sleep 3600; done".into()]),
+            ),
+            None => (spec.entrypoint.clone(), spec.cmd.clone()),
+        };
         let body = ContainerCreateBody {
             image: Some(spec.image.to_string()),
-            // PID 1 only waits; Docker's init reaps the steps' orphans.
-            entrypoint: Some(vec![spec.shell.to_string()]),
-            cmd: Some(vec!["-c".into(), "while :; do sleep 3600; done".into()]),
-            working_dir: Some(spec.working_dir.to_string()),
+            entrypoint,
+            cmd,
+            working_dir: spec.working_dir.map(str::to_string),
             user: spec.user.map(str::to_string),
             env: Some(spec.env.clone()),
             labels: Some(spec.labels.clone()),
             host_config: Some(HostConfig {
                 privileged: Some(spec.privileged),
                 init: Some(true),
+                network_mode: spec.network_mode.clone(),
+                extra_hosts: (!spec.extra_hosts.is_empty()).then(|| spec.extra_hosts.clone()),
+                tmpfs: (!spec.tmpfs.is_empty()).then(|| spec.tmpfs.clone()),
                 ..Default::default()
             }),
             ..Default::default()
@@ -188,6 +234,33 @@ impl Driver {
             .map_err(|e| err("upload to container", e))
     }
 
+    /// Waits until the container exits; its exit code.
+    pub async fn wait_exit(&self, container: &str) -> Result<i64, DockerError> {
+        let mut s = self.docker.wait_container(container, None);
+        match s.next().await {
+            Some(Ok(r)) => Ok(r.status_code),
+            // bollard reports a non-zero exit as this error.
+            Some(Err(bollard::errors::Error::DockerContainerWaitError { code, .. })) => Ok(code),
+            Some(Err(e)) => Err(err("wait container", e)),
+            None => Err(DockerError("wait container: no answer".into())),
+        }
+    }
+
+    /// The whole output of a container so far (stdout and stderr, as they came).
+    pub async fn logs(&self, container: &str, mut sink: impl FnMut(Bytes)) -> Result<(), DockerError> {
+        let opts = LogsOptionsBuilder::new().stdout(true).stderr(true).follow(false).tail("all").build();
+        let mut s = self.docker.logs(container, Some(opts));
+        while let Some(item) = s.next().await {
+            match item.map_err(|e| err("container logs", e))? {
+                LogOutput::StdOut { message }
+                | LogOutput::StdErr { message }
+                | LogOutput::Console { message } => sink(message),
+                LogOutput::StdIn { .. } => {}
+            }
+        }
+        Ok(())
+    }
+
     /// Force-removes a container (killing it); a missing one is fine.
     pub async fn remove(&self, container: &str) -> Result<(), DockerError> {
         let opts = RemoveContainerOptionsBuilder::new().force(true).v(true).build();
@@ -200,9 +273,10 @@ impl Driver {
         }
     }
 
-    /// Our containers carrying label `key=value`.
-    pub async fn list(&self, key: &str, value: &str) -> Result<Vec<Ours>, DockerError> {
-        let filters: HashMap<&str, Vec<String>> = HashMap::from([("label", vec![format!("{key}={value}")])]);
+    /// Our containers carrying every label `key=value` of `labels`.
+    pub async fn list(&self, labels: &[(&str, &str)]) -> Result<Vec<Ours>, DockerError> {
+        let wanted = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+        let filters: HashMap<&str, Vec<String>> = HashMap::from([("label", wanted)]);
         let opts = ListContainersOptionsBuilder::new().all(true).filters(&filters).build();
         let list = self.docker.list_containers(Some(opts)).await.map_err(|e| err("list containers", e))?;
         Ok(list
@@ -211,6 +285,7 @@ impl Driver {
                 let labels = c.labels.unwrap_or_default();
                 Some(Ours {
                     id: c.id?,
+                    cluster: labels.get(LABEL_CLUSTER).cloned().unwrap_or_default(),
                     executor: labels.get(LABEL_EXECUTOR)?.clone(),
                     task: labels.get(LABEL_TASK).cloned().unwrap_or_default(),
                     dynamic: labels.get(LABEL_DYNAMIC).is_some_and(|v| v == "true"),

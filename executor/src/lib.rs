@@ -12,6 +12,7 @@
 pub mod archive;
 pub mod docker;
 pub mod logs;
+pub mod pod;
 pub mod servers;
 pub mod task;
 
@@ -76,6 +77,8 @@ pub struct Agent {
     pub docker: Driver,
     /// Architecture of the Docker host.
     pub arch: String,
+    /// The cluster this agent serves (`State::cluster_id`), on every container's labels.
+    pub cluster_id: String,
 }
 
 struct Running {
@@ -95,12 +98,16 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     std::fs::create_dir_all(&cfg.work_dir)
         .map_err(|e| format!("cannot create {}: {e}", cfg.work_dir.display()))?;
     let servers = Arc::new(Servers::new(&cfg.servers, cfg.token.clone()));
-    let agent = Arc::new(Agent { cfg, servers, docker, arch });
+    let Some(cluster_id) = cluster_id(&cfg, &arch, &servers, &mut shutdown).await else { return Ok(()) };
+    let agent = Arc::new(Agent { cfg, servers, docker, arch, cluster_id });
 
-    // What a previous life of this agent left: containers (killed) and local files.
-    let orphans =
-        agent.docker.list(docker::LABEL_EXECUTOR, &agent.cfg.id).await.map_err(|e| e.to_string())?;
-    for c in &orphans {
+    // What a previous life of this agent left: containers (killed) and local files. Only
+    // containers labeled exactly with this cluster and this executor are ours; no task
+    // runs yet, so none of them is claimed.
+    let ours =
+        [(docker::LABEL_CLUSTER, agent.cluster_id.as_str()), (docker::LABEL_EXECUTOR, agent.cfg.id.as_str())];
+    let orphans = agent.docker.list(&ours).await.map_err(|e| e.to_string())?;
+    for c in orphans.iter().filter(|c| c.cluster == agent.cluster_id && c.executor == agent.cfg.id) {
         tracing::info!(container = c.id, task = c.task, "removing an orphan container of this executor");
         if let Err(e) = agent.docker.remove(&c.id).await {
             tracing::warn!(container = c.id, error = %e, "cannot remove an orphan container");
@@ -249,18 +256,61 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     Ok(())
 }
 
-async fn heartbeat(agent: &Agent, active: u32) {
-    let archs = if agent.cfg.archs.is_empty() { vec![agent.arch.clone()] } else { agent.cfg.archs.clone() };
-    let info = ExecutorInfo {
-        listen_url: agent.cfg.listen.map(|a| format!("http://{a}")),
+/// The cluster's id, asked of the servers (registering first): waits until the cluster
+/// is named (its first leader does that right after `cluster init`). `None` on shutdown.
+async fn cluster_id(
+    cfg: &Config,
+    arch: &str,
+    servers: &Servers,
+    shutdown: &mut watch::Receiver<bool>,
+) -> Option<String> {
+    let mut said = false;
+    loop {
+        if *shutdown.borrow() {
+            return None;
+        }
+        let info = heartbeat_info(cfg, 0, arch);
+        let r = servers
+            .call("register", |c| {
+                let (id, info) = (cfg.id.clone(), info.clone());
+                async move {
+                    c.executor_heartbeat(&id, &info).await?;
+                    c.executor_tasks(&id, u64::MAX, 0).await
+                }
+            })
+            .await;
+        match r {
+            Ok(t) if t.cluster_id.as_deref().is_some_and(|c| !c.is_empty()) => return t.cluster_id,
+            Ok(_) if !said => {
+                tracing::info!("waiting for the cluster to be named (by its leader, after cluster init)");
+                said = true;
+            }
+            Ok(_) => {}
+            Err(e) => tracing::warn!(error = %e, "cannot reach the servers yet"),
+        }
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+            _ = shutdown.changed() => {}
+        }
+    }
+}
+
+fn heartbeat_info(cfg: &Config, active: u32, arch: &str) -> ExecutorInfo {
+    let archs = if cfg.archs.is_empty() { vec![arch.to_string()] } else { cfg.archs.clone() };
+    ExecutorInfo {
+        listen_url: cfg.listen.map(|a| format!("http://{a}")),
         archs,
-        labels: agent.cfg.labels.clone(),
-        group: agent.cfg.group.clone(),
-        dynamic: agent.cfg.dynamic,
-        allow_privileged_containers: agent.cfg.allow_privileged,
-        active_tasks_limit: agent.cfg.active_tasks_limit,
+        labels: cfg.labels.clone(),
+        group: cfg.group.clone(),
+        dynamic: cfg.dynamic,
+        allow_privileged_containers: cfg.allow_privileged,
+        active_tasks_limit: cfg.active_tasks_limit,
         active_tasks: active,
-    };
+    }
+}
+
+async fn heartbeat(agent: &Agent, active: u32) {
+    let info = heartbeat_info(&agent.cfg, active, &agent.arch);
     let r = agent
         .servers
         .call("heartbeat", |c| {
@@ -277,8 +327,12 @@ async fn heartbeat(agent: &Agent, active: u32) {
 /// no longer list: they died without cleaning up.
 async fn remove_lost_siblings(agent: &Agent) {
     let Some(group) = &agent.cfg.group else { return };
-    let Ok(containers) = agent.docker.list(docker::LABEL_GROUP, group).await else { return };
-    let others: Vec<_> = containers.into_iter().filter(|c| c.executor != agent.cfg.id && c.dynamic).collect();
+    let labels = [(docker::LABEL_CLUSTER, agent.cluster_id.as_str()), (docker::LABEL_GROUP, group.as_str())];
+    let Ok(containers) = agent.docker.list(&labels).await else { return };
+    let others: Vec<_> = containers
+        .into_iter()
+        .filter(|c| c.cluster == agent.cluster_id && c.executor != agent.cfg.id && c.dynamic)
+        .collect();
     if others.is_empty() {
         return;
     }

@@ -1,25 +1,26 @@
-//! One executor task from start to end: a container from the task's image, each `run`
-//! step an exec inside it, workspace and cache steps through Docker's archive API and
-//! the servers, every step's log pushed live, status reported after every change. A
-//! stop request kills the container; the container is removed however the task ends.
+//! One executor task from start to end: its pod ([`crate::pod`]), each `run` step an exec
+//! inside container 0, workspace and cache steps through Docker's archive API and the
+//! servers, every step's log pushed live, status reported after every change. A stop
+//! request, the task's `timeout_s` or a service exiting ends it; every container of the
+//! pod is removed however the task ends.
 
-use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::time::Duration;
 
 use flotilla_api::types::ExecutorTaskView;
 use flotilla_api::ClientError;
 use flotilla_store::executor::{ExecutorTaskStatus, TaskData};
 use flotilla_store::ost::reader_stream;
-use flotilla_store::run::{Phase, SaveContent, Step, StepStatus};
+use flotilla_store::run::{Phase, SaveContent, Step, StepStatus, REASON_TIMEOUT};
 use futures::StreamExt;
 use md5::{Digest, Md5};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use crate::archive;
-use crate::docker::{ContainerSpec, LABEL, LABEL_DYNAMIC, LABEL_EXECUTOR, LABEL_GROUP, LABEL_TASK};
 use crate::logs::StepLog;
+use crate::pod;
 use crate::Agent;
 
 pub const DEFAULT_WORKING_DIR: &str = "/work";
@@ -33,6 +34,8 @@ fn now_ms() -> u64 {
 enum Outcome {
     Success,
     Failed(String),
+    Stopped,
+    TimedOut,
 }
 
 /// Runs the task to its end; returns the final status once reported (or given up on: the
@@ -51,15 +54,18 @@ pub async fn run(
     status.setup_step.phase = Phase::Running;
     status.setup_step.start_time = status.start_time;
     report(&agent, &id, &status).await;
+    // `timeout_s` counts from here, setup (pulls) included.
+    let deadline = data.timeout_s.map(|t| tokio::time::Instant::now() + Duration::from_secs(t));
+    let timed_out = || format!("timed out after {} s", data.timeout_s.unwrap_or(0));
 
     let dir = agent.cfg.work_dir.join(&id);
     if let Err(e) = tokio::fs::create_dir_all(&dir).await {
         tracing::error!(task = id, error = %e, "cannot create the task's work dir");
     }
-    let name = container_name(&agent.cfg.id, &id);
     let working_dir = data.working_dir.clone().unwrap_or_else(|| DEFAULT_WORKING_DIR.into());
+    let shell = data.shell.clone().unwrap_or_else(|| DEFAULT_SHELL.into());
 
-    // Setup: the container.
+    // Setup: the pod.
     let mut log = match StepLog::start(
         agent.servers.clone(),
         agent.cfg.id.clone(),
@@ -73,14 +79,19 @@ pub async fn run(
         }
     };
     let setup = tokio::select! {
-        r = setup(&agent, &id, &name, &data, &working_dir, &mut log) => r,
+        r = pod::start(&agent, &id, &data, &shell, &working_dir, &mut log) => r,
         _ = stopped(&mut stop) => Err("stopped during setup".to_string()),
+        _ = until(deadline) => {
+            status.setup_step.reason = Some(REASON_TIMEOUT.into());
+            status.error = Some(timed_out());
+            Err(timed_out())
+        }
     };
-    let container = match setup {
-        Ok(c) => c,
+    let (pod, mut exits) = match setup {
+        Ok(p) => p,
         Err(message) => {
             log.line(&format!("setup failed: {message}"));
-            let _ = agent.docker.remove(&name).await;
+            pod::remove_task_containers(&agent, &id).await;
             let stopped = *stop.borrow();
             let mut status = status;
             if stopped {
@@ -89,6 +100,7 @@ pub async fn run(
             return fail_setup(&agent, &id, status, Some(log), message).await;
         }
     };
+    let container = pod.main.clone();
     status.setup_step.phase = Phase::Success;
     status.setup_step.end_time = Some(now_ms());
     status.setup_step.log_phase = log.finish().await;
@@ -121,44 +133,65 @@ pub async fn run(
             }
         };
         let result = tokio::select! {
-            r = run_step(&agent, &id, &container, &data, &working_dir, i, step, &mut log, &mut status.steps[i].exit_status) => Some(r),
-            _ = stopped(&mut stop) => None,
+            r = run_step(&agent, &id, &container, &data, &working_dir, i, step, &mut log, &mut status.steps[i].exit_status) => r,
+            _ = stopped(&mut stop) => Outcome::Stopped,
+            _ = until(deadline) => Outcome::TimedOut,
+            Some((name, code)) = exits.recv() => Outcome::Failed(format!("service container {name} exited with code {code}")),
         };
         let step_status = &mut status.steps[i];
         step_status.end_time = Some(now_ms());
         match result {
-            Some(Outcome::Success) => step_status.phase = Phase::Success,
-            Some(Outcome::Failed(message)) => {
+            Outcome::Success => step_status.phase = Phase::Success,
+            Outcome::Failed(message) => {
+                if message.starts_with("service container ") {
+                    status.error = Some(message.clone());
+                }
                 if !message.is_empty() {
                     log.line(&format!("[flotilla] {message}"));
                 }
                 step_status.phase = Phase::Failed;
                 final_phase = Phase::Failed;
             }
-            None => {
+            Outcome::TimedOut => {
+                log.line(&format!("[flotilla] {}", timed_out()));
+                step_status.phase = Phase::Failed;
+                step_status.reason = Some(REASON_TIMEOUT.into());
+                status.error = Some(timed_out());
+                final_phase = Phase::Failed;
+            }
+            Outcome::Stopped => {
                 log.line("[flotilla] stopped");
-                let _ = agent.docker.remove(&container).await;
+                pod::remove_all(&agent, pod.ids()).await;
                 step_status.phase = Phase::Stopped;
                 final_phase = Phase::Stopped;
             }
         }
-        step_status.log_phase = log.finish().await;
+        status.steps[i].log_phase = log.finish().await;
         if final_phase != Phase::Success {
             break;
         }
     }
+    if !pod.services.is_empty() {
+        pod::store_service_logs(&agent, &id, &dir, &pod).await;
+    }
     status.phase = final_phase;
     status.end_time = Some(now_ms());
     report(&agent, &id, &status).await;
-    // Cleanup once the outcome is out: nothing the task produced is in the container any
+    // Cleanup once the outcome is out: nothing the task produced is in its containers any
     // more (logs and archives went up step by step), so its result does not wait for Docker
-    // to kill and remove it. A crash before this point leaves a labeled container that the
+    // to kill and remove them. A crash before this point leaves labeled containers that the
     // next start of the executor removes.
-    if let Err(e) = agent.docker.remove(&container).await {
-        tracing::warn!(task = id, error = %e, "cannot remove the task's container");
-    }
+    pod::remove_all(&agent, pod.ids()).await;
     let _ = tokio::fs::remove_dir_all(&dir).await;
     status
+}
+
+/// Waits until `deadline`, or forever without one.
+async fn until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
 }
 
 async fn stopped(stop: &mut watch::Receiver<bool>) {
@@ -167,10 +200,6 @@ async fn stopped(stop: &mut watch::Receiver<bool>) {
             std::future::pending::<()>().await;
         }
     }
-}
-
-pub fn container_name(executor: &str, task_id: &str) -> String {
-    format!("flotilla-{executor}-{task_id}")
 }
 
 async fn fail_setup(
@@ -213,51 +242,6 @@ pub async fn report(agent: &Agent, id: &str, status: &ExecutorTaskStatus) {
         Err(ClientError::Api { status: 404, .. }) => {}
         Err(e) => tracing::warn!(task = id, error = %e, "status report failed"),
     }
-}
-
-async fn setup(
-    agent: &Agent,
-    id: &str,
-    name: &str,
-    data: &TaskData,
-    working_dir: &str,
-    log: &mut StepLog,
-) -> Result<String, String> {
-    if data.privileged && !agent.cfg.allow_privileged {
-        return Err(format!(
-            "the task asks for a privileged container and executor {} does not allow them (--allow-privileged)",
-            agent.cfg.id
-        ));
-    }
-    log.line(&format!("[flotilla] executor {}: image {}", agent.cfg.id, data.image));
-    if !agent.docker.image_present(&data.image).await.map_err(|e| e.to_string())? {
-        log.line(&format!("[flotilla] image {} is not on this host; pulling it", data.image));
-        agent.docker.pull(&data.image, agent.cfg.pull_timeout).await.map_err(|e| {
-            format!("image {:?} is not present on this host and cannot be pulled: {e}", data.image)
-        })?;
-    }
-    // A leftover of an earlier attempt of this very task goes first.
-    let _ = agent.docker.remove(name).await;
-    let labels = HashMap::from([
-        (LABEL.to_string(), "true".to_string()),
-        (LABEL_EXECUTOR.to_string(), agent.cfg.id.clone()),
-        (LABEL_TASK.to_string(), id.to_string()),
-        (LABEL_GROUP.to_string(), agent.cfg.group.clone().unwrap_or_default()),
-        (LABEL_DYNAMIC.to_string(), agent.cfg.dynamic.to_string()),
-    ]);
-    let spec = ContainerSpec {
-        name,
-        image: &data.image,
-        shell: data.shell.as_deref().unwrap_or(DEFAULT_SHELL),
-        working_dir,
-        user: data.user.as_deref(),
-        env: env_list(&data.environment, None),
-        privileged: data.privileged,
-        labels,
-    };
-    let container = agent.docker.start(&spec).await.map_err(|e| e.to_string())?;
-    log.line(&format!("[flotilla] container {} started", &container[..12.min(container.len())]));
-    Ok(container)
 }
 
 fn env_list(
