@@ -38,6 +38,16 @@ bash scripts/bench-deps.sh
 need docker "install Docker Engine and start it"
 docker info >/dev/null 2>&1 || { echo "error: the Docker engine is not reachable (is dockerd running?)" >&2; exit 1; }
 bash scripts/test-image.sh
+# Debian's docker-compose 1.29 for the compose test of deploy/compose.yaml.
+if ! command -v docker-compose >/dev/null 2>&1; then
+  echo "== installing docker-compose"
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends docker-compose >/dev/null
+fi
+
+echo "== formatting (rustfmt.toml)"
+cargo fmt --all --check
 
 echo "== disk: $(df -h "$(dirname "$CARGO_TARGET_DIR")" | awk 'NR==2 {print $4 " free"}')"
 echo "== build (target dir: $CARGO_TARGET_DIR)"
@@ -63,6 +73,9 @@ for row in doc["results"]:
 print("bench-results.json: %d results, valid" % len(doc["results"]))
 PY
 rm -rf "$bench_out"
+
+echo "== deploy/compose.yaml: images built offline, a 3-node cluster + executor + S3 under compose"
+bash scripts/compose-test.sh "$CARGO_TARGET_DIR/debug/flotilla"
 
 echo "== no container left behind"
 left="$(docker ps -aq --filter label=flotilla)"

@@ -134,6 +134,12 @@ impl Client {
         self.get("/healthz").await
     }
 
+    /// `/readyz`: Ok when the node can serve linearizable requests, an error (503 with
+    /// the node's view: leader, applied and commit index) when it cannot.
+    pub async fn ready(&self) -> Result<serde_json::Value, ClientError> {
+        self.get("/readyz").await
+    }
+
     pub async fn kv_put(
         &self,
         key: &str,

@@ -362,6 +362,7 @@ async fn dispatch(ctx: &Arc<Ctx>, req: Request<'_>) -> Result<Reply, ApiError> {
                 "vote" => RpcKind::Vote,
                 "snapshot" => RpcKind::Snapshot,
                 "leader" => RpcKind::Leader,
+                "elect" => RpcKind::Elect,
                 _ => return Err(ApiError::not_found("no such raft route")),
             };
             let out =
@@ -763,7 +764,23 @@ pub async fn serve_node(
         ctx.cfg.archive.clone(),
         ctx.closing(),
     ));
-    run(listener, ctx, shutdown).await;
+    // SIGTERM drains: a leader hands leadership to an up-to-date voter while this node
+    // still serves (requests arriving meanwhile are forwarded to the new leader), then the
+    // listener stops taking connections and in-flight requests finish.
+    let draining = node.clone();
+    let drain = async move {
+        shutdown.await;
+        if draining.is_leader() {
+            let started = std::time::Instant::now();
+            match draining.hand_over_leadership().await {
+                Ok(to) => {
+                    tracing::info!(to, ms = started.elapsed().as_millis() as u64, "leadership handed over")
+                }
+                Err(why) => tracing::warn!(%why, "stopping without a leadership handover"),
+            }
+        }
+    };
+    run(listener, ctx, drain).await;
     let _ = scheduler.await;
     let _ = gc.await;
     let _ = archiver.await;

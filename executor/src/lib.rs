@@ -47,7 +47,14 @@ pub struct Config {
     pub work_dir: PathBuf,
     pub heartbeat: Duration,
     pub pull_timeout: Duration,
+    /// On shutdown, how long running tasks may go on to finish (and report) before they
+    /// are stopped. No new task starts meanwhile.
+    pub drain_timeout: Duration,
 }
+
+/// Ten seconds: `docker stop`'s own grace period, long enough for a short step to end and
+/// report, short enough for a rolling restart of executors.
+pub const DEFAULT_DRAIN_TIMEOUT_S: u64 = 10;
 
 impl Config {
     pub fn new(id: &str, servers: Vec<String>, work_dir: PathBuf) -> Config {
@@ -65,6 +72,7 @@ impl Config {
             work_dir,
             heartbeat: Duration::from_secs(2),
             pull_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(DEFAULT_DRAIN_TIMEOUT_S),
         }
     }
 }
@@ -239,7 +247,10 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         // Ended before this poll: a task still not final at the next one is re-reported.
         since_ended = ended.keys().cloned().collect();
     }
-    tracing::info!("executor stopping; stopping its tasks");
+    drain(&agent, &mut running).await;
+    if !running.is_empty() {
+        tracing::info!(tasks = running.len(), "executor stopping; stopping its remaining tasks");
+    }
     for r in running.values() {
         let _ = r.stop.send(true);
     }
@@ -247,6 +258,30 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         let _ = tokio::time::timeout(Duration::from_secs(30), r.handle).await;
     }
     Ok(())
+}
+
+/// Lets running tasks finish for up to the drain timeout, polling for no new task but
+/// still heartbeating (so the servers do not take this executor for gone).
+async fn drain(agent: &Agent, running: &mut BTreeMap<String, Running>) {
+    running.retain(|_, r| !r.handle.is_finished());
+    if running.is_empty() || agent.cfg.drain_timeout.is_zero() {
+        return;
+    }
+    tracing::info!(
+        tasks = running.len(),
+        timeout_s = agent.cfg.drain_timeout.as_secs(),
+        "draining: waiting for running tasks to finish"
+    );
+    let deadline = tokio::time::Instant::now() + agent.cfg.drain_timeout;
+    let mut last_heartbeat = tokio::time::Instant::now();
+    while !running.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        running.retain(|_, r| !r.handle.is_finished());
+        if last_heartbeat.elapsed() >= agent.cfg.heartbeat {
+            heartbeat(agent, running.len() as u32).await;
+            last_heartbeat = tokio::time::Instant::now();
+        }
+    }
 }
 
 async fn heartbeat(agent: &Agent, active: u32) {

@@ -131,12 +131,16 @@ pub struct RaftNode {
     pub id: NodeId,
     pub raft: Raft,
     pub state: SharedState,
-    peers: PeerClient,
+    pub(crate) peers: PeerClient,
     db: sled::Db,
     log: LogStore,
     sm: StateMachineStore,
     batcher: Batcher,
     request_timeout: Duration,
+    /// Set while this leader hands leadership over (`drain.rs`): its requests wait.
+    pub(crate) handing_over: std::sync::atomic::AtomicBool,
+    /// openraft's leader lease: the maximum election timeout.
+    pub(crate) leader_lease: Duration,
 }
 
 impl RaftNode {
@@ -183,6 +187,8 @@ impl RaftNode {
             log,
             sm,
             request_timeout: Duration::from_millis(cfg.request_timeout_ms),
+            handing_over: std::sync::atomic::AtomicBool::new(false),
+            leader_lease: Duration::from_millis(cfg.election_timeout_max_ms),
         }))
     }
 
@@ -343,6 +349,11 @@ impl RaftNode {
     }
 
     async fn run_on_leader(&self, req: LeaderRequest) -> Result<LeaderResponse, Attempt> {
+        if self.handing_over.load(std::sync::atomic::Ordering::SeqCst) {
+            // Nothing may reach the followers while their lease runs out (drain.rs); the
+            // caller retries and finds the new leader.
+            return Err(Attempt::Retry(format!("{NOT_LEADER}: node {} is handing over leadership", self.id)));
+        }
         let work = async {
             match req {
                 LeaderRequest::Write(cmd) => match self.batcher.write(cmd).await {
