@@ -153,6 +153,9 @@ enum Cmd {
         /// Token file for the executor routes (default: --token-file).
         #[arg(long, env = "FLOTILLA_EXECUTOR_TOKEN_FILE")]
         executor_token_file: Option<PathBuf>,
+        /// Open connections served at once; more are closed at once, with a warning.
+        #[arg(long, env = "FLOTILLA_MAX_CONNECTIONS", default_value_t = flotilla_store::limits::MAX_CONNECTIONS)]
+        max_connections: usize,
         #[command(flatten)]
         tuning: RaftTuning,
         #[command(flatten)]
@@ -428,6 +431,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             token_file,
             cluster_token_file,
             executor_token_file,
+            max_connections,
             tuning,
             scheduler,
             ost,
@@ -459,6 +463,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 gc: ost.gc(),
                 archive: ost.archive(),
                 ost_url: ost.ost,
+                max_connections,
             };
             serve_node(
                 cfg,
@@ -607,6 +612,7 @@ async fn dev(
         gc: ost.gc(),
         archive: ost.archive(),
         ost_url: ost.ost,
+        max_connections: flotilla_store::limits::MAX_CONNECTIONS,
     };
     let data_dir_shown = data_dir.display().to_string();
     let executor_dir =

@@ -201,8 +201,12 @@ async fn wait(c: &Client, id: &str, timeout_s: u64) -> Result<Run, Failure> {
 }
 
 /// Reads and parses a run definition (YAML is a superset of JSON: one parser for both).
+///
+/// At most `MAX_API_BODY_BYTES + 1` bytes are read from any source (`/dev/zero`, a pipe
+/// or a file whose reported size is 0 included). A parse error says where and what, never
+/// a piece of the file: `-f` may point at a file that is not a run definition at all.
 pub async fn load_definition(reference: &str) -> Result<RunCreate, Failure> {
-    let text = if reference.starts_with("http://") || reference.starts_with("https://") {
+    let bytes = if reference.starts_with("http://") || reference.starts_with("https://") {
         fetch(reference).await?
     } else {
         let path = match reference.strip_prefix("file://") {
@@ -214,20 +218,149 @@ pub async fn load_definition(reference: &str) -> Result<RunCreate, Failure> {
             }
             None => reference,
         };
-        let meta = std::fs::metadata(path).map_err(|e| Failure::Usage(format!("cannot read {path}: {e}")))?;
-        if meta.len() > MAX_API_BODY_BYTES {
-            return Err(Failure::Usage(format!("{path} is larger than {MAX_API_BODY_BYTES} bytes")));
-        }
-        std::fs::read_to_string(path).map_err(|e| Failure::Usage(format!("cannot read {path}: {e}")))?
+        read_bounded(path).map_err(|e| Failure::Usage(format!("cannot read {path}: {e}")))?
     };
-    // Through a JSON value: serde_norway (like serde_yaml 0.9) reads enums only as YAML
-    // tags (`!run`), while the contract writes a step as a one-key map (`run: {...}`).
-    let bad = |e: String| Failure::Usage(format!("{reference} is not a valid run definition: {e}"));
-    let value: serde_json::Value = serde_norway::from_str(&text).map_err(|e| bad(e.to_string()))?;
-    serde_json::from_value(value).map_err(|e| bad(e.to_string()))
+    if bytes.len() as u64 > MAX_API_BODY_BYTES {
+        return Err(Failure::Usage(format!("{reference} is larger than {MAX_API_BODY_BYTES} bytes")));
+    }
+    parse_definition(&bytes)
+        .map_err(|e| Failure::Usage(format!("{reference} is not a valid run definition: {e}")))
 }
 
-async fn fetch(url: &str) -> Result<String, Failure> {
+/// The first `MAX_API_BODY_BYTES + 1` bytes of `path` (one more than allowed, to tell a
+/// file at the limit from a larger one).
+fn read_bounded(path: &str) -> std::io::Result<Vec<u8>> {
+    use std::io::Read;
+    let mut bytes = Vec::new();
+    std::fs::File::open(path)?.take(MAX_API_BODY_BYTES + 1).read_to_end(&mut bytes)?;
+    Ok(bytes)
+}
+
+/// Parses a run definition; the error names the position and the problem only.
+pub fn parse_definition(bytes: &[u8]) -> Result<RunCreate, String> {
+    let text = std::str::from_utf8(bytes)
+        .map_err(|e| format!("it is not UTF-8 text (invalid byte at offset {})", e.valid_up_to()))?;
+    // Through a JSON value: serde_norway (like serde_yaml 0.9) reads enums only as YAML
+    // tags (`!run`), while the contract writes a step as a one-key map (`run: {...}`).
+    let value: serde_json::Value = serde_norway::from_str(text).map_err(|e| {
+        let at =
+            e.location().map(|l| format!(" at line {} column {}", l.line(), l.column())).unwrap_or_default();
+        format!("YAML error{at}: {}", redact(&e.to_string()))
+    })?;
+    serde_path_to_error::deserialize(value).map_err(|e| {
+        let at = describe_path(e.path());
+        format!("at {at}: {}", redact(&e.inner().to_string()))
+    })
+}
+
+/// Field names of a run definition, shown in error paths; any other map key (an
+/// environment variable, an annotation, text of a file that is no definition) shows as `…`.
+const KNOWN_FIELDS: &[&str] = &[
+    "name",
+    "group",
+    "annotations",
+    "static_environment",
+    "environment",
+    "cache_group",
+    "setup_errors",
+    "tasks",
+    "image",
+    "arch",
+    "privileged",
+    "working_dir",
+    "shell",
+    "user",
+    "needs_approval",
+    "approvers_required",
+    "depends",
+    "steps",
+    "task",
+    "conditions",
+    "run",
+    "command",
+    "tty",
+    "save_to_workspace",
+    "restore_workspace",
+    "save_cache",
+    "restore_cache",
+    "contents",
+    "source_dir",
+    "dest_dir",
+    "paths",
+    "key",
+    "keys",
+    "containers",
+    "entrypoint",
+    "volumes",
+    "path",
+    "tmpfs",
+    "size",
+    "timeout_s",
+    "ignore_failure",
+    "skip",
+    "docker_registries_auth",
+    "max_running_in_group",
+];
+
+fn describe_path(path: &serde_path_to_error::Path) -> String {
+    use serde_path_to_error::Segment;
+    let mut out = String::new();
+    for segment in path.iter() {
+        match segment {
+            Segment::Seq { index } => out.push_str(&format!("[{index}]")),
+            Segment::Map { key } | Segment::Enum { variant: key } => {
+                if !out.is_empty() {
+                    out.push('.');
+                }
+                out.push_str(if KNOWN_FIELDS.contains(&key.as_str()) { key } else { "…" });
+            }
+            Segment::Unknown => out.push_str(".?"),
+        }
+    }
+    if out.is_empty() {
+        "the top level".into()
+    } else {
+        out
+    }
+}
+
+/// A parser's message without the input it quotes. serde and libyaml quote input in
+/// backticks or double quotes before `, expected …`; what follows `expected` is the
+/// parser's own vocabulary (field and variant names) and stays. `missing field` and
+/// `duplicate field` only ever quote a field name of the definition.
+pub fn redact(message: &str) -> String {
+    let (head, tail) = match message.find(", expected") {
+        Some(i) => message.split_at(i),
+        None => (message, ""),
+    };
+    if head.starts_with("missing field") || head.starts_with("duplicate field") {
+        return message.to_string();
+    }
+    let mut out = String::with_capacity(head.len());
+    let mut chars = head.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '`' | '"' | '\'' => {
+                out.push_str("(content not shown)");
+                let mut escaped = false;
+                for d in chars.by_ref() {
+                    if escaped {
+                        escaped = false;
+                    } else if d == '\\' {
+                        escaped = true;
+                    } else if d == c {
+                        break;
+                    }
+                }
+            }
+            c => out.push(c),
+        }
+    }
+    out.push_str(tail);
+    out
+}
+
+async fn fetch(url: &str) -> Result<Vec<u8>, Failure> {
     let http = reqwest::Client::builder()
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
@@ -245,7 +378,7 @@ async fn fetch(url: &str) -> Result<String, Failure> {
             return Err(Failure::Refused(format!("{url} is larger than {MAX_API_BODY_BYTES} bytes")));
         }
     }
-    String::from_utf8(body).map_err(|_| Failure::Refused(format!("{url} is not UTF-8 text")))
+    Ok(body)
 }
 
 fn word<T: serde::Serialize>(v: &T) -> String {
@@ -284,5 +417,51 @@ fn print_run(r: &Run) {
         if let Some(e) = &t.error {
             println!("    {e}");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const SECRET: &str = "s3cr3t-hash-$6$abcdef";
+
+    fn error_of(text: &str) -> String {
+        parse_definition(text.as_bytes()).unwrap_err()
+    }
+
+    #[test]
+    fn parse_errors_name_the_place_and_never_the_content() {
+        let cases = [
+            format!("root:{SECRET}:19000:0:99999:7:::\ndaemon:*:19000:0:99999:7:::\n"),
+            format!("root: {SECRET}\n"),
+            format!("name: r\ntasks:\n  - name: a\n    image: i\n    {SECRET}: 1\n"),
+            format!("name: r\ntasks:\n  - name: a\n    image: i\n    steps: [{{{SECRET}: {{}}}}]\n"),
+            format!("name: r\ntasks:\n  - name: a\n    image: [\"{SECRET}\"]\n"),
+            format!("name: r\ntasks:\n  - name: a\n    image: i\n    approvers_required: {SECRET}\n"),
+            format!("name: r\nenvironment: {{{SECRET}: [1]}}\ntasks: []\n"),
+            format!("{{\"name\": \"{SECRET}"),
+            format!("- [\"{SECRET}\""),
+            format!("name: r\n  bad: indent: {SECRET}\n"),
+            format!("*{SECRET}\n"),
+            format!("!{SECRET} x\n"),
+        ];
+        for text in cases {
+            let err = error_of(&text);
+            for piece in ["s3cr3t", "abcdef", "19000", "daemon"] {
+                assert!(!err.contains(piece), "{text:?} -> {err}");
+            }
+            assert!(err.contains("at "), "{text:?} -> {err} names no position");
+        }
+        let err = error_of("name: r\ntasks:\n  - name: a\n    image: i\n    stepz: []\n");
+        assert!(err.contains("tasks[0]") && err.contains("unknown field"), "{err}");
+        let err = error_of("name: r\ntasks:\n  - name: a\n");
+        assert!(err.contains("missing field `image`"), "{err}");
+    }
+
+    #[test]
+    fn a_valid_definition_still_parses() {
+        let text = "name: r\ntasks:\n  - name: a\n    image: i\n    steps:\n      - run: {command: make}\n";
+        assert_eq!(parse_definition(text.as_bytes()).unwrap().tasks[0].name, "a");
     }
 }

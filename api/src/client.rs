@@ -11,11 +11,11 @@ use serde::Serialize;
 use crate::error::ErrorBody;
 use crate::types::*;
 
-/// Characters escaped in a key path segment ('/' is kept: keys may be paths).
-/// Characters escaped in a single path segment.
-const SEGMENT: &AsciiSet = &KEY.add(b'/');
-
-const KEY: &AsciiSet = &CONTROLS
+/// Characters escaped in a user-supplied path segment (a key, run id, task name, executor
+/// id). `/` is escaped, so a key with slashes stays one segment, and `\`, which URL
+/// parsing turns into `/` in http(s) URLs. A segment that is exactly `.` or `..` cannot
+/// be escaped (URL parsing treats `%2e` as `.`): [`check_path`] refuses it.
+const SEGMENT: &AsciiSet = &CONTROLS
     .add(b' ')
     .add(b'"')
     .add(b'#')
@@ -25,7 +25,26 @@ const KEY: &AsciiSet = &CONTROLS
     .add(b'>')
     .add(b'`')
     .add(b'{')
-    .add(b'}');
+    .add(b'}')
+    .add(b'/')
+    .add(b'\\');
+
+/// Refuses a path with a `.` or `..` segment, however encoded: URL normalisation would
+/// resolve it and send the request to another route (`kv put ../maintenance` once
+/// enabled maintenance mode).
+fn check_path(path: &str) -> Result<(), ClientError> {
+    let path = path.split('?').next().unwrap_or("");
+    for segment in path.split('/') {
+        let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
+        if decoded == "." || decoded == ".." {
+            return Err(ClientError::Refused(format!(
+                "{decoded:?} cannot be used as a key, run id, task name or executor id \
+                 (a URL path would resolve it into another route)"
+            )));
+        }
+    }
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -35,6 +54,9 @@ pub enum ClientError {
     /// The server could not be reached or the answer could not be read.
     #[error("cannot reach {url}: {message}")]
     Transport { url: String, message: String },
+    /// Refused here, before anything was sent (as the server would with a 400).
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl ClientError {
@@ -42,6 +64,7 @@ impl ClientError {
         match self {
             ClientError::Api { status, .. } => Some(*status),
             ClientError::Transport { .. } => None,
+            ClientError::Refused(_) => Some(400),
         }
     }
 }
@@ -58,6 +81,8 @@ impl Client {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(60))
+            // Servers close idle connections after HEADER_READ_TIMEOUT_MS: let go first.
+            .pool_idle_timeout(Duration::from_secs(15))
             .build()
             .expect("static client settings");
         Client { base: base.trim_end_matches('/').to_string(), token, http }
@@ -73,6 +98,7 @@ impl Client {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<Option<T>, ClientError> {
+        check_path(path)?;
         let url = format!("{}{}", self.base, path);
         let mut req = self.http.request(method, &url);
         if let Some(t) = &self.token {
@@ -127,7 +153,7 @@ impl Client {
     }
 
     fn key_path(key: &str) -> String {
-        format!("/api/v1/kv/{}", utf8_percent_encode(key.trim_start_matches('/'), KEY))
+        format!("/api/v1/kv/{}", utf8_percent_encode(key, SEGMENT))
     }
 
     pub async fn health(&self) -> Result<Health, ClientError> {
@@ -332,6 +358,7 @@ impl Client {
         body: Option<reqwest::Body>,
         size: Option<u64>,
     ) -> Result<reqwest::Response, ClientError> {
+        check_path(path)?;
         let url = format!("{}{}", self.base, path);
         let transport =
             |e: reqwest::Error| ClientError::Transport { url: url.clone(), message: e.to_string() };

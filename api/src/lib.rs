@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod objects;
 mod runs;
 pub mod server;
+mod strict_json;
 pub mod types;
 
 pub use client::{Client, ClientError};

@@ -119,6 +119,7 @@ pub(crate) async fn append_log(
         return forward_to_leader(ctx, req).await;
     }
     let run_id = task_owner(ctx, executor, task_id).await?;
+    check_step_exists(ctx, task_id, step)?;
     let key = keys::log(task_id, step);
     let live = ctx.live_logs.get_or_create(task_id, step);
     let _guard = live.write.lock().await;
@@ -194,6 +195,26 @@ async fn task_owner(ctx: &Ctx, executor: &str, task_id: &str) -> Result<String, 
         return Err(ApiError::conflict(format!("executor task {task_id:?} belongs to another executor")));
     }
     Ok(task.spec.run_id.clone())
+}
+
+/// A log is stored only for a step the task has (404 for step 99 of a 2-step task).
+fn check_step_exists(ctx: &Ctx, task_id: &str, step: LogStep) -> Result<(), ApiError> {
+    let LogStep::Step(n) = step else { return Ok(()) };
+    let sm = ctx.node.state.read();
+    let steps = sm.state.executor_tasks.get(task_id).and_then(|t| {
+        sm.state
+            .run_configs
+            .get(&t.spec.run_id)
+            .and_then(|c| c.task(&t.spec.task_name))
+            .map(|t| t.steps.len())
+    });
+    match steps {
+        Some(steps) if n < steps => Ok(()),
+        Some(steps) => Err(ApiError::not_found(format!(
+            "executor task {task_id:?} has {steps} steps (numbered from 0): there is no step {n}"
+        ))),
+        None => Err(ApiError::not_found(format!("executor task {task_id:?} not found"))),
+    }
 }
 
 fn spool_error(e: std::io::Error) -> ApiError {
@@ -360,8 +381,10 @@ pub(crate) fn stream_reply(mut stream: ObjectStream) -> Reply {
 pub(crate) async fn forward_to_leader(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
     let leader =
         ctx.node.leader_url().ok_or_else(|| ApiError::unavailable("no leader known; retry shortly"))?;
-    let mut url =
-        format!("{leader}/{}", req.segments.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("/"));
+    let mut url = format!(
+        "{leader}/{}",
+        req.segments.iter().map(|s| crate::server::encode_segment(s)).collect::<Vec<_>>().join("/")
+    );
     if !req.raw_query.is_empty() {
         url = format!("{url}?{}", req.raw_query);
     }

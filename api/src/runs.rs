@@ -12,7 +12,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use flotilla_scheduler::now_ms;
 use flotilla_store::executor::{task_data, validate_executor_id, ExecutorInfo, ExecutorTaskStatus};
-use flotilla_store::limits::{DEFAULT_LIST_LIMIT, MAX_EVENT_SUBSCRIBERS, MAX_LIST_LIMIT, MAX_LONG_POLL_MS};
+use flotilla_store::limits::{
+    DEFAULT_LIST_LIMIT, EVENT_KEEPALIVE_MS, MAX_EVENT_SUBSCRIBERS, MAX_LIST_LIMIT, MAX_LONG_POLL_MS,
+};
 use flotilla_store::run::{group_matches, RunCreate, RunPhase};
 use flotilla_store::{Command, Response};
 use tokio::sync::broadcast::error::RecvError;
@@ -21,9 +23,6 @@ use warp::http::Method;
 use crate::error::ApiError;
 use crate::server::{json, read_barrier, unexpected, write, write_at, Ctx, Reply, Request};
 use crate::types::*;
-
-/// How often an idle event stream sends a keep-alive comment.
-const EVENT_KEEPALIVE: Duration = Duration::from_secs(15);
 
 pub(crate) async fn route(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -> Result<Reply, ApiError> {
     let m = &req.method;
@@ -352,8 +351,11 @@ fn events(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
                     }
                     Err(RecvError::Closed) => return,
                 },
-                _ = tokio::time::sleep(EVENT_KEEPALIVE) => ": keep-alive\n\n".to_string(),
+                _ = tokio::time::sleep(Duration::from_millis(EVENT_KEEPALIVE_MS)) => ": keep-alive\n\n".to_string(),
                 _ = closing.changed() => return,
+                // The client went away (hyper dropped the response body): free the slot
+                // now, not at the next event.
+                _ = tx.closed() => return,
             };
             if tx.send(Ok(Bytes::from(chunk))).await.is_err() {
                 return; // the client went away

@@ -19,6 +19,7 @@ pub mod limits;
 pub mod ost;
 pub mod run;
 pub mod state;
+pub mod validate;
 
 pub use command::{Command, CommandError, Response, RunUpdate};
 pub use event::Event;

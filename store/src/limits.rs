@@ -51,3 +51,55 @@ pub const MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;
 /// Largest export accepted by an import (it travels as one Raft entry, under
 /// `MAX_RAFT_BODY_BYTES`).
 pub const MAX_IMPORT_BYTES: u64 = 48 * 1024 * 1024;
+
+// --- Hostile clients (issue 25). A client holding a token is trusted with its requests,
+// not with the node's memory or connections: these bound what one may hold.
+
+/// Bodies larger than this (or of unknown length) are read only with one of the permits
+/// below: small requests never wait, large ones cannot pile up in memory.
+pub const LARGE_BODY_BYTES: u64 = 64 * 1024;
+/// Large API bodies read at once on one node (4 x 48 MiB imports at most in memory).
+pub const MAX_LARGE_API_BODIES: usize = 4;
+/// Large Raft bodies read at once (a pool of its own, so API clients cannot hold up
+/// replication); a node has at most a few peers sending to it.
+pub const MAX_LARGE_RAFT_BODIES: usize = 8;
+/// How long a large body waits for a permit before the request gets a 503.
+pub const BODY_PERMIT_WAIT_MS: u64 = 5_000;
+/// A request whose headers have not all arrived after this long is dropped (hyper closes
+/// the connection): a trickle of header bytes cannot hold a connection, and neither can
+/// an idle keep-alive connection (hyper's own default, which warp leaves off; the typed
+/// client drops idle connections sooner, so it never reuses one being closed).
+pub const HEADER_READ_TIMEOUT_MS: u64 = 30_000;
+/// A body that sends nothing for this long is refused (408): a stalled upload gives its
+/// permit and connection back. Also the longest pause between two chunks of a streamed
+/// archive upload.
+pub const BODY_IDLE_TIMEOUT_MS: u64 = 10_000;
+/// Longest a whole buffered body may take (64 MiB at 1 MiB/s): a trickle below the idle
+/// timeout still ends.
+pub const BODY_READ_TIMEOUT_MS: u64 = 60_000;
+/// Open connections one node serves (HTTP/1 keep-alive clients, executors, peers, event
+/// streams); above it new connections are closed at once and a warning is logged.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// An idle event stream sends a comment this often; a write to a departed client fails
+/// and frees its slot even when nothing else is sent.
+pub const EVENT_KEEPALIVE_MS: u64 = 2_000;
+
+// --- Fields of a run definition (issue 25): each bounded well inside the 1 MiB body, so
+// no single field can make a run's stored configuration or an executor's Docker call
+// large. Names, maps, commands and counts of tasks/steps are bounded above.
+
+/// Longest path in a task (working_dir, shell, workspace and cache directories, one
+/// glob of `paths`): Linux's PATH_MAX is 4096; 1 KiB is far past any real path.
+pub const MAX_PATH_BYTES: usize = 1024;
+/// Longest `user` (`name`, `uid:gid`): Linux user names are at most 32 bytes.
+pub const MAX_USER_BYTES: usize = 256;
+/// Longest cache key or key template.
+pub const MAX_CACHE_KEY_BYTES: usize = 512;
+/// Most keys one `restore_cache` tries (each is one lookup in the object storage).
+pub const MAX_RESTORE_CACHE_KEYS: usize = 16;
+/// Most `contents` entries of one `save_to_workspace`/`save_cache` step.
+pub const MAX_SAVE_CONTENTS: usize = 32;
+/// Most globs in one `contents` entry's `paths`.
+pub const MAX_PATHS_PER_CONTENT: usize = 128;
+/// Most conditions of one dependency (there are three kinds).
+pub const MAX_CONDITIONS: usize = 3;

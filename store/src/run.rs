@@ -232,6 +232,17 @@ impl RunPhase {
     }
 }
 
+/// The phase as its JSON word (`finished`), for messages.
+pub fn phase_word(p: RunPhase) -> &'static str {
+    match p {
+        RunPhase::Setuperror => "setuperror",
+        RunPhase::Queued => "queued",
+        RunPhase::Cancelled => "cancelled",
+        RunPhase::Running => "running",
+        RunPhase::Finished => "finished",
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RunResult {
@@ -456,7 +467,7 @@ impl RunCreate {
         if let Some(cycle) = find_cycle(&self.tasks) {
             return Err(format!("the task dependencies form a cycle: {}", cycle.join(" -> ")));
         }
-        Ok(())
+        crate::validate::run_create(self)
     }
 
     pub fn task(&self, name: &str) -> Option<&TaskConfig> {

@@ -60,6 +60,15 @@ fn conflict(reason: impl Into<String>) -> Response {
     Response::Rejected(CommandError::Conflict { reason: reason.into() })
 }
 
+/// Executor task phases only move forward: not started, running, then a final one.
+fn phase_rank(p: crate::run::Phase) -> u8 {
+    match p {
+        crate::run::Phase::Notstarted => 0,
+        crate::run::Phase::Running => 1,
+        _ => 2,
+    }
+}
+
 fn rejected_invalid(reason: impl Into<String>) -> Response {
     Response::Rejected(CommandError::Invalid { reason: reason.into() })
 }
@@ -161,6 +170,12 @@ impl State {
             }
             Command::SetTaskAnnotations { run_id, task, annotations } => {
                 let Some(run) = self.runs.get_mut(run_id) else { return missing(format!("run {run_id}")) };
+                if run.phase.is_final() {
+                    return conflict(format!(
+                        "run {run_id} has ended ({}): its annotations can no longer change",
+                        crate::run::phase_word(run.phase)
+                    ));
+                }
                 let Some(rt) = run.tasks.get_mut(task) else {
                     return missing(format!("task {task:?} of run {run_id}"));
                 };
@@ -383,6 +398,15 @@ impl State {
             }
             return conflict(
                 format!("executor task {id:?} has already ended ({:?})", et.status.phase).to_lowercase(),
+            );
+        }
+        if phase_rank(status.phase) < phase_rank(et.status.phase) {
+            return conflict(
+                format!(
+                    "executor task {id:?} cannot go back from {:?} to {:?}",
+                    et.status.phase, status.phase
+                )
+                .to_lowercase(),
             );
         }
         let et = self.executor_tasks.get_mut(id).expect("checked above");
