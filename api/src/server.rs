@@ -115,6 +115,7 @@ pub async fn run(listener: TcpListener, ctx: Arc<Ctx>, shutdown: impl Future<Out
         .and(warp::header::optional::<String>("authorization"))
         .and(warp::header::optional::<String>("content-length"))
         .and(warp::header::optional::<String>(crate::objects::FORWARDED))
+        .and(idempotency_key_header())
         .and(warp::body::stream())
         .then({
             let ctx = ctx.clone();
@@ -124,10 +125,13 @@ pub async fn run(listener: TcpListener, ctx: Arc<Ctx>, shutdown: impl Future<Out
                   auth,
                   len,
                   fwd: Option<String>,
+                  idempotency_key: Option<String>,
                   body| {
                 let ctx = ctx.clone();
                 let path = path.as_str().to_string();
-                async move { handle(ctx, method, path, query, auth, len, fwd.is_some(), body).await }
+                async move {
+                    handle(ctx, method, path, query, auth, len, fwd.is_some(), idempotency_key, body).await
+                }
             }
         });
     let closing = async move {
@@ -135,6 +139,15 @@ pub async fn run(listener: TcpListener, ctx: Arc<Ctx>, shutdown: impl Future<Out
         ctx.closing_tx.send_replace(true);
     };
     warp::serve(routes).incoming(listener).graceful(closing).run().await;
+}
+
+/// The `Idempotency-Key` header, read without a rejection: a value that is not text
+/// comes through lossily and is refused with a JSON 400 by the route.
+fn idempotency_key_header(
+) -> impl Filter<Extract = (Option<String>,), Error = std::convert::Infallible> + Clone {
+    warp::header::headers_cloned().map(|h: warp::http::HeaderMap| {
+        h.get("idempotency-key").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    })
 }
 
 /// Binds the listener (so a port conflict is reported before anything starts). Accepted
@@ -195,6 +208,7 @@ async fn handle<S, B>(
     auth: Option<String>,
     content_length: Option<String>,
     forwarded: bool,
+    idempotency_key: Option<String>,
     body: S,
 ) -> Reply
 where
@@ -236,6 +250,7 @@ where
             raw_query: raw_query.clone(),
             auth,
             forwarded,
+            idempotency_key,
             body,
         };
         dispatch(&ctx, req).await
@@ -281,6 +296,8 @@ pub(crate) struct Request<'a> {
     pub auth: Option<String>,
     /// Sent on by another node (never forwarded again).
     pub forwarded: bool,
+    /// The `Idempotency-Key` header (`POST /api/v1/runs`).
+    pub idempotency_key: Option<String>,
     pub body: Bytes,
 }
 
