@@ -15,6 +15,7 @@ use flotilla_api::{Client, ClientError};
 use flotilla_raft::NodeConfig;
 
 mod run_cmd;
+mod wait_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -351,6 +352,8 @@ pub(crate) enum Failure {
     Usage(String),
     /// Exit 1 with nothing more to say (the output already said it).
     Quiet,
+    /// Exit 3: gave up waiting (a timeout, or no server reachable), outcome unknown.
+    Timeout(String),
 }
 
 impl From<ClientError> for Failure {
@@ -418,6 +421,10 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Err(Failure::Quiet) => ExitCode::from(1),
+        Err(Failure::Timeout(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::from(3)
+        }
     }
 }
 

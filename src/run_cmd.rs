@@ -5,7 +5,7 @@
 //! `RunCreate` locally, so a malformed file is reported before anything is sent.
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use clap::Subcommand;
 use flotilla_api::client::RunQuery;
@@ -69,13 +69,39 @@ pub enum RunCmd {
         #[arg(long)]
         follow: bool,
     },
-    /// Wait until a run ends; exit 0 if it succeeded, 1 otherwise.
+    /// Wait until a run ends. Exit 0: it succeeded; 1: it ended unsuccessfully (failed,
+    /// stopped, cancelled, setuperror; the failed tasks and steps are named) or the request
+    /// was refused (unknown run, bad token); 3: --timeout-s passed or no server could be
+    /// reached. Transport errors and 503 are retried against every server of --server.
     Wait {
         id: String,
-        /// Give up after this many seconds (0: never).
+        /// Give up after this many seconds with exit 3 (0: never; without it, exit 3 comes
+        /// only after 60 s without any server answering).
         #[arg(long, default_value_t = 0)]
         timeout_s: u64,
     },
+    /// Restart a finished (or cancelled, setuperror) run, live or archived, as a new run of
+    /// the same configuration; prints the new run's id. Tasks that succeeded or were skipped
+    /// are kept (their logs and workspace archives shared, not copied) unless --from-start.
+    ///
+    /// Example: `flotilla run restart 0000000000000042 --env DEPLOY_TARGET=staging`
+    Restart {
+        id: String,
+        /// Run every task again.
+        #[arg(long)]
+        from_start: bool,
+        /// Replace the run's environment with these variables (repeatable); without any,
+        /// the environment stays as it was.
+        #[arg(long = "env", value_name = "K=V", value_parser = parse_env)]
+        env: Vec<(String, String)>,
+    },
+}
+
+fn parse_env(s: &str) -> Result<(String, String), String> {
+    match s.split_once('=') {
+        Some((k, v)) if !k.is_empty() => Ok((k.to_string(), v.to_string())),
+        _ => Err(format!("{s:?} is not K=V")),
+    }
 }
 
 pub async fn run(c: &Client, json: bool, cmd: RunCmd) -> Result<(), Failure> {
@@ -150,54 +176,28 @@ pub async fn run(c: &Client, json: bool, cmd: RunCmd) -> Result<(), Failure> {
             }
         }
         RunCmd::Wait { id, timeout_s } => {
-            let run = wait(c, &id, timeout_s).await?;
+            let run = crate::wait_cmd::wait(c, &id, timeout_s).await?;
             if json {
                 print_json(&run);
             } else {
                 println!("run {} {}: {}", run.id, word(&run.phase), word(&run.result));
             }
-            if run.result != RunResult::Success {
+            if run.result != RunResult::Success || run.phase != RunPhase::Finished {
+                crate::wait_cmd::explain_failure(&run);
                 return Err(Failure::Quiet);
+            }
+        }
+        RunCmd::Restart { id, from_start, env } => {
+            let environment = (!env.is_empty()).then(|| env.into_iter().collect());
+            let run = c.run_restart(&id, from_start, environment).await?;
+            if json {
+                print_json(&run);
+            } else {
+                println!("{}", run.id);
             }
         }
     }
     Ok(())
-}
-
-/// Follows the event stream until the run is final, re-reading the run after every
-/// (re)connection so nothing between two streams is missed.
-async fn wait(c: &Client, id: &str, timeout_s: u64) -> Result<Run, Failure> {
-    let deadline = (timeout_s > 0).then(|| Instant::now() + Duration::from_secs(timeout_s));
-    let group = c.run_get(id).await?.group;
-    loop {
-        let remaining = match deadline {
-            Some(d) => d
-                .checked_duration_since(Instant::now())
-                .ok_or_else(|| Failure::Refused(format!("run {id} did not end within {timeout_s} s")))?,
-            None => Duration::from_secs(u64::MAX / 4),
-        };
-        let step = async {
-            let mut events = c.events(Some(&group)).await?;
-            let run = c.run_get(id).await?;
-            if run.phase.is_final() {
-                return Ok::<_, flotilla_api::ClientError>(Some(run));
-            }
-            while let Some(e) = events.next().await? {
-                if e.run_id == id && e.phase.is_final() {
-                    return Ok(Some(c.run_get(id).await?));
-                }
-            }
-            Ok(None)
-        };
-        match tokio::time::timeout(remaining, step).await {
-            Ok(Ok(Some(run))) => return Ok(run),
-            Ok(Ok(None)) => {}
-            Ok(Err(e)) if e.status().is_some_and(|s| s < 500) => return Err(e.into()),
-            Ok(Err(e)) => eprintln!("(event stream interrupted: {e}; reconnecting)"),
-            Err(_) => return Err(Failure::Refused(format!("run {id} did not end within {timeout_s} s"))),
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
 }
 
 /// Reads and parses a run definition (YAML is a superset of JSON: one parser for both).
@@ -381,7 +381,7 @@ async fn fetch(url: &str) -> Result<Vec<u8>, Failure> {
     Ok(body)
 }
 
-fn word<T: serde::Serialize>(v: &T) -> String {
+pub(crate) fn word<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_value(v).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
 }
 

@@ -10,6 +10,7 @@ use serde::Serialize;
 
 use crate::error::ErrorBody;
 use crate::types::*;
+use flotilla_store::limits::{CLIENT_RETRY_BACKOFF_MS, CLIENT_RETRY_BUDGET_MS};
 
 /// Characters escaped in a user-supplied path segment (a key, run id, task name, executor
 /// id). `/` is escaped, so a key with slashes stays one segment, and `\`, which URL
@@ -67,6 +68,27 @@ impl ClientError {
             ClientError::Refused(_) => Some(400),
         }
     }
+
+    /// Worth sending again, maybe elsewhere: the server was not reached, or it answered
+    /// 503 (no leader, maintenance, a request timeout: nothing was refused).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ClientError::Transport { .. } | ClientError::Api { status: 503, .. })
+    }
+}
+
+/// A fresh `Idempotency-Key`: the time, the process and the std library's per-process
+/// random hasher keys, so two calls (or two processes) never share one.
+pub fn new_idempotency_key() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(nanos);
+    h.write_u32(std::process::id());
+    h.write_u64(SEQ.fetch_add(1, Ordering::Relaxed));
+    format!("flotilla-{nanos:x}-{:x}-{:016x}", std::process::id(), h.finish())
 }
 
 #[derive(Clone)]
@@ -74,9 +96,14 @@ pub struct Client {
     base: String,
     token: Option<String>,
     http: reqwest::Client,
+    /// Every server given (`--server a,b,c`); `base` is the one requests go to, and the
+    /// calls that retry ([`Client::run_create`]) move along this list.
+    servers: Vec<String>,
 }
 
 impl Client {
+    /// A client of `base`: one server URL, or several separated by commas (requests go to
+    /// the first; the retrying calls move to the next on transport errors and 503).
     pub fn new(base: &str, token: Option<String>) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
@@ -85,7 +112,25 @@ impl Client {
             .pool_idle_timeout(Duration::from_secs(15))
             .build()
             .expect("static client settings");
-        Client { base: base.trim_end_matches('/').to_string(), token, http }
+        let mut servers: Vec<String> = base
+            .split(',')
+            .map(|s| s.trim().trim_end_matches('/').to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if servers.is_empty() {
+            servers.push(base.trim().trim_end_matches('/').to_string());
+        }
+        Client { base: servers[0].clone(), token, http, servers }
+    }
+
+    /// Every server this client was given, in order.
+    pub fn servers(&self) -> &[String] {
+        &self.servers
+    }
+
+    /// The same client (token, connection pool, server list) sending to `server`.
+    pub fn at(&self, server: &str) -> Client {
+        Client { base: server.trim_end_matches('/').to_string(), ..self.clone() }
     }
 
     pub fn base(&self) -> &str {
@@ -259,8 +304,87 @@ impl Client {
         utf8_percent_encode(s, SEGMENT).to_string()
     }
 
+    /// Creates a run under one fresh `Idempotency-Key`, retried with that key on transport
+    /// errors and 503 (moving to the next server given) for up to
+    /// [`CLIENT_RETRY_BUDGET_MS`]: however often it is sent, at most one run is created.
     pub async fn run_create(&self, create: &RunCreate) -> Result<Run, ClientError> {
-        self.with_body(reqwest::Method::POST, "/api/v1/runs", create).await
+        let key = new_idempotency_key();
+        self.retrying(|c| {
+            let key = key.clone();
+            async move { c.run_create_with_key(create, &key).await.map(|(run, _)| run) }
+        })
+        .await
+    }
+
+    /// One attempt of an idempotent create: the run, and whether the server replayed the
+    /// key (the run was created by an earlier attempt).
+    pub async fn run_create_with_key(
+        &self,
+        create: &RunCreate,
+        key: &str,
+    ) -> Result<(Run, bool), ClientError> {
+        let url = format!("{}/api/v1/runs", self.base);
+        let mut req = self.http.post(&url).header("idempotency-key", key).json(create);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let transport =
+            |e: reqwest::Error| ClientError::Transport { url: url.clone(), message: e.to_string() };
+        let resp = req.send().await.map_err(transport)?;
+        let status = resp.status().as_u16();
+        let replayed = resp.headers().get("idempotent-replayed").is_some_and(|v| v.as_bytes() == b"true");
+        let bytes = resp.bytes().await.map_err(transport)?;
+        if !(200..300).contains(&status) {
+            let e: ErrorBody = serde_json::from_slice(&bytes).unwrap_or(ErrorBody {
+                code: "unknown".into(),
+                message: String::from_utf8_lossy(&bytes).chars().take(300).collect(),
+            });
+            return Err(ClientError::Api { status, code: e.code, message: e.message });
+        }
+        let run = serde_json::from_slice(&bytes).map_err(|e| ClientError::Transport {
+            url: url.clone(),
+            message: format!("unreadable answer: {e}"),
+        })?;
+        Ok((run, replayed))
+    }
+
+    /// Runs `call` against the current server, then the next ones in turn, while it fails
+    /// with a transport error or a 503 and the retry budget lasts; the last error otherwise.
+    pub async fn retrying<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let deadline = std::time::Instant::now() + Duration::from_millis(CLIENT_RETRY_BUDGET_MS);
+        let start = self.servers.iter().position(|s| *s == self.base).unwrap_or(0);
+        let mut attempt = 0usize;
+        loop {
+            let server = &self.servers[(start + attempt) % self.servers.len()];
+            match call(self.at(server)).await {
+                Err(e) if e.is_retryable() && std::time::Instant::now() < deadline => {
+                    attempt += 1;
+                    // Each full pass over the servers waits a little longer (an election
+                    // takes about a second).
+                    let pass = (attempt / self.servers.len()).min(5) as u64;
+                    tokio::time::sleep(Duration::from_millis(CLIENT_RETRY_BACKOFF_MS * (1 + pass))).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Restarts a finished run: a new run of the same configuration, keeping the tasks
+    /// that succeeded or were skipped unless `from_start`; `environment` replaces the
+    /// run's environment when given.
+    pub async fn run_restart(
+        &self,
+        id: &str,
+        from_start: bool,
+        environment: Option<BTreeMap<String, String>>,
+    ) -> Result<Run, ClientError> {
+        let path = format!("/api/v1/runs/{}/actions", Self::seg(id));
+        let body = crate::lifecycle::RestartRequest { action: "restart".into(), from_start, environment };
+        self.with_body(reqwest::Method::PUT, &path, &body).await
     }
 
     pub async fn run_get(&self, id: &str) -> Result<Run, ClientError> {

@@ -8,6 +8,7 @@
 pub mod archive;
 pub mod client;
 pub mod error;
+pub mod lifecycle;
 pub mod metrics;
 pub mod objects;
 mod runs;

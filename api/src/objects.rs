@@ -238,25 +238,29 @@ pub(crate) async fn get_log(
     let (live, manifest) = {
         let sm = ctx.node.state.read();
         (
-            sm.state.runs.get(run_id).map(|r| r.tasks.get(task).map(|t| t.steps.len())),
+            sm.state
+                .runs
+                .get(run_id)
+                .map(|r| r.tasks.get(task).map(|t| (t.steps.len(), t.restored_from.clone()))),
             sm.state.archive.clone(),
         )
     };
-    let steps = match live {
-        Some(steps) => steps,
+    let found = match live {
+        Some(found) => found,
         None => match ctx.archive.get(&manifest, run_id).await? {
-            Some(a) => a.run.tasks.get(task).map(|t| t.steps.len()),
+            Some(a) => a.run.tasks.get(task).map(|t| (t.steps.len(), t.restored_from.clone())),
             None => return Err(ApiError::not_found(format!("run {run_id:?} not found"))),
         },
     };
-    let steps =
-        steps.ok_or_else(|| ApiError::not_found(format!("task {task:?} not found in run {run_id}")))?;
+    let (steps, restored_from) =
+        found.ok_or_else(|| ApiError::not_found(format!("task {task:?} not found in run {run_id}")))?;
     if let LogStep::Step(n) = step {
         if n >= steps {
             return Err(ApiError::not_found(format!("task {task:?} has {steps} steps (numbered from 0)")));
         }
     }
-    let task_id = executor_task_id(run_id, task);
+    // A task kept by a restart shares the logs of the run that ran it.
+    let task_id = executor_task_id(restored_from.as_deref().unwrap_or(run_id), task);
     let key = keys::log(&task_id, step);
     if let Some(live) = ctx.live_logs.get(&task_id, step) {
         return Ok(stream_reply(tail(ctx.clone(), live, key, follow, run_id.to_string(), task.to_string())));

@@ -146,6 +146,7 @@ pub async fn run(listener: TcpListener, ctx: Arc<Ctx>, shutdown: impl Future<Out
         .and(warp::header::optional::<String>("content-length"))
         .and(warp::header::optional::<String>(crate::objects::FORWARDED))
         .and(warp::header::optional::<String>("transfer-encoding"))
+        .and(idempotency_key_header())
         .and(warp::body::stream())
         .then({
             let ctx = ctx.clone();
@@ -156,11 +157,17 @@ pub async fn run(listener: TcpListener, ctx: Arc<Ctx>, shutdown: impl Future<Out
                   len,
                   fwd: Option<String>,
                   te: Option<String>,
+                  idempotency_key: Option<String>,
                   body| {
                 let ctx = ctx.clone();
                 let path = path.as_str().to_string();
-                let head =
-                    Head { auth, content_length: len, forwarded: fwd.is_some(), chunked: te.is_some() };
+                let head = Head {
+                    auth,
+                    content_length: len,
+                    forwarded: fwd.is_some(),
+                    chunked: te.is_some(),
+                    idempotency_key,
+                };
                 async move { handle(ctx, method, path, query, head, body).await }
             }
         });
@@ -223,6 +230,15 @@ pub async fn run(listener: TcpListener, ctx: Arc<Ctx>, shutdown: impl Future<Out
     graceful.shutdown().await;
 }
 
+/// The `Idempotency-Key` header, read without a rejection: a value that is not text
+/// comes through lossily and is refused with a JSON 400 by the route.
+fn idempotency_key_header(
+) -> impl Filter<Extract = (Option<String>,), Error = std::convert::Infallible> + Clone {
+    warp::header::headers_cloned().map(|h: warp::http::HeaderMap| {
+        h.get("idempotency-key").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    })
+}
+
 /// Binds the listener (so a port conflict is reported before anything starts). Accepted
 /// connections inherit TCP_NODELAY from it (Linux): an answer leaves at once instead of
 /// waiting for the peer's delayed ACK of the previous one (up to 40 ms on a busy
@@ -280,6 +296,8 @@ struct Head {
     forwarded: bool,
     /// A body of unknown length follows (`transfer-encoding`).
     chunked: bool,
+    /// `Idempotency-Key` (run creation).
+    idempotency_key: Option<String>,
 }
 
 async fn handle<S, B>(
@@ -300,7 +318,7 @@ where
         Err(_) => Vec::new(),
     };
     let route = route_label(&segments);
-    let Head { auth, content_length, forwarded, chunked } = head;
+    let Head { auth, content_length, forwarded, chunked, idempotency_key } = head;
     let result = async {
         decoded.as_ref().map_err(Clone::clone)?;
         let query = parse_query(&raw_query)?;
@@ -347,6 +365,7 @@ where
             raw_query: raw_query.clone(),
             auth,
             forwarded,
+            idempotency_key,
             body,
         };
         dispatch(&ctx, req).await
@@ -433,6 +452,8 @@ pub(crate) struct Request<'a> {
     pub auth: Option<String>,
     /// Sent on by another node (never forwarded again).
     pub forwarded: bool,
+    /// The `Idempotency-Key` header (`POST /api/v1/runs`).
+    pub idempotency_key: Option<String>,
     pub body: Bytes,
 }
 

@@ -103,3 +103,27 @@ pub const MAX_SAVE_CONTENTS: usize = 32;
 pub const MAX_PATHS_PER_CONTENT: usize = 128;
 /// Most conditions of one dependency (there are three kinds).
 pub const MAX_CONDITIONS: usize = 3;
+/// Highest `max_running_in_group` a run may ask for: more is the same as no limit, and a
+/// bound keeps the scheduler's count of older running runs short.
+pub const MAX_RUNNING_IN_GROUP: u32 = 10_000;
+/// Longest `Idempotency-Key` header, in bytes: room for a UUID or a hash with a prefix,
+/// and a bound on what the replicated state keeps per key.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+/// How long an idempotency key is remembered (24 h, as Stripe and the IETF draft do): a
+/// retry within it finds the first run.
+pub const IDEMPOTENCY_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+/// Most idempotency keys remembered at once (about 200 bytes each in every replica's
+/// memory and snapshot: 20 MB at most). Past it the oldest keys are forgotten before
+/// their 24 h: refusing creates would hurt a busy CI more than an early expiry, and the
+/// retries that matter come seconds after the first attempt, not 100,000 creates later.
+pub const MAX_IDEMPOTENCY_KEYS: usize = 100_000;
+/// How often the leader proposes pruning the expired idempotency keys.
+pub const IDEMPOTENCY_PRUNE_INTERVAL_MS: u64 = 60 * 1000;
+/// How long the typed client (and the CLI) keeps retrying a request that may be retried
+/// (an idempotent create, `run wait`) on transport errors and 503, across every server
+/// given: long enough for a few elections (each about a second) and a node restart.
+pub const CLIENT_RETRY_BUDGET_MS: u64 = 30_000;
+/// Pause before a retry; it grows with each full pass over the servers, up to 6 times.
+pub const CLIENT_RETRY_BACKOFF_MS: u64 = 100;
+/// `run wait` without `--timeout-s` gives up (exit 3) once no server answered for this long.
+pub const WAIT_UNREACHABLE_GIVE_UP_MS: u64 = 60_000;

@@ -33,6 +33,12 @@ pub struct RunCreate {
     pub setup_errors: Vec<String>,
     #[serde(default)]
     pub tasks: Vec<TaskConfig>,
+    // Run lifecycle (issue 18): additions to the submission kept together here.
+    /// The run stays `queued` while this many older runs of exactly its group are running,
+    /// and queued runs of the group start in `counter` order (Agola runs a group's runs one
+    /// at a time with 1). None: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_running_in_group: Option<u32>,
 }
 
 fn root_group() -> String {
@@ -114,6 +120,7 @@ impl RunCreate {
             cache_group: None,
             setup_errors: vec![],
             tasks,
+            max_running_in_group: None,
         }
     }
 }
@@ -339,6 +346,19 @@ pub struct RunTask {
     pub start_time: Option<u64>,
     #[serde(default)]
     pub end_time: Option<u64>,
+    /// Set on a task kept from the run it was restarted from: the id of the run whose
+    /// executor task produced its logs and workspace archives (read from there, shared
+    /// through `runid` references, never copied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<String>,
+}
+
+impl RunTask {
+    /// The run whose executor task holds this task's logs and archives: `run_id` unless
+    /// the task was kept from an earlier run by a restart.
+    pub fn outputs_run<'a>(&'a self, run_id: &'a str) -> &'a str {
+        self.restored_from.as_deref().unwrap_or(run_id)
+    }
 }
 
 /// A run's status. Times are milliseconds since the Unix epoch.
@@ -362,6 +382,9 @@ pub struct Run {
     pub end_time: Option<u64>,
     /// Log index of the last change to this run (compare-and-swap token).
     pub revision: u64,
+    /// The run this one was restarted from (`PUT /runs/{id}/actions {"action":"restart"}`).
+    #[serde(default)]
+    pub restarted_from: Option<String>,
 }
 
 /// The run id for sequence number `seq`: fixed width so string order is numeric order.
@@ -466,6 +489,11 @@ impl RunCreate {
         }
         if let Some(cycle) = find_cycle(&self.tasks) {
             return Err(format!("the task dependencies form a cycle: {}", cycle.join(" -> ")));
+        }
+        if self.max_running_in_group.is_some_and(|n| n == 0 || n > MAX_RUNNING_IN_GROUP) {
+            return Err(format!(
+                "max_running_in_group must be 1 to {MAX_RUNNING_IN_GROUP} (leave it out for no limit)"
+            ));
         }
         crate::validate::run_create(self)
     }
@@ -585,6 +613,7 @@ pub fn new_run(create: &RunCreate, seq: u64, counter: u64, index: u64, now_ms: u
                 error: None,
                 start_time: None,
                 end_time: None,
+                restored_from: None,
             };
             (t.name.clone(), task)
         })
@@ -604,6 +633,7 @@ pub fn new_run(create: &RunCreate, seq: u64, counter: u64, index: u64, now_ms: u
         start_time: None,
         end_time: if setuperror { Some(now_ms) } else { None },
         revision: index,
+        restarted_from: None,
     }
 }
 
