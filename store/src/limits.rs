@@ -51,3 +51,9 @@ pub const MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;
 /// Largest export accepted by an import (it travels as one Raft entry, under
 /// `MAX_RAFT_BODY_BYTES`).
 pub const MAX_IMPORT_BYTES: u64 = 48 * 1024 * 1024;
+
+/// Longest a write or a linearizable read may take on a server (finding the leader,
+/// forwarding, committing, catching up) before it answers 503 `unavailable`: long enough
+/// for two election rounds (~1.5 s with the default Raft timing), short enough that a
+/// client retrying through another node is not stuck behind a partitioned leader.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 2000;
