@@ -49,6 +49,13 @@ fi
 echo "== formatting (rustfmt.toml)"
 cargo fmt --all --check
 
+# The fault harness (tests/faults, run by `cargo test` below in its --quick mode) builds
+# network namespaces, partitions with iptables and slows links with tc; it needs root.
+if ! command -v ip >/dev/null 2>&1 || ! command -v iptables >/dev/null 2>&1 || ! command -v tc >/dev/null 2>&1; then
+  echo "== installing iproute2 and iptables (the fault harness)"
+  apt-get install -y iproute2 iptables >/dev/null
+fi
+
 echo "== disk: $(df -h "$(dirname "$CARGO_TARGET_DIR")" | awk 'NR==2 {print $4 " free"}')"
 echo "== build (target dir: $CARGO_TARGET_DIR)"
 cargo build --locked --workspace --all-targets

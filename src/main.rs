@@ -65,6 +65,10 @@ struct RaftTuning {
     /// Log entries kept behind the last snapshot for slow followers.
     #[arg(long, env = "FLOTILLA_MAX_LOGS_KEEP", default_value_t = 1000)]
     max_logs_keep: u64,
+    /// A write or linearizable read that cannot complete within this answers 503
+    /// `unavailable` (whether a write was applied is then unknown).
+    #[arg(long, env = "FLOTILLA_REQUEST_TIMEOUT_MS", default_value_t = flotilla_store::limits::DEFAULT_REQUEST_TIMEOUT_MS)]
+    request_timeout_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -461,6 +465,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             cfg.election_timeout_max_ms = tuning.election_timeout_ms * 3 / 2;
             cfg.snapshot_logs = tuning.snapshot_logs;
             cfg.max_logs_keep = tuning.max_logs_keep;
+            cfg.request_timeout_ms = tuning.request_timeout_ms;
             let advertise = advertise.unwrap_or_else(|| format!("http://{listen}"));
             let server_cfg = ServerConfig {
                 api_token,

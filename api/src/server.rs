@@ -895,8 +895,10 @@ async fn maintenance_status(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiEr
 
 async fn readyz(ctx: &Ctx) -> Result<Reply, ApiError> {
     let status = ctx.node.local_status().await;
-    let ready = status.leader_id.is_some() && status.applied_index >= status.commit_index;
+    // A leader cut off from its majority still names itself leader: `quorum` catches it.
+    let ready = status.leader_id.is_some() && status.quorum && status.applied_index >= status.commit_index;
     let body = Ready {
+        quorum: status.quorum,
         ready,
         node_id: ctx.node.id,
         leader_id: status.leader_id,

@@ -127,3 +127,8 @@ pub const CLIENT_RETRY_BUDGET_MS: u64 = 30_000;
 pub const CLIENT_RETRY_BACKOFF_MS: u64 = 100;
 /// `run wait` without `--timeout-s` gives up (exit 3) once no server answered for this long.
 pub const WAIT_UNREACHABLE_GIVE_UP_MS: u64 = 60_000;
+/// Longest a write or a linearizable read may take on a server (finding the leader,
+/// forwarding, committing, catching up) before it answers 503 `unavailable`: long enough
+/// for two election rounds (~1.5 s with the default Raft timing), short enough that a
+/// client retrying through another node is not stuck behind a partitioned leader.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 2000;
