@@ -13,6 +13,7 @@ pub mod objects;
 mod runs;
 pub mod server;
 pub mod types;
+pub mod ui;
 
 pub use client::{Client, ClientError};
 pub use error::{ApiError, ErrorBody};
