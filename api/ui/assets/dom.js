@@ -85,3 +85,10 @@ export function debounce(fn, ms) {
   d.cancel = () => clearTimeout(t);
   return d;
 }
+
+/** Replaces el's children, skipping null/false (DOM's replaceChildren would print "null"). */
+export function fill(el, ...children) {
+  el.replaceChildren();
+  append(el, children);
+  return el;
+}

@@ -3,7 +3,7 @@
 // it, maintenance). Neither has events: both re-read every few seconds while shown.
 
 import * as api from './api.js';
-import {h, badge, ago, fmtTime} from './dom.js';
+import {h, fill, badge, ago, fmtTime} from './dom.js';
 
 const REFRESH_MS = 3000;
 
@@ -30,7 +30,7 @@ export function executorsPage(root, ctx) {
       const res = await api.get('/api/v1/executors');
       if (!alive) return;
       const list = res.executors.slice().sort((a, b) => a.id.localeCompare(b.id));
-      tbody.replaceChildren(...list.map((e) => {
+      fill(tbody, ...list.map((e) => {
         const fresh = Date.now() - e.last_seen < 15000;
         return h('tr', {'data-executor': e.id},
           h('td', {class: 'mono'}, e.id, e.listen_url ? h('span', {class: 'sub'}, e.listen_url) : null),
@@ -68,21 +68,21 @@ export function clusterPage(root, ctx) {
     try {
       const [c, m] = await Promise.all([api.get('/api/v1/cluster'), api.get('/api/v1/maintenance')]);
       if (!alive) return;
-      summary.replaceChildren(
+      fill(summary, 
         ...card('Leader', c.leader_id ?? 'none', 'leader'),
         ...card('Term', c.term),
         ...card('Commit index', c.commit_index),
         ...card('Applied', `${c.applied_index} (node ${c.node_id})`),
         ...('quorum' in c ? card('Quorum', badge(c.quorum ? 'success' : 'failed', c.quorum ? 'yes' : 'lost'), 'quorum') : []),
         ...card('Maintenance', badge(m.enabled ? 'stopped' : 'success', m.enabled ? 'on' : 'off'), 'maintenance-state'));
-      tbody.replaceChildren(...c.nodes.map((n) => h('tr', {'data-node': n.id},
+      fill(tbody, ...c.nodes.map((n) => h('tr', {'data-node': n.id},
         h('td', {}, String(n.id), n.id === c.leader_id ? h('span', {class: 'badge b-leader'}, 'leader') : null),
         h('td', {class: 'opt mono'}, n.addr),
         h('td', {}, n.role),
         h('td', {}, n.matched_index ?? '—'),
         h('td', {}, n.lag ?? '—'))));
       const nodes = Object.entries(m.nodes || {});
-      maint.replaceChildren(
+      fill(maint, 
         h('p', {}, m.enabled
           ? 'Maintenance mode is on: the scheduler is paused and only maintenance, export/import, cluster, health and metrics routes are served.'
           : 'Maintenance mode is off.'),

@@ -4,7 +4,7 @@
 // The event stream re-reads the run on each of its events (a burst at most every 150 ms).
 
 import * as api from './api.js';
-import {h, badge, fmtTime, elapsed, debounce} from './dom.js';
+import {h, fill, badge, fmtTime, elapsed, debounce} from './dom.js';
 import {drawDag, statusOf} from './dag.js';
 
 /** Characters of a log kept on the page (the oldest are dropped past it). */
@@ -65,7 +65,7 @@ export function runPage(root, runId, params, ctx) {
   function render() {
     const final = FINAL_RUN.includes(run.phase);
     document.title = `${run.name} #${run.counter} · flotilla`;
-    head.replaceChildren(
+    fill(head, 
       h('h1', {}, run.name, ' ', h('span', {class: 'sub'}, `#${run.counter}`)),
       h('dl', {class: 'meta'},
         h('dt', {}, 'Phase'), h('dd', {id: 'run-phase', 'data-phase': run.phase}, badge(run.phase)),
@@ -86,11 +86,11 @@ export function runPage(root, runId, params, ctx) {
       buttons.push(h('button', {type: 'button', id: 'restart', onclick: () => act('restart', {action: 'restart', from_start: false})}, 'Restart failed tasks'));
       buttons.push(h('button', {type: 'button', id: 'restart-all', class: 'quiet', onclick: () => act('restart', {action: 'restart', from_start: true})}, 'Restart from start'));
     }
-    actions.replaceChildren(...buttons);
+    fill(actions, ...buttons);
 
     if (!dag) {
       dag = drawDag(graph, run, select);
-      dagWrap.replaceChildren(dag.el);
+      fill(dagWrap, dag.el);
     } else {
       dag.update(run);
     }
@@ -159,7 +159,7 @@ export function runPage(root, runId, params, ctx) {
 
   function renderTask() {
     if (!selected) {
-      taskPanel.replaceChildren(h('p', {class: 'empty'}, 'This run has no task.'));
+      fill(taskPanel, h('p', {class: 'empty'}, 'This run has no task.'));
       return;
     }
     const task = run.tasks[selected];
@@ -169,7 +169,7 @@ export function runPage(root, runId, params, ctx) {
     const canApprove = task.waiting_approval && !task.approved && !FINAL_RUN.includes(run.phase);
     const rows = [['setup', 'setup', task.setup_step]].concat(
       task.steps.map((s, i) => [String(i), (gt.steps[i] && gt.steps[i].label) || `step ${i}`, s]));
-    taskPanel.replaceChildren(
+    fill(taskPanel, 
       h('h2', {}, selected, ' ', h('span', {id: 'task-status', 'data-status': st}, badge(st === 'waiting' ? 'waiting' : st, st === 'waiting' ? 'waiting for approval' : st))),
       task.error ? h('p', {class: 'error', id: 'task-error'}, task.error) : null,
       h('dl', {class: 'meta'},

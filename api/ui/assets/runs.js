@@ -2,7 +2,7 @@
 // event stream (any run event re-reads the page shown, a burst at most every 300 ms).
 
 import * as api from './api.js';
-import {h, badge, fmtTime, elapsed, debounce} from './dom.js';
+import {h, fill, badge, fmtTime, elapsed, debounce} from './dom.js';
 
 /** Runs per page. */
 const PAGE_SIZE = 20;
@@ -76,13 +76,13 @@ export function runsPage(root, params, ctx) {
   }
 
   function render(runs, more) {
-    tbody.replaceChildren(...runs.map(row));
+    fill(tbody, ...runs.map(row));
     empty.hidden = runs.length > 0;
     const links = [];
     if (start || after) links.push(h('a', {href: url({group, phase})}, '« Newest'));
     if ((start || after) && runs.length) links.push(h('a', {href: url({group, phase, after: runs[0].id})}, '‹ Newer'));
     if (more && runs.length) links.push(h('a', {href: url({group, phase, start: runs[runs.length - 1].id}), id: 'older'}, 'Older ›'));
-    pager.replaceChildren(...links);
+    fill(pager, ...links);
   }
 
   function row(run) {
