@@ -217,6 +217,16 @@ class Test:
         rect = self.q(f'#dag g.node[data-task="{name}"] rect')
         return self.driver.execute_script("return getComputedStyle(arguments[0]).stroke", rect)
 
+    def click(self, what, css):
+        """Clicks the element matching css once it is shown (the page may re-render it meanwhile)."""
+        def attempt():
+            el = self.visible(css)
+            if el is None:
+                return False
+            el.click()
+            return True
+        wait_for(what, attempt)
+
     def open(self, path):
         self.driver.get(self.base + path)
 
@@ -285,8 +295,7 @@ class Test:
         wait_for("the failing run to finish", lambda: self.run_state("fail")["phase"] == "finished")
         # Open it from the list, as a person would.
         self.open("/ui/")
-        link = wait_for("the failing run's link", lambda: self.visible(f'tr[data-run="{self.runs["fail"]}"] a'))
-        link.click()
+        self.click("the failing run's link", f'tr[data-run="{self.runs["fail"]}"] a')
         wait_for("the DAG", lambda: len(self.qs("#dag g.node")) == 4)
         want = {"build": "success", "test": "failed", "deploy": "skipped", "notify": "success"}
         wait_for("the task colours", lambda: {n: self.node_status(n) for n in want} == want)
@@ -307,7 +316,7 @@ class Test:
         wait_for("the build log", lambda: "building" in self.q("#log").text)
         self.shot("run-failed")
         # Restart: a new run (201) or, on a server without restart, the refusal shown.
-        self.q("#restart").click()
+        self.click("the restart button", "#restart")
         def restarted():
             if self.visible("#alert") and "Restart refused" in self.q("#alert").text:
                 return "refused: " + self.q("#alert").text
@@ -326,7 +335,7 @@ class Test:
         wait_for("more log lines arriving live", lambda: len(self.q("#log").text.splitlines()) >= n + 5, timeout=30)
         assert "following" in self.q("#log-state").text, self.q("#log-state").text
         self.shot("run-live")
-        self.q("#stop").click()
+        self.click("the stop button", "#stop")
         wait_for("the run stopped", lambda: self.q("#run-phase").get_attribute("data-phase") == "finished")
         wait_for("the stopped colour", lambda: self.node_status("stream") == "stopped")
         assert self.node_colour("stream") == COLOURS["stopped"]
@@ -370,11 +379,11 @@ class Test:
         self.api.ok("PUT", f"/api/v1/runs/{self.runs['wide']}/actions", {"action": "stop"})
 
     def check_executors_and_cluster(self):
-        self.q('#nav a[data-page="executors"]').click()
+        self.click("the executors link", '#nav a[data-page="executors"]')
         row = wait_for("the local executor", lambda: self.visible('#executors tr[data-executor="local"]'))
         assert "ago" in row.text or "just now" in row.text, row.text
         self.shot("executors")
-        self.q('#nav a[data-page="cluster"]').click()
+        self.click("the cluster link", '#nav a[data-page="cluster"]')
         wait_for("the leader", lambda: self.visible("#leader") and self.q("#leader").text == "1")
         row = wait_for("node 1", lambda: self.visible('#nodes tr[data-node="1"]'))
         assert "voter" in row.text and "leader" in row.text, row.text
@@ -386,7 +395,7 @@ class Test:
         wait_for("the deep-linked run and task", lambda: self.visible("#task-panel h2")
                  and self.q("#task-panel h2").text.startswith("notify"))
         self.driver.execute_script("sessionStorage.setItem('flotilla.token', 'changed-meanwhile')")
-        self.q('#nav a[data-page="executors"]').click()
+        self.click("the executors link", '#nav a[data-page="executors"]')
         wait_for("the token prompt after a 401", lambda: self.visible("#token"))
         assert "refused" in self.q("#login-error").text
         assert "changed-meanwhile" not in self.driver.page_source
