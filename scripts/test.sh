@@ -56,6 +56,22 @@ if ! command -v ip >/dev/null 2>&1 || ! command -v iptables >/dev/null 2>&1 || !
   apt-get install -y iproute2 iptables >/dev/null
 fi
 
+# The dashboard's browser test: Debian's chromium and chromedriver (apt, once per machine,
+# ~30 s) and selenium in a venv (PyPI, once, ~20 s); selenium is given both paths, so it
+# never tries to download a browser or a driver.
+if ! [ -x /usr/bin/chromium ] || ! [ -x /usr/bin/chromedriver ]; then
+  echo "== installing chromium and chromium-driver (Debian packages, once)"
+  need apt-get "the dashboard test needs Debian's chromium and chromium-driver"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+fi
+ui_venv="$HOME/.cache/flotilla-ui-venv"
+if ! "$ui_venv/bin/python" -c 'import selenium' >/dev/null 2>&1; then
+  echo "== installing selenium (a venv under ~/.cache, once)"
+  need python3 "apt-get install -y python3 python3-venv"
+  python3 -m venv "$ui_venv" && "$ui_venv/bin/pip" install --quiet 'selenium>=4.20,<5'
+fi
+
 echo "== disk: $(df -h "$(dirname "$CARGO_TARGET_DIR")" | awk 'NR==2 {print $4 " free"}')"
 echo "== build (target dir: $CARGO_TARGET_DIR)"
 cargo build --locked --workspace --all-targets
@@ -63,6 +79,9 @@ cargo build --locked --workspace --all-targets
 echo "== tests"
 # Black-box tests start 1-4 server processes each; two at a time suits a 2-core machine.
 cargo test --locked --workspace -- --test-threads=2
+
+echo "== the dashboard in headless Chromium (screenshots: $CARGO_TARGET_DIR/ui-screenshots/)"
+"$ui_venv/bin/python" tests/ui/browser_test.py --bin "$CARGO_TARGET_DIR/debug/flotilla"
 
 echo "== benchmarks, quick mode (a smoke test: it must finish and write valid JSON; no speed is asserted)"
 need python3 "apt-get install -y python3"

@@ -15,6 +15,7 @@ mod runs;
 pub mod server;
 mod strict_json;
 pub mod types;
+pub mod ui;
 
 pub use client::{Client, ClientError};
 pub use error::{ApiError, ErrorBody};

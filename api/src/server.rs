@@ -513,6 +513,7 @@ fn route_label(segments: &[&str]) -> &'static str {
         ["api", "v1", "events"] => "events",
         ["api", "v1", "executors", ..] => "executors",
         ["api", "v1", "executor", ..] => "executor",
+        ["ui", ..] => "ui",
         _ => "other",
     }
 }
@@ -577,9 +578,12 @@ async fn dispatch(ctx: &Arc<Ctx>, req: Request<'_>) -> Result<Reply, ApiError> {
                 ["runs", run_id, "tasks", task, "logs"] if m == Method::GET => {
                     crate::objects::get_log(ctx, run_id, task, &req).await
                 }
+                ["runs", run_id, "graph"] => crate::ui::graph(ctx, run_id, &req).await,
                 _ => api_v1(ctx, rest, &req).await,
             }
         }
+        // The dashboard's own files: no token (they hold none); its API calls carry one.
+        ["ui", rest @ ..] => crate::ui::serve(&m, rest),
         _ => Err(ApiError::not_found(format!("no route for {} /{}", m, req.segments.join("/")))),
     }
 }
