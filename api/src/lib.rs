@@ -12,6 +12,7 @@ pub mod metrics;
 pub mod objects;
 mod runs;
 pub mod server;
+pub mod tasks;
 pub mod types;
 
 pub use client::{Client, ClientError};
