@@ -14,6 +14,7 @@ use flotilla_api::{Client, ClientError};
 use flotilla_raft::NodeConfig;
 
 mod run_cmd;
+mod run_view;
 
 #[derive(Parser)]
 #[command(
