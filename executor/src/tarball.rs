@@ -462,6 +462,8 @@ mod tests {
         assert_eq!(stored[..4], flotilla_store::ost::tarstream::ZSTD_MAGIC, "archives are stored compressed");
         let plain = rebase(&stored[..], "/restored/here", Vec::new()).unwrap();
         let out = tempfile::tempdir().unwrap();
+        // Docker's upload needs its target: the container's dest_dir exists (or is made).
+        std::fs::create_dir_all(out.path().join("restored/here")).unwrap();
         extract(&plain, out.path());
         out
     }
@@ -608,7 +610,7 @@ mod tests {
         }
     }
 
-    mod prop {
+    mod property {
         use super::*;
         use proptest::prelude::*;
 
