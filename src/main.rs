@@ -16,6 +16,7 @@ use flotilla_raft::NodeConfig;
 
 mod run_cmd;
 mod wait_cmd;
+mod run_view;
 
 #[derive(Parser)]
 #[command(

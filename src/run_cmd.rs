@@ -12,7 +12,7 @@ use flotilla_api::client::RunQuery;
 use flotilla_api::types::{Run, RunCreate};
 use flotilla_api::Client;
 use flotilla_store::limits::MAX_API_BODY_BYTES;
-use flotilla_store::run::{RunPhase, RunResult, APPROVER_PREFIX};
+use flotilla_store::run::{RunResult, APPROVER_PREFIX};
 
 use crate::{print_json, Failure};
 
@@ -63,11 +63,25 @@ pub enum RunCmd {
     Logs {
         id: String,
         task: String,
-        /// Step number (from 0, in the task's steps order) or `setup`.
-        #[arg(long, default_value = "0")]
-        step: String,
+        /// Step: a number (from 0, in the task's steps order), `setup`, or a `run` step's
+        /// name. Default: the failing step of a failed task, else the first `run` step.
+        #[arg(long)]
+        step: Option<String>,
         #[arg(long)]
         follow: bool,
+    },
+    /// Write a task's saved workspace (what its save_to_workspace steps stored) into a
+    /// directory, or one file of it with --path; `-o -` writes the tar (or the file) to stdout.
+    Artifacts {
+        id: String,
+        task: String,
+        /// Output directory (created if missing), or `-` for stdout.
+        #[arg(short = 'o', long = "output", default_value = ".")]
+        output: String,
+        /// One file of the workspace (as saved, e.g. `pkg/app.tar.gz`), written as
+        /// DIR/<its file name>.
+        #[arg(long)]
+        path: Option<String>,
     },
     /// Wait until a run ends. Exit 0: it succeeded; 1: it ended unsuccessfully (failed,
     /// stopped, cancelled, setuperror; the failed tasks and steps are named) or the request
@@ -148,7 +162,9 @@ pub async fn run(c: &Client, json: bool, cmd: RunCmd) -> Result<(), Failure> {
             if json {
                 print_json(&run);
             } else {
-                print_run(&run);
+                // The DAG order and step names; an older server lacks the route.
+                let outline = c.run_outline(&id).await.ok();
+                crate::run_view::print_run(&run, outline.as_ref());
             }
         }
         RunCmd::Stop { id } => c.run_stop(&id).await?,
@@ -166,7 +182,7 @@ pub async fn run(c: &Client, json: bool, cmd: RunCmd) -> Result<(), Failure> {
         }
         RunCmd::Logs { id, task, step, follow } => {
             use std::io::Write;
-            let mut log = c.run_log(&id, &task, &step, follow).await?;
+            let mut log = c.run_log(&id, &task, step.as_deref().unwrap_or(""), follow).await?;
             let mut out = std::io::stdout().lock();
             while let Some(chunk) = log.chunk().await? {
                 // A closed stdout (e.g. `| head`) ends the command quietly.
@@ -175,12 +191,26 @@ pub async fn run(c: &Client, json: bool, cmd: RunCmd) -> Result<(), Failure> {
                 }
             }
         }
+        RunCmd::Artifacts { id, task, output, path } => {
+            crate::run_view::artifacts(c, &id, &task, &output, path.as_deref()).await?
+        }
         RunCmd::Wait { id, timeout_s } => {
             let run = crate::wait_cmd::wait(c, &id, timeout_s).await?;
             if json {
                 print_json(&run);
             } else {
                 println!("run {} {}: {}", run.id, word(&run.phase), word(&run.result));
+                // Which task failed, at which step, and why.
+                let outline = c.run_outline(&run.id).await.ok();
+                for (name, t) in &run.tasks {
+                    let steps = outline
+                        .as_ref()
+                        .and_then(|o| o.tasks.iter().find(|x| &x.name == name))
+                        .map_or(&[][..], |x| &x.steps[..]);
+                    for line in crate::run_view::failure_lines(t, steps) {
+                        println!("task {name}: {line}");
+                    }
+                }
             }
             if run.result != RunResult::Success || run.phase != RunPhase::Finished {
                 crate::wait_cmd::explain_failure(&run);
@@ -383,41 +413,6 @@ async fn fetch(url: &str) -> Result<Vec<u8>, Failure> {
 
 pub(crate) fn word<T: serde::Serialize>(v: &T) -> String {
     serde_json::to_value(v).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default()
-}
-
-fn print_run(r: &Run) {
-    println!("run {}  #{}  {}  {}", r.id, r.counter, r.name, r.group);
-    println!(
-        "phase: {}  result: {}{}",
-        word(&r.phase),
-        word(&r.result),
-        if r.stop { "  (stop requested)" } else { "" }
-    );
-    for e in &r.setup_errors {
-        println!("setup error: {e}");
-    }
-    if r.phase == RunPhase::Setuperror && r.tasks.is_empty() {
-        return;
-    }
-    println!("{:<24} {:<11} {:<10} {:<16} {:>10}", "TASK", "STATUS", "APPROVAL", "EXECUTOR", "SECONDS");
-    for (name, t) in &r.tasks {
-        let approval = if t.approved {
-            "approved"
-        } else if t.waiting_approval {
-            "waiting"
-        } else {
-            "-"
-        };
-        let secs = match (t.start_time, t.end_time) {
-            (Some(s), Some(e)) => format!("{:.1}", e.saturating_sub(s) as f64 / 1000.0),
-            _ => "-".into(),
-        };
-        let executor = t.executor_id.as_deref().unwrap_or("-");
-        println!("{:<24} {:<11} {:<10} {:<16} {:>10}", name, word(&t.status), approval, executor, secs);
-        if let Some(e) = &t.error {
-            println!("    {e}");
-        }
-    }
 }
 
 #[cfg(test)]

@@ -554,14 +554,40 @@ impl Client {
         step: &str,
         follow: bool,
     ) -> Result<Download, ClientError> {
-        let q =
-            serde_urlencoded::to_string([("step", step), ("follow", if follow { "true" } else { "false" })])
-                .unwrap_or_default();
+        // An empty `step` leaves the choice to the server (the failing step of a failed
+        // task, else the first `run` step).
+        let mut params = vec![("follow", if follow { "true" } else { "false" })];
+        if !step.is_empty() {
+            params.push(("step", step));
+        }
+        let q = serde_urlencoded::to_string(params).unwrap_or_default();
         let path = format!("/api/v1/runs/{}/tasks/{}/logs?{q}", Self::seg(id), Self::seg(task));
         Ok(Download {
             url: format!("{}{path}", self.base),
             resp: self.open(reqwest::Method::GET, &path, None, None).await?,
         })
+    }
+
+    /// The saved workspace of a task as a plain tar stream, or with `path` one file of it.
+    pub async fn task_workspace(
+        &self,
+        id: &str,
+        task: &str,
+        path: Option<&str>,
+    ) -> Result<Download, ClientError> {
+        let mut path_q = format!("/api/v1/runs/{}/tasks/{}/workspace", Self::seg(id), Self::seg(task));
+        if let Some(p) = path {
+            path_q = format!("{path_q}?{}", serde_urlencoded::to_string([("path", p)]).unwrap_or_default());
+        }
+        Ok(Download {
+            url: format!("{}{path_q}", self.base),
+            resp: self.open(reqwest::Method::GET, &path_q, None, None).await?,
+        })
+    }
+
+    /// The tasks of a run in DAG order, with their dependencies and step names.
+    pub async fn run_outline(&self, id: &str) -> Result<crate::tasks::RunOutline, ClientError> {
+        self.get(&format!("/api/v1/runs/{}/tasks", Self::seg(id))).await
     }
 
     /// Appends log bytes starting at `offset`; the answer says how much the server holds.

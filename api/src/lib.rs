@@ -14,6 +14,7 @@ pub mod objects;
 mod runs;
 pub mod server;
 mod strict_json;
+pub mod tasks;
 pub mod types;
 pub mod ui;
 

@@ -229,31 +229,13 @@ pub(crate) async fn get_log(
     task: &str,
     req: &Request<'_>,
 ) -> Result<Reply, ApiError> {
-    let step_param = req.query.get("step").map(String::as_str).unwrap_or("0");
-    let step = LogStep::parse(step_param)
-        .ok_or_else(|| ApiError::bad_request(format!("step {step_param:?} is not a number or 'setup'")))?;
     let follow = req.flag("follow")?;
-    crate::server::read_barrier(ctx, req).await?;
     // The run may be live or archived: its logs outlive its place in the state.
-    let (live, manifest) = {
-        let sm = ctx.node.state.read();
-        (
-            sm.state
-                .runs
-                .get(run_id)
-                .map(|r| r.tasks.get(task).map(|t| (t.steps.len(), t.restored_from.clone()))),
-            sm.state.archive.clone(),
-        )
-    };
-    let found = match live {
-        Some(found) => found,
-        None => match ctx.archive.get(&manifest, run_id).await? {
-            Some(a) => a.run.tasks.get(task).map(|t| (t.steps.len(), t.restored_from.clone())),
-            None => return Err(ApiError::not_found(format!("run {run_id:?} not found"))),
-        },
-    };
-    let (steps, restored_from) =
-        found.ok_or_else(|| ApiError::not_found(format!("task {task:?} not found in run {run_id}")))?;
+    let (run, config) = crate::tasks::find_run(ctx, run_id, req).await?;
+    // `step=N`, `step=setup`, `step=<a run step's name>`, or none: see `resolve_step`.
+    let step = crate::tasks::resolve_step(&run, &config, task, req.query.get("step").map(String::as_str))?;
+    let steps = run.tasks.get(task).map_or(0, |t| t.steps.len());
+    let restored_from = run.tasks.get(task).and_then(|t| t.restored_from.clone());
     if let LogStep::Step(n) = step {
         if n >= steps {
             return Err(ApiError::not_found(format!("task {task:?} has {steps} steps (numbered from 0)")));

@@ -579,6 +579,12 @@ async fn dispatch(ctx: &Arc<Ctx>, req: Request<'_>) -> Result<Reply, ApiError> {
                     crate::objects::get_log(ctx, run_id, task, &req).await
                 }
                 ["runs", run_id, "graph"] => crate::ui::graph(ctx, run_id, &req).await,
+                ["runs", run_id, "tasks", task, "workspace"] if m == Method::GET => {
+                    crate::tasks::get_workspace(ctx, run_id, task, &req).await
+                }
+                ["runs", run_id, "tasks"] if m == Method::GET => {
+                    crate::tasks::get_outline(ctx, run_id, &req).await
+                }
                 _ => api_v1(ctx, rest, &req).await,
             }
         }

@@ -9,10 +9,11 @@
 //! servers believe running but this agent does not know (it restarted) is reported
 //! failed: its container is gone.
 
-pub mod archive;
 pub mod docker;
 pub mod logs;
+pub mod restore;
 pub mod servers;
+pub mod tarball;
 pub mod task;
 
 use std::collections::{BTreeMap, BTreeSet};

@@ -46,6 +46,10 @@ pub const MAX_EVENT_SUBSCRIBERS: usize = 256;
 
 /// Largest workspace archive or cache an executor may upload.
 pub const MAX_ARCHIVE_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+/// zstd level of workspace archives and caches. Measured on a 6 MB source tree (gzip's
+/// unpacked sources) and a 100 MB build tree: see `scripts/archive-timing.sh`; level 3
+/// (zstd's default) is the knee of size against save time.
+pub const ARCHIVE_ZSTD_LEVEL: i32 = 3;
 /// Largest log of one step; an executor truncates beyond it.
 pub const MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;
 /// Largest export accepted by an import (it travels as one Raft entry, under
