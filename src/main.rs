@@ -15,8 +15,8 @@ use flotilla_api::{Client, ClientError};
 use flotilla_raft::NodeConfig;
 
 mod run_cmd;
-mod wait_cmd;
 mod run_view;
+mod wait_cmd;
 
 #[derive(Parser)]
 #[command(

@@ -9,7 +9,7 @@ use std::time::Duration;
 
 use clap::Subcommand;
 use flotilla_api::client::RunQuery;
-use flotilla_api::types::{Run, RunCreate};
+use flotilla_api::types::RunCreate;
 use flotilla_api::Client;
 use flotilla_store::limits::MAX_API_BODY_BYTES;
 use flotilla_store::run::{RunResult, APPROVER_PREFIX};
@@ -200,19 +200,8 @@ pub async fn run(c: &Client, json: bool, cmd: RunCmd) -> Result<(), Failure> {
                 print_json(&run);
             } else {
                 println!("run {} {}: {}", run.id, word(&run.phase), word(&run.result));
-                // Which task failed, at which step, and why.
-                let outline = c.run_outline(&run.id).await.ok();
-                for (name, t) in &run.tasks {
-                    let steps = outline
-                        .as_ref()
-                        .and_then(|o| o.tasks.iter().find(|x| &x.name == name))
-                        .map_or(&[][..], |x| &x.steps[..]);
-                    for line in crate::run_view::failure_lines(t, steps) {
-                        println!("task {name}: {line}");
-                    }
-                }
             }
-            if run.result != RunResult::Success || run.phase != RunPhase::Finished {
+            if run.result != RunResult::Success || run.phase != flotilla_store::run::RunPhase::Finished {
                 crate::wait_cmd::explain_failure(&run);
                 return Err(Failure::Quiet);
             }

@@ -81,9 +81,11 @@ fn parse_args() -> Result<Opts, String> {
             }
             s if s.starts_with("--test-threads=") || s == "--nocapture" || s == "--exact" => {}
             s if !s.starts_with('-') => {} // a test name filter: the harness is one test
-            other => return Err(format!(
+            other => {
+                return Err(format!(
                 "unknown argument {other:?} (expected --quick, --long, --seed N, --duration-s N, --out DIR)"
-            )),
+            ))
+            }
         }
     }
     let seed = seed.unwrap_or_else(|| {

@@ -72,23 +72,24 @@ pub async fn submitter(nodes: Vec<u64>, seed: u64, every_ms: u64, log: Shared, s
             Err(e) if e.is_connect() => (None, None),
             Err(_) => (Some(0), None),
         };
-        let mut l = log.lock().unwrap();
-        match (status, body) {
-            (Some(201), Some(body)) => {
-                let run: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
-                match run["id"].as_str() {
-                    Some(id) => l.acked.push(id.to_string()),
-                    None => l.violations.push(format!("a 201 to a run creation carried no id: {body}")),
+        {
+            let mut l = log.lock().unwrap();
+            match (status, body) {
+                (Some(201), Some(body)) => {
+                    let run: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                    match run["id"].as_str() {
+                        Some(id) => l.acked.push(id.to_string()),
+                        None => l.violations.push(format!("a 201 to a run creation carried no id: {body}")),
+                    }
                 }
+                // A 201 whose body was lost: created, id unknown.
+                (Some(201), None) => l.unknown += 1,
+                (Some(503), Some(body)) if body.contains("may or may not") => l.unknown += 1,
+                // Transport failure after connecting: may have been created.
+                (Some(0), _) => l.unknown += 1,
+                _ => l.failed += 1,
             }
-            // A 201 whose body was lost: created, id unknown.
-            (Some(201), None) => l.unknown += 1,
-            (Some(503), Some(body)) if body.contains("may or may not") => l.unknown += 1,
-            // Transport failure after connecting: may have been created.
-            (Some(0), _) => l.unknown += 1,
-            _ => l.failed += 1,
         }
-        drop(l);
         tokio::time::sleep(Duration::from_millis(every_ms)).await;
     }
 }
