@@ -46,9 +46,9 @@ pub(crate) async fn create_run_idempotent(
     key: &str,
 ) -> Result<Reply, ApiError> {
     validate_idempotency_key(key)?;
+    // Strictly (objects only, as every body), then as a value for the body's hash.
+    let create: RunCreate = req.json()?;
     let value: serde_json::Value = req.json()?;
-    let create: RunCreate = serde_json::from_value(value.clone())
-        .map_err(|e| ApiError::bad_request(format!("invalid run: {e}")))?;
     create.validate().map_err(|e| ApiError::bad_request(format!("invalid run: {e}")))?;
     let cmd = Command::CreateRunIdempotent {
         create: Box::new(create),

@@ -67,6 +67,9 @@ pub(crate) async fn route(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -> Result
         }
         ["runs", id, "actions"] if m == Method::PUT => {
             let body: serde_json::Value = req.json()?;
+            if !body.is_object() {
+                return Err(ApiError::bad_request("invalid JSON body: the body must be a JSON object"));
+            }
             match body.get("action").and_then(|a| a.as_str()) {
                 Some("stop") => {
                     let _: ActionRequest = req.json()?;

@@ -309,11 +309,18 @@ impl RaftNode {
     /// Waits (at most the quorum window) until this leader has heard from a quorum
     /// recently: a leader elected a moment ago has no acknowledgement yet, and one cut off
     /// from the others must refuse promptly instead of proposing what cannot commit.
-    async fn ensure_quorum(&self) -> Result<(), Attempt> {
+    async fn ensure_quorum(&self, deadline: Instant) -> Result<(), Attempt> {
         let mut metrics = self.raft.metrics();
         let (id, window) = (self.id, self.quorum_window);
+        // Up to the request's deadline (at least one window): on a loaded machine a
+        // healthy leader's acknowledgements can lag a window behind, and a request that
+        // waits a little longer is better than one refused for nothing.
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .saturating_sub(Duration::from_millis(100))
+            .max(window);
         let waited = tokio::time::timeout(
-            window,
+            wait,
             metrics.wait_for(|m| m.current_leader != Some(id) || quorum_fresh(m, id, window)),
         )
         .await
@@ -454,7 +461,7 @@ impl RaftNode {
         }
         let work = async {
             if matches!(req, LeaderRequest::Write(_) | LeaderRequest::ReadIndex) {
-                self.ensure_quorum().await?;
+                self.ensure_quorum(deadline).await?;
             }
             match req {
                 LeaderRequest::Write(cmd) => match self.batcher.write(cmd).await {
