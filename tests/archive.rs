@@ -115,7 +115,18 @@ async fn list_all(c: &Client, group: Option<&str>, asc: bool) -> Vec<String> {
             asc,
             ..Default::default()
         };
-        let page = c.run_list(&q).await.expect("list");
+        // A read that finds no leader in time (the node just restarted, an election) is
+        // a 503 to retry, as any client does.
+        let deadline = Instant::now() + Duration::from_secs(30);
+        let page = loop {
+            match c.run_list(&q).await {
+                Ok(page) => break page,
+                Err(e) if e.status() == Some(503) && Instant::now() < deadline => {
+                    tokio::time::sleep(Duration::from_millis(200)).await
+                }
+                Err(e) => panic!("list: {e}"),
+            }
+        };
         ids.extend(page.runs.iter().map(|r| r.id.clone()));
         if !page.more {
             return ids;

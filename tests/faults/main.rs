@@ -216,13 +216,17 @@ async fn run(o: &Opts) -> Result<bool, String> {
             stop.clone(),
         )));
     }
+    // The executors keep working after the load stops, until the final check has seen
+    // every acknowledged run end (a run needs them to finish).
+    let executors_stop = Arc::new(AtomicBool::new(false));
+    let mut executors = Vec::new();
     for e in 0..EXECUTORS {
-        workers.push(tokio::spawn(runs::executor(
+        executors.push(tokio::spawn(runs::executor(
             format!("flt-exec-{e}"),
             NODES.to_vec(),
             e,
             runlog.clone(),
-            stop.clone(),
+            executors_stop.clone(),
         )));
     }
     workers.push(tokio::spawn(runs::submitter(
@@ -314,6 +318,10 @@ async fn run(o: &Opts) -> Result<bool, String> {
         let _ = tokio::time::timeout(Duration::from_millis(kv::CLIENT_TIMEOUT_MS + 2000), w).await;
     }
     let run_problems = runs::final_check(&NODES, &runlog, Duration::from_secs(60)).await;
+    executors_stop.store(true, Ordering::Relaxed);
+    for e in executors {
+        let _ = tokio::time::timeout(Duration::from_millis(kv::CLIENT_TIMEOUT_MS + 2000), e).await;
+    }
     let elapsed = now_s();
     drop(nodes);
     drop(net);

@@ -353,7 +353,7 @@ class Test:
         assert button.tag_name == "button"
         self.driver.execute_script("arguments[0].focus()", button)
         button.send_keys(Keys.ENTER)
-        wait_for("the approved task proceeding", lambda: self.node_status("release") in ("running", "success"))
+        wait_for("the approved task proceeding", lambda: self.node_status("release") in ("running", "success"), timeout=240)
         wait_for("the run finishing after approval", lambda: self.node_status("after") == "success")
         assert self.run_state("approve")["result"] == "success"
 
