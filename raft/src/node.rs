@@ -306,18 +306,19 @@ impl RaftNode {
         quorum_fresh(&m, self.id, self.quorum_window)
     }
 
-    /// Waits (at most the quorum window) until this leader has heard from a quorum
+    /// Waits (one to two quorum windows) until this leader has heard from a quorum
     /// recently: a leader elected a moment ago has no acknowledgement yet, and one cut off
     /// from the others must refuse promptly instead of proposing what cannot commit.
     async fn ensure_quorum(&self, deadline: Instant) -> Result<(), Attempt> {
         let mut metrics = self.raft.metrics();
         let (id, window) = (self.id, self.quorum_window);
-        // Up to the request's deadline (at least one window): on a loaded machine a
-        // healthy leader's acknowledgements can lag a window behind, and a request that
-        // waits a little longer is better than one refused for nothing.
+        // Up to two windows (within the request's deadline): on a loaded machine a healthy
+        // leader's acknowledgements can lag a window behind, while a leader cut off from
+        // its majority still refuses promptly.
         let wait = deadline
             .saturating_duration_since(Instant::now())
             .saturating_sub(Duration::from_millis(100))
+            .min(window * 2)
             .max(window);
         let waited = tokio::time::timeout(
             wait,
