@@ -397,7 +397,7 @@ class Test:
         self.driver.execute_script("sessionStorage.setItem('flotilla.token', 'changed-meanwhile')")
         self.click("the executors link", '#nav a[data-page="executors"]')
         wait_for("the token prompt after a 401", lambda: self.visible("#token"))
-        assert "refused" in self.q("#login-error").text
+        wait_for("the refusal shown at the prompt", lambda: "refused" in self.q("#login-error").text)
         assert "changed-meanwhile" not in self.driver.page_source
 
     # ---- driver ----------------------------------------------------------------------
