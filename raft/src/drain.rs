@@ -32,6 +32,9 @@ impl RaftNode {
         if !self.is_leader() {
             return Err(format!("node {} is not the leader", self.id));
         }
+        if !self.has_other_voter() {
+            return Err("no other voter to hand over to".into());
+        }
         self.handing_over.store(true, Ordering::SeqCst);
         self.raft.runtime_config().heartbeat(false);
         let result = self.try_hand_over().await;
@@ -75,6 +78,13 @@ impl RaftNode {
             Ok(Ok(m)) => Ok(m.current_leader.unwrap_or(target)),
             _ => Err(format!("node {target} was not elected in time")),
         }
+    }
+
+    fn has_other_voter(&self) -> bool {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let others = m.membership_config.membership().voter_ids().any(|id| id != self.id);
+        others
     }
 
     /// A voter other than this node whose matched index is this leader's last log index.

@@ -12,6 +12,9 @@ const signout = document.getElementById('signout');
 const live = document.getElementById('live');
 let current = null;
 let signedIn = false;
+// Why the person was sent back to the prompt; kept until they sign in again, so that a
+// click on a link meanwhile (which routes to the prompt again) does not hide the reason.
+let loginMessage = '';
 
 /** What every page gets. */
 const ctx = {
@@ -38,7 +41,7 @@ function route() {
   ctx.clearError();
   main.replaceChildren();
   if (!signedIn) {
-    showLogin();
+    showLogin(loginMessage);
     return;
   }
   const path = location.pathname.replace(/\/+$/, '') || '/ui';
@@ -105,6 +108,7 @@ async function probe() {
 
 function signIn() {
   signedIn = true;
+  loginMessage = '';
   signout.hidden = !api.token.get();
   api.startEvents();
   route();
@@ -118,11 +122,13 @@ api.onUnauthorized(() => {
   if (current && current.destroy) current.destroy();
   current = null;
   ctx.clearError();
-  showLogin('The server refused the token (it may have changed). Sign in again.');
+  loginMessage = 'The server refused the token (it may have changed). Sign in again.';
+  showLogin(loginMessage);
 });
 
 signout.addEventListener('click', () => {
   signedIn = false;
+  loginMessage = '';
   api.token.clear();
   api.stopEvents();
   route();
