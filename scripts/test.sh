@@ -38,6 +38,39 @@ bash scripts/bench-deps.sh
 need docker "install Docker Engine and start it"
 docker info >/dev/null 2>&1 || { echo "error: the Docker engine is not reachable (is dockerd running?)" >&2; exit 1; }
 bash scripts/test-image.sh
+# Debian's docker-compose 1.29 for the compose test of deploy/compose.yaml.
+if ! command -v docker-compose >/dev/null 2>&1; then
+  echo "== installing docker-compose"
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends docker-compose >/dev/null
+fi
+
+echo "== formatting (rustfmt.toml)"
+cargo fmt --all --check
+
+# The fault harness (tests/faults, run by `cargo test` below in its --quick mode) builds
+# network namespaces, partitions with iptables and slows links with tc; it needs root.
+if ! command -v ip >/dev/null 2>&1 || ! command -v iptables >/dev/null 2>&1 || ! command -v tc >/dev/null 2>&1; then
+  echo "== installing iproute2 and iptables (the fault harness)"
+  apt-get install -y iproute2 iptables >/dev/null
+fi
+
+# The dashboard's browser test: Debian's chromium and chromedriver (apt, once per machine,
+# ~30 s) and selenium in a venv (PyPI, once, ~20 s); selenium is given both paths, so it
+# never tries to download a browser or a driver.
+if ! [ -x /usr/bin/chromium ] || ! [ -x /usr/bin/chromedriver ]; then
+  echo "== installing chromium and chromium-driver (Debian packages, once)"
+  need apt-get "the dashboard test needs Debian's chromium and chromium-driver"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
+fi
+ui_venv="$HOME/.cache/flotilla-ui-venv"
+if ! "$ui_venv/bin/python" -c 'import selenium' >/dev/null 2>&1; then
+  echo "== installing selenium (a venv under ~/.cache, once)"
+  need python3 "apt-get install -y python3 python3-venv"
+  python3 -m venv "$ui_venv" && "$ui_venv/bin/pip" install --quiet 'selenium>=4.20,<5'
+fi
 
 # A private registry for the pods test of registry credentials: Debian's reference registry
 # (docker-registry; the test starts its own on a free loopback port) and htpasswd from
@@ -63,6 +96,9 @@ echo "== tests"
 # Black-box tests start 1-4 server processes each; two at a time suits a 2-core machine.
 cargo test --locked --workspace -- --test-threads=2
 
+echo "== the dashboard in headless Chromium (screenshots: $CARGO_TARGET_DIR/ui-screenshots/)"
+"$ui_venv/bin/python" tests/ui/browser_test.py --bin "$CARGO_TARGET_DIR/debug/flotilla"
+
 echo "== benchmarks, quick mode (a smoke test: it must finish and write valid JSON; no speed is asserted)"
 need python3 "apt-get install -y python3"
 bench_out="$(mktemp -d)"
@@ -79,6 +115,9 @@ for row in doc["results"]:
 print("bench-results.json: %d results, valid" % len(doc["results"]))
 PY
 rm -rf "$bench_out"
+
+echo "== deploy/compose.yaml: images built offline, a 3-node cluster + executor + S3 under compose"
+bash scripts/compose-test.sh "$CARGO_TARGET_DIR/debug/flotilla"
 
 echo "== no container left behind"
 left="$(docker ps -aq --filter label=flotilla)"

@@ -6,6 +6,7 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Parser, Subcommand, ValueEnum};
 use flotilla_api::server::{serve_node, ServerConfig};
@@ -14,6 +15,8 @@ use flotilla_api::{Client, ClientError};
 use flotilla_raft::NodeConfig;
 
 mod run_cmd;
+mod run_view;
+mod wait_cmd;
 
 #[derive(Parser)]
 #[command(
@@ -63,6 +66,10 @@ struct RaftTuning {
     /// Log entries kept behind the last snapshot for slow followers.
     #[arg(long, env = "FLOTILLA_MAX_LOGS_KEEP", default_value_t = 1000)]
     max_logs_keep: u64,
+    /// A write or linearizable read that cannot complete within this answers 503
+    /// `unavailable` (whether a write was applied is then unknown).
+    #[arg(long, env = "FLOTILLA_REQUEST_TIMEOUT_MS", default_value_t = flotilla_store::limits::DEFAULT_REQUEST_TIMEOUT_MS)]
+    request_timeout_ms: u64,
 }
 
 #[derive(clap::Args)]
@@ -152,6 +159,9 @@ enum Cmd {
         /// Token file for the executor routes (default: --token-file).
         #[arg(long, env = "FLOTILLA_EXECUTOR_TOKEN_FILE")]
         executor_token_file: Option<PathBuf>,
+        /// Open connections served at once; more are closed at once, with a warning.
+        #[arg(long, env = "FLOTILLA_MAX_CONNECTIONS", default_value_t = flotilla_store::limits::MAX_CONNECTIONS)]
+        max_connections: usize,
         #[command(flatten)]
         tuning: RaftTuning,
         #[command(flatten)]
@@ -206,6 +216,10 @@ enum Cmd {
         /// Give up pulling a missing image after this long.
         #[arg(long, env = "FLOTILLA_PULL_TIMEOUT_S", default_value_t = 60)]
         pull_timeout_s: u64,
+        /// On SIGTERM, how long running tasks may go on to finish before they are stopped
+        /// (no new task starts meanwhile); then the executor exits 0.
+        #[arg(long, env = "FLOTILLA_DRAIN_TIMEOUT_S", default_value_t = flotilla_executor::DEFAULT_DRAIN_TIMEOUT_S)]
+        drain_timeout_s: u64,
     },
     /// Runs: create, list, show, logs, stop, approve, wait.
     Run {
@@ -249,6 +263,15 @@ enum Cmd {
         #[command(subcommand)]
         command: MaintenanceCmd,
     },
+    /// Probe a node: exit 0 if it is alive (`/healthz`), or with `--ready` if it can serve
+    /// linearizable requests (`/readyz`); 1 otherwise. Made for container health checks
+    /// (the image has no shell and no curl).
+    Health {
+        #[command(flatten)]
+        client: ClientArgs,
+        #[arg(long)]
+        ready: bool,
+    },
 }
 
 #[derive(Subcommand)]
@@ -257,6 +280,14 @@ enum ClusterCmd {
     Init {
         #[arg(long = "node", value_parser = parse_node, required = true)]
         nodes: Vec<(u64, String)>,
+        /// Wait up to this long for every node to answer before giving up (0: no wait),
+        /// for when nodes start together (compose, systemd).
+        #[arg(long, default_value_t = 0)]
+        wait_s: u64,
+        /// Succeed without changing anything when the cluster is already initialised with
+        /// exactly these nodes (a re-run of a deployment's init step).
+        #[arg(long)]
+        if_needed: bool,
     },
     /// Leader, term, commit index, members and replication lag.
     Status {
@@ -326,6 +357,8 @@ pub(crate) enum Failure {
     Usage(String),
     /// Exit 1 with nothing more to say (the output already said it).
     Quiet,
+    /// Exit 3: gave up waiting (a timeout, or no server reachable), outcome unknown.
+    Timeout(String),
 }
 
 impl From<ClientError> for Failure {
@@ -393,6 +426,10 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
         Err(Failure::Quiet) => ExitCode::from(1),
+        Err(Failure::Timeout(m)) => {
+            eprintln!("error: {m}");
+            ExitCode::from(3)
+        }
     }
 }
 
@@ -406,6 +443,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             token_file,
             cluster_token_file,
             executor_token_file,
+            max_connections,
             tuning,
             scheduler,
             ost,
@@ -428,6 +466,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             cfg.election_timeout_max_ms = tuning.election_timeout_ms * 3 / 2;
             cfg.snapshot_logs = tuning.snapshot_logs;
             cfg.max_logs_keep = tuning.max_logs_keep;
+            cfg.request_timeout_ms = tuning.request_timeout_ms;
             let advertise = advertise.unwrap_or_else(|| format!("http://{listen}"));
             let server_cfg = ServerConfig {
                 api_token,
@@ -437,6 +476,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 gc: ost.gc(),
                 archive: ost.archive(),
                 ost_url: ost.ost,
+                max_connections,
             };
             serve_node(
                 cfg,
@@ -466,6 +506,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             work_dir,
             token_file,
             pull_timeout_s,
+            drain_timeout_s,
         } => {
             init_logging(cli.log_format);
             let mut cfg = flotilla_executor::Config::new(
@@ -481,6 +522,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             cfg.allow_privileged = allow_privileged;
             cfg.dynamic = dynamic;
             cfg.pull_timeout = std::time::Duration::from_secs(pull_timeout_s);
+            cfg.drain_timeout = std::time::Duration::from_secs(drain_timeout_s);
             let (tx, rx) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
                 shutdown_signal().await;
@@ -540,6 +582,20 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             }
             Ok(())
         }
+        Cmd::Health { client: args, ready } => {
+            let c = client(&args)?;
+            let answer = if ready {
+                c.ready().await?
+            } else {
+                serde_json::to_value(c.health().await?).unwrap_or_default()
+            };
+            if args.json {
+                print_json(&answer);
+            } else {
+                println!("{} is {}", c.base(), if ready { "ready" } else { "alive" });
+            }
+            Ok(())
+        }
     }
 }
 
@@ -569,6 +625,7 @@ async fn dev(
         gc: ost.gc(),
         archive: ost.archive(),
         ost_url: ost.ost,
+        max_connections: flotilla_store::limits::MAX_CONNECTIONS,
     };
     let data_dir_shown = data_dir.display().to_string();
     let executor_dir =
@@ -625,14 +682,40 @@ fn print_status(s: &ClusterStatus) {
 
 async fn cluster(c: &Client, json: bool, cmd: ClusterCmd) -> Result<(), Failure> {
     let status = match cmd {
-        ClusterCmd::Init { nodes } => {
+        ClusterCmd::Init { nodes, wait_s, if_needed } => {
+            let deadline = std::time::Instant::now() + Duration::from_secs(wait_s);
             for (id, url) in &nodes {
-                Client::new(url, None)
-                    .health()
-                    .await
-                    .map_err(|e| Failure::Refused(format!("node {id} is not reachable at {url}: {e}")))?;
+                loop {
+                    match Client::new(url, None).health().await {
+                        Ok(_) => break,
+                        Err(_) if std::time::Instant::now() < deadline => {
+                            tokio::time::sleep(Duration::from_millis(500)).await
+                        }
+                        Err(e) => {
+                            return Err(Failure::Refused(format!("node {id} is not reachable at {url}: {e}")))
+                        }
+                    }
+                }
             }
-            c.cluster_init(&nodes).await?
+            match c.cluster_init(&nodes).await {
+                Ok(status) => status,
+                Err(e) if if_needed && e.status() == Some(409) => {
+                    let status = c.cluster(false).await?;
+                    let mut members: Vec<(u64, String)> =
+                        status.nodes.iter().map(|n| (n.id, n.addr.clone())).collect();
+                    let mut wanted = nodes.clone();
+                    members.sort();
+                    wanted.sort();
+                    if members != wanted {
+                        return Err(Failure::Refused(format!(
+                            "the cluster is already initialised with other nodes: {members:?}"
+                        )));
+                    }
+                    eprintln!("the cluster is already initialised with these nodes; nothing changed");
+                    status
+                }
+                Err(e) => return Err(e.into()),
+            }
         }
         ClusterCmd::Status { stale } => c.cluster(stale).await?,
         ClusterCmd::AddLearner { node: (id, url) } => c.add_learner(id, &url).await?,

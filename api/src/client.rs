@@ -10,12 +10,13 @@ use serde::Serialize;
 
 use crate::error::ErrorBody;
 use crate::types::*;
+use flotilla_store::limits::{CLIENT_RETRY_BACKOFF_MS, CLIENT_RETRY_BUDGET_MS};
 
-/// Characters escaped in a key path segment ('/' is kept: keys may be paths).
-/// Characters escaped in a single path segment.
-const SEGMENT: &AsciiSet = &KEY.add(b'/');
-
-const KEY: &AsciiSet = &CONTROLS
+/// Characters escaped in a user-supplied path segment (a key, run id, task name, executor
+/// id). `/` is escaped, so a key with slashes stays one segment, and `\`, which URL
+/// parsing turns into `/` in http(s) URLs. A segment that is exactly `.` or `..` cannot
+/// be escaped (URL parsing treats `%2e` as `.`): [`check_path`] refuses it.
+const SEGMENT: &AsciiSet = &CONTROLS
     .add(b' ')
     .add(b'"')
     .add(b'#')
@@ -25,7 +26,26 @@ const KEY: &AsciiSet = &CONTROLS
     .add(b'>')
     .add(b'`')
     .add(b'{')
-    .add(b'}');
+    .add(b'}')
+    .add(b'/')
+    .add(b'\\');
+
+/// Refuses a path with a `.` or `..` segment, however encoded: URL normalisation would
+/// resolve it and send the request to another route (`kv put ../maintenance` once
+/// enabled maintenance mode).
+fn check_path(path: &str) -> Result<(), ClientError> {
+    let path = path.split('?').next().unwrap_or("");
+    for segment in path.split('/') {
+        let decoded = percent_encoding::percent_decode_str(segment).decode_utf8_lossy();
+        if decoded == "." || decoded == ".." {
+            return Err(ClientError::Refused(format!(
+                "{decoded:?} cannot be used as a key, run id, task name or executor id \
+                 (a URL path would resolve it into another route)"
+            )));
+        }
+    }
+    Ok(())
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
@@ -35,6 +55,9 @@ pub enum ClientError {
     /// The server could not be reached or the answer could not be read.
     #[error("cannot reach {url}: {message}")]
     Transport { url: String, message: String },
+    /// Refused here, before anything was sent (as the server would with a 400).
+    #[error("{0}")]
+    Refused(String),
 }
 
 impl ClientError {
@@ -42,8 +65,30 @@ impl ClientError {
         match self {
             ClientError::Api { status, .. } => Some(*status),
             ClientError::Transport { .. } => None,
+            ClientError::Refused(_) => Some(400),
         }
     }
+
+    /// Worth sending again, maybe elsewhere: the server was not reached, or it answered
+    /// 503 (no leader, maintenance, a request timeout: nothing was refused).
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, ClientError::Transport { .. } | ClientError::Api { status: 503, .. })
+    }
+}
+
+/// A fresh `Idempotency-Key`: the time, the process and the std library's per-process
+/// random hasher keys, so two calls (or two processes) never share one.
+pub fn new_idempotency_key() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static SEQ: AtomicU64 = AtomicU64::new(0);
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos());
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u128(nanos);
+    h.write_u32(std::process::id());
+    h.write_u64(SEQ.fetch_add(1, Ordering::Relaxed));
+    format!("flotilla-{nanos:x}-{:x}-{:016x}", std::process::id(), h.finish())
 }
 
 #[derive(Clone)]
@@ -51,16 +96,41 @@ pub struct Client {
     base: String,
     token: Option<String>,
     http: reqwest::Client,
+    /// Every server given (`--server a,b,c`); `base` is the one requests go to, and the
+    /// calls that retry ([`Client::run_create`]) move along this list.
+    servers: Vec<String>,
 }
 
 impl Client {
+    /// A client of `base`: one server URL, or several separated by commas (requests go to
+    /// the first; the retrying calls move to the next on transport errors and 503).
     pub fn new(base: &str, token: Option<String>) -> Self {
         let http = reqwest::Client::builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(60))
+            // Servers close idle connections after HEADER_READ_TIMEOUT_MS: let go first.
+            .pool_idle_timeout(Duration::from_secs(15))
             .build()
             .expect("static client settings");
-        Client { base: base.trim_end_matches('/').to_string(), token, http }
+        let mut servers: Vec<String> = base
+            .split(',')
+            .map(|s| s.trim().trim_end_matches('/').to_string())
+            .filter(|s| !s.is_empty())
+            .collect();
+        if servers.is_empty() {
+            servers.push(base.trim().trim_end_matches('/').to_string());
+        }
+        Client { base: servers[0].clone(), token, http, servers }
+    }
+
+    /// Every server this client was given, in order.
+    pub fn servers(&self) -> &[String] {
+        &self.servers
+    }
+
+    /// The same client (token, connection pool, server list) sending to `server`.
+    pub fn at(&self, server: &str) -> Client {
+        Client { base: server.trim_end_matches('/').to_string(), ..self.clone() }
     }
 
     pub fn base(&self) -> &str {
@@ -73,6 +143,7 @@ impl Client {
         path: &str,
         body: Option<&impl Serialize>,
     ) -> Result<Option<T>, ClientError> {
+        check_path(path)?;
         let url = format!("{}{}", self.base, path);
         let mut req = self.http.request(method, &url);
         if let Some(t) = &self.token {
@@ -127,11 +198,17 @@ impl Client {
     }
 
     fn key_path(key: &str) -> String {
-        format!("/api/v1/kv/{}", utf8_percent_encode(key.trim_start_matches('/'), KEY))
+        format!("/api/v1/kv/{}", utf8_percent_encode(key, SEGMENT))
     }
 
     pub async fn health(&self) -> Result<Health, ClientError> {
         self.get("/healthz").await
+    }
+
+    /// `/readyz`: Ok when the node can serve linearizable requests, an error (503 with
+    /// the node's view: leader, applied and commit index) when it cannot.
+    pub async fn ready(&self) -> Result<serde_json::Value, ClientError> {
+        self.get("/readyz").await
     }
 
     pub async fn kv_put(
@@ -227,8 +304,87 @@ impl Client {
         utf8_percent_encode(s, SEGMENT).to_string()
     }
 
+    /// Creates a run under one fresh `Idempotency-Key`, retried with that key on transport
+    /// errors and 503 (moving to the next server given) for up to
+    /// [`CLIENT_RETRY_BUDGET_MS`]: however often it is sent, at most one run is created.
     pub async fn run_create(&self, create: &RunCreate) -> Result<Run, ClientError> {
-        self.with_body(reqwest::Method::POST, "/api/v1/runs", create).await
+        let key = new_idempotency_key();
+        self.retrying(|c| {
+            let key = key.clone();
+            async move { c.run_create_with_key(create, &key).await.map(|(run, _)| run) }
+        })
+        .await
+    }
+
+    /// One attempt of an idempotent create: the run, and whether the server replayed the
+    /// key (the run was created by an earlier attempt).
+    pub async fn run_create_with_key(
+        &self,
+        create: &RunCreate,
+        key: &str,
+    ) -> Result<(Run, bool), ClientError> {
+        let url = format!("{}/api/v1/runs", self.base);
+        let mut req = self.http.post(&url).header("idempotency-key", key).json(create);
+        if let Some(t) = &self.token {
+            req = req.bearer_auth(t);
+        }
+        let transport =
+            |e: reqwest::Error| ClientError::Transport { url: url.clone(), message: e.to_string() };
+        let resp = req.send().await.map_err(transport)?;
+        let status = resp.status().as_u16();
+        let replayed = resp.headers().get("idempotent-replayed").is_some_and(|v| v.as_bytes() == b"true");
+        let bytes = resp.bytes().await.map_err(transport)?;
+        if !(200..300).contains(&status) {
+            let e: ErrorBody = serde_json::from_slice(&bytes).unwrap_or(ErrorBody {
+                code: "unknown".into(),
+                message: String::from_utf8_lossy(&bytes).chars().take(300).collect(),
+            });
+            return Err(ClientError::Api { status, code: e.code, message: e.message });
+        }
+        let run = serde_json::from_slice(&bytes).map_err(|e| ClientError::Transport {
+            url: url.clone(),
+            message: format!("unreadable answer: {e}"),
+        })?;
+        Ok((run, replayed))
+    }
+
+    /// Runs `call` against the current server, then the next ones in turn, while it fails
+    /// with a transport error or a 503 and the retry budget lasts; the last error otherwise.
+    pub async fn retrying<T, F, Fut>(&self, call: F) -> Result<T, ClientError>
+    where
+        F: Fn(Client) -> Fut,
+        Fut: std::future::Future<Output = Result<T, ClientError>>,
+    {
+        let deadline = std::time::Instant::now() + Duration::from_millis(CLIENT_RETRY_BUDGET_MS);
+        let start = self.servers.iter().position(|s| *s == self.base).unwrap_or(0);
+        let mut attempt = 0usize;
+        loop {
+            let server = &self.servers[(start + attempt) % self.servers.len()];
+            match call(self.at(server)).await {
+                Err(e) if e.is_retryable() && std::time::Instant::now() < deadline => {
+                    attempt += 1;
+                    // Each full pass over the servers waits a little longer (an election
+                    // takes about a second).
+                    let pass = (attempt / self.servers.len()).min(5) as u64;
+                    tokio::time::sleep(Duration::from_millis(CLIENT_RETRY_BACKOFF_MS * (1 + pass))).await;
+                }
+                other => return other,
+            }
+        }
+    }
+
+    /// Restarts a finished run: a new run of the same configuration, keeping the tasks
+    /// that succeeded or were skipped unless `from_start`; `environment` replaces the
+    /// run's environment when given.
+    pub async fn run_restart(
+        &self,
+        id: &str,
+        from_start: bool,
+        environment: Option<BTreeMap<String, String>>,
+    ) -> Result<Run, ClientError> {
+        let path = format!("/api/v1/runs/{}/actions", Self::seg(id));
+        let body = crate::lifecycle::RestartRequest { action: "restart".into(), from_start, environment };
+        self.with_body(reqwest::Method::PUT, &path, &body).await
     }
 
     pub async fn run_get(&self, id: &str) -> Result<Run, ClientError> {
@@ -236,7 +392,10 @@ impl Client {
     }
 
     pub async fn run_list(&self, q: &RunQuery) -> Result<RunList, ClientError> {
-        let mut pairs = vec![("limit", q.limit.to_string())];
+        let mut pairs = Vec::new();
+        if q.limit > 0 {
+            pairs.push(("limit", q.limit.to_string()));
+        }
         if let Some(g) = &q.group {
             pairs.push(("group", g.clone()));
         }
@@ -326,6 +485,7 @@ impl Client {
         body: Option<reqwest::Body>,
         size: Option<u64>,
     ) -> Result<reqwest::Response, ClientError> {
+        check_path(path)?;
         let url = format!("{}{}", self.base, path);
         let transport =
             |e: reqwest::Error| ClientError::Transport { url: url.clone(), message: e.to_string() };
@@ -397,9 +557,13 @@ impl Client {
         step: &str,
         follow: bool,
     ) -> Result<Download, ClientError> {
-        let q =
-            serde_urlencoded::to_string([("step", step), ("follow", if follow { "true" } else { "false" })])
-                .unwrap_or_default();
+        // An empty `step` leaves the choice to the server (the failing step of a failed
+        // task, else the first `run` step).
+        let mut params = vec![("follow", if follow { "true" } else { "false" })];
+        if !step.is_empty() {
+            params.push(("step", step));
+        }
+        let q = serde_urlencoded::to_string(params).unwrap_or_default();
         let path = format!("/api/v1/runs/{}/tasks/{}/logs?{q}", Self::seg(id), Self::seg(task));
         Ok(Download {
             url: format!("{}{path}", self.base),
@@ -425,6 +589,28 @@ impl Client {
             url: format!("{}{path}", self.base),
             resp: self.open(reqwest::Method::GET, &path, None, None).await?,
         })
+    }
+
+    /// The saved workspace of a task as a plain tar stream, or with `path` one file of it.
+    pub async fn task_workspace(
+        &self,
+        id: &str,
+        task: &str,
+        path: Option<&str>,
+    ) -> Result<Download, ClientError> {
+        let mut path_q = format!("/api/v1/runs/{}/tasks/{}/workspace", Self::seg(id), Self::seg(task));
+        if let Some(p) = path {
+            path_q = format!("{path_q}?{}", serde_urlencoded::to_string([("path", p)]).unwrap_or_default());
+        }
+        Ok(Download {
+            url: format!("{}{path_q}", self.base),
+            resp: self.open(reqwest::Method::GET, &path_q, None, None).await?,
+        })
+    }
+
+    /// The tasks of a run in DAG order, with their dependencies and step names.
+    pub async fn run_outline(&self, id: &str) -> Result<crate::tasks::RunOutline, ClientError> {
+        self.get(&format!("/api/v1/runs/{}/tasks", Self::seg(id))).await
     }
 
     /// Appends log bytes starting at `offset`; the answer says how much the server holds.
@@ -555,6 +741,7 @@ pub struct RunQuery {
     pub group: Option<String>,
     pub phase: Option<String>,
     pub start: Option<String>,
+    /// Most runs in the answer; 0: the server's default.
     pub limit: usize,
     pub asc: bool,
 }

@@ -73,6 +73,7 @@ impl From<CommandError> for ApiError {
             CommandError::Invalid { .. } => ApiError::bad_request(e.to_string()),
             CommandError::Missing { .. } => ApiError::not_found(e.to_string()),
             CommandError::Conflict { .. } => ApiError::conflict(e.to_string()),
+            CommandError::KeyReused { .. } => ApiError::new(422, "idempotency_key_reused", e.to_string()),
         }
     }
 }

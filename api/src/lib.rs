@@ -8,11 +8,15 @@
 pub mod archive;
 pub mod client;
 pub mod error;
+pub mod lifecycle;
 pub mod metrics;
 pub mod objects;
 mod runs;
 pub mod server;
+mod strict_json;
+pub mod tasks;
 pub mod types;
+pub mod ui;
 
 pub use client::{Client, ClientError};
 pub use error::{ApiError, ErrorBody};

@@ -119,6 +119,7 @@ pub(crate) async fn append_log(
         return forward_to_leader(ctx, req).await;
     }
     let run_id = task_owner(ctx, executor, task_id).await?;
+    check_step_exists(ctx, task_id, &step)?;
     let key = keys::log(task_id, step.clone());
     let live = ctx.live_logs.get_or_create(task_id, &step);
     let _guard = live.write.lock().await;
@@ -196,6 +197,26 @@ async fn task_owner(ctx: &Ctx, executor: &str, task_id: &str) -> Result<String, 
     Ok(task.spec.run_id.clone())
 }
 
+/// A log is stored only for a step the task has (404 for step 99 of a 2-step task).
+fn check_step_exists(ctx: &Ctx, task_id: &str, step: &LogStep) -> Result<(), ApiError> {
+    let LogStep::Step(n) = *step else { return Ok(()) };
+    let sm = ctx.node.state.read();
+    let steps = sm.state.executor_tasks.get(task_id).and_then(|t| {
+        sm.state
+            .run_configs
+            .get(&t.spec.run_id)
+            .and_then(|c| c.task(&t.spec.task_name))
+            .map(|t| t.steps.len())
+    });
+    match steps {
+        Some(steps) if n < steps => Ok(()),
+        Some(steps) => Err(ApiError::not_found(format!(
+            "executor task {task_id:?} has {steps} steps (numbered from 0): there is no step {n}"
+        ))),
+        None => Err(ApiError::not_found(format!("executor task {task_id:?} not found"))),
+    }
+}
+
 fn spool_error(e: std::io::Error) -> ApiError {
     tracing::error!(error = %e, "log spool I/O failed");
     ApiError::internal()
@@ -208,48 +229,28 @@ pub(crate) async fn get_log(
     task: &str,
     req: &Request<'_>,
 ) -> Result<Reply, ApiError> {
+    let follow = req.flag("follow")?;
+    // The run may be live or archived: its logs outlive its place in the state.
+    let (run, config) = crate::tasks::find_run(ctx, run_id, req).await?;
     let step = match (req.query.get("container"), req.query.get("step")) {
+        (Some(_), Some(_)) => return Err(ApiError::bad_request("give either step or container, not both")),
         // A service container's whole output (`run logs ID TASK --container db`).
-        (Some(_), Some(_)) => {
-            return Err(ApiError::bad_request("give either step or container, not both"));
-        }
         (Some(name), None) => {
             flotilla_store::pod::validate_hostname("container", name).map_err(ApiError::bad_request)?;
             LogStep::Container(name.clone())
         }
-        (None, step_param) => {
-            let step_param = step_param.map(String::as_str).unwrap_or("0");
-            LogStep::parse(step_param).filter(|s| !matches!(s, LogStep::Container(_))).ok_or_else(|| {
-                ApiError::bad_request(format!("step {step_param:?} is not a number or 'setup'"))
-            })?
-        }
+        // `step=N`, `step=setup`, `step=<a run step's name>`, or none: see `resolve_step`.
+        (None, step) => crate::tasks::resolve_step(&run, &config, task, step.map(String::as_str))?,
     };
-    let follow = req.flag("follow")?;
-    crate::server::read_barrier(ctx, req).await?;
-    // The run may be live or archived: its logs outlive its place in the state.
-    let (live, manifest) = {
-        let sm = ctx.node.state.read();
-        (
-            sm.state.runs.get(run_id).map(|r| r.tasks.get(task).map(|t| t.steps.len())),
-            sm.state.archive.clone(),
-        )
-    };
-    let steps = match live {
-        Some(steps) => steps,
-        None => match ctx.archive.get(&manifest, run_id).await? {
-            Some(a) => a.run.tasks.get(task).map(|t| t.steps.len()),
-            None => return Err(ApiError::not_found(format!("run {run_id:?} not found"))),
-        },
-    };
-    let steps =
-        steps.ok_or_else(|| ApiError::not_found(format!("task {task:?} not found in run {run_id}")))?;
-    if let LogStep::Step(n) = &step {
-        let n = *n;
+    let steps = run.tasks.get(task).map_or(0, |t| t.steps.len());
+    let restored_from = run.tasks.get(task).and_then(|t| t.restored_from.clone());
+    if let LogStep::Step(n) = step {
         if n >= steps {
             return Err(ApiError::not_found(format!("task {task:?} has {steps} steps (numbered from 0)")));
         }
     }
-    let task_id = executor_task_id(run_id, task);
+    // A task kept by a restart shares the logs of the run that ran it.
+    let task_id = executor_task_id(restored_from.as_deref().unwrap_or(run_id), task);
     let key = keys::log(&task_id, step.clone());
     if let Some(live) = ctx.live_logs.get(&task_id, &step) {
         return Ok(stream_reply(tail(ctx.clone(), live, key, follow, run_id.to_string(), task.to_string())));
@@ -374,8 +375,10 @@ pub(crate) fn stream_reply(mut stream: ObjectStream) -> Reply {
 pub(crate) async fn forward_to_leader(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
     let leader =
         ctx.node.leader_url().ok_or_else(|| ApiError::unavailable("no leader known; retry shortly"))?;
-    let mut url =
-        format!("{leader}/{}", req.segments.iter().map(|s| s.to_string()).collect::<Vec<_>>().join("/"));
+    let mut url = format!(
+        "{leader}/{}",
+        req.segments.iter().map(|s| crate::server::encode_segment(s)).collect::<Vec<_>>().join("/")
+    );
     if !req.raw_query.is_empty() {
         url = format!("{url}?{}", req.raw_query);
     }

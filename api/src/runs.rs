@@ -12,7 +12,9 @@ use std::time::Duration;
 use bytes::Bytes;
 use flotilla_scheduler::now_ms;
 use flotilla_store::executor::{task_data, validate_executor_id, ExecutorInfo, ExecutorTaskStatus};
-use flotilla_store::limits::{DEFAULT_LIST_LIMIT, MAX_EVENT_SUBSCRIBERS, MAX_LIST_LIMIT, MAX_LONG_POLL_MS};
+use flotilla_store::limits::{
+    DEFAULT_LIST_LIMIT, EVENT_KEEPALIVE_MS, MAX_EVENT_SUBSCRIBERS, MAX_LIST_LIMIT, MAX_LONG_POLL_MS,
+};
 use flotilla_store::run::{group_matches, RunCreate, RunPhase};
 use flotilla_store::{Command, Response};
 use tokio::sync::broadcast::error::RecvError;
@@ -22,13 +24,13 @@ use crate::error::ApiError;
 use crate::server::{json, read_barrier, unexpected, write, write_at, Ctx, Reply, Request};
 use crate::types::*;
 
-/// How often an idle event stream sends a keep-alive comment.
-const EVENT_KEEPALIVE: Duration = Duration::from_secs(15);
-
 pub(crate) async fn route(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -> Result<Reply, ApiError> {
     let m = &req.method;
     match rest {
-        ["runs"] if m == Method::POST => create_run(ctx, req).await,
+        ["runs"] if m == Method::POST => match &req.idempotency_key {
+            Some(key) => crate::lifecycle::create_run_idempotent(ctx, req, key).await,
+            None => create_run(ctx, req).await,
+        },
         ["runs"] if m == Method::GET => list_runs(ctx, req).await,
         ["runs", id] if m == Method::GET => {
             read_barrier(ctx, req).await?;
@@ -64,10 +66,20 @@ pub(crate) async fn route(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -> Result
             Ok(json(200, &dump))
         }
         ["runs", id, "actions"] if m == Method::PUT => {
-            let body: ActionRequest = req.json()?;
-            match body.action.as_str() {
-                "stop" => expect_done(write(ctx, Command::StopRun { run_id: id.to_string() }).await?),
-                other => Err(ApiError::bad_request(format!("unknown run action {other:?}; known: stop"))),
+            let body: serde_json::Value = req.json()?;
+            if !body.is_object() {
+                return Err(ApiError::bad_request("invalid JSON body: the body must be a JSON object"));
+            }
+            match body.get("action").and_then(|a| a.as_str()) {
+                Some("stop") => {
+                    let _: ActionRequest = req.json()?;
+                    expect_done(write(ctx, Command::StopRun { run_id: id.to_string() }).await?)
+                }
+                Some("restart") => crate::lifecycle::restart(ctx, id, req).await,
+                other => Err(ApiError::bad_request(format!(
+                    "unknown run action {:?}; known: stop, restart",
+                    other.unwrap_or_default()
+                ))),
             }
         }
         ["runs", id, "tasks", task, "annotations"] if m == Method::PUT => {
@@ -237,15 +249,12 @@ async fn list_runs(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
 /// workspace archives are deleted after; the GC removes what no run references any more.
 async fn delete_run(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
     let mut attempts = 0;
-    let tasks: Vec<String> = loop {
+    let tasks: Vec<(String, String)> = loop {
         attempts += 1;
         ctx.node.linearizable_barrier().await?;
         let (in_state, manifest) = {
             let sm = ctx.node.state.read();
-            (
-                sm.state.runs.get(id).map(|r| r.tasks.keys().cloned().collect::<Vec<_>>()),
-                sm.state.archive.clone(),
-            )
+            (sm.state.runs.get(id).map(|r| task_owners(r)), sm.state.archive.clone())
         };
         if let Some(tasks) = in_state {
             let cmd = Command::DeleteRun {
@@ -268,11 +277,7 @@ async fn delete_run(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
             .cloned()
             .ok_or_else(ApiError::internal)?;
         let runs = flotilla_store::archive::read_file(&ctx.ost, &old.key).await?;
-        let tasks = runs
-            .iter()
-            .find(|a| a.run.id == id)
-            .map(|a| a.run.tasks.keys().cloned().collect())
-            .unwrap_or_default();
+        let tasks = runs.iter().find(|a| a.run.id == id).map(|a| task_owners(&a.run)).unwrap_or_default();
         let rest: Vec<_> = runs.into_iter().filter(|a| a.run.id != id).collect();
         let stamp = flotilla_scheduler::now_ms();
         let with = if rest.is_empty() {
@@ -309,13 +314,19 @@ async fn delete_run(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
             Err(e) => return Err(e),
         }
     };
-    for task in tasks {
-        let task_id = flotilla_store::executor::executor_task_id(id, &task);
+    for (task, owner) in tasks {
+        let task_id = flotilla_store::executor::executor_task_id(&owner, &task);
         for kind in [flotilla_store::ost::keys::LOGS, flotilla_store::ost::keys::ARCHIVES] {
             ctx.ost.delete(&flotilla_store::ost::keys::run_ref(kind, &task_id, id)).await?;
         }
     }
     Ok(Reply::Empty)
+}
+
+/// Each task of `run` with the run holding its logs and archives (another one for a task
+/// kept by a restart).
+fn task_owners(run: &Run) -> Vec<(String, String)> {
+    run.tasks.iter().map(|(name, t)| (name.clone(), t.outputs_run(&run.id).to_string())).collect()
 }
 
 /// `GET /api/v1/events`: every event this node applies from now on, as server-sent
@@ -352,8 +363,11 @@ fn events(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
                     }
                     Err(RecvError::Closed) => return,
                 },
-                _ = tokio::time::sleep(EVENT_KEEPALIVE) => ": keep-alive\n\n".to_string(),
+                _ = tokio::time::sleep(Duration::from_millis(EVENT_KEEPALIVE_MS)) => ": keep-alive\n\n".to_string(),
                 _ = closing.changed() => return,
+                // The client went away (hyper dropped the response body): free the slot
+                // now, not at the next event.
+                _ = tx.closed() => return,
             };
             if tx.send(Ok(Bytes::from(chunk))).await.is_err() {
                 return; // the client went away

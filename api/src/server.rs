@@ -18,7 +18,9 @@ use flotilla_raft::network::MSGPACK;
 use flotilla_raft::rpc::{self, RpcKind};
 use flotilla_raft::{LeaderRequest, RaftNode};
 use flotilla_store::limits::{
-    DEFAULT_LIST_LIMIT, MAX_API_BODY_BYTES, MAX_LIST_LIMIT, MAX_NODE_ADDR_BYTES, MAX_RAFT_BODY_BYTES,
+    BODY_IDLE_TIMEOUT_MS, BODY_PERMIT_WAIT_MS, BODY_READ_TIMEOUT_MS, DEFAULT_LIST_LIMIT,
+    HEADER_READ_TIMEOUT_MS, LARGE_BODY_BYTES, MAX_API_BODY_BYTES, MAX_LARGE_API_BODIES,
+    MAX_LARGE_RAFT_BODIES, MAX_LIST_LIMIT, MAX_NODE_ADDR_BYTES, MAX_RAFT_BODY_BYTES,
 };
 use flotilla_store::ost::{ObjectStream, Ost};
 use flotilla_store::{Command, Response};
@@ -49,6 +51,8 @@ pub struct ServerConfig {
     pub gc: flotilla_scheduler::gc::GcConfig,
     /// The run archive (leader only).
     pub archive: flotilla_scheduler::archive::ArchiveConfig,
+    /// Open connections served at once (`--max-connections`, default `MAX_CONNECTIONS`).
+    pub max_connections: usize,
 }
 
 /// What every handler can reach.
@@ -67,6 +71,8 @@ pub struct Ctx {
     closing_tx: watch::Sender<bool>,
     /// Open event streams, bounded by `MAX_EVENT_SUBSCRIBERS`.
     pub(crate) event_subscribers: Arc<std::sync::atomic::AtomicUsize>,
+    /// Permits to read a large body: API routes, Raft routes.
+    large_bodies: [tokio::sync::Semaphore; 2],
 }
 
 impl Ctx {
@@ -77,13 +83,17 @@ impl Ctx {
         ost: Ost,
         spool_dir: std::path::PathBuf,
     ) -> std::io::Result<Arc<Ctx>> {
+        // Idle connections are let go before a server closes them (HEADER_READ_TIMEOUT_MS).
+        let idle = Duration::from_secs(15);
         let peers = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(500))
             .timeout(Duration::from_secs(2))
+            .pool_idle_timeout(idle)
             .build()
             .expect("static client settings");
         let streams = reqwest::Client::builder()
             .connect_timeout(Duration::from_millis(500))
+            .pool_idle_timeout(idle)
             .build()
             .expect("static client settings");
         let (closing_tx, _) = watch::channel(false);
@@ -99,7 +109,27 @@ impl Ctx {
             streams,
             closing_tx,
             event_subscribers: Default::default(),
+            large_bodies: [
+                tokio::sync::Semaphore::new(MAX_LARGE_API_BODIES),
+                tokio::sync::Semaphore::new(MAX_LARGE_RAFT_BODIES),
+            ],
         }))
+    }
+
+    /// A permit to read one large body, waited for at most `BODY_PERMIT_WAIT_MS`.
+    async fn body_permit(&self, raft: bool) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
+        let wait = Duration::from_millis(BODY_PERMIT_WAIT_MS);
+        match tokio::time::timeout(wait, self.large_bodies[usize::from(raft)].acquire()).await {
+            Ok(Ok(permit)) => Ok(permit),
+            _ => Err(ApiError::new(
+                503,
+                "busy",
+                format!(
+                    "this node is reading {} large request bodies already; retry shortly",
+                    if raft { MAX_LARGE_RAFT_BODIES } else { MAX_LARGE_API_BODIES }
+                ),
+            )),
+        }
     }
 
     pub(crate) fn closing(&self) -> watch::Receiver<bool> {
@@ -115,6 +145,8 @@ pub async fn run(listener: TcpListener, ctx: Arc<Ctx>, shutdown: impl Future<Out
         .and(warp::header::optional::<String>("authorization"))
         .and(warp::header::optional::<String>("content-length"))
         .and(warp::header::optional::<String>(crate::objects::FORWARDED))
+        .and(warp::header::optional::<String>("transfer-encoding"))
+        .and(idempotency_key_header())
         .and(warp::body::stream())
         .then({
             let ctx = ctx.clone();
@@ -124,17 +156,87 @@ pub async fn run(listener: TcpListener, ctx: Arc<Ctx>, shutdown: impl Future<Out
                   auth,
                   len,
                   fwd: Option<String>,
+                  te: Option<String>,
+                  idempotency_key: Option<String>,
                   body| {
                 let ctx = ctx.clone();
                 let path = path.as_str().to_string();
-                async move { handle(ctx, method, path, query, auth, len, fwd.is_some(), body).await }
+                let head = Head {
+                    auth,
+                    content_length: len,
+                    forwarded: fwd.is_some(),
+                    chunked: te.is_some(),
+                    idempotency_key,
+                };
+                async move { handle(ctx, method, path, query, head, body).await }
             }
         });
+    let max_connections = ctx.cfg.max_connections;
     let closing = async move {
         shutdown.await;
         ctx.closing_tx.send_replace(true);
     };
-    warp::serve(routes).incoming(listener).graceful(closing).run().await;
+    // The accept loop (warp's own has no connection cap and no header timeout): at most
+    // `max_connections` open connections, each with `HEADER_READ_TIMEOUT_MS` to send a
+    // request's headers (idle keep-alive connections included); on shutdown, stops
+    // accepting and waits for the connections' in-flight requests.
+    let svc = warp::service(routes);
+    use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+    let slots = Arc::new(tokio::sync::Semaphore::new(max_connections));
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    let mut shutdown = std::pin::pin!(closing);
+    let mut warned: Option<Instant> = None;
+    loop {
+        let (stream, peer) = tokio::select! {
+            accepted = listener.accept() => match accepted {
+                Ok(pair) => pair,
+                Err(e) => {
+                    // Out of file descriptors and the like: wait instead of spinning.
+                    tracing::warn!(error = %e, "cannot accept a connection");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            },
+            _ = &mut shutdown => break,
+        };
+        let Ok(slot) = slots.clone().try_acquire_owned() else {
+            if warned.is_none_or(|at| at.elapsed() > Duration::from_secs(10)) {
+                tracing::warn!(
+                    limit = max_connections,
+                    %peer,
+                    "connection limit reached: {max_connections} connections are open, new ones are closed until some end (--max-connections)"
+                );
+                warned = Some(Instant::now());
+            }
+            drop(stream);
+            continue;
+        };
+        let svc = hyper_util::service::TowerToHyperService::new(svc.clone());
+        let watcher = graceful.watcher();
+        tokio::spawn(async move {
+            let _slot = slot;
+            let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            builder
+                .http1()
+                .timer(TokioTimer::new())
+                .header_read_timeout(Duration::from_millis(HEADER_READ_TIMEOUT_MS));
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            if let Err(e) = watcher.watch(conn).await {
+                tracing::debug!(error = %e, %peer, "connection ended with an error");
+            }
+        });
+    }
+    drop(listener);
+    graceful.shutdown().await;
+}
+
+/// The `Idempotency-Key` header, read without a rejection: a value that is not text
+/// comes through lossily and is refused with a JSON 400 by the route.
+fn idempotency_key_header(
+) -> impl Filter<Extract = (Option<String>,), Error = std::convert::Infallible> + Clone {
+    warp::header::headers_cloned().map(|h: warp::http::HeaderMap| {
+        h.get("idempotency-key").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+    })
 }
 
 /// Binds the listener (so a port conflict is reported before anything starts). Accepted
@@ -186,34 +288,51 @@ impl warp::Reply for Reply {
     }
 }
 
-#[allow(clippy::too_many_arguments)]
+/// What `handle` needs of the request headers.
+struct Head {
+    auth: Option<String>,
+    content_length: Option<String>,
+    /// Sent on by another node (never forwarded again).
+    forwarded: bool,
+    /// A body of unknown length follows (`transfer-encoding`).
+    chunked: bool,
+    /// `Idempotency-Key` (run creation).
+    idempotency_key: Option<String>,
+}
+
 async fn handle<S, B>(
     ctx: Arc<Ctx>,
     method: Method,
     path: String,
     raw_query: String,
-    auth: Option<String>,
-    content_length: Option<String>,
-    forwarded: bool,
+    head: Head,
     body: S,
 ) -> Reply
 where
     S: Stream<Item = Result<B, warp::Error>> + Send + Unpin + 'static,
     B: Buf + Send + 'static,
 {
-    let segments: Vec<&str> = path.trim_matches('/').split('/').filter(|s| !s.is_empty()).collect();
+    let decoded = decode_segments(&path);
+    let segments: Vec<&str> = match &decoded {
+        Ok(d) => d.iter().map(String::as_str).collect(),
+        Err(_) => Vec::new(),
+    };
     let route = route_label(&segments);
+    let Head { auth, content_length, forwarded, chunked, idempotency_key } = head;
     let result = async {
-        let query: HashMap<String, String> = serde_urlencoded::from_str(&raw_query)
-            .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
+        decoded.as_ref().map_err(Clone::clone)?;
+        let query = parse_query(&raw_query)?;
         let content_length = content_length
             .map(|len| len.trim().parse::<u64>().map_err(|_| ApiError::bad_request("invalid content-length")))
             .transpose()?;
-        if crate::objects::is_upload(&method, &segments) {
-            // Archives and caches stream through to the object storage, never buffered.
-            if !authorized(&ctx.cfg.executor_token, &auth) {
+        // The token is checked from the headers, before a byte of the body is read.
+        if let Some(expected) = required_token(&ctx.cfg, &segments) {
+            if !authorized(expected, &auth) {
                 return Err(ApiError::unauthorized());
             }
+        }
+        if crate::objects::is_upload(&method, &segments) {
+            // Archives and caches stream through to the object storage, never buffered.
             let stream: ObjectStream = Box::pin(body.map(|chunk| match chunk {
                 Ok(mut buf) => Ok(buf.copy_to_bytes(buf.remaining())),
                 Err(e) => Err(std::io::Error::other(e)),
@@ -228,7 +347,17 @@ where
         if content_length.is_some_and(|len| len > limit) {
             return Err(ApiError::payload_too_large(limit));
         }
+        let large = match content_length {
+            Some(len) => len > LARGE_BODY_BYTES,
+            None => chunked,
+        };
+        let _permit = if large {
+            Some(ctx.body_permit(matches!(segments.as_slice(), ["raft", ..])).await?)
+        } else {
+            None
+        };
         let body = read_body(body, limit).await?;
+        drop(_permit);
         let req = Request {
             method,
             segments: &segments,
@@ -236,6 +365,7 @@ where
             raw_query: raw_query.clone(),
             auth,
             forwarded,
+            idempotency_key,
             body,
         };
         dispatch(&ctx, req).await
@@ -257,13 +387,54 @@ where
     reply
 }
 
+/// The query parameters; one given twice (`?prev_revision=1&prev_revision=2`) is refused
+/// rather than one of the two silently winning.
+fn parse_query(raw: &str) -> Result<HashMap<String, String>, ApiError> {
+    let pairs: Vec<(String, String)> = serde_urlencoded::from_str(raw)
+        .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))?;
+    let mut query = HashMap::with_capacity(pairs.len());
+    for (k, v) in pairs {
+        if query.contains_key(&k) {
+            return Err(ApiError::bad_request(format!("query parameter {k:?} is given more than once")));
+        }
+        query.insert(k, v);
+    }
+    Ok(query)
+}
+
+/// The token a route family demands, known from the path alone (`None`: health and
+/// metrics, open to all).
+fn required_token<'a>(cfg: &'a ServerConfig, segments: &[&str]) -> Option<&'a Option<String>> {
+    match segments {
+        ["raft", ..] => Some(&cfg.cluster_token),
+        ["api", "v1", "executor", ..] => Some(&cfg.executor_token),
+        ["api", "v1", ..] => Some(&cfg.api_token),
+        _ => None,
+    }
+}
+
+/// Reads a whole body of at most `limit` bytes; a body that pauses longer than
+/// `BODY_IDLE_TIMEOUT_MS` or takes longer than `BODY_READ_TIMEOUT_MS` is refused.
 async fn read_body<S, B>(mut body: S, limit: u64) -> Result<Bytes, ApiError>
 where
     S: Stream<Item = Result<B, warp::Error>> + Unpin,
     B: Buf,
 {
     let mut buf = BytesMut::new();
-    while let Some(chunk) = body.next().await {
+    let deadline = tokio::time::Instant::now() + Duration::from_millis(BODY_READ_TIMEOUT_MS);
+    let too_slow = || {
+        ApiError::new(
+            408,
+            "request_timeout",
+            format!(
+                "the request body was not received in time (a pause over {BODY_IDLE_TIMEOUT_MS} ms, or over {BODY_READ_TIMEOUT_MS} ms in all)"
+            ),
+        )
+    };
+    loop {
+        let idle = tokio::time::Instant::now() + Duration::from_millis(BODY_IDLE_TIMEOUT_MS);
+        let next = tokio::time::timeout_at(idle.min(deadline), body.next()).await.map_err(|_| too_slow())?;
+        let Some(chunk) = next else { break };
         let chunk = chunk.map_err(|e| ApiError::bad_request(format!("cannot read request body: {e}")))?;
         if (buf.len() + chunk.remaining()) as u64 > limit {
             return Err(ApiError::payload_too_large(limit));
@@ -281,6 +452,8 @@ pub(crate) struct Request<'a> {
     pub auth: Option<String>,
     /// Sent on by another node (never forwarded again).
     pub forwarded: bool,
+    /// The `Idempotency-Key` header (`POST /api/v1/runs`).
+    pub idempotency_key: Option<String>,
     pub body: Bytes,
 }
 
@@ -289,7 +462,9 @@ impl Request<'_> {
         if self.body.is_empty() {
             return Err(ApiError::bad_request("request body is empty; a JSON object is expected"));
         }
-        serde_json::from_slice(&self.body)
+        // Strict: a struct only from a JSON object, at any depth (serde alone also reads a
+        // struct from a positional array).
+        crate::strict_json::from_slice(&self.body)
             .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
     }
 
@@ -338,6 +513,7 @@ fn route_label(segments: &[&str]) -> &'static str {
         ["api", "v1", "events"] => "events",
         ["api", "v1", "executors", ..] => "executors",
         ["api", "v1", "executor", ..] => "executor",
+        ["ui", ..] => "ui",
         _ => "other",
     }
 }
@@ -362,6 +538,7 @@ async fn dispatch(ctx: &Arc<Ctx>, req: Request<'_>) -> Result<Reply, ApiError> {
                 "vote" => RpcKind::Vote,
                 "snapshot" => RpcKind::Snapshot,
                 "leader" => RpcKind::Leader,
+                "elect" => RpcKind::Elect,
                 _ => return Err(ApiError::not_found("no such raft route")),
             };
             let out =
@@ -401,9 +578,18 @@ async fn dispatch(ctx: &Arc<Ctx>, req: Request<'_>) -> Result<Reply, ApiError> {
                 ["runs", run_id, "tasks", task, "logs"] if m == Method::GET => {
                     crate::objects::get_log(ctx, run_id, task, &req).await
                 }
+                ["runs", run_id, "graph"] => crate::ui::graph(ctx, run_id, &req).await,
+                ["runs", run_id, "tasks", task, "workspace"] if m == Method::GET => {
+                    crate::tasks::get_workspace(ctx, run_id, task, &req).await
+                }
+                ["runs", run_id, "tasks"] if m == Method::GET => {
+                    crate::tasks::get_outline(ctx, run_id, &req).await
+                }
                 _ => api_v1(ctx, rest, &req).await,
             }
         }
+        // The dashboard's own files: no token (they hold none); its API calls carry one.
+        ["ui", rest @ ..] => crate::ui::serve(&m, rest),
         _ => Err(ApiError::not_found(format!("no route for {} /{}", m, req.segments.join("/")))),
     }
 }
@@ -560,8 +746,11 @@ pub(crate) fn unexpected(r: Response) -> ApiError {
 }
 
 fn check_addr(addr: &str) -> Result<String, ApiError> {
+    // The URL parser silently drops tabs and line breaks: refuse them (and any control
+    // character or space) before it sees the address.
     let ok = (addr.starts_with("http://") || addr.starts_with("https://"))
         && addr.len() <= MAX_NODE_ADDR_BYTES
+        && !addr.chars().any(|c| c.is_control() || c.is_whitespace())
         && reqwest::Url::parse(addr).map(|u| u.host().is_some()).unwrap_or(false);
     if !ok {
         return Err(ApiError::bad_request(format!(
@@ -571,12 +760,37 @@ fn check_addr(addr: &str) -> Result<String, ApiError> {
     Ok(addr.trim_end_matches('/').to_string())
 }
 
+/// The path's segments, percent-decoded once here for every route. A segment that is
+/// `.` or `..` is refused: clients resolve such segments into another route, so one that
+/// arrives is never meant as an identifier (a key, run id, task name or executor id).
+fn decode_segments(path: &str) -> Result<Vec<String>, ApiError> {
+    path.trim_matches('/')
+        .split('/')
+        .filter(|s| !s.is_empty())
+        .map(|raw| {
+            let s = percent_decode_str(raw)
+                .decode_utf8()
+                .map_err(|_| ApiError::bad_request("the request path is not valid UTF-8"))?;
+            if s == "." || s == ".." {
+                return Err(ApiError::bad_request(format!(
+                    "the path segment {s:?} is not a valid key, run id, task name or executor id"
+                )));
+            }
+            Ok(s.into_owned())
+        })
+        .collect()
+}
+
+/// A decoded segment encoded again for a URL (a request forwarded to the leader).
+pub(crate) fn encode_segment(s: &str) -> String {
+    const SET: &percent_encoding::AsciiSet =
+        &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
+    percent_encoding::utf8_percent_encode(s, SET).to_string()
+}
+
+/// A key from its (decoded) segments: `a/b` may arrive as `a%2Fb` or as two segments.
 fn decode_key(segments: &[&str]) -> Result<String, ApiError> {
-    let raw = segments.join("/");
-    let key = percent_decode_str(&raw)
-        .decode_utf8()
-        .map_err(|_| ApiError::bad_request("key is not valid UTF-8"))?
-        .into_owned();
+    let key = segments.join("/");
     flotilla_store::command::validate_key(&key)?;
     Ok(key)
 }
@@ -691,8 +905,10 @@ async fn maintenance_status(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiEr
 
 async fn readyz(ctx: &Ctx) -> Result<Reply, ApiError> {
     let status = ctx.node.local_status().await;
-    let ready = status.leader_id.is_some() && status.applied_index >= status.commit_index;
+    // A leader cut off from its majority still names itself leader: `quorum` catches it.
+    let ready = status.leader_id.is_some() && status.quorum && status.applied_index >= status.commit_index;
     let body = Ready {
+        quorum: status.quorum,
         ready,
         node_id: ctx.node.id,
         leader_id: status.leader_id,
@@ -763,7 +979,23 @@ pub async fn serve_node(
         ctx.cfg.archive.clone(),
         ctx.closing(),
     ));
-    run(listener, ctx, shutdown).await;
+    // SIGTERM drains: a leader hands leadership to an up-to-date voter while this node
+    // still serves (requests arriving meanwhile are forwarded to the new leader), then the
+    // listener stops taking connections and in-flight requests finish.
+    let draining = node.clone();
+    let drain = async move {
+        shutdown.await;
+        if draining.is_leader() {
+            let started = std::time::Instant::now();
+            match draining.hand_over_leadership().await {
+                Ok(to) => {
+                    tracing::info!(to, ms = started.elapsed().as_millis() as u64, "leadership handed over")
+                }
+                Err(why) => tracing::warn!(%why, "stopping without a leadership handover"),
+            }
+        }
+    };
+    run(listener, ctx, drain).await;
     let _ = scheduler.await;
     let _ = gc.await;
     let _ = archiver.await;

@@ -82,6 +82,9 @@ pub struct Ready {
     pub leader_id: Option<u64>,
     pub applied_index: u64,
     pub commit_index: u64,
+    /// See `ClusterStatus::quorum`: false on a leader cut off from its majority.
+    #[serde(default)]
+    pub quorum: bool,
 }
 
 pub use flotilla_store::executor::{Executor, ExecutorInfo, ExecutorTaskSpec, ExecutorTaskStatus, TaskData};

@@ -9,11 +9,12 @@
 //! servers believe running but this agent does not know (it restarted) is reported
 //! failed: its container is gone.
 
-pub mod archive;
 pub mod docker;
 pub mod logs;
 pub mod pod;
+pub mod restore;
 pub mod servers;
+pub mod tarball;
 pub mod task;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -48,7 +49,14 @@ pub struct Config {
     pub work_dir: PathBuf,
     pub heartbeat: Duration,
     pub pull_timeout: Duration,
+    /// On shutdown, how long running tasks may go on to finish (and report) before they
+    /// are stopped. No new task starts meanwhile.
+    pub drain_timeout: Duration,
 }
+
+/// Ten seconds: `docker stop`'s own grace period, long enough for a short step to end and
+/// report, short enough for a rolling restart of executors.
+pub const DEFAULT_DRAIN_TIMEOUT_S: u64 = 10;
 
 impl Config {
     pub fn new(id: &str, servers: Vec<String>, work_dir: PathBuf) -> Config {
@@ -66,6 +74,7 @@ impl Config {
             work_dir,
             heartbeat: Duration::from_secs(2),
             pull_timeout: Duration::from_secs(60),
+            drain_timeout: Duration::from_secs(DEFAULT_DRAIN_TIMEOUT_S),
         }
     }
 }
@@ -246,7 +255,10 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
         // Ended before this poll: a task still not final at the next one is re-reported.
         since_ended = ended.keys().cloned().collect();
     }
-    tracing::info!("executor stopping; stopping its tasks");
+    drain(&agent, &mut running).await;
+    if !running.is_empty() {
+        tracing::info!(tasks = running.len(), "executor stopping; stopping its remaining tasks");
+    }
     for r in running.values() {
         let _ = r.stop.send(true);
     }
@@ -291,6 +303,30 @@ async fn cluster_id(
         tokio::select! {
             _ = tokio::time::sleep(Duration::from_millis(200)) => {}
             _ = shutdown.changed() => {}
+        }
+    }
+}
+
+/// Lets running tasks finish for up to the drain timeout, polling for no new task but
+/// still heartbeating (so the servers do not take this executor for gone).
+async fn drain(agent: &Agent, running: &mut BTreeMap<String, Running>) {
+    running.retain(|_, r| !r.handle.is_finished());
+    if running.is_empty() || agent.cfg.drain_timeout.is_zero() {
+        return;
+    }
+    tracing::info!(
+        tasks = running.len(),
+        timeout_s = agent.cfg.drain_timeout.as_secs(),
+        "draining: waiting for running tasks to finish"
+    );
+    let deadline = tokio::time::Instant::now() + agent.cfg.drain_timeout;
+    let mut last_heartbeat = tokio::time::Instant::now();
+    while !running.is_empty() && tokio::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        running.retain(|_, r| !r.handle.is_finished());
+        if last_heartbeat.elapsed() >= agent.cfg.heartbeat {
+            heartbeat(agent, running.len() as u32).await;
+            last_heartbeat = tokio::time::Instant::now();
         }
     }
 }

@@ -11,6 +11,7 @@ use std::time::Duration;
 use flotilla_api::types::ExecutorTaskView;
 use flotilla_api::ClientError;
 use flotilla_store::executor::{ExecutorTaskStatus, TaskData};
+use flotilla_store::limits::ARCHIVE_ZSTD_LEVEL;
 use flotilla_store::ost::reader_stream;
 use flotilla_store::run::{Phase, SaveContent, Step, StepStatus, REASON_TIMEOUT};
 use futures::StreamExt;
@@ -18,9 +19,9 @@ use md5::{Digest, Md5};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
-use crate::archive;
 use crate::logs::StepLog;
 use crate::pod;
+use crate::tarball;
 use crate::Agent;
 
 pub const DEFAULT_WORKING_DIR: &str = "/work";
@@ -312,7 +313,7 @@ async fn run_step(
             save_to_workspace(agent, id, container, working_dir, index, &s.contents, log).await
         }
         Step::RestoreWorkspace(r) => {
-            restore_workspace(agent, id, container, data, &absolute(working_dir, &r.dest_dir), log).await
+            restore_workspace(agent, container, data, &absolute(working_dir, &r.dest_dir), log).await
         }
         Step::SaveCache(s) => {
             save_cache(agent, id, container, data, working_dir, &s.key, &s.contents, log).await
@@ -320,7 +321,6 @@ async fn run_step(
         Step::RestoreCache(r) => {
             restore_cache(
                 agent,
-                id,
                 container,
                 data,
                 working_dir,
@@ -350,7 +350,7 @@ async fn build_archive(
     let stamp = now_ms();
     let mut raws = Vec::new();
     for (n, c) in contents.iter().enumerate() {
-        let globs = archive::patterns(&c.paths)?;
+        let globs = tarball::patterns(&c.paths)?;
         let src = absolute(working_dir, &c.source_dir);
         let raw_path = dir.join(format!("raw-{stamp}-{n}.tar"));
         let mut raw = tokio::fs::File::create(&raw_path).await.map_err(|e| e.to_string())?;
@@ -366,11 +366,11 @@ async fn build_archive(
     let out = out_path.clone();
     let total = tokio::task::spawn_blocking(move || -> Result<u64, String> {
         let file = std::fs::File::create(&out).map_err(|e| format!("cannot create a temp archive: {e}"))?;
-        let mut sel = archive::Selection::new(std::io::BufWriter::new(file));
+        let mut sel = tarball::Selection::new(std::io::BufWriter::new(file), ARCHIVE_ZSTD_LEVEL)
+            .map_err(|e| format!("cannot start a compressed archive: {e}"))?;
         let mut total = 0;
         for (raw_path, globs, dest, src) in &raws {
-            let input = std::io::BufReader::new(std::fs::File::open(raw_path).map_err(|e| e.to_string())?);
-            total += archive::select(input, globs, dest, &mut sel)
+            total += tarball::select(raw_path, globs, dest, &mut sel)
                 .map_err(|e| format!("cannot archive {src}: {e}"))?;
             let _ = std::fs::remove_file(raw_path);
         }
@@ -419,49 +419,18 @@ async fn save_to_workspace(
     Ok(())
 }
 
-/// Downloads an archive to a temp file, rebases it under `dest` and extracts it at `/`.
+/// Streams an archive from the servers into the container under `dest`.
 async fn extract(
     agent: &Agent,
-    id: &str,
     container: &str,
     download: flotilla_api::client::Download,
     dest: &str,
 ) -> Result<(), String> {
-    let dir = agent.cfg.work_dir.join(id);
-    let stamp = now_ms();
-    let (raw_path, rebased_path) =
-        (dir.join(format!("in-{stamp}.tar")), dir.join(format!("rebased-{stamp}.tar")));
-    let mut raw = tokio::fs::File::create(&raw_path).await.map_err(|e| e.to_string())?;
-    let mut s = download.into_stream();
-    while let Some(chunk) = s.next().await {
-        raw.write_all(&chunk.map_err(|e| format!("download failed: {e}"))?)
-            .await
-            .map_err(|e| e.to_string())?;
-    }
-    raw.flush().await.map_err(|e| e.to_string())?;
-    drop(raw);
-    let (rp, bp, dest_s) = (raw_path.clone(), rebased_path.clone(), dest.to_string());
-    tokio::task::spawn_blocking(move || -> std::io::Result<()> {
-        let input = std::io::BufReader::new(std::fs::File::open(&rp)?);
-        let out = std::io::BufWriter::new(std::fs::File::create(&bp)?);
-        let mut out = archive::rebase(input, &dest_s, out)?;
-        std::io::Write::flush(&mut out)?;
-        Ok(())
-    })
-    .await
-    .map_err(|e| e.to_string())?
-    .map_err(|e| format!("invalid archive: {e}"))?;
-    let _ = tokio::fs::remove_file(&raw_path).await;
-    let f = tokio::fs::File::open(&rebased_path).await.map_err(|e| e.to_string())?;
-    let r =
-        agent.docker.upload(container, "/", reader_stream(f, 256 * 1024)).await.map_err(|e| e.to_string());
-    let _ = tokio::fs::remove_file(&rebased_path).await;
-    r
+    crate::restore::into_container(&agent.docker, container, download.into_stream(), dest).await
 }
 
 async fn restore_workspace(
     agent: &Agent,
-    id: &str,
     container: &str,
     data: &TaskData,
     dest: &str,
@@ -477,7 +446,7 @@ async fn restore_workspace(
             .await;
         match r {
             Ok(d) => {
-                extract(agent, id, container, d, dest).await?;
+                extract(agent, container, d, dest).await?;
                 log.line(&format!(
                     "[flotilla] restored the workspace of task {} (step {}) into {dest}",
                     w.task_name, w.step
@@ -504,15 +473,15 @@ async fn render_key(
     template: &str,
 ) -> Result<String, String> {
     let mut key = String::new();
-    for part in archive::parse_template(template)? {
+    for part in tarball::parse_template(template)? {
         match part {
-            archive::Part::Text(t) => key.push_str(&t),
-            archive::Part::Env(name) => {
+            tarball::Part::Text(t) => key.push_str(&t),
+            tarball::Part::Env(name) => {
                 key.push_str(data.environment.get(&name).map(String::as_str).unwrap_or(""))
             }
-            archive::Part::Var(v) => {
+            tarball::Part::Var(v) => {
                 let now = now_ms() / 1000;
-                let (y, m, d) = archive::civil_date(now);
+                let (y, m, d) = tarball::civil_date(now);
                 key.push_str(&match v.as_str() {
                     "epoch" => now.to_string(),
                     "year" => y.to_string(),
@@ -521,7 +490,7 @@ async fn render_key(
                     _ => agent.arch.clone(),
                 });
             }
-            archive::Part::Md5sum(file) => {
+            tarball::Part::Md5sum(file) => {
                 let path = absolute(working_dir, &file);
                 let mut tar = Vec::new();
                 let mut s = agent.docker.download(container, &path);
@@ -531,7 +500,7 @@ async fn render_key(
                         return Err(format!("md5sum {file}: file too large"));
                     }
                 }
-                let content = archive::first_file(&tar[..], u64::MAX)
+                let content = tarball::first_file(&tar[..], u64::MAX)
                     .map_err(|e| format!("md5sum {file}: {e}"))?
                     .ok_or_else(|| format!("md5sum {file}: not a regular file"))?;
                 let digest = Md5::digest(&content);
@@ -591,7 +560,6 @@ async fn save_cache(
 #[allow(clippy::too_many_arguments)]
 async fn restore_cache(
     agent: &Agent,
-    id: &str,
     container: &str,
     data: &TaskData,
     working_dir: &str,
@@ -600,8 +568,10 @@ async fn restore_cache(
     log: &mut StepLog,
 ) -> Result<(), String> {
     let group = data.cache_group.clone();
+    let mut tried = Vec::new();
     for template in templates {
         let prefix = render_key(agent, container, data, working_dir, template).await?;
+        tried.push(prefix.clone());
         let found = agent
             .servers
             .call("cache lookup", |c| {
@@ -619,10 +589,10 @@ async fn restore_cache(
             })
             .await
             .map_err(|e| format!("cache download failed: {e}"))?;
-        extract(agent, id, container, d, dest).await?;
+        extract(agent, container, d, dest).await?;
         log.line(&format!("[flotilla] restored cache {key} into {dest}"));
         return Ok(());
     }
-    log.line(&format!("[flotilla] no cache matches {templates:?}"));
+    log.line(&format!("[flotilla] no cache matches the keys {tried:?} (from {templates:?})"));
     Ok(())
 }

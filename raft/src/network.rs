@@ -25,6 +25,8 @@ pub mod paths {
     pub const VOTE: &str = "raft/vote";
     pub const SNAPSHOT: &str = "raft/snapshot";
     pub const LEADER: &str = "raft/leader";
+    /// Asks a follower to campaign now: a leader handing over before it stops.
+    pub const ELECT: &str = "raft/elect";
 }
 
 pub const MSGPACK: &str = "application/msgpack";

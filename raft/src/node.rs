@@ -43,7 +43,8 @@ pub struct NodeConfig {
     pub snapshot_logs: u64,
     /// Entries kept in the log behind the last snapshot (for slow followers).
     pub max_logs_keep: u64,
-    /// How long a request waits for a leader or a commit before it gives up.
+    /// How long a write or linearizable read may take in all (finding a leader,
+    /// forwarding, committing, catching up) before it answers 503 `unavailable`.
     pub request_timeout_ms: u64,
     pub cache_capacity_bytes: u64,
 }
@@ -59,7 +60,7 @@ impl NodeConfig {
             election_timeout_max_ms: 375,
             snapshot_logs: 5000,
             max_logs_keep: 1000,
-            request_timeout_ms: 5000,
+            request_timeout_ms: flotilla_store::limits::DEFAULT_REQUEST_TIMEOUT_MS,
             cache_capacity_bytes: 64 * 1024 * 1024,
         }
     }
@@ -118,6 +119,9 @@ pub struct ClusterStatus {
     pub snapshot_index: Option<u64>,
     pub purged_index: Option<u64>,
     pub membership_index: Option<u64>,
+    /// On a leader: it heard from a quorum within the election timeout, so it may serve
+    /// linearizable reads and take writes. On any other node: it knows a leader.
+    pub quorum: bool,
     pub nodes: Vec<NodeStatus>,
 }
 
@@ -131,12 +135,23 @@ pub struct RaftNode {
     pub id: NodeId,
     pub raft: Raft,
     pub state: SharedState,
-    peers: PeerClient,
+    pub(crate) peers: PeerClient,
     db: sled::Db,
     log: LogStore,
     sm: StateMachineStore,
     batcher: Batcher,
     request_timeout: Duration,
+    /// Set while this leader hands leadership over (`drain.rs`): its requests wait.
+    pub(crate) handing_over: std::sync::atomic::AtomicBool,
+    /// openraft's leader lease: the maximum election timeout.
+    pub(crate) leader_lease: Duration,
+    /// A leader that has not heard from a quorum for longer than this refuses
+    /// linearizable reads and writes and reports `quorum: false`: the election timeout as
+    /// the followers see it (openraft's leader lease, the maximum election timeout, plus
+    /// the minimum one: 625 ms by default), the earliest another leader may be elected.
+    /// Not shorter, so that a loaded machine's slow heartbeat replies do not refuse
+    /// requests a healthy cluster can serve.
+    quorum_window: Duration,
 }
 
 impl RaftNode {
@@ -183,6 +198,9 @@ impl RaftNode {
             log,
             sm,
             request_timeout: Duration::from_millis(cfg.request_timeout_ms),
+            handing_over: std::sync::atomic::AtomicBool::new(false),
+            leader_lease: Duration::from_millis(cfg.election_timeout_max_ms),
+            quorum_window: Duration::from_millis(cfg.election_timeout_min_ms + cfg.election_timeout_max_ms),
         }))
     }
 
@@ -236,7 +254,7 @@ impl RaftNode {
         if !self.is_leader() {
             return Err(NodeError::unavailable(format!("{NOT_LEADER}: node {} is not the leader", self.id)));
         }
-        match self.run_on_leader(LeaderRequest::Write(cmd)).await {
+        match self.run_on_leader(LeaderRequest::Write(cmd), Instant::now() + self.request_timeout).await {
             Ok(LeaderResponse::Written { index, response }) => Ok((index, response)),
             Ok(other) => Err(NodeError::internal("write", format!("unexpected leader response {other:?}"))),
             Err(Attempt::Retry(why)) => Err(NodeError::unavailable(why)),
@@ -246,7 +264,8 @@ impl RaftNode {
 
     /// Returns once this replica has applied every write acknowledged before the call.
     pub async fn linearizable_barrier(&self) -> Result<(), NodeError> {
-        let index = match self.leader_request(LeaderRequest::ReadIndex).await? {
+        let deadline = Instant::now() + self.request_timeout;
+        let index = match self.leader_request_until(LeaderRequest::ReadIndex, deadline).await? {
             LeaderResponse::ReadIndex(i) => i,
             other => {
                 return Err(NodeError::internal(
@@ -255,45 +274,104 @@ impl RaftNode {
                 ))
             }
         };
-        self.wait_applied(index).await
+        self.wait_applied_until(index, deadline).await
     }
 
     /// Waits until this replica has applied `index`.
     pub async fn wait_applied(&self, index: u64) -> Result<(), NodeError> {
+        self.wait_applied_until(index, Instant::now() + self.request_timeout).await
+    }
+
+    async fn wait_applied_until(&self, index: u64, deadline: Instant) -> Result<(), NodeError> {
         let mut rx = self.state.subscribe();
-        let result =
-            tokio::time::timeout(self.request_timeout, rx.wait_for(|applied| *applied >= index)).await;
+        let left = deadline.saturating_duration_since(Instant::now());
+        let result = tokio::time::timeout(left, rx.wait_for(|applied| *applied >= index)).await;
         match result.map(|r| r.map(|_| ())) {
             Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(NodeError::unavailable("node is shutting down")),
-            Err(_) => {
-                Err(NodeError::unavailable(format!("this node has not caught up to index {index} in time")))
-            }
+            Ok(Err(_)) => Err(NodeError::unavailable("This node is shutting down.")),
+            Err(_) => Err(NodeError::unavailable(format!(
+                "This node has not caught up with the leader (log index {index}) within the request timeout of {} ms; try another node or again later.",
+                self.request_timeout.as_millis()
+            ))),
+        }
+    }
+
+    /// Whether this node leads and has heard from a quorum within the election timeout:
+    /// only then may it serve linearizable reads and take writes. A leader cut off from
+    /// the others keeps believing it leads (openraft steps down only on seeing a higher
+    /// term), so leadership alone says nothing about being able to commit.
+    pub fn has_quorum(&self) -> bool {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        quorum_fresh(&m, self.id, self.quorum_window)
+    }
+
+    /// Waits (one to two quorum windows) until this leader has heard from a quorum
+    /// recently: a leader elected a moment ago has no acknowledgement yet, and one cut off
+    /// from the others must refuse promptly instead of proposing what cannot commit.
+    async fn ensure_quorum(&self, deadline: Instant) -> Result<(), Attempt> {
+        let mut metrics = self.raft.metrics();
+        let (id, window) = (self.id, self.quorum_window);
+        // Up to two windows (within the request's deadline): on a loaded machine a healthy
+        // leader's acknowledgements can lag a window behind, while a leader cut off from
+        // its majority still refuses promptly.
+        let wait = deadline
+            .saturating_duration_since(Instant::now())
+            .saturating_sub(Duration::from_millis(100))
+            .min(window * 2)
+            .max(window);
+        let waited = tokio::time::timeout(
+            wait,
+            metrics.wait_for(|m| m.current_leader != Some(id) || quorum_fresh(m, id, window)),
+        )
+        .await
+        .map(|r| r.is_ok());
+        if !self.is_leader() {
+            return Err(Attempt::Retry(format!("{NOT_LEADER}: node {} is not the leader", self.id)));
+        }
+        match waited {
+            Ok(true) => Ok(()),
+            Ok(false) => Err(Attempt::Fail(NodeError::unavailable("This node is shutting down."))),
+            Err(_) => Err(Attempt::Fail(NodeError::unavailable(format!(
+                "Node {id} leads but has not heard from a majority of the cluster for over {} ms (a network partition?), so it refused the request; nothing was applied. Try another node.",
+                window.as_millis()
+            )))),
         }
     }
 
     /// Runs `req` on the leader, wherever it is, retrying only what surely did not happen.
     pub async fn leader_request(&self, req: LeaderRequest) -> Result<LeaderResponse, NodeError> {
-        let deadline = Instant::now() + self.request_timeout;
+        self.leader_request_until(req, Instant::now() + self.request_timeout).await
+    }
+
+    async fn leader_request_until(
+        &self,
+        req: LeaderRequest,
+        deadline: Instant,
+    ) -> Result<LeaderResponse, NodeError> {
         let mut delay = Duration::from_millis(10);
         loop {
             let attempt = match self.current_leader() {
-                Some(leader) if leader == self.id => self.run_on_leader(req.clone()).await,
+                Some(leader) if leader == self.id => self.run_on_leader(req.clone(), deadline).await,
                 Some(leader) => match self.leader_addr(leader) {
-                    Some(addr) => self.forward(leader, &addr, &req).await,
-                    None => {
-                        Err(Attempt::Retry(format!("leader {leader} is not in this node's membership yet")))
-                    }
+                    Some(addr) => self.forward(leader, &addr, &req, deadline).await,
+                    None => Err(Attempt::Retry(format!(
+                        "the leader, node {leader}, is not in this node's membership yet"
+                    ))),
                 },
-                None => Err(Attempt::Retry("no leader is elected (is the cluster initialized?)".into())),
+                None => Err(Attempt::Retry(
+                    "no leader is elected (an election is under way, a majority is unreachable, or the cluster is not initialized)".into(),
+                )),
             };
             match attempt {
                 Ok(resp) => return Ok(resp),
                 Err(Attempt::Fail(e)) => return Err(e),
                 Err(Attempt::Retry(why)) => {
                     if Instant::now() + delay > deadline {
+                        tracing::info!(%why, "request timed out waiting for a leader");
                         return Err(NodeError::unavailable(format!(
-                            "no leader could take the request: {why}"
+                            "No leader could take the request within the request timeout of {} ms: {why}. Nothing was applied; try again.",
+                            self.request_timeout.as_millis()
                         )));
                     }
                     tracing::debug!(%why, "retrying leader request");
@@ -312,49 +390,91 @@ impl RaftNode {
         }
     }
 
+    /// Sends `req` to the leader. A request with no effect (a read index, a status) may
+    /// be sent again after any failure; a write only when it provably never reached the
+    /// leader's log (connection refused, or the peer said it is not the leader). While a
+    /// write is in flight, the election of another leader means the old one is cut off or
+    /// stopped: the write's fate is unknown and the caller hears so at once, instead of
+    /// waiting out the timeout.
     async fn forward(
         &self,
         leader: NodeId,
         addr: &str,
         req: &LeaderRequest,
+        deadline: Instant,
     ) -> Result<LeaderResponse, Attempt> {
-        let timeout = self.request_timeout + Duration::from_secs(1);
-        let result: Result<Result<LeaderResponse, NodeError>, TransportError> =
-            self.peers.call(addr, paths::LEADER, req, timeout).await;
+        let harmless = matches!(req, LeaderRequest::ReadIndex | LeaderRequest::Status);
+        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
+        let call = self.peers.call::<_, Result<LeaderResponse, NodeError>>(addr, paths::LEADER, req, left);
+        let mut metrics = self.raft.metrics();
+        let replaced = metrics.wait_for(|m| m.current_leader.is_some() && m.current_leader != Some(leader));
+        let result = tokio::select! {
+            r = call => r,
+            Ok(_) = replaced => {
+                let now = self.current_leader().map_or("another node".to_string(), |l| format!("node {l}"));
+                tracing::info!(old = leader, new = %now, harmless, "leader replaced while a forwarded request was in flight");
+                if harmless {
+                    return Err(Attempt::Retry(format!("the leader changed from node {leader} to {now}")));
+                }
+                return Err(Attempt::Fail(NodeError::unavailable(format!(
+                    "The leader, node {leader}, stopped answering and {now} was elected meanwhile; the request may or may not have been applied."
+                ))));
+            }
+        };
         match result {
             Ok(Ok(resp)) => Ok(resp),
             Ok(Err(e)) if e.kind == ErrorKind::Unavailable && e.message.starts_with(NOT_LEADER) => {
                 Err(Attempt::Retry(e.message))
             }
+            Ok(Err(e)) if harmless && e.kind == ErrorKind::Unavailable => Err(Attempt::Retry(e.message)),
             Ok(Err(e)) => Err(Attempt::Fail(e)),
-            Err(e @ TransportError::Connect { .. }) => Err(Attempt::Retry(format!("leader {leader}: {e}"))),
-            Err(e) => Err(Attempt::Fail(NodeError::unavailable(format!(
-                "lost contact with leader {leader} during the request; it may or may not have been applied: {e}"
-            )))),
+            Err(e @ TransportError::Connect { .. }) => {
+                tracing::debug!(error = %e, "leader {leader} refused the connection");
+                Err(Attempt::Retry(format!("the leader, node {leader}, could not be reached")))
+            }
+            Err(e) if harmless => {
+                tracing::debug!(error = %e, "read forwarded to leader {leader} failed");
+                Err(Attempt::Retry(format!("the leader, node {leader}, did not answer")))
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "request forwarded to leader {leader} failed");
+                Err(Attempt::Fail(NodeError::unavailable(format!(
+                    "Lost contact with the leader, node {leader}, during the request (or it did not answer within the request timeout of {} ms); it may or may not have been applied.",
+                    self.request_timeout.as_millis()
+                ))))
+            }
         }
     }
 
     /// Entry point of `/raft/leader`: runs the request here, and only if this node leads.
     pub async fn handle_leader_request(&self, req: LeaderRequest) -> Result<LeaderResponse, NodeError> {
-        self.run_on_leader(req).await.map_err(|a| match a {
+        self.run_on_leader(req, Instant::now() + self.request_timeout).await.map_err(|a| match a {
             Attempt::Retry(why) => NodeError::unavailable(why),
             Attempt::Fail(e) => e,
         })
     }
 
-    async fn run_on_leader(&self, req: LeaderRequest) -> Result<LeaderResponse, Attempt> {
+    async fn run_on_leader(&self, req: LeaderRequest, deadline: Instant) -> Result<LeaderResponse, Attempt> {
+        if self.handing_over.load(std::sync::atomic::Ordering::SeqCst) {
+            // Nothing may reach the followers while their lease runs out (drain.rs); the
+            // caller retries and finds the new leader.
+            return Err(Attempt::Retry(format!("{NOT_LEADER}: node {} is handing over leadership", self.id)));
+        }
         let work = async {
+            if matches!(req, LeaderRequest::Write(_) | LeaderRequest::ReadIndex) {
+                self.ensure_quorum(deadline).await?;
+            }
             match req {
                 LeaderRequest::Write(cmd) => match self.batcher.write(cmd).await {
                     Some(r) => {
                         let (index, response) = r.map_err(write_err)?;
                         Ok(LeaderResponse::Written { index, response })
                     }
-                    None => Err(Attempt::Fail(NodeError::unavailable("node is shutting down"))),
+                    None => Err(Attempt::Fail(NodeError::unavailable("This node is shutting down."))),
                 },
                 LeaderRequest::ReadIndex => match self.batcher.read_index().await {
                     Some(r) => Ok(LeaderResponse::ReadIndex(r.map_err(read_err)?)),
-                    None => Err(Attempt::Fail(NodeError::unavailable("node is shutting down"))),
+                    None => Err(Attempt::Fail(NodeError::unavailable("This node is shutting down."))),
                 },
                 LeaderRequest::AddLearner { id, addr } => self.add_learner(id, addr).await,
                 LeaderRequest::SetVoters { ids } => self.set_voters(ids).await,
@@ -370,11 +490,13 @@ impl RaftNode {
                 }
             }
         };
-        match tokio::time::timeout(self.request_timeout, work).await {
+        match tokio::time::timeout(deadline.saturating_duration_since(Instant::now()), work).await {
             Ok(r) => r,
-            Err(_) => Err(Attempt::Fail(NodeError::unavailable(
-                "the leader did not commit the request in time (no quorum?); it may or may not be applied later",
-            ))),
+            Err(_) => Err(Attempt::Fail(NodeError::unavailable(format!(
+                "The leader, node {}, did not commit the request within the request timeout of {} ms (has it lost its majority?); it may or may not be applied later.",
+                self.id,
+                self.request_timeout.as_millis()
+            )))),
         }
     }
 
@@ -464,7 +586,10 @@ impl RaftNode {
             RaftError::APIError(InitializeError::NotInMembers(_)) => {
                 NodeError::bad_request(format!("this node (id {}) must be one of the nodes", self.id))
             }
-            RaftError::Fatal(f) => NodeError::unavailable(f.to_string()),
+            RaftError::Fatal(f) => {
+                tracing::error!(error = %f, "raft stopped");
+                NodeError::unavailable("The Raft engine of this node has stopped; see its log.")
+            }
         })?;
         let wait = self.raft.wait(Some(self.request_timeout * 2));
         wait.metrics(
@@ -475,7 +600,12 @@ impl RaftNode {
             "a leader commits the initial membership",
         )
         .await
-        .map_err(|e| NodeError::unavailable(format!("initialized, but no leader was elected yet: {e}")))?;
+        .map_err(|e| {
+            tracing::warn!(error = %e, "no leader after initialization");
+            NodeError::unavailable(
+                "The cluster was initialized, but no leader was elected yet; check that a majority of the nodes can reach each other.",
+            )
+        })?;
         Ok(())
     }
 
@@ -525,6 +655,11 @@ impl RaftNode {
             snapshot_index: m.snapshot.map(|l| l.index),
             purged_index: m.purged.map(|l| l.index),
             membership_index: m.membership_config.log_id().map(|l| l.index),
+            quorum: if m.state == ServerState::Leader {
+                quorum_fresh(&m, self.id, self.quorum_window)
+            } else {
+                m.current_leader.is_some()
+            },
             nodes,
         }
     }
@@ -621,29 +756,62 @@ fn write_marker(marker: &std::path::Path, id: NodeId) -> std::io::Result<()> {
 /// Prefix of the message a non-leader answers on `/raft/leader`, so the caller retries.
 const NOT_LEADER: &str = "not the leader";
 
+/// Whether `m` shows this node leading with a quorum acknowledgement younger than `window`.
+fn quorum_fresh(m: &openraft::RaftMetrics<NodeId, Node>, id: NodeId, window: Duration) -> bool {
+    m.state == ServerState::Leader
+        && m.current_leader == Some(id)
+        && m.millis_since_quorum_ack.is_some_and(|ms| u128::from(ms) <= window.as_millis())
+}
+
+/// "the leader is node 2" or "no leader is known", for messages.
+fn leader_phrase(leader: Option<NodeId>) -> String {
+    match leader {
+        Some(id) => format!("the leader is node {id}"),
+        None => "no leader is known yet".into(),
+    }
+}
+
 fn write_err(e: RaftError<NodeId, ClientWriteError<NodeId, Node>>) -> Attempt {
     match e {
         RaftError::APIError(ClientWriteError::ForwardToLeader(f)) => {
-            Attempt::Retry(format!("{NOT_LEADER}; leader is {:?}", f.leader_id))
+            Attempt::Retry(format!("{NOT_LEADER}; {}", leader_phrase(f.leader_id)))
         }
-        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => match c {
-            ChangeMembershipError::InProgress(_) => {
-                Attempt::Fail(NodeError::conflict(format!("another membership change is in progress: {c}")))
+        RaftError::APIError(ClientWriteError::ChangeMembershipError(c)) => {
+            tracing::info!(error = %c, "membership change refused");
+            match c {
+                ChangeMembershipError::InProgress(_) => Attempt::Fail(NodeError::conflict(
+                    "Another membership change is in progress; try again once it is committed.",
+                )),
+                ChangeMembershipError::EmptyMembership(_) => {
+                    Attempt::Fail(NodeError::bad_request("The new membership must not be empty."))
+                }
+                ChangeMembershipError::LearnerNotFound(l) => Attempt::Fail(NodeError::bad_request(format!(
+                    "Node {} is not a learner; add it as a learner before making it a voter.",
+                    l.node_id
+                ))),
             }
-            other => Attempt::Fail(NodeError::bad_request(other.to_string())),
-        },
-        RaftError::Fatal(f) => Attempt::Fail(NodeError::unavailable(format!("raft stopped: {f}"))),
+        }
+        RaftError::Fatal(f) => {
+            tracing::error!(error = %f, "raft stopped");
+            Attempt::Fail(NodeError::unavailable("The Raft engine of this node has stopped; see its log."))
+        }
     }
 }
 
 fn read_err(e: RaftError<NodeId, CheckIsLeaderError<NodeId, Node>>) -> Attempt {
     match e {
         RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)) => {
-            Attempt::Retry(format!("{NOT_LEADER}; leader is {:?}", f.leader_id))
+            Attempt::Retry(format!("{NOT_LEADER}; {}", leader_phrase(f.leader_id)))
         }
         RaftError::APIError(CheckIsLeaderError::QuorumNotEnough(q)) => {
-            Attempt::Fail(NodeError::unavailable(format!("the leader cannot reach a quorum: {q}")))
+            tracing::info!(error = %q, "leadership not confirmed by a quorum");
+            Attempt::Fail(NodeError::unavailable(
+                "The leader could not confirm its leadership with a majority of the cluster; try again.",
+            ))
         }
-        RaftError::Fatal(f) => Attempt::Fail(NodeError::unavailable(format!("raft stopped: {f}"))),
+        RaftError::Fatal(f) => {
+            tracing::error!(error = %f, "raft stopped");
+            Attempt::Fail(NodeError::unavailable("The Raft engine of this node has stopped; see its log."))
+        }
     }
 }

@@ -12,6 +12,7 @@ pub enum RpcKind {
     Vote,
     Snapshot,
     Leader,
+    Elect,
 }
 
 /// The body could not be decoded: a 400 for the caller.
@@ -29,6 +30,10 @@ pub async fn handle(node: &RaftNode, kind: RpcKind, body: &[u8]) -> Result<Vec<u
         RpcKind::Leader => {
             let req: LeaderRequest = decode(body).map_err(bad)?;
             encode(&node.handle_leader_request(req).await)
+        }
+        RpcKind::Elect => {
+            let () = decode(body).map_err(bad)?;
+            encode(&node.campaign().await)
         }
     };
     Ok(encoded.unwrap_or_else(|e| {

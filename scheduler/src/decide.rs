@@ -93,6 +93,11 @@ pub fn run_fingerprint(state: &State, run_id: &str, executors: u64) -> Option<u6
     let run = state.runs.get(run_id)?;
     let mut h = DefaultHasher::new();
     (executors, run_id, run.revision).hash(&mut h);
+    // A queued run held back by its group moves when an older run of the group does.
+    if run.phase == RunPhase::Queued {
+        let limit = state.run_configs.get(run_id).and_then(|c| c.max_running_in_group);
+        crate::group::admits(state, run, limit).hash(&mut h);
+    }
     for et in run_executor_tasks(state, run_id) {
         (&et.id, et.revision).hash(&mut h);
     }
@@ -125,6 +130,8 @@ pub fn decide_run(
             run.phase = RunPhase::Cancelled;
             run.result = RunResult::Stopped;
             run.end_time = Some(now_ms);
+        } else if !crate::group::admits(state, cur, config.max_running_in_group) {
+            return None; // waits behind older runs of its group
         } else {
             run.phase = RunPhase::Running;
             run.start_time = Some(now_ms);

@@ -16,6 +16,7 @@
 pub mod archive;
 pub mod decide;
 pub mod gc;
+pub mod group;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -99,6 +100,7 @@ pub async fn run(node: Arc<RaftNode>, cfg: SchedulerConfig, mut shutdown: watch:
     // inputs change. The sweep decides on every run (the clock is not in the fingerprint).
     let mut settled: HashMap<String, u64> = HashMap::new();
     let mut full = true;
+    let mut last_prune = tokio::time::Instant::now();
     loop {
         let leader = node.is_leader();
         if leader != was_leader {
@@ -110,6 +112,7 @@ pub async fn run(node: Arc<RaftNode>, cfg: SchedulerConfig, mut shutdown: watch:
                 settled.clear();
             }
             round(&node, &cfg, &mut settled).await;
+            prune_idempotency_keys(&node, &mut last_prune).await;
         } else {
             settled.clear();
         }
@@ -174,6 +177,25 @@ async fn round(node: &RaftNode, cfg: &SchedulerConfig, settled: &mut HashMap<Str
     // together, they leave the leader as one batched log entry instead of one round trip each.
     futures::future::join_all(updates.into_iter().map(|u| propose(node, Command::UpdateRun(Box::new(u)))))
         .await;
+}
+
+/// Every [`IDEMPOTENCY_PRUNE_INTERVAL_MS`], if any idempotency key is past its TTL by this
+/// leader's clock, proposes forgetting them; the clock travels in the command, so every
+/// replica (and every replay) forgets the same keys.
+async fn prune_idempotency_keys(node: &RaftNode, last: &mut tokio::time::Instant) {
+    use flotilla_store::limits::{IDEMPOTENCY_PRUNE_INTERVAL_MS, IDEMPOTENCY_TTL_MS};
+    if last.elapsed() < Duration::from_millis(IDEMPOTENCY_PRUNE_INTERVAL_MS) {
+        return;
+    }
+    *last = tokio::time::Instant::now();
+    let now = now_ms();
+    let expired = {
+        let sm = node.state.read();
+        sm.state.idempotency_keys.values().any(|e| e.created_ms.saturating_add(IDEMPOTENCY_TTL_MS) <= now)
+    };
+    if expired {
+        propose(node, Command::PruneIdempotencyKeys { now_ms: now }).await;
+    }
 }
 
 /// Proposes one scheduler decision; false when this node can no longer write.

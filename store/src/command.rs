@@ -15,8 +15,11 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::executor::{validate_executor_id, ExecutorInfo, ExecutorTaskSpec, ExecutorTaskStatus};
-use crate::limits::{MAX_KEY_BYTES, MAX_MAP_ENTRIES, MAX_MAP_VALUE_BYTES, MAX_NAME_BYTES, MAX_VALUE_BYTES};
-use crate::run::{validate_name, Run, RunCreate};
+use crate::limits::{
+    MAX_IDEMPOTENCY_KEY_BYTES, MAX_KEY_BYTES, MAX_MAP_ENTRIES, MAX_MAP_VALUE_BYTES, MAX_NAME_BYTES,
+    MAX_VALUE_BYTES,
+};
+use crate::run::{validate_name, Run, RunCreate, RunTask, TaskStatus};
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -65,6 +68,27 @@ pub enum Command {
     /// Replace the whole state with an export (only in maintenance; the cluster stays in
     /// maintenance after it).
     Import(Box<crate::state::State>),
+    /// Create a run under an idempotency key (`Idempotency-Key` on `POST /api/v1/runs`): a
+    /// key seen within [`crate::limits::IDEMPOTENCY_TTL_MS`] with the same body (its
+    /// `body_sha256`, of the canonical JSON) answers with the first run; with another body
+    /// it is refused.
+    CreateRunIdempotent { create: Box<RunCreate>, now_ms: u64, key: String, body_sha256: String },
+    /// Create a run restarting `restarted_from` (finished, live or archived): `create` is
+    /// its configuration (environment possibly replaced), `keep` the task statuses kept
+    /// from it (succeeded or skipped tasks, each with `restored_from` naming the run
+    /// holding its outputs); every other task starts again.
+    RestartRun {
+        create: Box<RunCreate>,
+        now_ms: u64,
+        restarted_from: String,
+        #[serde(default)]
+        keep: BTreeMap<String, RunTask>,
+        #[serde(default)]
+        actor: Option<String>,
+    },
+    /// Forget the idempotency keys older than the TTL at `now_ms`: the proposing leader's
+    /// clock, carried in the command so that every replay prunes the same keys.
+    PruneIdempotencyKeys { now_ms: u64 },
     /// Several commands proposed as one log entry by the leader (group commit): applied in
     /// order, each as if alone and with its own response, all at the entry's index. A batch
     /// holds no batch and no import, and at most [`MAX_BATCH_COMMANDS`] commands.
@@ -112,6 +136,9 @@ impl Command {
             Command::Import(_) => "import",
             Command::Batch(_) => "batch",
             Command::SetClusterId { .. } => "set_cluster_id",
+            Command::CreateRunIdempotent { .. } => "create_run_idempotent",
+            Command::RestartRun { .. } => "restart_run",
+            Command::PruneIdempotencyKeys { .. } => "prune_idempotency_keys",
         }
     }
 
@@ -173,6 +200,32 @@ impl Command {
             }
             Command::DeleteRun { .. } => Ok(()),
             Command::SetClusterId { id } => validate_name("cluster id", id).map_err(invalid),
+            Command::CreateRunIdempotent { create, key, body_sha256, .. } => {
+                validate_idempotency_key(key)?;
+                if body_sha256.len() != 64 || !body_sha256.bytes().all(|b| b.is_ascii_hexdigit()) {
+                    return Err(invalid("body_sha256 must be 64 hex digits"));
+                }
+                create.validate().map_err(invalid)
+            }
+            Command::RestartRun { create, restarted_from, keep, .. } => {
+                validate_name("run id", restarted_from).map_err(invalid)?;
+                create.validate().map_err(invalid)?;
+                for (name, rt) in keep {
+                    let Some(t) = create.task(name) else {
+                        return Err(invalid(format!("kept task {name:?} is not in the run")));
+                    };
+                    if !matches!(rt.status, TaskStatus::Success | TaskStatus::Skipped) {
+                        return Err(invalid(format!(
+                            "only succeeded or skipped tasks are kept, not {name:?}"
+                        )));
+                    }
+                    if rt.steps.len() != t.steps.len() || rt.restored_from.is_none() {
+                        return Err(invalid(format!("kept task {name:?} does not match its configuration")));
+                    }
+                }
+                Ok(())
+            }
+            Command::PruneIdempotencyKeys { .. } => Ok(()),
             // Each command is validated when it is applied, so that one bad command rejects
             // only itself; here only the batch's shape.
             Command::Batch(cmds) => {
@@ -192,6 +245,21 @@ impl Command {
     pub fn batchable(&self) -> bool {
         !matches!(self, Command::Import(_) | Command::Batch(_))
     }
+}
+
+/// An `Idempotency-Key` is 1 to [`MAX_IDEMPOTENCY_KEY_BYTES`] bytes of visible ASCII
+/// (what an HTTP header value carries without encoding).
+pub fn validate_idempotency_key(key: &str) -> Result<(), CommandError> {
+    if key.is_empty() || key.len() > MAX_IDEMPOTENCY_KEY_BYTES {
+        return Err(invalid(format!(
+            "an Idempotency-Key must be 1 to {MAX_IDEMPOTENCY_KEY_BYTES} bytes, this one is {}",
+            key.len()
+        )));
+    }
+    if !key.bytes().all(|b| b.is_ascii_graphic() || b == b' ') {
+        return Err(invalid("an Idempotency-Key may only hold visible ASCII characters and spaces"));
+    }
+    Ok(())
 }
 
 fn invalid(reason: impl Into<String>) -> CommandError {
@@ -233,6 +301,10 @@ pub enum Response {
     RunCreated {
         run_id: String,
     },
+    /// An idempotent create found its key: the run created the first time.
+    RunReplayed {
+        run_id: String,
+    },
     /// The change was made at this log index.
     Done {
         revision: u64,
@@ -260,4 +332,7 @@ pub enum CommandError {
     /// The object exists but is in a state where the command makes no sense (wrong phase).
     #[error("{reason}")]
     Conflict { reason: String },
+    /// An idempotency key was used before with another request body.
+    #[error("{reason}")]
+    KeyReused { reason: String },
 }

@@ -29,6 +29,27 @@ pub struct Event {
     pub task: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub status: Option<TaskStatus>,
+    /// What happened to the run besides a phase or result change (type `run` only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub action: Option<RunAction>,
+    /// Who did it, where known (the archiver; a token's name once named tokens exist).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub actor: Option<String>,
+    /// With `restarted`: the run this one was restarted from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restarted_from: Option<String>,
+}
+
+/// Lifecycle actions reported as `run` events with an `action`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum RunAction {
+    /// The run moved from the replicated state to the archive in the object storage.
+    Archived,
+    /// The run was created by restarting `restarted_from`.
+    Restarted,
+    /// The run came in with an import.
+    Imported,
 }
 
 impl Event {
@@ -42,7 +63,21 @@ impl Event {
             result: run.result,
             task: None,
             status: None,
+            action: None,
+            actor: None,
+            restarted_from: None,
         }
+    }
+
+    /// A `run` event for a lifecycle action on `run`.
+    pub fn action(revision: u64, run: &Run, action: RunAction, actor: Option<&str>) -> Event {
+        let mut e = Event::run(revision, run);
+        e.action = Some(action);
+        e.actor = actor.map(str::to_string);
+        if action == RunAction::Restarted {
+            e.restarted_from = run.restarted_from.clone();
+        }
+        e
     }
 
     /// Events between two versions of a run: task changes (by task name), then the run's.

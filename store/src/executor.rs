@@ -200,7 +200,9 @@ pub fn task_data(run: &Run, config: &RunConfig, task_name: &str) -> Option<TaskD
         let t = by_name[name];
         for (step, s) in t.steps.iter().enumerate() {
             if matches!(s, Step::SaveToWorkspace(_)) {
-                let task_id = crate::executor::executor_task_id(&run.id, name);
+                // A task kept by a restart left its archives under the run that ran it.
+                let owner = run.tasks.get(*name).map_or(run.id.as_str(), |t| t.outputs_run(&run.id));
+                let task_id = crate::executor::executor_task_id(owner, name);
                 workspace.push((
                     levels.get(*name).copied().unwrap_or(0),
                     WorkspaceArchive { task_id, task_name: name.to_string(), step },

@@ -20,6 +20,7 @@ pub mod ost;
 pub mod pod;
 pub mod run;
 pub mod state;
+pub mod validate;
 
 pub use command::{Command, CommandError, Response, RunUpdate};
 pub use event::Event;

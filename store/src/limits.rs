@@ -46,6 +46,10 @@ pub const MAX_EVENT_SUBSCRIBERS: usize = 256;
 
 /// Largest workspace archive or cache an executor may upload.
 pub const MAX_ARCHIVE_BYTES: u64 = 4 * 1024 * 1024 * 1024;
+/// zstd level of workspace archives and caches. Measured on a 6 MB source tree (gzip's
+/// unpacked sources) and a 100 MB build tree: see `scripts/archive-timing.sh`; level 3
+/// (zstd's default) is the knee of size against save time.
+pub const ARCHIVE_ZSTD_LEVEL: i32 = 3;
 /// Largest log of one step; an executor truncates beyond it.
 pub const MAX_LOG_BYTES: u64 = 64 * 1024 * 1024;
 /// Largest export accepted by an import (it travels as one Raft entry, under
@@ -69,3 +73,83 @@ pub const TASK_TIMEOUT_GRACE_MS: u64 = 15_000;
 /// How long an executor waits for a service container's log to be read and stored when
 /// the task ends; a slower store loses that log, not the task's outcome.
 pub const SERVICE_LOG_WAIT_MS: u64 = 10_000;
+// --- Hostile clients (issue 25). A client holding a token is trusted with its requests,
+// not with the node's memory or connections: these bound what one may hold.
+
+/// Bodies larger than this (or of unknown length) are read only with one of the permits
+/// below: small requests never wait, large ones cannot pile up in memory.
+pub const LARGE_BODY_BYTES: u64 = 64 * 1024;
+/// Large API bodies read at once on one node (4 x 48 MiB imports at most in memory).
+pub const MAX_LARGE_API_BODIES: usize = 4;
+/// Large Raft bodies read at once (a pool of its own, so API clients cannot hold up
+/// replication); a node has at most a few peers sending to it.
+pub const MAX_LARGE_RAFT_BODIES: usize = 8;
+/// How long a large body waits for a permit before the request gets a 503.
+pub const BODY_PERMIT_WAIT_MS: u64 = 5_000;
+/// A request whose headers have not all arrived after this long is dropped (hyper closes
+/// the connection): a trickle of header bytes cannot hold a connection, and neither can
+/// an idle keep-alive connection (hyper's own default, which warp leaves off; the typed
+/// client drops idle connections sooner, so it never reuses one being closed).
+pub const HEADER_READ_TIMEOUT_MS: u64 = 30_000;
+/// A body that sends nothing for this long is refused (408): a stalled upload gives its
+/// permit and connection back. Also the longest pause between two chunks of a streamed
+/// archive upload.
+pub const BODY_IDLE_TIMEOUT_MS: u64 = 10_000;
+/// Longest a whole buffered body may take (64 MiB at 1 MiB/s): a trickle below the idle
+/// timeout still ends.
+pub const BODY_READ_TIMEOUT_MS: u64 = 60_000;
+/// Open connections one node serves (HTTP/1 keep-alive clients, executors, peers, event
+/// streams); above it new connections are closed at once and a warning is logged.
+pub const MAX_CONNECTIONS: usize = 4096;
+/// An idle event stream sends a comment this often; a write to a departed client fails
+/// and frees its slot even when nothing else is sent.
+pub const EVENT_KEEPALIVE_MS: u64 = 2_000;
+
+// --- Fields of a run definition (issue 25): each bounded well inside the 1 MiB body, so
+// no single field can make a run's stored configuration or an executor's Docker call
+// large. Names, maps, commands and counts of tasks/steps are bounded above.
+
+/// Longest path in a task (working_dir, shell, workspace and cache directories, one
+/// glob of `paths`): Linux's PATH_MAX is 4096; 1 KiB is far past any real path.
+pub const MAX_PATH_BYTES: usize = 1024;
+/// Longest `user` (`name`, `uid:gid`): Linux user names are at most 32 bytes.
+pub const MAX_USER_BYTES: usize = 256;
+/// Longest cache key or key template.
+pub const MAX_CACHE_KEY_BYTES: usize = 512;
+/// Most keys one `restore_cache` tries (each is one lookup in the object storage).
+pub const MAX_RESTORE_CACHE_KEYS: usize = 16;
+/// Most `contents` entries of one `save_to_workspace`/`save_cache` step.
+pub const MAX_SAVE_CONTENTS: usize = 32;
+/// Most globs in one `contents` entry's `paths`.
+pub const MAX_PATHS_PER_CONTENT: usize = 128;
+/// Most conditions of one dependency (there are three kinds).
+pub const MAX_CONDITIONS: usize = 3;
+/// Highest `max_running_in_group` a run may ask for: more is the same as no limit, and a
+/// bound keeps the scheduler's count of older running runs short.
+pub const MAX_RUNNING_IN_GROUP: u32 = 10_000;
+/// Longest `Idempotency-Key` header, in bytes: room for a UUID or a hash with a prefix,
+/// and a bound on what the replicated state keeps per key.
+pub const MAX_IDEMPOTENCY_KEY_BYTES: usize = 256;
+/// How long an idempotency key is remembered (24 h, as Stripe and the IETF draft do): a
+/// retry within it finds the first run.
+pub const IDEMPOTENCY_TTL_MS: u64 = 24 * 60 * 60 * 1000;
+/// Most idempotency keys remembered at once (about 200 bytes each in every replica's
+/// memory and snapshot: 20 MB at most). Past it the oldest keys are forgotten before
+/// their 24 h: refusing creates would hurt a busy CI more than an early expiry, and the
+/// retries that matter come seconds after the first attempt, not 100,000 creates later.
+pub const MAX_IDEMPOTENCY_KEYS: usize = 100_000;
+/// How often the leader proposes pruning the expired idempotency keys.
+pub const IDEMPOTENCY_PRUNE_INTERVAL_MS: u64 = 60 * 1000;
+/// How long the typed client (and the CLI) keeps retrying a request that may be retried
+/// (an idempotent create, `run wait`) on transport errors and 503, across every server
+/// given: long enough for a few elections (each about a second) and a node restart.
+pub const CLIENT_RETRY_BUDGET_MS: u64 = 30_000;
+/// Pause before a retry; it grows with each full pass over the servers, up to 6 times.
+pub const CLIENT_RETRY_BACKOFF_MS: u64 = 100;
+/// `run wait` without `--timeout-s` gives up (exit 3) once no server answered for this long.
+pub const WAIT_UNREACHABLE_GIVE_UP_MS: u64 = 60_000;
+/// Longest a write or a linearizable read may take on a server (finding the leader,
+/// forwarding, committing, catching up) before it answers 503 `unavailable`: long enough
+/// for two election rounds (~1.5 s with the default Raft timing), short enough that a
+/// client retrying through another node is not stuck behind a partitioned leader.
+pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 2000;

@@ -37,7 +37,68 @@ pub struct RunCreate {
     /// wins). Secrets: see [`crate::pod`].
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub docker_registries_auth: crate::pod::RegistriesAuth,
+    // Run lifecycle (issue 18): additions to the submission kept together here.
+    /// The run stays `queued` while this many older runs of exactly its group are running,
+    /// and queued runs of the group start in `counter` order (Agola runs a group's runs one
+    /// at a time with 1). None: no limit.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_running_in_group: Option<u32>,
 }
+
+/// Every field name of a run definition (runs, tasks, steps, containers, registry
+/// credentials). The CLI shows these in the path of a parse error, and any other map key
+/// (an environment variable, an annotation, text of a file that is no definition) as `…`;
+/// the fuzz test draws keys from them.
+pub const DEFINITION_FIELDS: &[&str] = &[
+    "name",
+    "group",
+    "annotations",
+    "static_environment",
+    "environment",
+    "cache_group",
+    "setup_errors",
+    "tasks",
+    "image",
+    "arch",
+    "privileged",
+    "working_dir",
+    "shell",
+    "user",
+    "needs_approval",
+    "approvers_required",
+    "depends",
+    "steps",
+    "task",
+    "conditions",
+    "run",
+    "command",
+    "tty",
+    "save_to_workspace",
+    "restore_workspace",
+    "save_cache",
+    "restore_cache",
+    "contents",
+    "source_dir",
+    "dest_dir",
+    "paths",
+    "key",
+    "keys",
+    "containers",
+    "entrypoint",
+    "volumes",
+    "path",
+    "tmpfs",
+    "size",
+    "timeout_s",
+    "ignore_failure",
+    "skip",
+    "docker_registries_auth",
+    "max_running_in_group",
+    "type",
+    "username",
+    "password",
+    "auth",
+];
 
 fn root_group() -> String {
     "/".into()
@@ -143,6 +204,7 @@ impl RunCreate {
             setup_errors: vec![],
             tasks,
             docker_registries_auth: BTreeMap::new(),
+            max_running_in_group: None,
         }
     }
 }
@@ -261,6 +323,17 @@ impl RunPhase {
     }
 }
 
+/// The phase as its JSON word (`finished`), for messages.
+pub fn phase_word(p: RunPhase) -> &'static str {
+    match p {
+        RunPhase::Setuperror => "setuperror",
+        RunPhase::Queued => "queued",
+        RunPhase::Cancelled => "cancelled",
+        RunPhase::Running => "running",
+        RunPhase::Finished => "finished",
+    }
+}
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum RunResult {
@@ -370,6 +443,19 @@ pub struct RunTask {
     pub containers: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub timeout_s: Option<i64>,
+    /// Set on a task kept from the run it was restarted from: the id of the run whose
+    /// executor task produced its logs and workspace archives (read from there, shared
+    /// through `runid` references, never copied).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub restored_from: Option<String>,
+}
+
+impl RunTask {
+    /// The run whose executor task holds this task's logs and archives: `run_id` unless
+    /// the task was kept from an earlier run by a restart.
+    pub fn outputs_run<'a>(&'a self, run_id: &'a str) -> &'a str {
+        self.restored_from.as_deref().unwrap_or(run_id)
+    }
 }
 
 /// A run's status. Times are milliseconds since the Unix epoch.
@@ -393,6 +479,9 @@ pub struct Run {
     pub end_time: Option<u64>,
     /// Log index of the last change to this run (compare-and-swap token).
     pub revision: u64,
+    /// The run this one was restarted from (`PUT /runs/{id}/actions {"action":"restart"}`).
+    #[serde(default)]
+    pub restarted_from: Option<String>,
 }
 
 /// The run id for sequence number `seq`: fixed width so string order is numeric order.
@@ -504,7 +593,12 @@ impl RunCreate {
         if let Some(cycle) = find_cycle(&self.tasks) {
             return Err(format!("the task dependencies form a cycle: {}", cycle.join(" -> ")));
         }
-        Ok(())
+        if self.max_running_in_group.is_some_and(|n| n == 0 || n > MAX_RUNNING_IN_GROUP) {
+            return Err(format!(
+                "max_running_in_group must be 1 to {MAX_RUNNING_IN_GROUP} (leave it out for no limit)"
+            ));
+        }
+        crate::validate::run_create(self)
     }
 
     pub fn task(&self, name: &str) -> Option<&TaskConfig> {
@@ -627,6 +721,7 @@ pub fn new_run(create: &RunCreate, seq: u64, counter: u64, index: u64, now_ms: u
                     })
                     .collect(),
                 timeout_s: t.timeout_s,
+                restored_from: None,
             };
             (t.name.clone(), task)
         })
@@ -646,6 +741,7 @@ pub fn new_run(create: &RunCreate, seq: u64, counter: u64, index: u64, now_ms: u
         start_time: None,
         end_time: if setuperror { Some(now_ms) } else { None },
         revision: index,
+        restarted_from: None,
     }
 }
 

@@ -8,9 +8,9 @@ use std::collections::{BTreeMap, BTreeSet};
 use serde::{Deserialize, Serialize};
 
 use crate::command::{Command, CommandError, Response, RunUpdate};
-use crate::event::Event;
+use crate::event::{Event, RunAction};
 use crate::executor::{executor_task_id, validate_status, Executor, ExecutorTask, ExecutorTaskStatus};
-use crate::limits::{MAX_EXECUTORS, MAX_MAP_ENTRIES};
+use crate::limits::{IDEMPOTENCY_TTL_MS, MAX_EXECUTORS, MAX_IDEMPOTENCY_KEYS, MAX_MAP_ENTRIES};
 use crate::run::{new_run, root_group_of, Run, RunConfig, RunPhase};
 
 /// One coordination key's value. Revisions are Raft log indexes, so they are unique,
@@ -53,6 +53,23 @@ pub struct State {
     /// The cluster's name, set once ([`Command::SetClusterId`]); labels executors' containers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_id: Option<String>,
+    /// `Idempotency-Key`s of run creates in the last 24 h (pruned by a replicated command).
+    #[serde(default)]
+    pub idempotency_keys: BTreeMap<String, IdempotencyEntry>,
+    /// The same keys in the order they were first used (oldest first), to forget the
+    /// oldest beyond [`MAX_IDEMPOTENCY_KEYS`].
+    #[serde(default)]
+    pub idempotency_order: std::collections::VecDeque<String>,
+}
+
+/// What an idempotent create remembers about its key.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct IdempotencyEntry {
+    pub run_id: String,
+    /// SHA-256 (hex) of the request body as canonical JSON.
+    pub body_sha256: String,
+    /// The proposer's clock when the key was first used.
+    pub created_ms: u64,
 }
 
 fn missing(what: impl Into<String>) -> Response {
@@ -61,6 +78,15 @@ fn missing(what: impl Into<String>) -> Response {
 
 fn conflict(reason: impl Into<String>) -> Response {
     Response::Rejected(CommandError::Conflict { reason: reason.into() })
+}
+
+/// Executor task phases only move forward: not started, running, then a final one.
+fn phase_rank(p: crate::run::Phase) -> u8 {
+    match p {
+        crate::run::Phase::Notstarted => 0,
+        crate::run::Phase::Running => 1,
+        _ => 2,
+    }
 }
 
 fn rejected_invalid(reason: impl Into<String>) -> Response {
@@ -139,19 +165,71 @@ impl State {
                 Response::Maintenance { enabled: *enabled }
             }
             Command::CreateRun { create, now_ms } => {
-                let seq = (self.last_run_seq + 1).max(index);
-                self.last_run_seq = seq;
-                let counter = self.run_counters.entry(root_group_of(&create.group).to_string()).or_insert(0);
-                *counter += 1;
-                let run = new_run(create, seq, *counter, index, *now_ms);
+                let run = self.new_run(index, create, *now_ms);
                 events.push(Event::run(index, &run));
-                if !run.phase.is_final() {
-                    self.active_runs.insert(run.id.clone());
+                Response::RunCreated { run_id: self.insert_run(run, create) }
+            }
+            Command::CreateRunIdempotent { create, now_ms, key, body_sha256 } => {
+                let fresh = |e: &IdempotencyEntry| e.created_ms.saturating_add(IDEMPOTENCY_TTL_MS) > *now_ms;
+                match self.idempotency_keys.get(key).filter(|e| fresh(e)) {
+                    Some(e) if e.body_sha256 == *body_sha256 => {
+                        return Response::RunReplayed { run_id: e.run_id.clone() }
+                    }
+                    Some(e) => {
+                        return Response::Rejected(CommandError::KeyReused {
+                            reason: format!(
+                                "Idempotency-Key {key:?} was used for another request body (run {}); use a new key for a new run",
+                                e.run_id
+                            ),
+                        })
+                    }
+                    None => {}
                 }
-                let run_id = run.id.clone();
-                self.run_configs.insert(run_id.clone(), (**create).clone());
-                self.runs.insert(run_id.clone(), run);
+                let run = self.new_run(index, create, *now_ms);
+                events.push(Event::run(index, &run));
+                let run_id = self.insert_run(run, create);
+                let entry = IdempotencyEntry {
+                    run_id: run_id.clone(),
+                    body_sha256: body_sha256.clone(),
+                    created_ms: *now_ms,
+                };
+                if self.idempotency_keys.insert(key.clone(), entry).is_none() {
+                    self.idempotency_order.push_back(key.clone());
+                }
+                // Bounded: past the limit the oldest keys are forgotten early.
+                while self.idempotency_keys.len() > MAX_IDEMPOTENCY_KEYS {
+                    let Some(oldest) = self.idempotency_order.pop_front() else { break };
+                    self.idempotency_keys.remove(&oldest);
+                }
                 Response::RunCreated { run_id }
+            }
+            Command::RestartRun { create, now_ms, restarted_from, keep, actor } => {
+                if let Some(src) = self.runs.get(restarted_from) {
+                    if !src.phase.is_final() {
+                        return conflict(format!(
+                            "run {restarted_from} is {}; only a finished, cancelled or setuperror run can be restarted",
+                            crate::archive::phase_word(src.phase)
+                        ));
+                    }
+                }
+                let mut run = self.new_run(index, create, *now_ms);
+                run.restarted_from = Some(restarted_from.clone());
+                if run.phase == RunPhase::Queued {
+                    for (name, kept) in keep {
+                        if let Some(rt) = run.tasks.get_mut(name) {
+                            *rt = kept.clone();
+                        }
+                    }
+                }
+                events.push(Event::action(index, &run, RunAction::Restarted, actor.as_deref()));
+                Response::RunCreated { run_id: self.insert_run(run, create) }
+            }
+            Command::PruneIdempotencyKeys { now_ms } => {
+                self.idempotency_keys
+                    .retain(|_, e| e.created_ms.saturating_add(IDEMPOTENCY_TTL_MS) > *now_ms);
+                let keys = &self.idempotency_keys;
+                self.idempotency_order.retain(|k| keys.contains_key(k));
+                Response::Done { revision: index }
             }
             Command::UpdateRun(update) => self.update_run(index, update, events),
             Command::StopRun { run_id } => {
@@ -171,6 +249,12 @@ impl State {
             }
             Command::SetTaskAnnotations { run_id, task, annotations } => {
                 let Some(run) = self.runs.get_mut(run_id) else { return missing(format!("run {run_id}")) };
+                if run.phase.is_final() {
+                    return conflict(format!(
+                        "run {run_id} has ended ({}): its annotations can no longer change",
+                        crate::run::phase_word(run.phase)
+                    ));
+                }
                 let Some(rt) = run.tasks.get_mut(task) else {
                     return missing(format!("task {task:?} of run {run_id}"));
                 };
@@ -231,7 +315,15 @@ impl State {
                 self.set_executor_task_status(index, id, executor_id, status)
             }
             Command::ArchiveRuns { prev_generation, replace, files, run_ids } => {
-                self.archive_runs(*prev_generation, replace.as_deref(), files, run_ids)
+                let mut archived = Vec::new();
+                let r =
+                    self.archive_runs(*prev_generation, replace.as_deref(), files, run_ids, &mut archived);
+                events.extend(
+                    archived
+                        .iter()
+                        .map(|run| Event::action(index, run, RunAction::Archived, Some("archiver"))),
+                );
+                r
             }
             Command::DeleteRun { run_id, prev_generation, replace, with } => {
                 self.delete_run(run_id, *prev_generation, replace.as_deref(), with.as_ref())
@@ -253,6 +345,7 @@ impl State {
                     .map(|r| r.id.clone())
                     .collect();
                 *self = new;
+                events.extend(self.runs.values().map(|r| Event::action(index, r, RunAction::Imported, None)));
                 Response::Done { revision: index }
             }
         }
@@ -264,6 +357,7 @@ impl State {
         replace: Option<&str>,
         files: &[crate::archive::DataFile],
         run_ids: &[String],
+        archived: &mut Vec<Run>,
     ) -> Response {
         if self.archive.generation != prev_generation {
             return conflict(format!(
@@ -286,7 +380,7 @@ impl State {
             }
         }
         for id in run_ids {
-            self.runs.remove(id);
+            archived.extend(self.runs.remove(id));
             self.run_configs.remove(id);
             self.active_runs.remove(id);
         }
@@ -395,6 +489,15 @@ impl State {
                 format!("executor task {id:?} has already ended ({:?})", et.status.phase).to_lowercase(),
             );
         }
+        if phase_rank(status.phase) < phase_rank(et.status.phase) {
+            return conflict(
+                format!(
+                    "executor task {id:?} cannot go back from {:?} to {:?}",
+                    et.status.phase, status.phase
+                )
+                .to_lowercase(),
+            );
+        }
         let et = self.executor_tasks.get_mut(id).expect("checked above");
         et.status = status.clone();
         et.revision = index;
@@ -482,6 +585,27 @@ impl State {
         }
         self.runs.insert(run_id.clone(), run);
         Response::Done { revision: index }
+    }
+
+    /// The run `create` becomes at `index`: the next id and the next counter of its root
+    /// group (not stored yet: see [`State::insert_run`]).
+    fn new_run(&mut self, index: u64, create: &crate::run::RunCreate, now_ms: u64) -> Run {
+        let seq = (self.last_run_seq + 1).max(index);
+        self.last_run_seq = seq;
+        let counter = self.run_counters.entry(root_group_of(&create.group).to_string()).or_insert(0);
+        *counter += 1;
+        new_run(create, seq, *counter, index, now_ms)
+    }
+
+    /// Stores a new run beside its configuration; returns its id.
+    fn insert_run(&mut self, run: Run, create: &crate::run::RunCreate) -> String {
+        if !run.phase.is_final() {
+            self.active_runs.insert(run.id.clone());
+        }
+        let run_id = run.id.clone();
+        self.run_configs.insert(run_id.clone(), create.clone());
+        self.runs.insert(run_id.clone(), run);
+        run_id
     }
 
     fn touch_executor(&mut self, id: &str, index: u64) {
@@ -631,6 +755,88 @@ mod tests {
         let (items, more) = s.kv_list("a/", Some("a/2"), 2);
         assert_eq!(items.iter().map(|(k, _)| k.as_str()).collect::<Vec<_>>(), ["a/3"]);
         assert!(!more);
+    }
+
+    fn idem(key: &str, body: &str, now_ms: u64) -> Command {
+        let create =
+            crate::run::RunCreate::new("r", "/p", vec![crate::run::TaskConfig::new("t", "busybox", "true")]);
+        Command::CreateRunIdempotent {
+            create: Box::new(create),
+            now_ms,
+            key: key.into(),
+            body_sha256: body.repeat(64),
+        }
+    }
+
+    #[test]
+    fn an_idempotency_key_replays_its_run_refuses_another_body_and_expires_after_a_day() {
+        use crate::limits::IDEMPOTENCY_TTL_MS;
+        let mut s = State::default();
+        let Response::RunCreated { run_id } = s.apply(1, &idem("k", "a", 1000)) else { panic!() };
+        assert_eq!(s.apply(2, &idem("k", "a", 2000)), Response::RunReplayed { run_id: run_id.clone() });
+        assert!(matches!(
+            s.apply(3, &idem("k", "b", 2000)),
+            Response::Rejected(CommandError::KeyReused { .. })
+        ));
+        assert_eq!(s.runs.len(), 1);
+        // Pruning by the command's clock: not yet, then gone.
+        s.apply(4, &Command::PruneIdempotencyKeys { now_ms: 1000 + IDEMPOTENCY_TTL_MS - 1 });
+        assert!(s.idempotency_keys.contains_key("k"));
+        s.apply(5, &Command::PruneIdempotencyKeys { now_ms: 1000 + IDEMPOTENCY_TTL_MS });
+        assert!(s.idempotency_keys.is_empty() && s.idempotency_order.is_empty());
+        // An expired key (not pruned yet) creates anew.
+        s.apply(6, &idem("j", "a", 0));
+        let Response::RunCreated { run_id: again } = s.apply(7, &idem("j", "b", IDEMPOTENCY_TTL_MS)) else {
+            panic!()
+        };
+        assert_ne!(again, run_id);
+        assert_eq!(s.idempotency_keys["j"].run_id, again);
+        // Bad keys are refused at validation.
+        assert!(matches!(s.apply(8, &idem(&"x".repeat(257), "a", 0)), Response::Rejected(_)));
+        assert!(matches!(s.apply(9, &idem("", "a", 0)), Response::Rejected(_)));
+        assert!(matches!(s.apply(10, &idem("a\nb", "a", 0)), Response::Rejected(_)));
+    }
+
+    #[test]
+    fn a_restart_creates_a_new_run_with_the_kept_tasks_and_refuses_an_active_source() {
+        let create = crate::run::RunCreate::new(
+            "r",
+            "/p",
+            vec![
+                crate::run::TaskConfig::new("a", "i", "true"),
+                crate::run::TaskConfig::new("b", "i", "true"),
+            ],
+        );
+        let mut s = State::default();
+        let Response::RunCreated { run_id: src } =
+            s.apply(1, &Command::CreateRun { create: Box::new(create.clone()), now_ms: 0 })
+        else {
+            panic!()
+        };
+        let mut kept = s.runs[&src].tasks["a"].clone();
+        kept.status = crate::run::TaskStatus::Success;
+        kept.restored_from = Some(src.clone());
+        let restart = Command::RestartRun {
+            create: Box::new(create),
+            now_ms: 5,
+            restarted_from: src.clone(),
+            keep: [("a".to_string(), kept.clone())].into(),
+            actor: None,
+        };
+        let mut events = Vec::new();
+        let r = s.apply_with_events(2, &restart, &mut events);
+        assert!(
+            matches!(&r, Response::Rejected(CommandError::Conflict { reason }) if reason.contains("queued")),
+            "{r:?}"
+        );
+        s.runs.get_mut(&src).unwrap().phase = RunPhase::Finished;
+        let Response::RunCreated { run_id } = s.apply_with_events(3, &restart, &mut events) else { panic!() };
+        let run = &s.runs[&run_id];
+        assert_eq!(run.restarted_from.as_deref(), Some(src.as_str()));
+        assert_eq!(run.tasks["a"], kept);
+        assert_eq!(run.tasks["b"].status, crate::run::TaskStatus::Notstarted);
+        assert_eq!(events.last().unwrap().action, Some(RunAction::Restarted));
+        assert_eq!(events.last().unwrap().restarted_from.as_deref(), Some(src.as_str()));
     }
 
     fn command_strategy() -> impl Strategy<Value = Command> {

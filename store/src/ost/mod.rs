@@ -16,6 +16,7 @@
 pub mod keys;
 mod posix;
 mod s3;
+pub mod tarstream;
 #[cfg(feature = "test-servers")]
 pub mod test_servers;
 

@@ -1,0 +1,211 @@
+//! The run workload beside the key/value one: runs submitted through random nodes, driven
+//! by simulated executors speaking the executor HTTP API (as the scheduler benchmark
+//! does; no Docker), each moving to another node when its node stops answering.
+//!
+//! Checked at the end: every run whose creation was acknowledged exists and reached a
+//! final phase after the heal; no executor task was started by two executors, and no task
+//! whose running or success report was acknowledged was later handed out as not started
+//! (that would be a lost acknowledged write or a task executed twice).
+
+use std::collections::BTreeMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use flotilla_api::types::{ExecutorInfo, ExecutorTaskView};
+use flotilla_store::run::Phase;
+
+use crate::nodes::{url, TOKEN};
+use crate::Rng;
+
+#[derive(Default)]
+pub struct RunLog {
+    /// Runs whose creation answered 201.
+    pub acked: Vec<String>,
+    /// Creations whose fate is unknown (timeout, lost connection, "may or may not").
+    pub unknown: usize,
+    pub failed: usize,
+    /// Executor task id -> executors that started it.
+    pub started: BTreeMap<String, Vec<String>>,
+    /// Violations seen while running.
+    pub violations: Vec<String>,
+}
+
+pub type Shared = Arc<Mutex<RunLog>>;
+
+fn create_body(n: u64) -> serde_json::Value {
+    serde_json::json!({
+        "name": format!("faults-{n}"),
+        "group": "/faults",
+        "tasks": [
+            {"name": "a", "image": "flotilla-busybox:latest", "steps": [{"run": {"command": "true"}}]},
+            {"name": "b", "image": "flotilla-busybox:latest", "steps": [{"run": {"command": "true"}}],
+             "depends": [{"task": "a"}]}
+        ]
+    })
+}
+
+/// Submits a run every ~`every_ms` through a random node until `stop`.
+pub async fn submitter(nodes: Vec<u64>, seed: u64, every_ms: u64, log: Shared, stop: Arc<AtomicBool>) {
+    let http = reqwest::Client::builder()
+        .connect_timeout(Duration::from_secs(1))
+        .timeout(Duration::from_millis(crate::kv::CLIENT_TIMEOUT_MS))
+        .build()
+        .unwrap();
+    let mut rng = Rng::new(seed);
+    let mut n = 0;
+    while !stop.load(Ordering::Relaxed) {
+        n += 1;
+        let node = nodes[rng.below(nodes.len() as u64) as usize];
+        let r = http
+            .post(format!("{}/api/v1/runs", url(node)))
+            .bearer_auth(TOKEN)
+            .json(&create_body(n))
+            .send()
+            .await;
+        // Read the answer first; the log is locked only in between awaits.
+        let (status, body) = match r {
+            Ok(resp) => {
+                let status = resp.status().as_u16();
+                (Some(status), resp.text().await.ok())
+            }
+            Err(e) if e.is_connect() => (None, None),
+            Err(_) => (Some(0), None),
+        };
+        {
+            let mut l = log.lock().unwrap();
+            match (status, body) {
+                (Some(201), Some(body)) => {
+                    let run: serde_json::Value = serde_json::from_str(&body).unwrap_or_default();
+                    match run["id"].as_str() {
+                        Some(id) => l.acked.push(id.to_string()),
+                        None => l.violations.push(format!("a 201 to a run creation carried no id: {body}")),
+                    }
+                }
+                // A 201 whose body was lost: created, id unknown.
+                (Some(201), None) => l.unknown += 1,
+                (Some(503), Some(body)) if body.contains("may or may not") => l.unknown += 1,
+                // Transport failure after connecting: may have been created.
+                (Some(0), _) => l.unknown += 1,
+                _ => l.failed += 1,
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(every_ms)).await;
+    }
+}
+
+fn status(t: &ExecutorTaskView, phase: Phase) -> flotilla_api::types::ExecutorTaskStatus {
+    let mut s = t.status.clone();
+    s.phase = phase;
+    s.setup_step.phase = Phase::Success;
+    for step in &mut s.steps {
+        step.phase = phase;
+    }
+    s
+}
+
+/// One simulated executor: starts on `first` node, moves on when it stops answering.
+pub async fn executor(id: String, nodes: Vec<u64>, first: usize, log: Shared, stop: Arc<AtomicBool>) {
+    let info: ExecutorInfo = serde_json::from_value(serde_json::json!({"archs": ["amd64"]})).unwrap();
+    let mut at = first;
+    let client = |at: usize| flotilla_api::Client::new(&url(nodes[at % nodes.len()]), Some(TOKEN.into()));
+    let mut c = client(at);
+    let mut last_beat: Option<Instant> = None;
+    // What this executor did with each task, and whether the server acknowledged it.
+    let mut mine: BTreeMap<String, Phase> = BTreeMap::new();
+    while !stop.load(Ordering::Relaxed) {
+        if last_beat.is_none_or(|t| t.elapsed() > Duration::from_secs(2)) {
+            match tokio::time::timeout(Duration::from_secs(5), c.executor_heartbeat(&id, &info)).await {
+                Ok(Ok(())) => last_beat = Some(Instant::now()),
+                _ => {
+                    at += 1;
+                    c = client(at);
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                    continue;
+                }
+            }
+        }
+        let tasks = match tokio::time::timeout(Duration::from_secs(5), c.executor_tasks(&id, 0, 500)).await {
+            Ok(Ok(t)) => t,
+            _ => {
+                at += 1;
+                c = client(at);
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+        };
+        for t in tasks.tasks {
+            let next = match (mine.get(&t.id), t.status.phase) {
+                (None, Phase::Notstarted) => Phase::Running,
+                (Some(Phase::Running), Phase::Notstarted) | (Some(Phase::Success), Phase::Notstarted) => {
+                    log.lock().unwrap().violations.push(format!(
+                        "executor {id}: task {} is handed out as not started again after its {:?} report was acknowledged",
+                        t.id,
+                        mine[&t.id]
+                    ));
+                    continue;
+                }
+                (Some(Phase::Running), Phase::Running) => Phase::Success,
+                _ => continue,
+            };
+            if next == Phase::Running && t.spec.spec.stop {
+                continue;
+            }
+            let r = tokio::time::timeout(
+                Duration::from_secs(5),
+                c.executor_task_status(&id, &t.id, &status(&t, next)),
+            )
+            .await;
+            if matches!(r, Ok(Ok(()))) {
+                if next == Phase::Running {
+                    log.lock().unwrap().started.entry(t.id.clone()).or_default().push(id.clone());
+                }
+                mine.insert(t.id.clone(), next);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// After the heal: every acknowledged run exists and reaches a final phase within `wait`.
+pub async fn final_check(nodes: &[u64], log: &Shared, wait: Duration) -> Vec<String> {
+    let mut problems = log.lock().unwrap().violations.clone();
+    for (task, by) in &log.lock().unwrap().started {
+        if by.len() > 1 {
+            problems.push(format!("task {task} was started by more than one executor: {by:?}"));
+        }
+    }
+    let acked = log.lock().unwrap().acked.clone();
+    let deadline = Instant::now() + wait;
+    let mut i = 0;
+    for id in &acked {
+        loop {
+            i += 1;
+            let c = flotilla_api::Client::new(&url(nodes[i % nodes.len()]), Some(TOKEN.into()));
+            match c.run_get(id).await {
+                Ok(run) if run.phase.is_final() => break,
+                Ok(run) if Instant::now() > deadline => {
+                    // Reported, not failed: the CI gate is linearizability, lost writes,
+                    // duplicate executions and hung requests; a run that does not end is
+                    // a liveness finding under study (docs/faults.md).
+                    println!(
+                        "faults: FINDING (liveness, not a failure): run {id} is still {:?} 60 s after the heal; tasks: {:?}",
+                        run.phase,
+                        run.tasks.iter().map(|(n, t)| (n.clone(), t.status)).collect::<Vec<_>>()
+                    );
+                    break;
+                }
+                Err(e) if e.status() == Some(404) => {
+                    problems.push(format!("run {id} was acknowledged (201) but does not exist: {e}"));
+                    break;
+                }
+                Err(e) if Instant::now() > deadline => {
+                    problems.push(format!("run {id} could not be read after the heal: {e}"));
+                    break;
+                }
+                _ => tokio::time::sleep(Duration::from_millis(200)).await,
+            }
+        }
+    }
+    problems
+}
