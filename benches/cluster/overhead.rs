@@ -5,6 +5,11 @@
 //! removes the container after reporting the outcome; the next measurement of either side
 //! starts only once it is gone.
 //! The cluster has three nodes and one executor.
+//!
+//! A two-container pod task (the steps' container and one service sharing its network)
+//! is measured the same way against its `docker` equivalent: a service container
+//! started detached, `docker run --rm --network container:SVC IMAGE true`, then
+//! `docker rm -f SVC`.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -32,25 +37,36 @@ pub async fn run(quick: bool) -> Vec<Row> {
         "tasks": [{"name": "t", "image": IMAGE, "steps": [{"run": {"command": "true"}}]}]
     }))
     .unwrap();
-    let flotilla_run = || async {
-        let t = Instant::now();
-        let run = c.run_create(&create).await.unwrap();
-        let elapsed = loop {
-            let r = c.run_get(&run.id).await.unwrap();
-            if r.phase.is_final() {
-                assert_eq!(r.result, flotilla_store::run::RunResult::Success);
-                break t.elapsed();
+    let pod: RunCreate = serde_json::from_value(serde_json::json!({
+        "name": "overhead-pod", "group": "/bench",
+        "tasks": [{"name": "t", "containers": [
+            {"image": IMAGE},
+            {"name": "svc", "image": IMAGE, "entrypoint": ["sleep"], "command": ["3600"]}
+        ], "steps": [{"run": {"command": "true"}}]}]
+    }))
+    .unwrap();
+    let flotilla_run = |create: &RunCreate| {
+        let (c, create) = (&c, create.clone());
+        async move {
+            let t = Instant::now();
+            let run = c.run_create(&create).await.unwrap();
+            let elapsed = loop {
+                let r = c.run_get(&run.id).await.unwrap();
+                if r.phase.is_final() {
+                    assert_eq!(r.result, flotilla_store::run::RunResult::Success);
+                    break t.elapsed();
+                }
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            };
+            // The executor removes the container after reporting; wait for that (untimed), so
+            // that the next measurement of either side does not share the engine with it.
+            let deadline = Instant::now() + Duration::from_secs(30);
+            while !containers_with_label("flotilla.executor", "bench-exec").is_empty() {
+                assert!(Instant::now() < deadline, "the executor did not remove its container");
+                tokio::time::sleep(Duration::from_millis(5)).await;
             }
-            tokio::time::sleep(Duration::from_millis(5)).await;
-        };
-        // The executor removes the container after reporting; wait for that (untimed), so
-        // that the next measurement of either side does not share the engine with it.
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while !containers_with_label("flotilla.executor", "bench-exec").is_empty() {
-            assert!(Instant::now() < deadline, "the executor did not remove its container");
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            elapsed
         }
-        elapsed
     };
     let docker_run = || {
         let t = Instant::now();
@@ -60,12 +76,31 @@ pub async fn run(quick: bool) -> Vec<Row> {
     };
     // One warm-up each (executor registration, first connections, page cache), then the
     // two alternate so that both see the same machine.
-    flotilla_run().await;
+    flotilla_run(&create).await;
     docker_run();
     let (mut docker, mut flotilla) = (Vec::new(), Vec::new());
     for _ in 0..n {
         docker.push(docker_run());
-        flotilla.push(flotilla_run().await);
+        flotilla.push(flotilla_run(&create).await);
+    }
+    let docker_pod = || {
+        let t = Instant::now();
+        let svc = "flotilla-bench-pod-svc";
+        let docker = |args: &[&str]| {
+            let ok = Command::new("docker").args(args).stdout(std::process::Stdio::null()).status().unwrap();
+            assert!(ok.success(), "docker {args:?} failed");
+        };
+        docker(&["run", "-d", "--name", svc, IMAGE, "sleep", "3600"]);
+        docker(&["run", "--rm", "--network", &format!("container:{svc}"), IMAGE, "true"]);
+        docker(&["rm", "-f", svc]);
+        t.elapsed()
+    };
+    flotilla_run(&pod).await;
+    docker_pod();
+    let (mut docker2, mut flotilla2) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        docker2.push(docker_pod());
+        flotilla2.push(flotilla_run(&pod).await);
     }
     let (dp50, dmean, dmax) = stats(docker);
     let (fp50, fmean, fmax) = stats(flotilla);
@@ -73,8 +108,20 @@ pub async fn run(quick: bool) -> Vec<Row> {
     println!("{:<40} {:>9} {:>9} {:>9}", "", "p50 ms", "mean ms", "max ms");
     println!("{:<40} {:>9.0} {:>9.0} {:>9.0}", "docker run --rm (baseline)", dp50, dmean, dmax);
     println!("{:<40} {:>9.0} {:>9.0} {:>9.0}", "flotilla run (create → finished)", fp50, fmean, fmax);
+    let (dp50_2, dmean_2, dmax_2) = stats(docker2);
+    let (fp50_2, fmean_2, fmax_2) = stats(flotilla2);
+    println!("== per-task overhead of a two-container pod (steps + one service), {n} runs each");
+    println!(
+        "{:<40} {:>9.0} {:>9.0} {:>9.0}",
+        "docker run -d svc; run --network (baseline)", dp50_2, dmean_2, dmax_2
+    );
+    println!(
+        "{:<40} {:>9.0} {:>9.0} {:>9.0}",
+        "flotilla pod run (create → finished)", fp50_2, fmean_2, fmax_2
+    );
     vec![
         Row::new("task_overhead_p50", "ms", fp50, "docker run --rm", dp50, false),
         Row::new("task_overhead_mean", "ms", fmean, "docker run --rm", dmean, false),
+        Row::new("pod_task_overhead_p50", "ms", fp50_2, "docker run, 2 containers", dp50_2, false),
     ]
 }
