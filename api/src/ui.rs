@@ -182,9 +182,6 @@ fn layers(config: &RunConfig) -> BTreeMap<&str, u32> {
 }
 
 pub(crate) async fn graph(ctx: &Ctx, run_id: &str, req: &Request<'_>) -> Result<Reply, ApiError> {
-    if req.method != Method::GET {
-        return Err(ApiError::method_not_allowed());
-    }
     read_barrier(ctx, req).await?;
     let manifest = {
         let sm = ctx.node.state.read();
