@@ -1,4 +1,4 @@
-//! Routes for runs, events and executors.
+//! Handlers for runs, events and executors (their routes are declared in `routes.rs`).
 //!
 //! User-facing: create, list, get, stop, annotate and approve runs; the event stream;
 //! executor admin. Executor-facing (`/api/v1/executor/{id}/...`, executor token):

@@ -55,7 +55,8 @@ static ASSETS: &[Asset] = &[
     asset!("favicon.svg", "image/svg+xml"),
 ];
 
-/// `GET /ui/...`: `rest` is the path after `ui`.
+/// `GET /ui/...`: `rest` is the path after `ui`. (The route table sends only GET and HEAD
+/// here and answers other methods 405 with `Allow`; the check stays for direct callers.)
 pub(crate) fn serve(method: &Method, rest: &[&str]) -> Result<Reply, ApiError> {
     if method != Method::GET && method != Method::HEAD {
         return Err(ApiError::method_not_allowed());
