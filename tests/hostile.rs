@@ -537,3 +537,51 @@ async fn oversized_fields_control_characters_and_escaping_paths_are_refused() {
     }
     assert_eq!(commit_index(&c).await, before, "a refused run changed the state");
 }
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_routes_path_with_another_method_gets_405_with_allow_and_unknown_paths_404() {
+    let c = cluster_with_an_executor().await;
+    let base = c.url(1);
+    let client = reqwest::Client::new();
+    for (method, path, allow) in [
+        // The two that drifted to 404 while each route family kept its own 405 list.
+        ("POST", "/api/v1/executor/e1/siblings", "GET"),
+        ("PUT", "/api/v1/runs/0000000000000001/tasks/a/logs", "GET"),
+        ("DELETE", "/api/v1/runs/0000000000000001/tasks/a/workspace", "GET"),
+        ("POST", "/api/v1/executor/e1/caches", "GET, PUT"),
+        ("PATCH", "/api/v1/kv/a/b", "GET, PUT, DELETE"),
+        ("GET", "/raft/vote", "POST"),
+        ("POST", "/ui/runs", "GET, HEAD"),
+    ] {
+        let resp = client
+            .request(method.parse().unwrap(), format!("{base}{path}"))
+            .bearer_auth(TOKEN)
+            .send()
+            .await
+            .expect("request");
+        assert_eq!(resp.status().as_u16(), 405, "{method} {path}");
+        let allowed = resp.headers().get("allow").map(|v| v.to_str().unwrap().to_string());
+        assert_eq!(allowed.as_deref(), Some(allow), "{method} {path}");
+        let body: Value = resp.json().await.expect("a JSON error");
+        assert_eq!(body["code"], "method_not_allowed", "{method} {path}: {body}");
+        assert!(body["message"].as_str().unwrap().contains(allow), "{method} {path}: {body}");
+    }
+    // Without the right token a wrong method or an unknown path tells nothing.
+    let siblings = format!("{base}/api/v1/executor/e1/siblings");
+    assert_error("405 without a token", &call("POST", &siblings, Some("nope"), None).await, 401);
+    let bogus = format!("{base}/api/v1/runs/0000000000000001/tasks/a/bogus");
+    assert_error("404 without a token", &call("GET", &bogus, None, None).await, 401);
+    assert_error("unknown path", &call("GET", &bogus, Some(TOKEN), None).await, 404);
+    assert_error(
+        "unknown raft route",
+        &call("POST", &format!("{base}/raft/bogus"), Some(TOKEN), None).await,
+        404,
+    );
+    // Counted under their route's label.
+    let metrics = client.get(format!("{base}/metrics")).send().await.unwrap().text().await.unwrap();
+    for series in
+        [r#"route="executor",status="405""#, r#"route="runs",status="405""#, r#"route="other",status="404""#]
+    {
+        assert!(metrics.contains(series), "no {series} in\n{metrics}");
+    }
+}

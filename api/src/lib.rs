@@ -11,6 +11,7 @@ pub mod error;
 pub mod lifecycle;
 pub mod metrics;
 pub mod objects;
+mod routes;
 mod runs;
 pub mod server;
 mod strict_json;

@@ -23,7 +23,6 @@ use futures::StreamExt;
 use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
-use warp::http::Method;
 
 use crate::error::ApiError;
 use crate::server::{json, Ctx, Reply, Request};
@@ -399,53 +398,58 @@ pub(crate) async fn forward_to_leader(ctx: &Ctx, req: &Request<'_>) -> Result<Re
     Ok(Reply::Raw(out))
 }
 
-/// The streamed upload routes (their bodies are not buffered like other requests').
-pub(crate) fn is_upload(method: &Method, segments: &[&str]) -> bool {
-    method == Method::PUT
-        && matches!(
-            segments,
-            ["api", "v1", "executor", _, "tasks", _, "archives", _] | ["api", "v1", "executor", _, "caches"]
-        )
-}
-
-/// `PUT /api/v1/executor/{id}/tasks/{task_id}/archives/{step}` and
-/// `PUT /api/v1/executor/{id}/caches?group=G&key=K`, bodies streamed into the ost.
-pub(crate) async fn upload(
-    ctx: &Ctx,
-    segments: &[&str],
-    query: &HashMap<String, String>,
-    size: Option<u64>,
-    body: ObjectStream,
-) -> Result<Reply, ApiError> {
+/// The body of a streamed upload, refused over `MAX_ARCHIVE_BYTES` from its declared size
+/// and cut off with an error once it passes it, with its declared size.
+fn upload_body(
+    req: &Request<'_>,
+    body: Option<ObjectStream>,
+) -> Result<(ObjectStream, Option<u64>), ApiError> {
+    let body = body.ok_or_else(|| {
+        tracing::error!(path = ?req.segments, "an upload route was dispatched with its body read");
+        ApiError::internal()
+    })?;
+    let size = req.content_length;
     if size.is_some_and(|s| s > MAX_ARCHIVE_BYTES) {
         return Err(ApiError::payload_too_large(MAX_ARCHIVE_BYTES));
     }
-    let body = capped(body, MAX_ARCHIVE_BYTES);
-    match segments {
-        ["api", "v1", "executor", executor, "tasks", task_id, "archives", step] => {
-            let step: usize =
-                step.parse().map_err(|_| ApiError::bad_request(format!("step {step:?} is not a number")))?;
-            let run_id = task_owner(ctx, executor, task_id).await?;
-            ctx.ost.put_bytes(&keys::run_ref(keys::ARCHIVES, task_id, &run_id), Bytes::new(), true).await?;
-            let key = keys::archive(task_id, step);
-            let size = ctx.ost.put(&key, body, size, true).await?;
-            Ok(json(201, &Stored { key, size }))
-        }
-        ["api", "v1", "executor", _, "caches"] => {
-            let (group, key) = cache_params(query)?;
-            let object = keys::cache(group, key)?;
-            // A cache key names one content: the first save wins, later ones are no-ops.
-            if ctx.ost.exists(&object).await? {
-                return Ok(json(
-                    200,
-                    &Stored { key: key.to_string(), size: ctx.ost.stat(&object).await?.size },
-                ));
-            }
-            let size = ctx.ost.put(&object, body, size, true).await?;
-            Ok(json(201, &Stored { key: key.to_string(), size }))
-        }
-        _ => Err(ApiError::not_found("no such upload route")),
+    Ok((capped(body, MAX_ARCHIVE_BYTES), size))
+}
+
+/// `PUT /api/v1/executor/{id}/tasks/{task_id}/archives/{step}`, the body streamed into
+/// the ost.
+pub(crate) async fn upload_archive(
+    ctx: &Ctx,
+    executor: &str,
+    task_id: &str,
+    step: &str,
+    req: &Request<'_>,
+    body: Option<ObjectStream>,
+) -> Result<Reply, ApiError> {
+    let (body, size) = upload_body(req, body)?;
+    let step: usize =
+        step.parse().map_err(|_| ApiError::bad_request(format!("step {step:?} is not a number")))?;
+    let run_id = task_owner(ctx, executor, task_id).await?;
+    ctx.ost.put_bytes(&keys::run_ref(keys::ARCHIVES, task_id, &run_id), Bytes::new(), true).await?;
+    let key = keys::archive(task_id, step);
+    let size = ctx.ost.put(&key, body, size, true).await?;
+    Ok(json(201, &Stored { key, size }))
+}
+
+/// `PUT /api/v1/executor/{id}/caches?group=G&key=K`, the body streamed into the ost.
+pub(crate) async fn upload_cache(
+    ctx: &Ctx,
+    req: &Request<'_>,
+    body: Option<ObjectStream>,
+) -> Result<Reply, ApiError> {
+    let (body, size) = upload_body(req, body)?;
+    let (group, key) = cache_params(&req.query)?;
+    let object = keys::cache(group, key)?;
+    // A cache key names one content: the first save wins, later ones are no-ops.
+    if ctx.ost.exists(&object).await? {
+        return Ok(json(200, &Stored { key: key.to_string(), size: ctx.ost.stat(&object).await?.size }));
     }
+    let size = ctx.ost.put(&object, body, size, true).await?;
+    Ok(json(201, &Stored { key: key.to_string(), size }))
 }
 
 fn cache_params(query: &HashMap<String, String>) -> Result<(&str, &str), ApiError> {
@@ -468,40 +472,36 @@ fn capped(body: ObjectStream, limit: u64) -> ObjectStream {
     }))
 }
 
-/// Executor-facing reads: archives of ancestor tasks and caches.
-pub(crate) async fn executor_read(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -> Result<Reply, ApiError> {
-    match rest {
-        // GET /api/v1/executor/{id}/archives/{task_id}/{step}
-        ["executor", _, "archives", task_id, step] => {
-            let step: usize =
-                step.parse().map_err(|_| ApiError::bad_request(format!("step {step:?} is not a number")))?;
-            Ok(stream_reply(ctx.ost.get(&keys::archive(task_id, step)).await?))
+/// `GET /api/v1/executor/{id}/archives/{task_id}/{step}`: an archive of an ancestor task.
+pub(crate) async fn download_archive(ctx: &Ctx, task_id: &str, step: &str) -> Result<Reply, ApiError> {
+    let step: usize =
+        step.parse().map_err(|_| ApiError::bad_request(format!("step {step:?} is not a number")))?;
+    Ok(stream_reply(ctx.ost.get(&keys::archive(task_id, step)).await?))
+}
+
+/// `GET /api/v1/executor/{id}/caches?group=G&key=K`: the cache itself.
+pub(crate) async fn download_cache(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
+    let (group, key) = cache_params(&req.query)?;
+    Ok(stream_reply(ctx.ost.get(&keys::cache(group, key)?).await?))
+}
+
+/// `GET /api/v1/executor/{id}/caches/match?group=G&prefix=P`: the first key by prefix.
+pub(crate) async fn match_cache(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
+    let group = req
+        .query
+        .get("group")
+        .map(String::as_str)
+        .ok_or_else(|| ApiError::bad_request("group is required"))?;
+    let prefix = req.query.get("prefix").map(String::as_str).unwrap_or("");
+    if prefix.contains('/') {
+        return Err(OstError::InvalidKey {
+            key: prefix.to_string(),
+            reason: "a cache key cannot contain '/'",
         }
-        // GET /api/v1/executor/{id}/caches?group=G&key=K: the cache itself.
-        ["executor", _, "caches"] => {
-            let (group, key) = cache_params(&req.query)?;
-            Ok(stream_reply(ctx.ost.get(&keys::cache(group, key)?).await?))
-        }
-        // GET /api/v1/executor/{id}/caches/match?group=G&prefix=P: first key by prefix.
-        ["executor", _, "caches", "match"] => {
-            let group = req
-                .query
-                .get("group")
-                .map(String::as_str)
-                .ok_or_else(|| ApiError::bad_request("group is required"))?;
-            let prefix = req.query.get("prefix").map(String::as_str).unwrap_or("");
-            if prefix.contains('/') {
-                return Err(OstError::InvalidKey {
-                    key: prefix.to_string(),
-                    reason: "a cache key cannot contain '/'",
-                }
-                .into());
-            }
-            let dir = keys::cache_dir(group)?;
-            let found = ctx.ost.list(&format!("{dir}{prefix}"), None, 100).await?;
-            let key = found.iter().find_map(|o| keys::cache_key_of(&dir, &o.key)).map(str::to_string);
-            Ok(json(200, &CacheMatch { key }))
-        }
-        _ => Err(ApiError::not_found(format!("no route for GET /api/v1/{}", rest.join("/")))),
+        .into());
     }
+    let dir = keys::cache_dir(group)?;
+    let found = ctx.ost.list(&format!("{dir}{prefix}"), None, 100).await?;
+    let key = found.iter().find_map(|o| keys::cache_key_of(&dir, &o.key)).map(str::to_string);
+    Ok(json(200, &CacheMatch { key }))
 }

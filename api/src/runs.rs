@@ -1,4 +1,4 @@
-//! Routes for runs, events and executors.
+//! Handlers for runs, events and executors (their routes are declared in `routes.rs`).
 //!
 //! User-facing: create, list, get, stop, annotate and approve runs; the event stream;
 //! executor admin. Executor-facing (`/api/v1/executor/{id}/...`, executor token):
@@ -18,120 +18,130 @@ use flotilla_store::limits::{
 use flotilla_store::run::{group_matches, RunCreate, RunPhase};
 use flotilla_store::{Command, Response};
 use tokio::sync::broadcast::error::RecvError;
-use warp::http::Method;
 
 use crate::error::ApiError;
 use crate::server::{json, read_barrier, unexpected, write, write_at, Ctx, Reply, Request};
 use crate::types::*;
 
-pub(crate) async fn route(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -> Result<Reply, ApiError> {
-    let m = &req.method;
-    match rest {
-        ["runs"] if m == Method::POST => match &req.idempotency_key {
-            Some(key) => crate::lifecycle::create_run_idempotent(ctx, req, key).await,
-            None => create_run(ctx, req).await,
-        },
-        ["runs"] if m == Method::GET => list_runs(ctx, req).await,
-        ["runs", id] if m == Method::GET => {
-            read_barrier(ctx, req).await?;
-            let manifest = {
-                let sm = ctx.node.state.read();
-                if let Some(run) = sm.state.runs.get(*id) {
-                    return Ok(json(200, run));
-                }
-                sm.state.archive.clone()
-            };
-            match ctx.archive.get(&manifest, id).await? {
-                Some(a) => Ok(json(200, &a.run)),
-                None => Err(ApiError::not_found(format!("run {id} not found"))),
-            }
+/// `POST /api/v1/runs`, with or without an `Idempotency-Key`.
+pub(crate) async fn create_run(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
+    match &req.idempotency_key {
+        Some(key) => crate::lifecycle::create_run_idempotent(ctx, req, key).await,
+        None => create_new_run(ctx, req).await,
+    }
+}
+
+/// `GET /api/v1/runs/{id}`: live or archived.
+pub(crate) async fn get_run(ctx: &Ctx, id: &str, req: &Request<'_>) -> Result<Reply, ApiError> {
+    read_barrier(ctx, req).await?;
+    let manifest = {
+        let sm = ctx.node.state.read();
+        if let Some(run) = sm.state.runs.get(id) {
+            return Ok(json(200, run));
         }
-        ["runs", id] if m == Method::DELETE => delete_run(ctx, id).await,
-        ["archive"] if m == Method::GET => {
-            read_barrier(ctx, req).await?;
-            let sm = ctx.node.state.read();
-            let a = &sm.state.archive;
-            let body = serde_json::json!({
-                "generation": a.generation,
-                "files": a.files.len(),
-                "runs": a.archived_runs(),
-                "bytes": a.files.iter().map(|f| f.bytes).sum::<u64>(),
-                "runs_in_state": sm.state.runs.len(),
-            });
-            Ok(json(200, &body))
+        sm.state.archive.clone()
+    };
+    match ctx.archive.get(&manifest, id).await? {
+        Some(a) => Ok(json(200, &a.run)),
+        None => Err(ApiError::not_found(format!("run {id} not found"))),
+    }
+}
+
+/// `GET /api/v1/archive`.
+pub(crate) async fn archive_status(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
+    read_barrier(ctx, req).await?;
+    let sm = ctx.node.state.read();
+    let a = &sm.state.archive;
+    let body = serde_json::json!({
+        "generation": a.generation,
+        "files": a.files.len(),
+        "runs": a.archived_runs(),
+        "bytes": a.files.iter().map(|f| f.bytes).sum::<u64>(),
+        "runs_in_state": sm.state.runs.len(),
+    });
+    Ok(json(200, &body))
+}
+
+/// `POST /api/v1/archive/index`.
+pub(crate) async fn dump_archive_index(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
+    read_barrier(ctx, req).await?;
+    let dump = flotilla_scheduler::archive::dump_index(&ctx.node, &ctx.ost).await?;
+    Ok(json(200, &dump))
+}
+
+/// `PUT /api/v1/runs/{id}/actions`: stop or restart.
+pub(crate) async fn run_action(ctx: &Ctx, id: &str, req: &Request<'_>) -> Result<Reply, ApiError> {
+    let body: serde_json::Value = req.json()?;
+    if !body.is_object() {
+        return Err(ApiError::bad_request("invalid JSON body: the body must be a JSON object"));
+    }
+    match body.get("action").and_then(|a| a.as_str()) {
+        Some("stop") => {
+            let _: ActionRequest = req.json()?;
+            expect_done(write(ctx, Command::StopRun { run_id: id.to_string() }).await?)
         }
-        ["archive", "index"] if m == Method::POST => {
-            read_barrier(ctx, req).await?;
-            let dump = flotilla_scheduler::archive::dump_index(&ctx.node, &ctx.ost).await?;
-            Ok(json(200, &dump))
-        }
-        ["runs", id, "actions"] if m == Method::PUT => {
-            let body: serde_json::Value = req.json()?;
-            if !body.is_object() {
-                return Err(ApiError::bad_request("invalid JSON body: the body must be a JSON object"));
-            }
-            match body.get("action").and_then(|a| a.as_str()) {
-                Some("stop") => {
-                    let _: ActionRequest = req.json()?;
-                    expect_done(write(ctx, Command::StopRun { run_id: id.to_string() }).await?)
-                }
-                Some("restart") => crate::lifecycle::restart(ctx, id, req).await,
-                other => Err(ApiError::bad_request(format!(
-                    "unknown run action {:?}; known: stop, restart",
-                    other.unwrap_or_default()
-                ))),
-            }
-        }
-        ["runs", id, "tasks", task, "annotations"] if m == Method::PUT => {
-            let body: AnnotationsRequest = req.json()?;
-            let cmd = Command::SetTaskAnnotations {
-                run_id: id.to_string(),
-                task: task.to_string(),
-                annotations: body.annotations,
-            };
+        Some("restart") => crate::lifecycle::restart(ctx, id, req).await,
+        other => Err(ApiError::bad_request(format!(
+            "unknown run action {:?}; known: stop, restart",
+            other.unwrap_or_default()
+        ))),
+    }
+}
+
+/// `PUT /api/v1/runs/{id}/tasks/{task}/annotations`.
+pub(crate) async fn set_annotations(
+    ctx: &Ctx,
+    id: &str,
+    task: &str,
+    req: &Request<'_>,
+) -> Result<Reply, ApiError> {
+    let body: AnnotationsRequest = req.json()?;
+    let cmd = Command::SetTaskAnnotations {
+        run_id: id.to_string(),
+        task: task.to_string(),
+        annotations: body.annotations,
+    };
+    expect_done(write(ctx, cmd).await?)
+}
+
+/// `PUT /api/v1/runs/{id}/tasks/{task}/actions`: approve.
+pub(crate) async fn task_action(
+    ctx: &Ctx,
+    id: &str,
+    task: &str,
+    req: &Request<'_>,
+) -> Result<Reply, ApiError> {
+    let body: ActionRequest = req.json()?;
+    match body.action.as_str() {
+        "approve" => {
+            let cmd = Command::ApproveTask { run_id: id.to_string(), task: task.to_string() };
             expect_done(write(ctx, cmd).await?)
         }
-        ["runs", id, "tasks", task, "actions"] if m == Method::PUT => {
-            let body: ActionRequest = req.json()?;
-            match body.action.as_str() {
-                "approve" => {
-                    let cmd = Command::ApproveTask { run_id: id.to_string(), task: task.to_string() };
-                    expect_done(write(ctx, cmd).await?)
-                }
-                other => Err(ApiError::bad_request(format!("unknown task action {other:?}; known: approve"))),
-            }
-        }
-        ["events"] if m == Method::GET => events(ctx, req),
-        ["executors"] if m == Method::GET => {
-            read_barrier(ctx, req).await?;
-            let sm = ctx.node.state.read();
-            let counts = flotilla_scheduler::decide::active_counts(&sm.state);
-            let executors = sm
-                .state
-                .executors
-                .values()
-                .map(|e| {
-                    let mut e = e.clone();
-                    e.info.active_tasks = counts.get(&e.id).copied().unwrap_or(0);
-                    e
-                })
-                .collect();
-            Ok(json(200, &ExecutorList { executors }))
-        }
-        ["executors", id] if m == Method::DELETE => {
-            expect_done(write(ctx, Command::DeleteExecutor { id: id.to_string() }).await?)
-        }
-        ["archive"]
-        | ["archive", "index"]
-        | ["runs"]
-        | ["runs", _]
-        | ["runs", _, "actions"]
-        | ["runs", _, "tasks", _, "annotations" | "actions"]
-        | ["events"]
-        | ["executors"]
-        | ["executors", _] => Err(ApiError::method_not_allowed()),
-        _ => Err(ApiError::not_found(format!("no route for {} /api/v1/{}", m, rest.join("/")))),
+        other => Err(ApiError::bad_request(format!("unknown task action {other:?}; known: approve"))),
     }
+}
+
+/// `GET /api/v1/executors`, each with its count of active tasks.
+pub(crate) async fn list_executors(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
+    read_barrier(ctx, req).await?;
+    let sm = ctx.node.state.read();
+    let counts = flotilla_scheduler::decide::active_counts(&sm.state);
+    let executors = sm
+        .state
+        .executors
+        .values()
+        .map(|e| {
+            let mut e = e.clone();
+            e.info.active_tasks = counts.get(&e.id).copied().unwrap_or(0);
+            e
+        })
+        .collect();
+    Ok(json(200, &ExecutorList { executors }))
+}
+
+/// `DELETE /api/v1/executors/{id}`.
+pub(crate) async fn delete_executor(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
+    expect_done(write(ctx, Command::DeleteExecutor { id: id.to_string() }).await?)
 }
 
 fn expect_done(r: Response) -> Result<Reply, ApiError> {
@@ -141,7 +151,7 @@ fn expect_done(r: Response) -> Result<Reply, ApiError> {
     }
 }
 
-async fn create_run(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
+async fn create_new_run(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
     let create: RunCreate = req.json()?;
     create.validate().map_err(|e| ApiError::bad_request(format!("invalid run: {e}")))?;
     let (index, response) =
@@ -166,7 +176,8 @@ async fn create_run(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
     }
 }
 
-async fn list_runs(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
+/// `GET /api/v1/runs`: live and archived runs, one page.
+pub(crate) async fn list_runs(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
     let limit = req.number("limit")?.map_or(DEFAULT_LIST_LIMIT, |l| l as usize);
     if limit == 0 || limit > MAX_LIST_LIMIT {
         return Err(ApiError::bad_request(format!("limit must be between 1 and {MAX_LIST_LIMIT}")));
@@ -247,7 +258,7 @@ async fn list_runs(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
 /// `DELETE /api/v1/runs/{id}`: a finished run, from the state or from the archive (its
 /// data file rewritten without it). Its `runs/<id>` references next to logs and
 /// workspace archives are deleted after; the GC removes what no run references any more.
-async fn delete_run(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
+pub(crate) async fn delete_run(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
     let mut attempts = 0;
     let tasks: Vec<(String, String)> = loop {
         attempts += 1;
@@ -333,7 +344,7 @@ fn task_owners(run: &Run) -> Vec<(String, String)> {
 /// events (`id` = log index, `event` = `run` or `task`, `data` = the JSON event). A
 /// subscriber that falls too far behind gets an `event: lagged` and the stream ends, so a
 /// client never silently misses events; it reconnects and re-reads the runs it follows.
-fn events(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
+pub(crate) fn events(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
     let group = req.query.get("group").cloned();
     let subscribers = ctx.event_subscribers.clone();
     if subscribers.fetch_add(1, Ordering::SeqCst) >= MAX_EVENT_SUBSCRIBERS {
@@ -391,53 +402,42 @@ impl Drop for Decrement {
     }
 }
 
-/// `/api/v1/executor/{id}/...`, the executor-facing routes.
-pub(crate) async fn executor_route(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -> Result<Reply, ApiError> {
-    let m = &req.method;
-    match rest {
-        ["executor", id] if m == Method::PUT => {
-            validate_executor_id(id).map_err(ApiError::bad_request)?;
-            let info: ExecutorInfo = req.json()?;
-            expect_done(
-                write(ctx, Command::PutExecutor { id: id.to_string(), info, now_ms: now_ms() }).await?,
-            )
-        }
-        ["executor", id, "tasks"] if m == Method::GET => executor_tasks(ctx, id, req).await,
-        ["executor", id, "siblings"] if m == Method::GET => {
-            read_barrier(ctx, req).await?;
-            let sm = ctx.node.state.read();
-            let me = sm
-                .state
-                .executors
-                .get(*id)
-                .ok_or_else(|| ApiError::not_found(format!("executor {id:?} is not registered")))?;
-            let executors = sm
-                .state
-                .executors
-                .values()
-                .filter(|e| e.info.group == me.info.group)
-                .map(|e| e.id.clone())
-                .collect();
-            Ok(json(200, &crate::types::Siblings { executors }))
-        }
-        ["executor", id, "tasks", task_id] if m == Method::PUT => {
-            let status: ExecutorTaskStatus = req.json()?;
-            let cmd = Command::SetExecutorTaskStatus {
-                id: task_id.to_string(),
-                executor_id: id.to_string(),
-                status,
-            };
-            expect_done(write(ctx, cmd).await?)
-        }
-        ["executor", _] | ["executor", _, "tasks"] | ["executor", _, "tasks", _] => {
-            Err(ApiError::method_not_allowed())
-        }
-        _ => Err(ApiError::not_found(format!("no route for {} /api/v1/{}", m, rest.join("/")))),
-    }
+/// `PUT /api/v1/executor/{id}`: registration and heartbeat.
+pub(crate) async fn executor_heartbeat(ctx: &Ctx, id: &str, req: &Request<'_>) -> Result<Reply, ApiError> {
+    validate_executor_id(id).map_err(ApiError::bad_request)?;
+    let info: ExecutorInfo = req.json()?;
+    expect_done(write(ctx, Command::PutExecutor { id: id.to_string(), info, now_ms: now_ms() }).await?)
 }
 
-/// The executor's tasks, once its `tasks_revision` is past `since` or `wait_ms` passed.
-async fn executor_tasks(ctx: &Ctx, id: &str, req: &Request<'_>) -> Result<Reply, ApiError> {
+/// `GET /api/v1/executor/{id}/siblings`: the executors of its group (itself included).
+pub(crate) async fn executor_siblings(ctx: &Ctx, id: &str, req: &Request<'_>) -> Result<Reply, ApiError> {
+    read_barrier(ctx, req).await?;
+    let sm = ctx.node.state.read();
+    let me = sm
+        .state
+        .executors
+        .get(id)
+        .ok_or_else(|| ApiError::not_found(format!("executor {id:?} is not registered")))?;
+    let executors =
+        sm.state.executors.values().filter(|e| e.info.group == me.info.group).map(|e| e.id.clone()).collect();
+    Ok(json(200, &crate::types::Siblings { executors }))
+}
+
+/// `PUT /api/v1/executor/{id}/tasks/{task_id}`: a task's status.
+pub(crate) async fn set_task_status(
+    ctx: &Ctx,
+    id: &str,
+    task_id: &str,
+    req: &Request<'_>,
+) -> Result<Reply, ApiError> {
+    let status: ExecutorTaskStatus = req.json()?;
+    let cmd = Command::SetExecutorTaskStatus { id: task_id.to_string(), executor_id: id.to_string(), status };
+    expect_done(write(ctx, cmd).await?)
+}
+
+/// `GET /api/v1/executor/{id}/tasks?since=R&wait_ms=W`: the executor's tasks, once its
+/// `tasks_revision` is past `since` or `wait_ms` passed.
+pub(crate) async fn executor_tasks(ctx: &Ctx, id: &str, req: &Request<'_>) -> Result<Reply, ApiError> {
     let since = req.number("since")?.unwrap_or(0);
     let wait_ms = req.number("wait_ms")?.unwrap_or(0).min(MAX_LONG_POLL_MS);
     read_barrier(ctx, req).await?;

@@ -1,11 +1,12 @@
 //! The HTTP server of a node: public API, health and metrics, and the node-to-node Raft
 //! routes, all on one listener.
 //!
-//! Routing is one `match` over (method, path segments) after one warp filter has gathered
-//! the request. That keeps every answer — unknown routes, wrong methods, oversized or
-//! malformed bodies, auth failures — in the same JSON error shape, decided in one place.
-//! Bodies are read as a stream with a hard cap per route family, so a huge or chunked
-//! body is refused without being buffered.
+//! One warp filter gathers the request; `handle` parses it into a [`crate::routes::Endpoint`]
+//! (the one route table), checks its token, refuses it in maintenance, reads its body and
+//! `dispatch`es it with one `match` on the endpoint. That keeps every answer — unknown
+//! routes, wrong methods, oversized or malformed bodies, auth failures — in the same JSON
+//! error shape, decided in one place. Bodies are read as a stream with a hard cap per
+//! route, so a huge or chunked body is refused without being buffered.
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::future::Future;
@@ -15,12 +16,12 @@ use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
 use flotilla_raft::network::MSGPACK;
-use flotilla_raft::rpc::{self, RpcKind};
+use flotilla_raft::rpc;
 use flotilla_raft::{LeaderRequest, RaftNode};
 use flotilla_store::limits::{
     BODY_IDLE_TIMEOUT_MS, BODY_PERMIT_WAIT_MS, BODY_READ_TIMEOUT_MS, DEFAULT_LIST_LIMIT,
-    HEADER_READ_TIMEOUT_MS, LARGE_BODY_BYTES, MAX_API_BODY_BYTES, MAX_LARGE_API_BODIES,
-    MAX_LARGE_RAFT_BODIES, MAX_LIST_LIMIT, MAX_NODE_ADDR_BYTES, MAX_RAFT_BODY_BYTES,
+    HEADER_READ_TIMEOUT_MS, LARGE_BODY_BYTES, MAX_LARGE_API_BODIES, MAX_LARGE_RAFT_BODIES, MAX_LIST_LIMIT,
+    MAX_NODE_ADDR_BYTES,
 };
 use flotilla_store::ost::{ObjectStream, Ost};
 use flotilla_store::{Command, Response};
@@ -35,6 +36,7 @@ use warp::Filter;
 
 use crate::error::ApiError;
 use crate::metrics::Metrics;
+use crate::routes::{Access, Body, Endpoint, NoRoute};
 use crate::types::*;
 
 pub struct ServerConfig {
@@ -317,7 +319,12 @@ where
         Ok(d) => d.iter().map(String::as_str).collect(),
         Err(_) => Vec::new(),
     };
-    let route = route_label(&segments);
+    let routed = Endpoint::parse(&method, &segments);
+    let label = match &routed {
+        Ok(endpoint) => endpoint.label(),
+        Err(NoRoute::MethodNotAllowed { at }) => at[0].label(),
+        Err(NoRoute::NotFound) => "other",
+    };
     let Head { auth, content_length, forwarded, chunked, idempotency_key } = head;
     let result = async {
         decoded.as_ref().map_err(Clone::clone)?;
@@ -325,39 +332,55 @@ where
         let content_length = content_length
             .map(|len| len.trim().parse::<u64>().map_err(|_| ApiError::bad_request("invalid content-length")))
             .transpose()?;
-        // The token is checked from the headers, before a byte of the body is read.
-        if let Some(expected) = required_token(&ctx.cfg, &segments) {
-            if !authorized(expected, &auth) {
-                return Err(ApiError::unauthorized());
+        // The token is checked from the headers, before a byte of the body is read. A path
+        // with no route asks for its prefix's token before it is told so.
+        let access = match &routed {
+            Ok(endpoint) => endpoint.access(),
+            Err(NoRoute::MethodNotAllowed { at }) => at[0].access(),
+            Err(NoRoute::NotFound) => Access::of_path(&segments),
+        };
+        if !authorized(ctx.cfg.token(access), &auth) {
+            return Err(ApiError::unauthorized());
+        }
+        let endpoint = match routed {
+            Ok(endpoint) => endpoint,
+            Err(NoRoute::NotFound) => {
+                return Err(ApiError::not_found(format!("no route for {method} /{}", segments.join("/"))))
             }
+            Err(NoRoute::MethodNotAllowed { at }) => return Ok(method_not_allowed(&at)),
+        };
+        if !endpoint.open_in_maintenance() && ctx.node.state.read().state.maintenance {
+            return Err(ApiError::new(
+                503,
+                "maintenance",
+                "the cluster is in maintenance mode: only the maintenance, export/import, cluster, health and metrics routes are served",
+            ));
         }
-        if crate::objects::is_upload(&method, &segments) {
+        let (body, upload) = match endpoint.body().max_bytes() {
             // Archives and caches stream through to the object storage, never buffered.
-            let stream: ObjectStream = Box::pin(body.map(|chunk| match chunk {
-                Ok(mut buf) => Ok(buf.copy_to_bytes(buf.remaining())),
-                Err(e) => Err(std::io::Error::other(e)),
-            }));
-            return crate::objects::upload(&ctx, &segments, &query, content_length, stream).await;
-        }
-        let limit = match segments.as_slice() {
-            ["raft", ..] => MAX_RAFT_BODY_BYTES,
-            ["api", "v1", "import"] => flotilla_store::limits::MAX_IMPORT_BYTES,
-            _ => MAX_API_BODY_BYTES,
+            None => {
+                let stream: ObjectStream = Box::pin(body.map(|chunk| match chunk {
+                    Ok(mut buf) => Ok(buf.copy_to_bytes(buf.remaining())),
+                    Err(e) => Err(std::io::Error::other(e)),
+                }));
+                (Bytes::new(), Some(stream))
+            }
+            Some(limit) => {
+                if content_length.is_some_and(|len| len > limit) {
+                    return Err(ApiError::payload_too_large(limit));
+                }
+                let large = match content_length {
+                    Some(len) => len > LARGE_BODY_BYTES,
+                    None => chunked,
+                };
+                let _permit = if large {
+                    Some(ctx.body_permit(endpoint.body() == Body::Raft).await?)
+                } else {
+                    None
+                };
+                (read_body(body, limit).await?, None)
+            }
         };
-        if content_length.is_some_and(|len| len > limit) {
-            return Err(ApiError::payload_too_large(limit));
-        }
-        let large = match content_length {
-            Some(len) => len > LARGE_BODY_BYTES,
-            None => chunked,
-        };
-        let _permit = if large {
-            Some(ctx.body_permit(matches!(segments.as_slice(), ["raft", ..])).await?)
-        } else {
-            None
-        };
-        let body = read_body(body, limit).await?;
-        drop(_permit);
         let req = Request {
             method,
             segments: &segments,
@@ -366,9 +389,10 @@ where
             auth,
             forwarded,
             idempotency_key,
+            content_length,
             body,
         };
-        dispatch(&ctx, req).await
+        dispatch(&ctx, endpoint, &req, upload).await
     }
     .await;
     let reply = result.unwrap_or_else(|e| {
@@ -383,8 +407,23 @@ where
         Reply::Empty => 204,
         Reply::Raw(r) => r.status().as_u16(),
     };
-    ctx.metrics.request(route, status);
+    ctx.metrics.request(label, status);
     reply
+}
+
+/// 405 for a path whose routes answer other methods, with `Allow` listing theirs.
+fn method_not_allowed(at: &[Endpoint<'_>]) -> Reply {
+    let allow = crate::routes::allow(at);
+    let e = ApiError::new(
+        405,
+        "method_not_allowed",
+        format!("method not allowed on this route (allowed: {allow})"),
+    );
+    let mut resp = warp::Reply::into_response(json(405, &e.body()));
+    if let Ok(value) = warp::http::HeaderValue::from_str(&allow) {
+        resp.headers_mut().insert("allow", value);
+    }
+    Reply::Raw(resp)
 }
 
 /// The query parameters; one given twice (`?prev_revision=1&prev_revision=2`) is refused
@@ -402,14 +441,15 @@ fn parse_query(raw: &str) -> Result<HashMap<String, String>, ApiError> {
     Ok(query)
 }
 
-/// The token a route family demands, known from the path alone (`None`: health and
-/// metrics, open to all).
-fn required_token<'a>(cfg: &'a ServerConfig, segments: &[&str]) -> Option<&'a Option<String>> {
-    match segments {
-        ["raft", ..] => Some(&cfg.cluster_token),
-        ["api", "v1", "executor", ..] => Some(&cfg.executor_token),
-        ["api", "v1", ..] => Some(&cfg.api_token),
-        _ => None,
+impl ServerConfig {
+    /// The token `access` asks for (`None`: none, or none configured).
+    fn token(&self, access: Access) -> Option<&str> {
+        match access {
+            Access::Anyone => None,
+            Access::Cluster => self.cluster_token.as_deref(),
+            Access::Executor => self.executor_token.as_deref(),
+            Access::Api => self.api_token.as_deref(),
+        }
     }
 }
 
@@ -454,6 +494,9 @@ pub(crate) struct Request<'a> {
     pub forwarded: bool,
     /// The `Idempotency-Key` header (`POST /api/v1/runs`).
     pub idempotency_key: Option<String>,
+    /// The `content-length` header (the size of a streamed upload, when given).
+    pub content_length: Option<u64>,
+    /// The body read whole (empty for a streamed upload).
     pub body: Bytes,
 }
 
@@ -491,248 +534,192 @@ impl Request<'_> {
 }
 
 /// Constant-time comparison of the presented bearer token with the expected one.
-fn authorized(expected: &Option<String>, auth: &Option<String>) -> bool {
+fn authorized(expected: Option<&str>, auth: &Option<String>) -> bool {
     let Some(expected) = expected else { return true };
     let Some(presented) = auth.as_deref().and_then(|a| a.strip_prefix("Bearer ")) else { return false };
     let (a, b) = (expected.as_bytes(), presented.trim().as_bytes());
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
-/// A bounded set of labels for the request metrics.
-fn route_label(segments: &[&str]) -> &'static str {
-    match segments {
-        ["healthz"] => "healthz",
-        ["readyz"] => "readyz",
-        ["metrics"] => "metrics",
-        ["raft", ..] => "raft",
-        ["api", "v1", "kv", ..] => "kv",
-        ["api", "v1", "cluster", ..] => "cluster",
-        ["api", "v1", "maintenance"] => "maintenance",
-        ["api", "v1", "runs", ..] => "runs",
-        ["api", "v1", "archive", ..] => "archive",
-        ["api", "v1", "events"] => "events",
-        ["api", "v1", "executors", ..] => "executors",
-        ["api", "v1", "executor", ..] => "executor",
-        ["ui", ..] => "ui",
-        _ => "other",
-    }
-}
-
-async fn dispatch(ctx: &Arc<Ctx>, req: Request<'_>) -> Result<Reply, ApiError> {
+/// Calls the handler of `endpoint`. `upload` is the body of a streamed upload
+/// ([`Body::Streamed`]); every other body is read whole into `req.body`.
+async fn dispatch(
+    ctx: &Arc<Ctx>,
+    endpoint: Endpoint<'_>,
+    req: &Request<'_>,
+    upload: Option<ObjectStream>,
+) -> Result<Reply, ApiError> {
+    use crate::{objects, runs, tasks, ui};
+    use Endpoint as E;
     let node = &ctx.node;
-    let m = req.method.clone();
-    match req.segments {
-        ["healthz"] if m == Method::GET => Ok(json(200, &Health { status: "ok".into(), node_id: node.id })),
-        ["readyz"] if m == Method::GET => readyz(ctx).await,
-        ["metrics"] if m == Method::GET => Ok(Reply::Text(200, "text/plain", render_metrics(ctx).await)),
-        ["healthz"] | ["readyz"] | ["metrics"] => Err(ApiError::method_not_allowed()),
-        ["raft", kind] => {
-            if !authorized(&ctx.cfg.cluster_token, &req.auth) {
-                return Err(ApiError::unauthorized());
-            }
-            if m != Method::POST {
-                return Err(ApiError::method_not_allowed());
-            }
-            let kind = match *kind {
-                "append" => RpcKind::Append,
-                "vote" => RpcKind::Vote,
-                "snapshot" => RpcKind::Snapshot,
-                "leader" => RpcKind::Leader,
-                "elect" => RpcKind::Elect,
-                _ => return Err(ApiError::not_found("no such raft route")),
-            };
+    match endpoint {
+        E::Healthz => Ok(json(200, &Health { status: "ok".into(), node_id: node.id })),
+        E::Readyz => readyz(ctx).await,
+        E::Metrics => Ok(Reply::Text(200, "text/plain", render_metrics(ctx).await)),
+        E::Raft { rpc: kind } => {
             let out =
                 rpc::handle(node, kind, &req.body).await.map_err(|e| ApiError::bad_request(e.to_string()))?;
             Ok(Reply::Msgpack(out))
         }
-        ["api", "v1", "executor", ..] => {
-            if !authorized(&ctx.cfg.executor_token, &req.auth) {
-                return Err(ApiError::unauthorized());
-            }
-            match &req.segments[2..] {
-                ["executor", id, "tasks", task_id, "logs", step] if m == Method::POST => {
-                    crate::objects::append_log(ctx, id, task_id, step, &req).await
-                }
-                rest @ (["executor", _, "archives", _, _]
-                | ["executor", _, "caches"]
-                | ["executor", _, "caches", "match"])
-                    if m == Method::GET =>
-                {
-                    crate::objects::executor_read(ctx, rest, &req).await
-                }
-                rest => crate::runs::executor_route(ctx, rest, &req).await,
-            }
+        E::ClusterStatus => cluster_status(ctx, req).await,
+        E::ClusterInit => cluster_init(ctx, req).await,
+        E::AddLearner => add_learner(ctx, req).await,
+        E::SetVoters => set_voters(ctx, req).await,
+        E::RemoveNode { node_id } => remove_node(ctx, node_id).await,
+        E::KvList => kv_list(ctx, req).await,
+        E::KvGet { key } => kv_get(ctx, req, decode_key(key)?).await,
+        E::KvPut { key } => kv_put(ctx, req, decode_key(key)?).await,
+        E::KvDelete { key } => kv_delete(ctx, req, decode_key(key)?).await,
+        E::MaintenanceStatus => maintenance_status(ctx, req).await,
+        E::MaintenanceEnable => set_maintenance(ctx, true).await,
+        E::MaintenanceDisable => set_maintenance(ctx, false).await,
+        E::Export => export(ctx, req).await,
+        E::Import => import(ctx, req).await,
+        E::ListRuns => runs::list_runs(ctx, req).await,
+        E::CreateRun => runs::create_run(ctx, req).await,
+        E::GetRun { run_id } => runs::get_run(ctx, run_id, req).await,
+        E::DeleteRun { run_id } => runs::delete_run(ctx, run_id).await,
+        E::RunAction { run_id } => runs::run_action(ctx, run_id, req).await,
+        E::RunGraph { run_id } => ui::graph(ctx, run_id, req).await,
+        E::RunTasks { run_id } => tasks::get_outline(ctx, run_id, req).await,
+        E::TaskAnnotations { run_id, task } => runs::set_annotations(ctx, run_id, task, req).await,
+        E::TaskAction { run_id, task } => runs::task_action(ctx, run_id, task, req).await,
+        E::TaskLogs { run_id, task } => objects::get_log(ctx, run_id, task, req).await,
+        E::TaskWorkspace { run_id, task } => tasks::get_workspace(ctx, run_id, task, req).await,
+        E::ArchiveStatus => runs::archive_status(ctx, req).await,
+        E::DumpArchiveIndex => runs::dump_archive_index(ctx, req).await,
+        E::Events => runs::events(ctx, req),
+        E::ListExecutors => runs::list_executors(ctx, req).await,
+        E::DeleteExecutor { executor_id } => runs::delete_executor(ctx, executor_id).await,
+        E::ExecutorHeartbeat { executor_id } => runs::executor_heartbeat(ctx, executor_id, req).await,
+        E::ExecutorTasks { executor_id } => runs::executor_tasks(ctx, executor_id, req).await,
+        E::ExecutorSiblings { executor_id } => runs::executor_siblings(ctx, executor_id, req).await,
+        E::SetTaskStatus { executor_id, task_id } => {
+            runs::set_task_status(ctx, executor_id, task_id, req).await
         }
-        ["api", "v1", rest @ ..] => {
-            if !authorized(&ctx.cfg.api_token, &req.auth) {
-                return Err(ApiError::unauthorized());
-            }
-            if !open_in_maintenance(rest) && node.state.read().state.maintenance {
-                return Err(ApiError::new(
-                    503,
-                    "maintenance",
-                    "the cluster is in maintenance mode: only the maintenance, export/import, cluster, health and metrics routes are served",
-                ));
-            }
-            match rest {
-                ["runs", run_id, "tasks", task, "logs"] if m == Method::GET => {
-                    crate::objects::get_log(ctx, run_id, task, &req).await
-                }
-                ["runs", run_id, "graph"] => crate::ui::graph(ctx, run_id, &req).await,
-                ["runs", run_id, "tasks", task, "workspace"] if m == Method::GET => {
-                    crate::tasks::get_workspace(ctx, run_id, task, &req).await
-                }
-                ["runs", run_id, "tasks"] if m == Method::GET => {
-                    crate::tasks::get_outline(ctx, run_id, &req).await
-                }
-                _ => api_v1(ctx, rest, &req).await,
-            }
+        E::AppendLog { executor_id, task_id, step } => {
+            objects::append_log(ctx, executor_id, task_id, step, req).await
         }
+        E::UploadArchive { executor_id, task_id, step } => {
+            objects::upload_archive(ctx, executor_id, task_id, step, req, upload).await
+        }
+        E::DownloadArchive { executor_id: _, task_id, step } => {
+            objects::download_archive(ctx, task_id, step).await
+        }
+        E::UploadCache { executor_id: _ } => objects::upload_cache(ctx, req, upload).await,
+        E::DownloadCache { executor_id: _ } => objects::download_cache(ctx, req).await,
+        E::MatchCache { executor_id: _ } => objects::match_cache(ctx, req).await,
         // The dashboard's own files: no token (they hold none); its API calls carry one.
-        ["ui", rest @ ..] => crate::ui::serve(&m, rest),
-        _ => Err(ApiError::not_found(format!("no route for {} /{}", m, req.segments.join("/")))),
+        E::Ui { path } | E::UiHead { path } => ui::serve(&req.method, path),
     }
 }
 
-async fn api_v1(ctx: &Ctx, rest: &[&str], req: &Request<'_>) -> Result<Reply, ApiError> {
+/// `GET /api/v1/cluster[?stale=true]`.
+async fn cluster_status(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
     let node = &ctx.node;
-    let m = &req.method;
-    match rest {
-        ["cluster"] if m == Method::GET => {
-            let status =
-                if req.flag("stale")? { node.local_status().await } else { node.cluster_status().await? };
-            Ok(json(200, &status))
-        }
-        ["cluster", "init"] if m == Method::POST => {
-            let body: InitRequest = req.json()?;
-            let mut nodes = BTreeMap::new();
-            for (id, addr) in body.nodes {
-                let id: u64 = id
-                    .parse()
-                    .map_err(|_| ApiError::bad_request(format!("node id {id:?} is not a number")))?;
-                nodes.insert(id, check_addr(&addr)?);
-            }
-            node.initialize(nodes).await?;
-            Ok(json(200, &node.cluster_status().await?))
-        }
-        ["cluster", "learners"] if m == Method::POST => {
-            let body: AddLearnerRequest = req.json()?;
-            let addr = check_addr(&body.addr)?;
-            membership(ctx, LeaderRequest::AddLearner { id: body.id, addr }).await?;
-            Ok(json(200, &node.cluster_status().await?))
-        }
-        ["cluster", "voters"] if m == Method::POST => {
-            let body: VotersRequest = req.json()?;
-            let ids: BTreeSet<u64> = body.ids.into_iter().collect();
-            membership(ctx, LeaderRequest::SetVoters { ids }).await?;
-            Ok(json(200, &node.cluster_status().await?))
-        }
-        ["cluster", "nodes", id] if m == Method::DELETE => {
-            let id: u64 =
-                id.parse().map_err(|_| ApiError::bad_request(format!("node id {id:?} is not a number")))?;
-            membership(ctx, LeaderRequest::RemoveNode { id }).await?;
-            Ok(Reply::Empty)
-        }
-        ["cluster", ..] => route_or_405(rest),
-        ["kv"] if m == Method::GET => kv_list(ctx, req).await,
-        ["kv", key @ ..] if !key.is_empty() => {
-            let key = decode_key(key)?;
-            match *m {
-                Method::GET => kv_get(ctx, req, key).await,
-                Method::PUT => {
-                    let body: KvPutRequest = req.json()?;
-                    let prev_revision = req.number("prev_revision")?;
-                    let cmd = Command::KvPut { key, value: body.value, prev_revision };
-                    match write(ctx, cmd).await? {
-                        Response::KvPut { revision } => Ok(json(200, &Revision { revision })),
-                        other => Err(unexpected(other)),
-                    }
-                }
-                Method::DELETE => {
-                    let prev_revision = req.number("prev_revision")?;
-                    match write(ctx, Command::KvDelete { key, prev_revision }).await? {
-                        Response::KvDelete { .. } => Ok(Reply::Empty),
-                        other => Err(unexpected(other)),
-                    }
-                }
-                _ => Err(ApiError::method_not_allowed()),
-            }
-        }
-        ["kv"] => Err(ApiError::method_not_allowed()),
-        ["export"] if m == Method::GET => {
-            // A consistent cut: everything applied up to a linearizable point, and the
-            // archive as that state's manifest names it.
-            read_barrier(ctx, req).await?;
-            let state = node.state.read().state.clone();
-            let rows = ctx.archive.rows(&state.archive).await?;
-            let archived = ctx.archive.load(&rows).await?;
-            let bytes = flotilla_store::export::encode(&state, archived);
-            let mut resp = warp::reply::Response::new(bytes.into());
-            resp.headers_mut()
-                .insert("content-type", warp::http::HeaderValue::from_static("application/octet-stream"));
-            Ok(Reply::Raw(resp))
-        }
-        ["import"] if m == Method::POST => {
-            if !node.state.read().state.maintenance {
-                return Err(ApiError::conflict(
-                    "an import is only accepted in maintenance mode (flotilla maintenance enable)",
-                ));
-            }
-            let (mut state, mut archived) = flotilla_store::export::decode(&req.body)
-                .map_err(|e| ApiError::bad_request(e.to_string()))?;
-            // The archived runs go into this cluster's object storage first, under fresh
-            // names; the import then points the manifest at them.
-            archived.sort_by(|a, b| a.run.id.cmp(&b.run.id));
-            let stamp = flotilla_scheduler::now_ms();
-            let generation = node.state.read().state.archive.generation;
-            let files = flotilla_store::archive::write_files(
-                &ctx.ost,
-                archived,
-                ctx.cfg.archive.max_file_bytes,
-                |n| format!("import-{}", flotilla_store::archive::fresh_name(generation, node.id, stamp, n)),
-            )
-            .await?;
-            state.archive = flotilla_store::archive::Manifest { generation: 0, files };
-            write(ctx, Command::Import(Box::new(state))).await?;
-            Ok(Reply::Empty)
-        }
-        ["export"] | ["import"] => Err(ApiError::method_not_allowed()),
-        ["runs", ..] | ["events"] | ["executors", ..] | ["archive", ..] => {
-            crate::runs::route(ctx, rest, req).await
-        }
-        ["maintenance"] => match *m {
-            Method::GET if req.flag("local")? => {
-                let enabled = node.state.read().state.maintenance;
-                Ok(json(200, &LocalMaintenance { node_id: node.id, enabled }))
-            }
-            Method::GET => maintenance_status(ctx, req).await,
-            Method::PUT | Method::DELETE => {
-                let enabled = *m == Method::PUT;
-                write(ctx, Command::SetMaintenance { enabled }).await?;
-                Ok(Reply::Empty)
-            }
-            _ => Err(ApiError::method_not_allowed()),
-        },
-        _ => Err(ApiError::not_found(format!("no route for {} /api/v1/{}", m, rest.join("/")))),
+    let status = if req.flag("stale")? { node.local_status().await } else { node.cluster_status().await? };
+    Ok(json(200, &status))
+}
+
+/// `POST /api/v1/cluster/init`.
+async fn cluster_init(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
+    let body: InitRequest = req.json()?;
+    let mut nodes = BTreeMap::new();
+    for (id, addr) in body.nodes {
+        let id: u64 =
+            id.parse().map_err(|_| ApiError::bad_request(format!("node id {id:?} is not a number")))?;
+        nodes.insert(id, check_addr(&addr)?);
+    }
+    ctx.node.initialize(nodes).await?;
+    Ok(json(200, &ctx.node.cluster_status().await?))
+}
+
+/// `POST /api/v1/cluster/learners`.
+async fn add_learner(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
+    let body: AddLearnerRequest = req.json()?;
+    let addr = check_addr(&body.addr)?;
+    membership(ctx, LeaderRequest::AddLearner { id: body.id, addr }).await?;
+    Ok(json(200, &ctx.node.cluster_status().await?))
+}
+
+/// `POST /api/v1/cluster/voters`.
+async fn set_voters(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
+    let body: VotersRequest = req.json()?;
+    let ids: BTreeSet<u64> = body.ids.into_iter().collect();
+    membership(ctx, LeaderRequest::SetVoters { ids }).await?;
+    Ok(json(200, &ctx.node.cluster_status().await?))
+}
+
+/// `DELETE /api/v1/cluster/nodes/{node_id}`.
+async fn remove_node(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
+    let id: u64 = id.parse().map_err(|_| ApiError::bad_request(format!("node id {id:?} is not a number")))?;
+    membership(ctx, LeaderRequest::RemoveNode { id }).await?;
+    Ok(Reply::Empty)
+}
+
+/// `PUT /api/v1/kv/{key}[?prev_revision=N]`.
+async fn kv_put(ctx: &Ctx, req: &Request<'_>, key: String) -> Result<Reply, ApiError> {
+    let body: KvPutRequest = req.json()?;
+    let prev_revision = req.number("prev_revision")?;
+    let cmd = Command::KvPut { key, value: body.value, prev_revision };
+    match write(ctx, cmd).await? {
+        Response::KvPut { revision } => Ok(json(200, &Revision { revision })),
+        other => Err(unexpected(other)),
     }
 }
 
-/// Public routes served while this node applies the maintenance flag. (Health, metrics,
-/// Raft and the executor-facing routes are always served: executors keep heartbeating
-/// and finish what they run, and the paused scheduler gives them nothing new.)
-fn open_in_maintenance(rest: &[&str]) -> bool {
-    matches!(rest.first(), Some(&"maintenance") | Some(&"export") | Some(&"import") | Some(&"cluster"))
+/// `DELETE /api/v1/kv/{key}[?prev_revision=N]`.
+async fn kv_delete(ctx: &Ctx, req: &Request<'_>, key: String) -> Result<Reply, ApiError> {
+    let prev_revision = req.number("prev_revision")?;
+    match write(ctx, Command::KvDelete { key, prev_revision }).await? {
+        Response::KvDelete { .. } => Ok(Reply::Empty),
+        other => Err(unexpected(other)),
+    }
 }
 
-fn route_or_405(rest: &[&str]) -> Result<Reply, ApiError> {
-    match rest {
-        ["cluster"]
-        | ["cluster", "init"]
-        | ["cluster", "learners"]
-        | ["cluster", "voters"]
-        | ["cluster", "nodes", _] => Err(ApiError::method_not_allowed()),
-        _ => Err(ApiError::not_found(format!("no route for /api/v1/{}", rest.join("/")))),
+/// `PUT` (on) and `DELETE` (off) `/api/v1/maintenance`.
+async fn set_maintenance(ctx: &Ctx, enabled: bool) -> Result<Reply, ApiError> {
+    write(ctx, Command::SetMaintenance { enabled }).await?;
+    Ok(Reply::Empty)
+}
+
+/// `GET /api/v1/export`: a consistent cut: everything applied up to a linearizable
+/// point, and the archive as that state's manifest names it.
+async fn export(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
+    read_barrier(ctx, req).await?;
+    let state = ctx.node.state.read().state.clone();
+    let rows = ctx.archive.rows(&state.archive).await?;
+    let archived = ctx.archive.load(&rows).await?;
+    let bytes = flotilla_store::export::encode(&state, archived);
+    let mut resp = warp::reply::Response::new(bytes.into());
+    resp.headers_mut()
+        .insert("content-type", warp::http::HeaderValue::from_static("application/octet-stream"));
+    Ok(Reply::Raw(resp))
+}
+
+/// `POST /api/v1/import`, in maintenance only.
+async fn import(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
+    let node = &ctx.node;
+    if !node.state.read().state.maintenance {
+        return Err(ApiError::conflict(
+            "an import is only accepted in maintenance mode (flotilla maintenance enable)",
+        ));
     }
+    let (mut state, mut archived) =
+        flotilla_store::export::decode(&req.body).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    // The archived runs go into this cluster's object storage first, under fresh names;
+    // the import then points the manifest at them.
+    archived.sort_by(|a, b| a.run.id.cmp(&b.run.id));
+    let stamp = flotilla_scheduler::now_ms();
+    let generation = node.state.read().state.archive.generation;
+    let files =
+        flotilla_store::archive::write_files(&ctx.ost, archived, ctx.cfg.archive.max_file_bytes, |n| {
+            format!("import-{}", flotilla_store::archive::fresh_name(generation, node.id, stamp, n))
+        })
+        .await?;
+    state.archive = flotilla_store::archive::Manifest { generation: 0, files };
+    write(ctx, Command::Import(Box::new(state))).await?;
+    Ok(Reply::Empty)
 }
 
 pub(crate) fn unexpected(r: Response) -> ApiError {
@@ -866,7 +853,12 @@ async fn kv_list(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
 }
 
 /// The replicated flag plus each member's own applied view, asked of every node at once.
+/// With `?local=true`, this node's own applied view only.
 async fn maintenance_status(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
+    if req.flag("local")? {
+        let enabled = ctx.node.state.read().state.maintenance;
+        return Ok(json(200, &LocalMaintenance { node_id: ctx.node.id, enabled }));
+    }
     read_barrier(ctx, req).await?;
     let enabled = ctx.node.state.read().state.maintenance;
     let members: Vec<(u64, String)> = {

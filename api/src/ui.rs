@@ -55,7 +55,8 @@ static ASSETS: &[Asset] = &[
     asset!("favicon.svg", "image/svg+xml"),
 ];
 
-/// `GET /ui/...`: `rest` is the path after `ui`.
+/// `GET /ui/...`: `rest` is the path after `ui`. (The route table sends only GET and HEAD
+/// here and answers other methods 405 with `Allow`; the check stays for direct callers.)
 pub(crate) fn serve(method: &Method, rest: &[&str]) -> Result<Reply, ApiError> {
     if method != Method::GET && method != Method::HEAD {
         return Err(ApiError::method_not_allowed());
@@ -182,9 +183,6 @@ fn layers(config: &RunConfig) -> BTreeMap<&str, u32> {
 }
 
 pub(crate) async fn graph(ctx: &Ctx, run_id: &str, req: &Request<'_>) -> Result<Reply, ApiError> {
-    if req.method != Method::GET {
-        return Err(ApiError::method_not_allowed());
-    }
     read_barrier(ctx, req).await?;
     let manifest = {
         let sm = ctx.node.state.read();

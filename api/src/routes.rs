@@ -1,0 +1,775 @@
+//! Every HTTP route of a node, declared once.
+//!
+//! A route is a variant of [`Endpoint`], parsed from the method and the decoded path
+//! segments by [`Endpoint::parse`]. Everything else about a route is a `match` on the
+//! variant: its handler (`server::dispatch`), its metrics label, the token it asks for
+//! ([`Access`]), whether it is served in maintenance, how its body is read ([`Body`]), and
+//! its method and path template (for an OpenAPI document). Adding a route is adding a
+//! variant and its arm in `at`; the compiler names every other place to fill in (and
+//! warns about a variant `at` never builds).
+//!
+//! A path some route has, asked with another method, answers 405 with an `Allow` header
+//! listing that path's methods; any other path 404. Both are decided from the headers,
+//! after the token check and before the body is read.
+
+use flotilla_raft::rpc::RpcKind;
+use flotilla_store::limits::{MAX_API_BODY_BYTES, MAX_IMPORT_BYTES, MAX_RAFT_BODY_BYTES};
+use warp::http::Method;
+
+/// One route: the method and the path it answers, with the path's parameters (decoded
+/// segments). A `{key}` or `{path}` is the rest of the path, any number of segments.
+#[derive(Clone, Copy, Debug)]
+pub(crate) enum Endpoint<'a> {
+    // Health and metrics: open to all.
+    Healthz,
+    Readyz,
+    Metrics,
+
+    // Node to node, with the cluster token.
+    Raft {
+        rpc: RpcKind,
+    },
+
+    // Cluster membership.
+    ClusterStatus,
+    ClusterInit,
+    AddLearner,
+    SetVoters,
+    RemoveNode {
+        node_id: &'a str,
+    },
+
+    // The key-value store.
+    KvList,
+    KvGet {
+        key: &'a [&'a str],
+    },
+    KvPut {
+        key: &'a [&'a str],
+    },
+    KvDelete {
+        key: &'a [&'a str],
+    },
+
+    // Maintenance, export and import.
+    MaintenanceStatus,
+    MaintenanceEnable,
+    MaintenanceDisable,
+    Export,
+    Import,
+
+    // Runs, their tasks, the archive, events, executor admin.
+    ListRuns,
+    CreateRun,
+    GetRun {
+        run_id: &'a str,
+    },
+    DeleteRun {
+        run_id: &'a str,
+    },
+    RunAction {
+        run_id: &'a str,
+    },
+    RunGraph {
+        run_id: &'a str,
+    },
+    RunTasks {
+        run_id: &'a str,
+    },
+    TaskAnnotations {
+        run_id: &'a str,
+        task: &'a str,
+    },
+    TaskAction {
+        run_id: &'a str,
+        task: &'a str,
+    },
+    TaskLogs {
+        run_id: &'a str,
+        task: &'a str,
+    },
+    TaskWorkspace {
+        run_id: &'a str,
+        task: &'a str,
+    },
+    ArchiveStatus,
+    DumpArchiveIndex,
+    Events,
+    ListExecutors,
+    DeleteExecutor {
+        executor_id: &'a str,
+    },
+
+    // Executor-facing, with the executor token.
+    ExecutorHeartbeat {
+        executor_id: &'a str,
+    },
+    ExecutorTasks {
+        executor_id: &'a str,
+    },
+    ExecutorSiblings {
+        executor_id: &'a str,
+    },
+    SetTaskStatus {
+        executor_id: &'a str,
+        task_id: &'a str,
+    },
+    AppendLog {
+        executor_id: &'a str,
+        task_id: &'a str,
+        step: &'a str,
+    },
+    UploadArchive {
+        executor_id: &'a str,
+        task_id: &'a str,
+        step: &'a str,
+    },
+    // These four handlers do not look at the executor id of the path: an archive or a
+    // cache is read (and a cache saved) with the executor token whichever executor asks.
+    #[allow(dead_code)]
+    DownloadArchive {
+        executor_id: &'a str,
+        task_id: &'a str,
+        step: &'a str,
+    },
+    #[allow(dead_code)]
+    UploadCache {
+        executor_id: &'a str,
+    },
+    #[allow(dead_code)]
+    DownloadCache {
+        executor_id: &'a str,
+    },
+    #[allow(dead_code)]
+    MatchCache {
+        executor_id: &'a str,
+    },
+
+    // The dashboard's files: open to all (they hold no token).
+    Ui {
+        path: &'a [&'a str],
+    },
+    UiHead {
+        path: &'a [&'a str],
+    },
+}
+
+/// The token a route asks for. (Issue 21 turns this into a role.)
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Access {
+    /// No token: health, metrics, the dashboard's files.
+    Anyone,
+    /// The cluster token: node-to-node Raft RPCs.
+    Cluster,
+    /// The executor token: `/api/v1/executor/*`.
+    Executor,
+    /// The API token: the rest of `/api/v1/*`.
+    Api,
+}
+
+impl Access {
+    /// The token asked of a path no route has (or has with another method), by its
+    /// prefix, before it is told 404 or 405: without the right token a client learns
+    /// nothing about which routes exist. Each route's own [`Endpoint::access`] is the
+    /// same as this today (a test checks it).
+    pub(crate) fn of_path(segments: &[&str]) -> Access {
+        match segments {
+            ["raft", ..] => Access::Cluster,
+            ["api", "v1", "executor", ..] => Access::Executor,
+            ["api", "v1", ..] => Access::Api,
+            _ => Access::Anyone,
+        }
+    }
+}
+
+/// How a route's request body is read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Body {
+    /// Streamed through to the object storage, never buffered (archive and cache
+    /// uploads; their limit is `MAX_ARCHIVE_BYTES`, applied while streaming).
+    Streamed,
+    /// Read whole, up to `MAX_RAFT_BODY_BYTES`, with a permit of the Raft pool when large.
+    Raft,
+    /// Read whole, up to `MAX_IMPORT_BYTES` (an export file).
+    Import,
+    /// Read whole, up to `MAX_API_BODY_BYTES`.
+    Api,
+}
+
+impl Body {
+    /// The largest body read whole (`None`: streamed).
+    pub(crate) fn max_bytes(self) -> Option<u64> {
+        match self {
+            Body::Streamed => None,
+            Body::Raft => Some(MAX_RAFT_BODY_BYTES),
+            Body::Import => Some(MAX_IMPORT_BYTES),
+            Body::Api => Some(MAX_API_BODY_BYTES),
+        }
+    }
+}
+
+/// Why a request has no endpoint.
+#[derive(Debug)]
+pub(crate) enum NoRoute<'a> {
+    /// No route has this path.
+    NotFound,
+    /// Routes have this path, with other methods: these (never empty).
+    MethodNotAllowed { at: Vec<Endpoint<'a>> },
+}
+
+impl<'a> Endpoint<'a> {
+    /// The endpoint answering `method` on the (decoded) path `segments`.
+    pub(crate) fn parse(method: &Method, segments: &'a [&'a str]) -> Result<Endpoint<'a>, NoRoute<'a>> {
+        let at = at(segments);
+        if let Some(e) = at.iter().find(|e| e.method() == method.as_str()) {
+            return Ok(*e);
+        }
+        if at.is_empty() {
+            Err(NoRoute::NotFound)
+        } else {
+            Err(NoRoute::MethodNotAllowed { at })
+        }
+    }
+
+    pub(crate) fn method(&self) -> &'static str {
+        self.template().0
+    }
+
+    /// The method and the path template, as an OpenAPI document names an operation.
+    pub(crate) fn template(&self) -> (&'static str, &'static str) {
+        use Endpoint as E;
+        use RpcKind as R;
+        match self {
+            E::Healthz => ("GET", "/healthz"),
+            E::Readyz => ("GET", "/readyz"),
+            E::Metrics => ("GET", "/metrics"),
+            E::Raft { rpc: R::Append } => ("POST", "/raft/append"),
+            E::Raft { rpc: R::Vote } => ("POST", "/raft/vote"),
+            E::Raft { rpc: R::Snapshot } => ("POST", "/raft/snapshot"),
+            E::Raft { rpc: R::Leader } => ("POST", "/raft/leader"),
+            E::Raft { rpc: R::Elect } => ("POST", "/raft/elect"),
+            E::ClusterStatus => ("GET", "/api/v1/cluster"),
+            E::ClusterInit => ("POST", "/api/v1/cluster/init"),
+            E::AddLearner => ("POST", "/api/v1/cluster/learners"),
+            E::SetVoters => ("POST", "/api/v1/cluster/voters"),
+            E::RemoveNode { .. } => ("DELETE", "/api/v1/cluster/nodes/{node_id}"),
+            E::KvList => ("GET", "/api/v1/kv"),
+            E::KvGet { .. } => ("GET", "/api/v1/kv/{key}"),
+            E::KvPut { .. } => ("PUT", "/api/v1/kv/{key}"),
+            E::KvDelete { .. } => ("DELETE", "/api/v1/kv/{key}"),
+            E::MaintenanceStatus => ("GET", "/api/v1/maintenance"),
+            E::MaintenanceEnable => ("PUT", "/api/v1/maintenance"),
+            E::MaintenanceDisable => ("DELETE", "/api/v1/maintenance"),
+            E::Export => ("GET", "/api/v1/export"),
+            E::Import => ("POST", "/api/v1/import"),
+            E::ListRuns => ("GET", "/api/v1/runs"),
+            E::CreateRun => ("POST", "/api/v1/runs"),
+            E::GetRun { .. } => ("GET", "/api/v1/runs/{run_id}"),
+            E::DeleteRun { .. } => ("DELETE", "/api/v1/runs/{run_id}"),
+            E::RunAction { .. } => ("PUT", "/api/v1/runs/{run_id}/actions"),
+            E::RunGraph { .. } => ("GET", "/api/v1/runs/{run_id}/graph"),
+            E::RunTasks { .. } => ("GET", "/api/v1/runs/{run_id}/tasks"),
+            E::TaskAnnotations { .. } => ("PUT", "/api/v1/runs/{run_id}/tasks/{task}/annotations"),
+            E::TaskAction { .. } => ("PUT", "/api/v1/runs/{run_id}/tasks/{task}/actions"),
+            E::TaskLogs { .. } => ("GET", "/api/v1/runs/{run_id}/tasks/{task}/logs"),
+            E::TaskWorkspace { .. } => ("GET", "/api/v1/runs/{run_id}/tasks/{task}/workspace"),
+            E::ArchiveStatus => ("GET", "/api/v1/archive"),
+            E::DumpArchiveIndex => ("POST", "/api/v1/archive/index"),
+            E::Events => ("GET", "/api/v1/events"),
+            E::ListExecutors => ("GET", "/api/v1/executors"),
+            E::DeleteExecutor { .. } => ("DELETE", "/api/v1/executors/{executor_id}"),
+            E::ExecutorHeartbeat { .. } => ("PUT", "/api/v1/executor/{executor_id}"),
+            E::ExecutorTasks { .. } => ("GET", "/api/v1/executor/{executor_id}/tasks"),
+            E::ExecutorSiblings { .. } => ("GET", "/api/v1/executor/{executor_id}/siblings"),
+            E::SetTaskStatus { .. } => ("PUT", "/api/v1/executor/{executor_id}/tasks/{task_id}"),
+            E::AppendLog { .. } => ("POST", "/api/v1/executor/{executor_id}/tasks/{task_id}/logs/{step}"),
+            E::UploadArchive { .. } => {
+                ("PUT", "/api/v1/executor/{executor_id}/tasks/{task_id}/archives/{step}")
+            }
+            E::DownloadArchive { .. } => ("GET", "/api/v1/executor/{executor_id}/archives/{task_id}/{step}"),
+            E::UploadCache { .. } => ("PUT", "/api/v1/executor/{executor_id}/caches"),
+            E::DownloadCache { .. } => ("GET", "/api/v1/executor/{executor_id}/caches"),
+            E::MatchCache { .. } => ("GET", "/api/v1/executor/{executor_id}/caches/match"),
+            E::Ui { .. } => ("GET", "/ui/{path}"),
+            E::UiHead { .. } => ("HEAD", "/ui/{path}"),
+        }
+    }
+
+    /// The `route` label of `flotilla_http_requests_total`: a bounded set, one per route
+    /// family (a request with no route is counted as `other`).
+    pub(crate) fn label(&self) -> &'static str {
+        use Endpoint as E;
+        match self {
+            E::Healthz => "healthz",
+            E::Readyz => "readyz",
+            E::Metrics => "metrics",
+            E::Raft { .. } => "raft",
+            E::ClusterStatus | E::ClusterInit | E::AddLearner | E::SetVoters | E::RemoveNode { .. } => {
+                "cluster"
+            }
+            E::KvList | E::KvGet { .. } | E::KvPut { .. } | E::KvDelete { .. } => "kv",
+            E::MaintenanceStatus | E::MaintenanceEnable | E::MaintenanceDisable => "maintenance",
+            E::Export => "export",
+            E::Import => "import",
+            E::ListRuns
+            | E::CreateRun
+            | E::GetRun { .. }
+            | E::DeleteRun { .. }
+            | E::RunAction { .. }
+            | E::RunGraph { .. }
+            | E::RunTasks { .. }
+            | E::TaskAnnotations { .. }
+            | E::TaskAction { .. }
+            | E::TaskLogs { .. }
+            | E::TaskWorkspace { .. } => "runs",
+            E::ArchiveStatus | E::DumpArchiveIndex => "archive",
+            E::Events => "events",
+            E::ListExecutors | E::DeleteExecutor { .. } => "executors",
+            E::ExecutorHeartbeat { .. }
+            | E::ExecutorTasks { .. }
+            | E::ExecutorSiblings { .. }
+            | E::SetTaskStatus { .. }
+            | E::AppendLog { .. }
+            | E::UploadArchive { .. }
+            | E::DownloadArchive { .. }
+            | E::UploadCache { .. }
+            | E::DownloadCache { .. }
+            | E::MatchCache { .. } => "executor",
+            E::Ui { .. } | E::UiHead { .. } => "ui",
+        }
+    }
+
+    /// The token this route asks for, checked from the headers before the body is read.
+    pub(crate) fn access(&self) -> Access {
+        use Endpoint as E;
+        match self {
+            E::Healthz | E::Readyz | E::Metrics | E::Ui { .. } | E::UiHead { .. } => Access::Anyone,
+            E::Raft { .. } => Access::Cluster,
+            E::ExecutorHeartbeat { .. }
+            | E::ExecutorTasks { .. }
+            | E::ExecutorSiblings { .. }
+            | E::SetTaskStatus { .. }
+            | E::AppendLog { .. }
+            | E::UploadArchive { .. }
+            | E::DownloadArchive { .. }
+            | E::UploadCache { .. }
+            | E::DownloadCache { .. }
+            | E::MatchCache { .. } => Access::Executor,
+            E::ClusterStatus
+            | E::ClusterInit
+            | E::AddLearner
+            | E::SetVoters
+            | E::RemoveNode { .. }
+            | E::KvList
+            | E::KvGet { .. }
+            | E::KvPut { .. }
+            | E::KvDelete { .. }
+            | E::MaintenanceStatus
+            | E::MaintenanceEnable
+            | E::MaintenanceDisable
+            | E::Export
+            | E::Import
+            | E::ListRuns
+            | E::CreateRun
+            | E::GetRun { .. }
+            | E::DeleteRun { .. }
+            | E::RunAction { .. }
+            | E::RunGraph { .. }
+            | E::RunTasks { .. }
+            | E::TaskAnnotations { .. }
+            | E::TaskAction { .. }
+            | E::TaskLogs { .. }
+            | E::TaskWorkspace { .. }
+            | E::ArchiveStatus
+            | E::DumpArchiveIndex
+            | E::Events
+            | E::ListExecutors
+            | E::DeleteExecutor { .. } => Access::Api,
+        }
+    }
+
+    /// Served while this node applies the maintenance flag. Health, metrics, Raft, the
+    /// dashboard's files and the executor-facing routes always are (executors keep
+    /// heartbeating and finish what they run; the paused scheduler gives them nothing
+    /// new); of the API, only what takes a cluster in and out of maintenance.
+    pub(crate) fn open_in_maintenance(&self) -> bool {
+        use Endpoint as E;
+        match self {
+            E::Healthz | E::Readyz | E::Metrics | E::Raft { .. } | E::Ui { .. } | E::UiHead { .. } => true,
+            E::ExecutorHeartbeat { .. }
+            | E::ExecutorTasks { .. }
+            | E::ExecutorSiblings { .. }
+            | E::SetTaskStatus { .. }
+            | E::AppendLog { .. }
+            | E::UploadArchive { .. }
+            | E::DownloadArchive { .. }
+            | E::UploadCache { .. }
+            | E::DownloadCache { .. }
+            | E::MatchCache { .. } => true,
+            E::ClusterStatus
+            | E::ClusterInit
+            | E::AddLearner
+            | E::SetVoters
+            | E::RemoveNode { .. }
+            | E::MaintenanceStatus
+            | E::MaintenanceEnable
+            | E::MaintenanceDisable
+            | E::Export
+            | E::Import => true,
+            E::KvList
+            | E::KvGet { .. }
+            | E::KvPut { .. }
+            | E::KvDelete { .. }
+            | E::ListRuns
+            | E::CreateRun
+            | E::GetRun { .. }
+            | E::DeleteRun { .. }
+            | E::RunAction { .. }
+            | E::RunGraph { .. }
+            | E::RunTasks { .. }
+            | E::TaskAnnotations { .. }
+            | E::TaskAction { .. }
+            | E::TaskLogs { .. }
+            | E::TaskWorkspace { .. }
+            | E::ArchiveStatus
+            | E::DumpArchiveIndex
+            | E::Events
+            | E::ListExecutors
+            | E::DeleteExecutor { .. } => false,
+        }
+    }
+
+    /// How the body is read, and its size limit.
+    pub(crate) fn body(&self) -> Body {
+        use Endpoint as E;
+        match self {
+            E::UploadArchive { .. } | E::UploadCache { .. } => Body::Streamed,
+            E::Raft { .. } => Body::Raft,
+            E::Import => Body::Import,
+            E::Healthz
+            | E::Readyz
+            | E::Metrics
+            | E::ClusterStatus
+            | E::ClusterInit
+            | E::AddLearner
+            | E::SetVoters
+            | E::RemoveNode { .. }
+            | E::KvList
+            | E::KvGet { .. }
+            | E::KvPut { .. }
+            | E::KvDelete { .. }
+            | E::MaintenanceStatus
+            | E::MaintenanceEnable
+            | E::MaintenanceDisable
+            | E::Export
+            | E::ListRuns
+            | E::CreateRun
+            | E::GetRun { .. }
+            | E::DeleteRun { .. }
+            | E::RunAction { .. }
+            | E::RunGraph { .. }
+            | E::RunTasks { .. }
+            | E::TaskAnnotations { .. }
+            | E::TaskAction { .. }
+            | E::TaskLogs { .. }
+            | E::TaskWorkspace { .. }
+            | E::ArchiveStatus
+            | E::DumpArchiveIndex
+            | E::Events
+            | E::ListExecutors
+            | E::DeleteExecutor { .. }
+            | E::ExecutorHeartbeat { .. }
+            | E::ExecutorTasks { .. }
+            | E::ExecutorSiblings { .. }
+            | E::SetTaskStatus { .. }
+            | E::AppendLog { .. }
+            | E::DownloadArchive { .. }
+            | E::DownloadCache { .. }
+            | E::MatchCache { .. }
+            | E::Ui { .. }
+            | E::UiHead { .. } => Body::Api,
+        }
+    }
+}
+
+/// The endpoints of a path, one per method (none: no route has this path). The one
+/// parser: a path is matched here and nowhere else.
+fn at<'a>(s: &'a [&'a str]) -> Vec<Endpoint<'a>> {
+    use Endpoint as E;
+    match s {
+        ["healthz"] => vec![E::Healthz],
+        ["readyz"] => vec![E::Readyz],
+        ["metrics"] => vec![E::Metrics],
+        ["raft", rpc] => {
+            let rpc = match *rpc {
+                "append" => RpcKind::Append,
+                "vote" => RpcKind::Vote,
+                "snapshot" => RpcKind::Snapshot,
+                "leader" => RpcKind::Leader,
+                "elect" => RpcKind::Elect,
+                _ => return vec![],
+            };
+            vec![E::Raft { rpc }]
+        }
+        ["api", "v1", rest @ ..] => match rest {
+            ["cluster"] => vec![E::ClusterStatus],
+            ["cluster", "init"] => vec![E::ClusterInit],
+            ["cluster", "learners"] => vec![E::AddLearner],
+            ["cluster", "voters"] => vec![E::SetVoters],
+            ["cluster", "nodes", node_id] => vec![E::RemoveNode { node_id }],
+            ["kv"] => vec![E::KvList],
+            ["kv", key @ ..] => vec![E::KvGet { key }, E::KvPut { key }, E::KvDelete { key }],
+            ["maintenance"] => vec![E::MaintenanceStatus, E::MaintenanceEnable, E::MaintenanceDisable],
+            ["export"] => vec![E::Export],
+            ["import"] => vec![E::Import],
+            ["runs"] => vec![E::ListRuns, E::CreateRun],
+            ["runs", run_id] => vec![E::GetRun { run_id }, E::DeleteRun { run_id }],
+            ["runs", run_id, "actions"] => vec![E::RunAction { run_id }],
+            ["runs", run_id, "graph"] => vec![E::RunGraph { run_id }],
+            ["runs", run_id, "tasks"] => vec![E::RunTasks { run_id }],
+            ["runs", run_id, "tasks", task, "annotations"] => vec![E::TaskAnnotations { run_id, task }],
+            ["runs", run_id, "tasks", task, "actions"] => vec![E::TaskAction { run_id, task }],
+            ["runs", run_id, "tasks", task, "logs"] => vec![E::TaskLogs { run_id, task }],
+            ["runs", run_id, "tasks", task, "workspace"] => vec![E::TaskWorkspace { run_id, task }],
+            ["archive"] => vec![E::ArchiveStatus],
+            ["archive", "index"] => vec![E::DumpArchiveIndex],
+            ["events"] => vec![E::Events],
+            ["executors"] => vec![E::ListExecutors],
+            ["executors", executor_id] => vec![E::DeleteExecutor { executor_id }],
+            ["executor", executor_id] => vec![E::ExecutorHeartbeat { executor_id }],
+            ["executor", executor_id, "tasks"] => vec![E::ExecutorTasks { executor_id }],
+            ["executor", executor_id, "siblings"] => vec![E::ExecutorSiblings { executor_id }],
+            ["executor", executor_id, "tasks", task_id] => vec![E::SetTaskStatus { executor_id, task_id }],
+            ["executor", executor_id, "tasks", task_id, "logs", step] => {
+                vec![E::AppendLog { executor_id, task_id, step }]
+            }
+            ["executor", executor_id, "tasks", task_id, "archives", step] => {
+                vec![E::UploadArchive { executor_id, task_id, step }]
+            }
+            ["executor", executor_id, "archives", task_id, step] => {
+                vec![E::DownloadArchive { executor_id, task_id, step }]
+            }
+            ["executor", executor_id, "caches"] => {
+                vec![E::DownloadCache { executor_id }, E::UploadCache { executor_id }]
+            }
+            ["executor", executor_id, "caches", "match"] => vec![E::MatchCache { executor_id }],
+            _ => vec![],
+        },
+        // Any path under `/ui/`: an asset or the app (a deep link), decided by its handler.
+        ["ui", path @ ..] => vec![E::Ui { path }, E::UiHead { path }],
+        _ => vec![],
+    }
+}
+
+/// The `Allow` header of a 405: the path's methods.
+pub(crate) fn allow(at: &[Endpoint<'_>]) -> String {
+    at.iter().map(Endpoint::method).collect::<Vec<_>>().join(", ")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Access::{Anyone, Api, Cluster, Executor};
+    use super::*;
+
+    const METHODS: [&str; 7] = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"];
+
+    /// Every route, as (method, path template, label, access, open in maintenance): the
+    /// answers the hand-kept `route_label`, `required_token` and `open_in_maintenance`
+    /// gave before this table (except `export`/`import`, labelled `other` then).
+    #[rustfmt::skip]
+    const ROUTES: &[(&str, &str, &str, Access, bool)] = &[
+        ("GET", "/healthz", "healthz", Anyone, true),
+        ("GET", "/readyz", "readyz", Anyone, true),
+        ("GET", "/metrics", "metrics", Anyone, true),
+        ("POST", "/raft/append", "raft", Cluster, true),
+        ("POST", "/raft/vote", "raft", Cluster, true),
+        ("POST", "/raft/snapshot", "raft", Cluster, true),
+        ("POST", "/raft/leader", "raft", Cluster, true),
+        ("POST", "/raft/elect", "raft", Cluster, true),
+        ("GET", "/api/v1/cluster", "cluster", Api, true),
+        ("POST", "/api/v1/cluster/init", "cluster", Api, true),
+        ("POST", "/api/v1/cluster/learners", "cluster", Api, true),
+        ("POST", "/api/v1/cluster/voters", "cluster", Api, true),
+        ("DELETE", "/api/v1/cluster/nodes/{node_id}", "cluster", Api, true),
+        ("GET", "/api/v1/kv", "kv", Api, false),
+        ("GET", "/api/v1/kv/{key}", "kv", Api, false),
+        ("PUT", "/api/v1/kv/{key}", "kv", Api, false),
+        ("DELETE", "/api/v1/kv/{key}", "kv", Api, false),
+        ("GET", "/api/v1/maintenance", "maintenance", Api, true),
+        ("PUT", "/api/v1/maintenance", "maintenance", Api, true),
+        ("DELETE", "/api/v1/maintenance", "maintenance", Api, true),
+        ("GET", "/api/v1/export", "export", Api, true),
+        ("POST", "/api/v1/import", "import", Api, true),
+        ("GET", "/api/v1/runs", "runs", Api, false),
+        ("POST", "/api/v1/runs", "runs", Api, false),
+        ("GET", "/api/v1/runs/{run_id}", "runs", Api, false),
+        ("DELETE", "/api/v1/runs/{run_id}", "runs", Api, false),
+        ("PUT", "/api/v1/runs/{run_id}/actions", "runs", Api, false),
+        ("GET", "/api/v1/runs/{run_id}/graph", "runs", Api, false),
+        ("GET", "/api/v1/runs/{run_id}/tasks", "runs", Api, false),
+        ("PUT", "/api/v1/runs/{run_id}/tasks/{task}/annotations", "runs", Api, false),
+        ("PUT", "/api/v1/runs/{run_id}/tasks/{task}/actions", "runs", Api, false),
+        ("GET", "/api/v1/runs/{run_id}/tasks/{task}/logs", "runs", Api, false),
+        ("GET", "/api/v1/runs/{run_id}/tasks/{task}/workspace", "runs", Api, false),
+        ("GET", "/api/v1/archive", "archive", Api, false),
+        ("POST", "/api/v1/archive/index", "archive", Api, false),
+        ("GET", "/api/v1/events", "events", Api, false),
+        ("GET", "/api/v1/executors", "executors", Api, false),
+        ("DELETE", "/api/v1/executors/{executor_id}", "executors", Api, false),
+        ("PUT", "/api/v1/executor/{executor_id}", "executor", Executor, true),
+        ("GET", "/api/v1/executor/{executor_id}/tasks", "executor", Executor, true),
+        ("GET", "/api/v1/executor/{executor_id}/siblings", "executor", Executor, true),
+        ("PUT", "/api/v1/executor/{executor_id}/tasks/{task_id}", "executor", Executor, true),
+        ("POST", "/api/v1/executor/{executor_id}/tasks/{task_id}/logs/{step}", "executor", Executor, true),
+        ("PUT", "/api/v1/executor/{executor_id}/tasks/{task_id}/archives/{step}", "executor", Executor, true),
+        ("GET", "/api/v1/executor/{executor_id}/archives/{task_id}/{step}", "executor", Executor, true),
+        ("PUT", "/api/v1/executor/{executor_id}/caches", "executor", Executor, true),
+        ("GET", "/api/v1/executor/{executor_id}/caches", "executor", Executor, true),
+        ("GET", "/api/v1/executor/{executor_id}/caches/match", "executor", Executor, true),
+        ("GET", "/ui/{path}", "ui", Anyone, true),
+        ("HEAD", "/ui/{path}", "ui", Anyone, true),
+    ];
+
+    /// A request path for a template: `{name}` becomes `x-name` (a `{key}` two segments,
+    /// `x-key/y`, as keys may have).
+    fn example(template: &str) -> Vec<String> {
+        template
+            .trim_start_matches('/')
+            .split('/')
+            .flat_map(|s| match s.strip_prefix('{').and_then(|s| s.strip_suffix('}')) {
+                Some("key") => vec!["x-key".to_string(), "y".to_string()],
+                Some(name) => vec![format!("x-{name}")],
+                None => vec![s.to_string()],
+            })
+            .collect()
+    }
+
+    fn method(m: &str) -> Method {
+        Method::from_bytes(m.as_bytes()).unwrap()
+    }
+
+    #[test]
+    fn every_route_parses_back_to_itself_with_todays_label_token_and_maintenance() {
+        for &(m, template, label, access, open) in ROUTES {
+            let owned = example(template);
+            let path: Vec<&str> = owned.iter().map(String::as_str).collect();
+            let e = Endpoint::parse(&method(m), &path)
+                .unwrap_or_else(|no| panic!("{m} {template}: {no:?} for /{}", path.join("/")));
+            assert_eq!(e.template(), (m, template), "{m} /{} parsed as {e:?}", path.join("/"));
+            // Every parameter of the template is captured by the variant.
+            let debug = format!("{e:?}");
+            for value in path.iter().filter(|s| s.starts_with("x-")) {
+                assert!(debug.contains(value), "{m} {template}: {debug} lost {value}");
+            }
+            assert_eq!(e.label(), label, "{m} {template}");
+            assert_eq!(e.access(), access, "{m} {template}");
+            assert_eq!(
+                Access::of_path(&path),
+                access,
+                "{m} {template}: the path's prefix asks another token"
+            );
+            assert_eq!(e.open_in_maintenance(), open, "{m} {template}");
+            let streamed = matches!(e, Endpoint::UploadArchive { .. } | Endpoint::UploadCache { .. });
+            assert_eq!(e.body() == Body::Streamed, streamed, "{m} {template}");
+        }
+    }
+
+    /// `template` is an exhaustive `match`, so the compiler makes a new variant give it an
+    /// arm; this makes that arm a row of `ROUTES`, so the tests above walk every variant.
+    #[test]
+    fn routes_has_one_row_per_arm_of_template() {
+        let src = include_str!("routes.rs");
+        let body = src.split("fn template(").nth(1).unwrap().split("fn label(").next().unwrap();
+        let mut arms: Vec<(&str, &str)> = body
+            .split("(\"")
+            .skip(1)
+            .map(|piece| {
+                let (m, rest) = piece.split_once('"').unwrap();
+                (m, rest.trim_start_matches(", \"").split('"').next().unwrap())
+            })
+            .collect();
+        let mut rows: Vec<(&str, &str)> = ROUTES.iter().map(|r| (r.0, r.1)).collect();
+        arms.sort_unstable();
+        rows.sort_unstable();
+        let unique = rows.len();
+        rows.dedup();
+        assert_eq!(rows.len(), unique, "a route is listed twice in ROUTES");
+        assert_eq!(rows, arms, "ROUTES and the arms of Endpoint::template differ");
+    }
+
+    #[test]
+    fn other_methods_on_a_route_path_get_405_with_the_paths_methods() {
+        for &(_, template, ..) in ROUTES {
+            let owned = example(template);
+            let path: Vec<&str> = owned.iter().map(String::as_str).collect();
+            let mut methods: Vec<&str> = ROUTES.iter().filter(|r| r.1 == template).map(|r| r.0).collect();
+            methods.sort_unstable();
+            for m in METHODS {
+                match Endpoint::parse(&method(m), &path) {
+                    Ok(e) => assert!(methods.contains(&m) && e.template() == (m, template), "{m} {template}"),
+                    Err(NoRoute::MethodNotAllowed { at }) => {
+                        assert!(!methods.contains(&m), "{m} {template} is a route");
+                        let header = allow(&at);
+                        let mut allowed: Vec<&str> = header.split(", ").collect();
+                        allowed.sort_unstable();
+                        assert_eq!(allowed, methods, "Allow of {m} {template}");
+                        // The token asked before the 405 is the routes' own.
+                        assert!(at.iter().all(|e| e.access() == Access::of_path(&path)));
+                    }
+                    Err(NoRoute::NotFound) => panic!("{m} {template}: 404 for a route's path"),
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_two_drifted_cases_get_405() {
+        let cases: [(&str, &[&str], &str); 2] = [
+            ("POST", &["api", "v1", "executor", "e1", "siblings"], "GET"),
+            ("PUT", &["api", "v1", "runs", "1", "tasks", "a", "logs"], "GET"),
+        ];
+        for (m, path, allowed) in cases {
+            match Endpoint::parse(&method(m), path) {
+                Err(NoRoute::MethodNotAllowed { at }) => assert_eq!(allow(&at), allowed),
+                other => panic!("{m} /{}: {other:?}", path.join("/")),
+            }
+        }
+    }
+
+    #[test]
+    fn paths_no_route_has_are_404_with_the_prefixs_token() {
+        let cases: [(&[&str], Access); 12] = [
+            (&[], Access::Anyone),
+            (&["api"], Access::Anyone),
+            (&["api", "v2", "runs"], Access::Anyone),
+            (&["healthz", "x"], Access::Anyone),
+            (&["raft"], Access::Cluster),
+            (&["raft", "bogus"], Access::Cluster),
+            (&["api", "v1"], Access::Api),
+            (&["api", "v1", "nothing"], Access::Api),
+            (&["api", "v1", "cluster", "nodes"], Access::Api),
+            (&["api", "v1", "runs", "1", "tasks", "a", "bogus"], Access::Api),
+            (&["api", "v1", "executor"], Access::Executor),
+            (&["api", "v1", "executor", "e1", "caches", "nope"], Access::Executor),
+        ];
+        for (path, access) in cases {
+            for m in METHODS {
+                assert!(
+                    matches!(Endpoint::parse(&method(m), path), Err(NoRoute::NotFound)),
+                    "{m} /{}",
+                    path.join("/")
+                );
+            }
+            assert_eq!(Access::of_path(path), access, "/{}", path.join("/"));
+        }
+    }
+
+    #[test]
+    fn body_limits_are_the_raft_import_and_api_ones() {
+        let raft = Endpoint::Raft { rpc: RpcKind::Append };
+        assert_eq!(raft.body().max_bytes(), Some(MAX_RAFT_BODY_BYTES));
+        assert_eq!(Endpoint::Import.body().max_bytes(), Some(MAX_IMPORT_BYTES));
+        assert_eq!(Endpoint::KvPut { key: &["k"] }.body().max_bytes(), Some(MAX_API_BODY_BYTES));
+        assert_eq!(Endpoint::UploadCache { executor_id: "e" }.body().max_bytes(), None);
+    }
+}
