@@ -8,12 +8,13 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 use std::time::Duration;
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory, FromArgMatches, Parser, Subcommand, ValueEnum};
 use flotilla_api::server::{serve_node, ServerConfig};
 use flotilla_api::types::ClusterStatus;
 use flotilla_api::{Client, ClientError};
 use flotilla_raft::NodeConfig;
 
+mod config_file;
 mod run_cmd;
 mod run_view;
 mod wait_cmd;
@@ -28,6 +29,13 @@ struct Cli {
     /// Log format on stderr.
     #[arg(long, global = true, env = "FLOTILLA_LOG_FORMAT", value_enum, default_value = "text")]
     log_format: LogFormat,
+    /// A TOML file of flag values (`flotilla config example` prints one); flags and
+    /// environment variables win over it.
+    #[arg(long, global = true, env = "FLOTILLA_CONFIG", value_name = "FILE")]
+    config: Option<PathBuf>,
+    /// CA certificates (PEM) trusted for https:// servers, besides the system's roots.
+    #[arg(long, global = true, env = "FLOTILLA_TLS_CA", value_name = "PEM")]
+    tls_ca: Option<PathBuf>,
     #[command(subcommand)]
     command: Cmd,
 }
@@ -49,6 +57,64 @@ struct ClientArgs {
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
+}
+
+/// HTTPS on a listener. A node also shows its certificate to its peers (mTLS), so a
+/// node certificate should allow both server and client authentication.
+#[derive(clap::Args, Clone, Default)]
+struct TlsArgs {
+    /// Serve HTTPS with this certificate chain (PEM, leaf first).
+    #[arg(long, env = "FLOTILLA_TLS_CERT", value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// The certificate's private key (PEM).
+    #[arg(long, env = "FLOTILLA_TLS_KEY", value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// Ask clients for certificates signed by this CA (PEM); `/raft/*` then refuses
+    /// connections without one (only nodes can join or append).
+    #[arg(long, env = "FLOTILLA_TLS_CLIENT_CA", value_name = "PEM")]
+    tls_client_ca: Option<PathBuf>,
+}
+
+impl TlsArgs {
+    fn files(&self) -> flotilla_api::tls::TlsFiles {
+        flotilla_api::tls::TlsFiles {
+            cert: self.tls_cert.clone(),
+            key: self.tls_key.clone(),
+            client_ca: self.tls_client_ca.clone(),
+        }
+    }
+
+    /// The listener's TLS, checked before anything starts (a bad file: exit 2).
+    fn server(&self) -> Result<Option<flotilla_api::tls::ServerTls>, Failure> {
+        flotilla_api::tls::ServerTls::load(&self.files()).map_err(Failure::Usage)
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.tls_cert.is_some() {
+            "https"
+        } else {
+            "http"
+        }
+    }
+}
+
+/// Who may call a node: named tokens, and browsers of other origins.
+#[derive(clap::Args, Clone, Default)]
+struct AccessArgs {
+    /// Named tokens with roles (TOML: `[[token]] name, role, sha256|secret`; see
+    /// docs/security.md). Re-read on SIGHUP, with the single-token files.
+    #[arg(long, env = "FLOTILLA_TOKENS_FILE", value_name = "TOML")]
+    tokens_file: Option<PathBuf>,
+    /// Origins whose pages may call the API from a browser (CORS), comma separated,
+    /// `scheme://host[:port]`; `*` only if given literally. Default: none.
+    #[arg(long, env = "FLOTILLA_ALLOWED_ORIGINS", value_delimiter = ',')]
+    allowed_origins: Vec<String>,
+}
+
+impl AccessArgs {
+    fn cors(&self) -> Result<flotilla_api::cors::Cors, Failure> {
+        flotilla_api::cors::Cors::parse(&self.allowed_origins).map_err(Failure::Usage)
+    }
 }
 
 #[derive(clap::Args)]
@@ -163,6 +229,10 @@ enum Cmd {
         #[arg(long, env = "FLOTILLA_MAX_CONNECTIONS", default_value_t = flotilla_store::limits::MAX_CONNECTIONS)]
         max_connections: usize,
         #[command(flatten)]
+        tls: TlsArgs,
+        #[command(flatten)]
+        access: AccessArgs,
+        #[command(flatten)]
         tuning: RaftTuning,
         #[command(flatten)]
         scheduler: SchedulerTuning,
@@ -177,6 +247,10 @@ enum Cmd {
         listen: SocketAddr,
         #[arg(long, env = "FLOTILLA_TOKEN_FILE")]
         token_file: Option<PathBuf>,
+        #[command(flatten)]
+        tls: TlsArgs,
+        #[command(flatten)]
+        access: AccessArgs,
         #[command(flatten)]
         scheduler: SchedulerTuning,
         #[command(flatten)]
@@ -220,6 +294,8 @@ enum Cmd {
         /// (no new task starts meanwhile); then the executor exits 0.
         #[arg(long, env = "FLOTILLA_DRAIN_TIMEOUT_S", default_value_t = flotilla_executor::DEFAULT_DRAIN_TIMEOUT_S)]
         drain_timeout_s: u64,
+        #[command(flatten)]
+        tls: TlsArgs,
     },
     /// Runs: create, list, show, logs, stop, approve, wait.
     Run {
@@ -272,6 +348,20 @@ enum Cmd {
         #[arg(long)]
         ready: bool,
     },
+    /// Configuration files (`--config FILE`).
+    Config {
+        #[command(subcommand)]
+        command: ConfigCmd,
+    },
+    /// Print a shell completion script: `flotilla completions bash > /etc/bash_completion.d/flotilla`.
+    Completions { shell: clap_complete::Shell },
+}
+
+#[derive(Subcommand)]
+enum ConfigCmd {
+    /// Print a configuration file with every flag of the server, dev, executor and client
+    /// commands, its help and its default (all commented out).
+    Example,
 }
 
 #[derive(Subcommand)]
@@ -413,7 +503,34 @@ async fn shutdown_signal() {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
+    let mut command = Cli::command();
+    if let Some(path) = config_file::path_from(&args) {
+        command = match config_file::apply(command, &path) {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(2);
+            }
+        };
+    }
+    let matches = command.get_matches_from(args);
+    let cli = Cli::from_arg_matches(&matches).unwrap_or_else(|e| e.exit());
+    // Every HTTP client of this process trusts --tls-ca; a node (and an executor with a
+    // certificate) shows its own certificate to the servers it calls (mTLS).
+    let identity = match &cli.command {
+        Cmd::Server { tls, .. } | Cmd::Dev { tls, .. } | Cmd::Executor { tls, .. } => {
+            tls.tls_cert.clone().zip(tls.tls_key.clone())
+        }
+        _ => None,
+    };
+    if let Err(e) = flotilla_raft::tls::configure(
+        cli.tls_ca.as_deref(),
+        identity.as_ref().map(|(c, k)| (c.as_path(), k.as_path())),
+    ) {
+        eprintln!("error: {e}");
+        return ExitCode::from(2);
+    }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime");
     match runtime.block_on(run(cli)) {
         Ok(()) => ExitCode::SUCCESS,
@@ -435,6 +552,14 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), Failure> {
     match cli.command {
+        Cmd::Config { command: ConfigCmd::Example } => {
+            print!("{}", config_file::example(&Cli::command()));
+            Ok(())
+        }
+        Cmd::Completions { shell } => {
+            clap_complete::generate(shell, &mut Cli::command(), "flotilla", &mut std::io::stdout());
+            Ok(())
+        }
         Cmd::Server {
             id,
             listen,
@@ -444,21 +569,34 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             cluster_token_file,
             executor_token_file,
             max_connections,
+            tls,
+            access,
             tuning,
             scheduler,
             ost,
         } => {
             init_logging(cli.log_format);
-            let api_token = read_token(&token_file)?;
-            let cluster_token = match cluster_token_file {
-                Some(_) => read_token(&cluster_token_file)?,
-                None => api_token.clone(),
+            let server_tls = tls.server()?;
+            let cors = access.cors()?;
+            let tokens = flotilla_api::auth::TokenFiles {
+                tokens_file: access.tokens_file.clone(),
+                admin: token_file.clone(),
+                // Without their own files, executors and peers use the admin token.
+                executor: executor_token_file.clone(),
+                cluster: cluster_token_file.clone(),
             };
-            let executor_token = match executor_token_file {
-                Some(_) => read_token(&executor_token_file)?,
-                None => api_token.clone(),
+            let loaded = tokens.load().map_err(Failure::Usage)?;
+            // What this node sends to its peers: the cluster token, else the admin token.
+            let cluster_token = match cluster_token_file.as_ref().or(token_file.as_ref()) {
+                Some(p) => Some(flotilla_api::auth::read_secret(p).map_err(Failure::Usage)?),
+                None if !loaded.is_open() => {
+                    return Err(Failure::Usage(
+                        "with --tokens-file, give --cluster-token-file (or --token-file): the secret this node sends to its peers".into(),
+                    ))
+                }
+                None => None,
             };
-            require_token_off_loopback(listen, &api_token)?;
+            require_token_off_loopback(listen, !loaded.is_open())?;
             let mut cfg = NodeConfig::new(id, data_dir);
             cfg.cluster_token = cluster_token.clone();
             cfg.heartbeat_ms = tuning.heartbeat_ms;
@@ -467,16 +605,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             cfg.snapshot_logs = tuning.snapshot_logs;
             cfg.max_logs_keep = tuning.max_logs_keep;
             cfg.request_timeout_ms = tuning.request_timeout_ms;
-            let advertise = advertise.unwrap_or_else(|| format!("http://{listen}"));
+            let advertise = advertise.unwrap_or_else(|| format!("{}://{listen}", tls.scheme()));
             let server_cfg = ServerConfig {
-                api_token,
-                cluster_token,
-                executor_token,
+                tokens,
+                cors,
                 scheduler: scheduler.config(),
                 gc: ost.gc(),
                 archive: ost.archive(),
                 ost_url: ost.ost,
                 max_connections,
+                tls: server_tls,
             };
             serve_node(
                 cfg,
@@ -488,11 +626,9 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             .await
             .map_err(|e| Failure::Refused(e.to_string()))
         }
-        Cmd::Dev { data_dir, listen, token_file, scheduler, ost } => {
+        Cmd::Dev { data_dir, listen, token_file, tls, access, scheduler, ost } => {
             init_logging(cli.log_format);
-            let api_token = read_token(&token_file)?;
-            require_token_off_loopback(listen, &api_token)?;
-            dev(data_dir, listen, api_token, scheduler.config(), ost).await
+            dev(data_dir, listen, token_file, &access, &tls, scheduler.config(), ost).await
         }
         Cmd::Executor {
             id,
@@ -507,8 +643,16 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             token_file,
             pull_timeout_s,
             drain_timeout_s,
+            tls,
         } => {
             init_logging(cli.log_format);
+            if tls.tls_client_ca.is_some() {
+                return Err(Failure::Usage(
+                    "--tls-client-ca is for servers; an executor's listener only answers health checks"
+                        .into(),
+                ));
+            }
+            let executor_tls = tls.server()?;
             let mut cfg = flotilla_executor::Config::new(
                 &id,
                 servers,
@@ -523,6 +667,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             cfg.dynamic = dynamic;
             cfg.pull_timeout = std::time::Duration::from_secs(pull_timeout_s);
             cfg.drain_timeout = std::time::Duration::from_secs(drain_timeout_s);
+            cfg.tls = executor_tls;
             let (tx, rx) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
                 shutdown_signal().await;
@@ -599,8 +744,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
     }
 }
 
-fn require_token_off_loopback(listen: SocketAddr, token: &Option<String>) -> Result<(), Failure> {
-    if token.is_none() && !listen.ip().is_loopback() {
+fn require_token_off_loopback(listen: SocketAddr, has_tokens: bool) -> Result<(), Failure> {
+    if !has_tokens && !listen.ip().is_loopback() {
         return Err(Failure::Usage(format!(
             "listening on {listen} (not loopback) needs --token-file: unauthenticated access is only allowed on loopback"
         )));
@@ -611,21 +756,39 @@ fn require_token_off_loopback(listen: SocketAddr, token: &Option<String>) -> Res
 async fn dev(
     data_dir: PathBuf,
     listen: SocketAddr,
-    api_token: Option<String>,
+    token_file: Option<PathBuf>,
+    access: &AccessArgs,
+    tls: &TlsArgs,
     scheduler: flotilla_scheduler::SchedulerConfig,
     ost: OstArgs,
 ) -> Result<(), Failure> {
+    let api_token = read_token(&token_file)?;
+    let tokens = flotilla_api::auth::TokenFiles {
+        tokens_file: access.tokens_file.clone(),
+        admin: token_file,
+        ..Default::default()
+    };
+    let open = tokens.load().map_err(Failure::Usage)?.is_open();
+    if !open && api_token.is_none() {
+        return Err(Failure::Usage(
+            "dev with --tokens-file also needs --token-file (the local executor's token)".into(),
+        ));
+    }
+    require_token_off_loopback(listen, !open)?;
+    let cors = access.cors()?;
+    let server_tls = tls.server()?;
+    let scheme = tls.scheme();
     let cfg = NodeConfig::new(1, data_dir.clone());
     let executor_token = api_token.clone();
     let server_cfg = ServerConfig {
-        api_token: api_token.clone(),
-        cluster_token: api_token.clone(),
-        executor_token: api_token,
+        tokens,
+        cors,
         scheduler,
         gc: ost.gc(),
         archive: ost.archive(),
         ost_url: ost.ost,
         max_connections: flotilla_store::limits::MAX_CONNECTIONS,
+        tls: server_tls,
     };
     let data_dir_shown = data_dir.display().to_string();
     let executor_dir =
@@ -636,7 +799,7 @@ async fn dev(
         server_cfg,
         move |node, addr| {
             let node = node.clone();
-            let url = format!("http://{addr}");
+            let url = format!("{scheme}://{addr}");
             tokio::spawn(async move {
                 let fresh = node.raft.metrics().borrow().membership_config.membership().nodes().next().is_none();
                 if fresh {

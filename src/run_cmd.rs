@@ -341,7 +341,7 @@ pub fn redact(message: &str) -> String {
 }
 
 async fn fetch(url: &str) -> Result<Vec<u8>, Failure> {
-    let http = reqwest::Client::builder()
+    let http = flotilla_raft::tls::client_builder()
         .connect_timeout(Duration::from_secs(5))
         .timeout(Duration::from_secs(30))
         .build()

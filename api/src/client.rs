@@ -60,6 +60,23 @@ pub enum ClientError {
     Refused(String),
 }
 
+/// A transport error with its causes (reqwest's own message stops at "error sending
+/// request"; the reason — refused, timed out, a certificate the CA does not sign — is in
+/// its sources).
+pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
+    let mut out = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let text = s.to_string();
+        if !out.contains(&text) {
+            out.push_str(": ");
+            out.push_str(&text);
+        }
+        source = s.source();
+    }
+    out
+}
+
 impl ClientError {
     pub fn status(&self) -> Option<u16> {
         match self {
@@ -105,7 +122,7 @@ impl Client {
     /// A client of `base`: one server URL, or several separated by commas (requests go to
     /// the first; the retrying calls move to the next on transport errors and 503).
     pub fn new(base: &str, token: Option<String>) -> Self {
-        let http = reqwest::Client::builder()
+        let http = flotilla_raft::tls::client_builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(60))
             // Servers close idle connections after HEADER_READ_TIMEOUT_MS: let go first.
@@ -153,7 +170,7 @@ impl Client {
             req = req.json(b);
         }
         let transport =
-            |e: reqwest::Error| ClientError::Transport { url: url.clone(), message: e.to_string() };
+            |e: reqwest::Error| ClientError::Transport { url: url.clone(), message: describe(&e) };
         let resp = req.send().await.map_err(transport)?;
         let status = resp.status().as_u16();
         let bytes = resp.bytes().await.map_err(transport)?;
@@ -329,7 +346,7 @@ impl Client {
             req = req.bearer_auth(t);
         }
         let transport =
-            |e: reqwest::Error| ClientError::Transport { url: url.clone(), message: e.to_string() };
+            |e: reqwest::Error| ClientError::Transport { url: url.clone(), message: describe(&e) };
         let resp = req.send().await.map_err(transport)?;
         let status = resp.status().as_u16();
         let replayed = resp.headers().get("idempotent-replayed").is_some_and(|v| v.as_bytes() == b"true");
@@ -488,9 +505,11 @@ impl Client {
         check_path(path)?;
         let url = format!("{}{}", self.base, path);
         let transport =
-            |e: reqwest::Error| ClientError::Transport { url: url.clone(), message: e.to_string() };
-        let http =
-            reqwest::Client::builder().connect_timeout(Duration::from_secs(2)).build().map_err(transport)?;
+            |e: reqwest::Error| ClientError::Transport { url: url.clone(), message: describe(&e) };
+        let http = flotilla_raft::tls::client_builder()
+            .connect_timeout(Duration::from_secs(2))
+            .build()
+            .map_err(transport)?;
         let mut req = http.request(method, &url);
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);

@@ -6,7 +6,9 @@
 //! state of their own and never touch sled: every change is a Raft command.
 
 pub mod archive;
+pub mod auth;
 pub mod client;
+pub mod cors;
 pub mod error;
 pub mod lifecycle;
 pub mod metrics;
@@ -16,6 +18,7 @@ mod runs;
 pub mod server;
 mod strict_json;
 pub mod tasks;
+pub mod tls;
 pub mod types;
 pub mod ui;
 

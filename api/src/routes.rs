@@ -16,6 +16,8 @@ use flotilla_raft::rpc::RpcKind;
 use flotilla_store::limits::{MAX_API_BODY_BYTES, MAX_IMPORT_BYTES, MAX_RAFT_BODY_BYTES};
 use warp::http::Method;
 
+use crate::auth::Need;
+
 /// One route: the method and the path it answers, with the path's parameters (decoded
 /// segments). A `{key}` or `{path}` is the rest of the path, any number of segments.
 #[derive(Clone, Copy, Debug)]
@@ -168,6 +170,17 @@ pub(crate) enum Access {
 }
 
 impl Access {
+    /// What a path with no route asks of its caller before it is told 404 or 405: the
+    /// least role of its family (any API token may learn that an API path does not exist).
+    pub(crate) fn least_need(self) -> Need {
+        match self {
+            Access::Anyone => Need::Nothing,
+            Access::Cluster => Need::Cluster,
+            Access::Executor => Need::Executor,
+            Access::Api => Need::Read,
+        }
+    }
+
     /// The token asked of a path no route has (or has with another method), by its
     /// prefix, before it is told 404 or 405: without the right token a client learns
     /// nothing about which routes exist. Each route's own [`Endpoint::access`] is the
@@ -388,6 +401,67 @@ impl<'a> Endpoint<'a> {
         }
     }
 
+    /// The role a caller's token must allow (`--tokens-file`, `docs/security.md`): reads
+    /// need `read`, changes to runs and kv need `write`, membership, maintenance, export,
+    /// import and executor admin need `admin`; executor routes `executor`, Raft `cluster`.
+    pub(crate) fn need(&self) -> Need {
+        use Endpoint as E;
+        match self.access() {
+            Access::Anyone => return Need::Nothing,
+            Access::Cluster => return Need::Cluster,
+            Access::Executor => return Need::Executor,
+            Access::Api => {}
+        }
+        match self {
+            E::ClusterInit
+            | E::AddLearner
+            | E::SetVoters
+            | E::RemoveNode { .. }
+            | E::MaintenanceEnable
+            | E::MaintenanceDisable
+            | E::Export
+            | E::Import
+            | E::DumpArchiveIndex
+            | E::DeleteExecutor { .. } => Need::Admin,
+            E::KvPut { .. }
+            | E::KvDelete { .. }
+            | E::CreateRun
+            | E::DeleteRun { .. }
+            | E::RunAction { .. }
+            | E::TaskAnnotations { .. }
+            | E::TaskAction { .. } => Need::Write,
+            E::ClusterStatus
+            | E::KvList
+            | E::KvGet { .. }
+            | E::MaintenanceStatus
+            | E::ListRuns
+            | E::GetRun { .. }
+            | E::RunGraph { .. }
+            | E::RunTasks { .. }
+            | E::TaskLogs { .. }
+            | E::TaskWorkspace { .. }
+            | E::ArchiveStatus
+            | E::Events
+            | E::ListExecutors => Need::Read,
+            E::Healthz
+            | E::Readyz
+            | E::Metrics
+            | E::Ui { .. }
+            | E::UiHead { .. }
+            | E::Raft { .. }
+            | E::ExecutorHeartbeat { .. }
+            | E::ExecutorTasks { .. }
+            | E::ExecutorSiblings { .. }
+            | E::SetTaskStatus { .. }
+            | E::AppendLog { .. }
+            | E::UploadArchive { .. }
+            | E::DownloadArchive { .. }
+            | E::UploadCache { .. }
+            | E::DownloadCache { .. }
+            | E::MatchCache { .. } => unreachable!("answered by access() above"),
+        }
+    }
+
     /// Served while this node applies the maintenance flag. Health, metrics, Raft, the
     /// dashboard's files and the executor-facing routes always are (executors keep
     /// heartbeating and finish what they run; the paused scheduler gives them nothing
@@ -494,7 +568,7 @@ impl<'a> Endpoint<'a> {
 
 /// The endpoints of a path, one per method (none: no route has this path). The one
 /// parser: a path is matched here and nowhere else.
-fn at<'a>(s: &'a [&'a str]) -> Vec<Endpoint<'a>> {
+pub(crate) fn at<'a>(s: &'a [&'a str]) -> Vec<Endpoint<'a>> {
     use Endpoint as E;
     match s {
         ["healthz"] => vec![E::Healthz],
@@ -646,6 +720,42 @@ mod tests {
 
     fn method(m: &str) -> Method {
         Method::from_bytes(m.as_bytes()).unwrap()
+    }
+
+    /// The role table of `docs/security.md`, written independently of `need()`: every
+    /// route × every role is allowed or refused as documented.
+    #[test]
+    fn every_route_and_every_role_is_allowed_or_refused_as_documented() {
+        use crate::auth::Role;
+        const ADMIN: &[(&str, &str)] = &[
+            ("POST", "/api/v1/cluster/init"),
+            ("POST", "/api/v1/cluster/learners"),
+            ("POST", "/api/v1/cluster/voters"),
+            ("DELETE", "/api/v1/cluster/nodes/{node_id}"),
+            ("PUT", "/api/v1/maintenance"),
+            ("DELETE", "/api/v1/maintenance"),
+            ("GET", "/api/v1/export"),
+            ("POST", "/api/v1/import"),
+            ("POST", "/api/v1/archive/index"),
+            ("DELETE", "/api/v1/executors/{executor_id}"),
+        ];
+        let roles = [Role::Read, Role::Write, Role::Admin, Role::Executor, Role::Cluster];
+        for &(m, template, _, access, _) in ROUTES {
+            let expected = match access {
+                Anyone => Need::Nothing,
+                Cluster => Need::Cluster,
+                Executor => Need::Executor,
+                Api if ADMIN.contains(&(m, template)) => Need::Admin,
+                Api if m == "GET" => Need::Read,
+                Api => Need::Write,
+            };
+            let owned = example(template);
+            let path: Vec<&str> = owned.iter().map(String::as_str).collect();
+            let e = Endpoint::parse(&method(m), &path).unwrap();
+            for role in roles {
+                assert_eq!(role.may(e.need()), role.may(expected), "{} on {m} {template}", role.name());
+            }
+        }
     }
 
     #[test]

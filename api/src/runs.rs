@@ -114,7 +114,10 @@ pub(crate) async fn task_action(
     let body: ActionRequest = req.json()?;
     match body.action.as_str() {
         "approve" => {
-            let cmd = Command::ApproveTask { run_id: id.to_string(), task: task.to_string() };
+            // The caller is recorded as an approver (`approver/<token name>`); a node without
+            // named tokens approves at once, as before.
+            let approver = req.caller.as_ref().map(|c| c.name.clone());
+            let cmd = Command::ApproveTask { run_id: id.to_string(), task: task.to_string(), approver };
             expect_done(write(ctx, cmd).await?)
         }
         other => Err(ApiError::bad_request(format!("unknown task action {other:?}; known: approve"))),

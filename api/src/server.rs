@@ -34,18 +34,18 @@ use tokio::sync::watch;
 use warp::http::{Method, StatusCode};
 use warp::Filter;
 
+use crate::auth::{Caller, Need};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 use crate::routes::{Access, Body, Endpoint, NoRoute};
 use crate::types::*;
 
 pub struct ServerConfig {
-    /// Bearer token for `/api/v1/*`; `None` accepts unauthenticated requests.
-    pub api_token: Option<String>,
-    /// Bearer token for `/raft/*`; `None` accepts unauthenticated requests.
-    pub cluster_token: Option<String>,
-    /// Bearer token for the executor-facing `/api/v1/executor/*`.
-    pub executor_token: Option<String>,
+    /// Where the tokens come from (`--tokens-file`, `--token-file`, …), read at start and
+    /// again on `SIGHUP` ([`Ctx::reload_tokens`]). No token at all: every request passes.
+    pub tokens: crate::auth::TokenFiles,
+    /// Cross-origin requests (`--allowed-origins`; off by default).
+    pub cors: crate::cors::Cors,
     pub scheduler: flotilla_scheduler::SchedulerConfig,
     /// `--ost` URL; `None` means `file://<data dir>/ost`.
     pub ost_url: Option<String>,
@@ -55,6 +55,8 @@ pub struct ServerConfig {
     pub archive: flotilla_scheduler::archive::ArchiveConfig,
     /// Open connections served at once (`--max-connections`, default `MAX_CONNECTIONS`).
     pub max_connections: usize,
+    /// HTTPS on the listener (`--tls-cert`, `--tls-key`, `--tls-client-ca`).
+    pub tls: Option<crate::tls::ServerTls>,
 }
 
 /// What every handler can reach.
@@ -75,6 +77,8 @@ pub struct Ctx {
     pub(crate) event_subscribers: Arc<std::sync::atomic::AtomicUsize>,
     /// Permits to read a large body: API routes, Raft routes.
     large_bodies: [tokio::sync::Semaphore; 2],
+    /// The tokens in force (replaced whole by a reload).
+    tokens: std::sync::RwLock<Arc<crate::auth::Tokens>>,
 }
 
 impl Ctx {
@@ -87,19 +91,20 @@ impl Ctx {
     ) -> std::io::Result<Arc<Ctx>> {
         // Idle connections are let go before a server closes them (HEADER_READ_TIMEOUT_MS).
         let idle = Duration::from_secs(15);
-        let peers = reqwest::Client::builder()
+        let peers = flotilla_raft::tls::client_builder()
             .connect_timeout(Duration::from_millis(500))
             .timeout(Duration::from_secs(2))
             .pool_idle_timeout(idle)
             .build()
             .expect("static client settings");
-        let streams = reqwest::Client::builder()
+        let streams = flotilla_raft::tls::client_builder()
             .connect_timeout(Duration::from_millis(500))
             .pool_idle_timeout(idle)
             .build()
             .expect("static client settings");
         let (closing_tx, _) = watch::channel(false);
         let live_logs = crate::objects::LiveLogs::new(spool_dir)?;
+        let tokens = cfg.tokens.load().map_err(std::io::Error::other)?;
         Ok(Arc::new(Ctx {
             node,
             cfg,
@@ -111,6 +116,7 @@ impl Ctx {
             streams,
             closing_tx,
             event_subscribers: Default::default(),
+            tokens: std::sync::RwLock::new(Arc::new(tokens)),
             large_bodies: [
                 tokio::sync::Semaphore::new(MAX_LARGE_API_BODIES),
                 tokio::sync::Semaphore::new(MAX_LARGE_RAFT_BODIES),
@@ -137,6 +143,37 @@ impl Ctx {
     pub(crate) fn closing(&self) -> watch::Receiver<bool> {
         self.closing_tx.subscribe()
     }
+
+    /// Re-reads every token file (`SIGHUP`). A file that does not load changes nothing.
+    pub fn reload_tokens(&self) -> Result<usize, String> {
+        let tokens = self.cfg.tokens.load()?;
+        let n = tokens.len();
+        *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(tokens);
+        Ok(n)
+    }
+
+    /// The caller of a request that needs `need`: 401 without a known token, 403 when its
+    /// role does not allow the route. A node without tokens lets everyone through.
+    fn authorize(&self, need: Need, authorization: Option<&str>) -> Result<Option<Caller>, ApiError> {
+        let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner()).clone();
+        if need == Need::Nothing || tokens.is_open() {
+            return Ok(tokens.authenticate(authorization));
+        }
+        let caller = tokens.authenticate(authorization).ok_or_else(ApiError::unauthorized)?;
+        if !caller.role.may(need) {
+            return Err(ApiError::new(
+                403,
+                "forbidden",
+                format!(
+                    "token {:?} has the role {}; this route needs {}",
+                    caller.name,
+                    caller.role.name(),
+                    need.name()
+                ),
+            ));
+        }
+        Ok(Some(caller))
+    }
 }
 
 /// Serves `ctx` on `listener` until `shutdown` resolves; in-flight requests finish first.
@@ -148,7 +185,7 @@ pub async fn run(listener: TcpListener, ctx: Arc<Ctx>, shutdown: impl Future<Out
         .and(warp::header::optional::<String>("content-length"))
         .and(warp::header::optional::<String>(crate::objects::FORWARDED))
         .and(warp::header::optional::<String>("transfer-encoding"))
-        .and(idempotency_key_header())
+        .and(other_headers())
         .and(warp::body::stream())
         .then({
             let ctx = ctx.clone();
@@ -159,21 +196,29 @@ pub async fn run(listener: TcpListener, ctx: Arc<Ctx>, shutdown: impl Future<Out
                   len,
                   fwd: Option<String>,
                   te: Option<String>,
-                  idempotency_key: Option<String>,
+                  other: OtherHeaders,
                   body| {
                 let ctx = ctx.clone();
                 let path = path.as_str().to_string();
+                let origin = other.origin.clone();
                 let head = Head {
                     auth,
                     content_length: len,
                     forwarded: fwd.is_some(),
                     chunked: te.is_some(),
-                    idempotency_key,
+                    other,
                 };
-                async move { handle(ctx, method, path, query, head, body).await }
+                async move {
+                    let mut resp = warp::Reply::into_response(
+                        handle(ctx.clone(), method, path, query, head, body).await,
+                    );
+                    ctx.cfg.cors.decorate(origin.as_deref(), &mut resp);
+                    resp
+                }
             }
         });
     let max_connections = ctx.cfg.max_connections;
+    let ctx_tls = ctx.cfg.tls.clone();
     let closing = async move {
         shutdown.await;
         ctx.closing_tx.send_replace(true);
@@ -213,16 +258,39 @@ pub async fn run(listener: TcpListener, ctx: Arc<Ctx>, shutdown: impl Future<Out
             drop(stream);
             continue;
         };
-        let svc = hyper_util::service::TowerToHyperService::new(svc.clone());
+        let svc = svc.clone();
         let watcher = graceful.watcher();
+        let tls = ctx_tls.clone();
         tokio::spawn(async move {
             let _slot = slot;
+            let (io, client_cert): (Box<dyn crate::tls::Conn>, bool) = match tls {
+                None => (Box::new(stream), false),
+                Some(tls) => match tls.accept(stream).await {
+                    Ok(Some(a)) => (Box::new(a.stream), a.client_cert),
+                    Ok(None) => return,
+                    Err(e) => {
+                        tracing::debug!(error = %e, %peer, "TLS connection refused");
+                        return;
+                    }
+                },
+            };
+            // Whether this connection presented a verified client certificate travels with
+            // each request as a header only this node sets.
+            let svc = tower::ServiceExt::map_request(svc, move |mut req: warp::http::Request<_>| {
+                let h = req.headers_mut();
+                h.remove(crate::tls::CLIENT_CERT_HEADER);
+                if client_cert {
+                    h.insert(crate::tls::CLIENT_CERT_HEADER, warp::http::HeaderValue::from_static("1"));
+                }
+                req
+            });
+            let svc = hyper_util::service::TowerToHyperService::new(svc);
             let mut builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
             builder
                 .http1()
                 .timer(TokioTimer::new())
                 .header_read_timeout(Duration::from_millis(HEADER_READ_TIMEOUT_MS));
-            let conn = builder.serve_connection_with_upgrades(TokioIo::new(stream), svc);
+            let conn = builder.serve_connection_with_upgrades(TokioIo::new(io), svc);
             if let Err(e) = watcher.watch(conn).await {
                 tracing::debug!(error = %e, %peer, "connection ended with an error");
             }
@@ -232,12 +300,28 @@ pub async fn run(listener: TcpListener, ctx: Arc<Ctx>, shutdown: impl Future<Out
     graceful.shutdown().await;
 }
 
-/// The `Idempotency-Key` header, read without a rejection: a value that is not text
-/// comes through lossily and is refused with a JSON 400 by the route.
-fn idempotency_key_header(
-) -> impl Filter<Extract = (Option<String>,), Error = std::convert::Infallible> + Clone {
+/// Headers read without a rejection: a value that is not text comes through lossily and
+/// is refused with a JSON 400 by the route that reads it.
+struct OtherHeaders {
+    /// `Idempotency-Key` (run creation).
+    idempotency_key: Option<String>,
+    /// `Origin` (CORS).
+    origin: Option<String>,
+    /// `Access-Control-Request-Method`: with `OPTIONS` and `Origin`, a CORS preflight.
+    preflight_method: Option<String>,
+    /// The connection presented a verified client certificate (set by the accept loop).
+    client_cert: bool,
+}
+
+fn other_headers() -> impl Filter<Extract = (OtherHeaders,), Error = std::convert::Infallible> + Clone {
     warp::header::headers_cloned().map(|h: warp::http::HeaderMap| {
-        h.get("idempotency-key").map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned())
+        let text = |name: &str| h.get(name).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        OtherHeaders {
+            idempotency_key: text("idempotency-key"),
+            origin: text("origin"),
+            preflight_method: text("access-control-request-method"),
+            client_cert: h.contains_key(crate::tls::CLIENT_CERT_HEADER),
+        }
     })
 }
 
@@ -298,8 +382,7 @@ struct Head {
     forwarded: bool,
     /// A body of unknown length follows (`transfer-encoding`).
     chunked: bool,
-    /// `Idempotency-Key` (run creation).
-    idempotency_key: Option<String>,
+    other: OtherHeaders,
 }
 
 async fn handle<S, B>(
@@ -325,7 +408,8 @@ where
         Err(NoRoute::MethodNotAllowed { at }) => at[0].label(),
         Err(NoRoute::NotFound) => "other",
     };
-    let Head { auth, content_length, forwarded, chunked, idempotency_key } = head;
+    let Head { auth, content_length, forwarded, chunked, other } = head;
+    let OtherHeaders { idempotency_key, origin, preflight_method, client_cert } = other;
     let result = async {
         decoded.as_ref().map_err(Clone::clone)?;
         let query = parse_query(&raw_query)?;
@@ -334,13 +418,32 @@ where
             .transpose()?;
         // The token is checked from the headers, before a byte of the body is read. A path
         // with no route asks for its prefix's token before it is told so.
-        let access = match &routed {
-            Ok(endpoint) => endpoint.access(),
-            Err(NoRoute::MethodNotAllowed { at }) => at[0].access(),
-            Err(NoRoute::NotFound) => Access::of_path(&segments),
+        if method == Method::OPTIONS {
+            if let (Some(origin), Some(asked)) = (&origin, &preflight_method) {
+                // A CORS preflight carries no token; it is answered from the route table.
+                let methods: Vec<&str> = crate::routes::at(&segments).iter().map(|e| e.method()).collect();
+                return match ctx.cfg.cors.preflight(Some(origin), asked, &methods) {
+                    Some(resp) => Ok(Reply::Raw(resp)),
+                    None => Err(ApiError::new(
+                        403,
+                        "forbidden",
+                        "cross-origin requests are not allowed from this origin for this route (--allowed-origins)",
+                    )),
+                };
+            }
+        }
+        let (access, need) = match &routed {
+            Ok(endpoint) => (endpoint.access(), endpoint.need()),
+            Err(NoRoute::MethodNotAllowed { at }) => (at[0].access(), at[0].need()),
+            Err(NoRoute::NotFound) => (Access::of_path(&segments), Access::of_path(&segments).least_need()),
         };
-        if !authorized(ctx.cfg.token(access), &auth) {
-            return Err(ApiError::unauthorized());
+        let caller = ctx.authorize(need, auth.as_deref())?;
+        if access == Access::Cluster && ctx.cfg.tls.as_ref().is_some_and(|t| t.client_auth) && !client_cert {
+            return Err(ApiError::new(
+                403,
+                "forbidden",
+                "this node serves /raft/* only to clients with a certificate of its --tls-client-ca",
+            ));
         }
         let endpoint = match routed {
             Ok(endpoint) => endpoint,
@@ -391,6 +494,7 @@ where
             idempotency_key,
             content_length,
             body,
+            caller,
         };
         dispatch(&ctx, endpoint, &req, upload).await
     }
@@ -441,18 +545,6 @@ fn parse_query(raw: &str) -> Result<HashMap<String, String>, ApiError> {
     Ok(query)
 }
 
-impl ServerConfig {
-    /// The token `access` asks for (`None`: none, or none configured).
-    fn token(&self, access: Access) -> Option<&str> {
-        match access {
-            Access::Anyone => None,
-            Access::Cluster => self.cluster_token.as_deref(),
-            Access::Executor => self.executor_token.as_deref(),
-            Access::Api => self.api_token.as_deref(),
-        }
-    }
-}
-
 /// Reads a whole body of at most `limit` bytes; a body that pauses longer than
 /// `BODY_IDLE_TIMEOUT_MS` or takes longer than `BODY_READ_TIMEOUT_MS` is refused.
 async fn read_body<S, B>(mut body: S, limit: u64) -> Result<Bytes, ApiError>
@@ -498,6 +590,8 @@ pub(crate) struct Request<'a> {
     pub content_length: Option<u64>,
     /// The body read whole (empty for a streamed upload).
     pub body: Bytes,
+    /// Who sent it: the name and role of its token (`None` on a node without tokens).
+    pub caller: Option<crate::auth::Caller>,
 }
 
 impl Request<'_> {
@@ -531,14 +625,6 @@ impl Request<'_> {
             })
             .transpose()
     }
-}
-
-/// Constant-time comparison of the presented bearer token with the expected one.
-fn authorized(expected: Option<&str>, auth: &Option<String>) -> bool {
-    let Some(expected) = expected else { return true };
-    let Some(presented) = auth.as_deref().and_then(|a| a.strip_prefix("Bearer ")) else { return false };
-    let (a, b) = (expected.as_bytes(), presented.trim().as_bytes());
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
 /// Calls the handler of `endpoint`. `upload` is the body of a streamed upload
@@ -870,9 +956,10 @@ async fn maintenance_status(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiEr
         if id == ctx.node.id {
             return (id, Some(ctx.node.state.read().state.maintenance));
         }
+        // Asked with the caller's own token: every node holds the same tokens.
         let mut r = ctx.peers.get(format!("{addr}/api/v1/maintenance?local=true"));
-        if let Some(t) = &ctx.cfg.api_token {
-            r = r.bearer_auth(t);
+        if let Some(auth) = &req.auth {
+            r = r.header("authorization", auth);
         }
         let answer = match r.send().await {
             Ok(resp) if resp.status().is_success() => {
@@ -963,6 +1050,22 @@ pub async fn serve_node(
     tracing::info!(ost = %ost.describe(), "object storage");
     let ctx =
         Ctx::new(node.clone(), cfg, ost.clone(), data_dir.join("logspool")).map_err(ServeError::Spool)?;
+    // SIGHUP re-reads the token files; one that does not load leaves the tokens as they were.
+    let reloading = ctx.clone();
+    tokio::spawn(async move {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else { return };
+        let mut closing = reloading.closing();
+        loop {
+            tokio::select! {
+                _ = hup.recv() => match reloading.reload_tokens() {
+                    Ok(n) => tracing::info!(tokens = n, "tokens reloaded"),
+                    Err(e) => tracing::warn!(error = %e, "tokens file not reloaded; the old tokens stay"),
+                },
+                _ = closing.changed() => return,
+            }
+        }
+    });
     let scheduler = tokio::spawn(flotilla_scheduler::run(node.clone(), scheduler_cfg, ctx.closing()));
     let gc = tokio::spawn(flotilla_scheduler::gc::run(node.clone(), ost.clone(), gc_cfg, ctx.closing()));
     let archiver = tokio::spawn(flotilla_scheduler::archive::run(

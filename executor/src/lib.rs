@@ -52,6 +52,8 @@ pub struct Config {
     /// On shutdown, how long running tasks may go on to finish (and report) before they
     /// are stopped. No new task starts meanwhile.
     pub drain_timeout: Duration,
+    /// HTTPS on the health listener (`--tls-cert`, `--tls-key`).
+    pub tls: Option<flotilla_api::tls::ServerTls>,
 }
 
 /// Ten seconds: `docker stop`'s own grace period, long enough for a short step to end and
@@ -75,6 +77,7 @@ impl Config {
             heartbeat: Duration::from_secs(2),
             pull_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(DEFAULT_DRAIN_TIMEOUT_S),
+            tls: None,
         }
     }
 }
@@ -130,7 +133,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     if let Some(addr) = agent.cfg.listen {
         let listener =
             tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
-        tokio::spawn(health(listener));
+        tokio::spawn(health(listener, agent.cfg.tls.clone()));
     }
     tracing::info!(id = agent.cfg.id, arch = agent.arch, servers = ?agent.cfg.servers, "executor started");
 
@@ -396,16 +399,25 @@ async fn remove_lost_siblings(agent: &Agent) {
 }
 
 /// Answers every connection with a 200 (`GET /healthz` for probes).
-async fn health(listener: tokio::net::TcpListener) {
-    use tokio::io::AsyncWriteExt;
+async fn health(listener: tokio::net::TcpListener, tls: Option<flotilla_api::tls::ServerTls>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
     loop {
-        let Ok((mut conn, _)) = listener.accept().await else { continue };
+        let Ok((conn, _)) = listener.accept().await else { continue };
+        let tls = tls.clone();
         tokio::spawn(async move {
+            let mut conn: Box<dyn flotilla_api::tls::Conn> = match tls {
+                None => Box::new(conn),
+                Some(tls) => match tls.accept(conn).await {
+                    Ok(Some(a)) => Box::new(a.stream),
+                    _ => return,
+                },
+            };
             let mut buf = [0u8; 1024];
-            let _ = tokio::io::AsyncReadExt::read(&mut conn, &mut buf).await;
+            let _ = conn.read(&mut buf).await;
             let body = "{\"status\":\"ok\"}";
             let resp = format!("HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}", body.len());
             let _ = conn.write_all(resp.as_bytes()).await;
+            let _ = conn.shutdown().await;
         });
     }
 }

@@ -19,6 +19,7 @@ pub mod network;
 pub mod node;
 pub mod rpc;
 pub mod state_machine;
+pub mod tls;
 
 pub use error::{ErrorKind, NodeError, StartError};
 pub use node::{ClusterStatus, LeaderRequest, LeaderResponse, NodeConfig, NodeStatus, RaftNode};

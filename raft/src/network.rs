@@ -51,7 +51,7 @@ pub struct PeerClient {
 
 impl PeerClient {
     pub fn new(token: Option<String>) -> Self {
-        let http = reqwest::Client::builder()
+        let http = crate::tls::client_builder()
             .pool_idle_timeout(Duration::from_secs(60))
             .pool_max_idle_per_host(32)
             .tcp_nodelay(true)

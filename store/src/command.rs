@@ -39,8 +39,16 @@ pub enum Command {
     StopRun { run_id: String },
     /// Merge annotations into a run task (`None` removes a key).
     SetTaskAnnotations { run_id: String, task: String, annotations: BTreeMap<String, Option<String>> },
-    /// Approve a task that waits for approval.
-    ApproveTask { run_id: String, task: String },
+    /// Approve a task that waits for approval. With `approver` (the caller's token name)
+    /// the approval is recorded as the annotation `approver/<name>` and the task is
+    /// approved once `approvers_required` distinct names are recorded (the same name twice
+    /// counts once); without one (entries written before named tokens) it is approved.
+    ApproveTask {
+        run_id: String,
+        task: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        approver: Option<String>,
+    },
     /// Register an executor or record its heartbeat.
     PutExecutor { id: String, info: ExecutorInfo, now_ms: u64 },
     /// Forget an executor (its tasks are left to the scheduler).
@@ -158,7 +166,11 @@ impl Command {
             Command::KvDelete { key, .. } => validate_key(key),
             Command::SetMaintenance { .. } => Ok(()),
             Command::CreateRun { create, .. } => create.validate().map_err(invalid),
-            Command::UpdateRun(_) | Command::StopRun { .. } | Command::ApproveTask { .. } => Ok(()),
+            Command::UpdateRun(_) | Command::StopRun { .. } => Ok(()),
+            Command::ApproveTask { approver, .. } => match approver {
+                Some(name) => validate_name("approver", name).map_err(invalid),
+                None => Ok(()),
+            },
             Command::SetTaskAnnotations { task, annotations, .. } => {
                 validate_name("task name", task).map_err(invalid)?;
                 if annotations.len() > MAX_MAP_ENTRIES {

@@ -50,6 +50,9 @@ pub enum RunAction {
     Restarted,
     /// The run came in with an import.
     Imported,
+    /// An approval of the event's `task` was recorded by `actor` (the task is approved once
+    /// enough distinct approvers are recorded; its `task` event says so).
+    Approved,
 }
 
 impl Event {

@@ -11,7 +11,7 @@ use crate::command::{Command, CommandError, Response, RunUpdate};
 use crate::event::{Event, RunAction};
 use crate::executor::{executor_task_id, validate_status, Executor, ExecutorTask, ExecutorTaskStatus};
 use crate::limits::{IDEMPOTENCY_TTL_MS, MAX_EXECUTORS, MAX_IDEMPOTENCY_KEYS, MAX_MAP_ENTRIES};
-use crate::run::{new_run, root_group_of, Run, RunConfig, RunPhase};
+use crate::run::{approvers, new_run, root_group_of, Run, RunConfig, RunPhase, APPROVER_PREFIX};
 
 /// One coordination key's value. Revisions are Raft log indexes, so they are unique,
 /// increase with every write and are the same on every node.
@@ -274,8 +274,10 @@ impl State {
                 run.revision = index;
                 Response::Done { revision: index }
             }
-            Command::ApproveTask { run_id, task } => {
-                let needs = self.run_configs.get(run_id).and_then(|c| c.task(task)).map(|t| t.needs_approval);
+            Command::ApproveTask { run_id, task, approver } => {
+                let config = self.run_configs.get(run_id).and_then(|c| c.task(task));
+                let (needs, required) =
+                    (config.map(|t| t.needs_approval), config.map_or(1, |t| t.approvers_required));
                 let Some(run) = self.runs.get_mut(run_id) else { return missing(format!("run {run_id}")) };
                 let Some(rt) = run.tasks.get_mut(task) else {
                     return missing(format!("task {task:?} of run {run_id}"));
@@ -289,9 +291,20 @@ impl State {
                 if run.phase.is_final() || rt.status.is_final() {
                     return conflict(format!("task {task:?} has already ended"));
                 }
-                rt.approved = true;
-                rt.waiting_approval = false;
+                if let Some(name) = approver {
+                    if rt.annotations.len() >= MAX_MAP_ENTRIES {
+                        return conflict(format!("a task may carry at most {MAX_MAP_ENTRIES} annotations"));
+                    }
+                    rt.annotations.insert(format!("{APPROVER_PREFIX}{name}"), String::new());
+                }
+                if approver.is_none() || approvers(&rt.annotations) >= required as usize {
+                    rt.approved = true;
+                    rt.waiting_approval = false;
+                }
                 run.revision = index;
+                let mut event = Event::action(index, run, RunAction::Approved, approver.as_deref());
+                event.task = Some(task.clone());
+                events.push(event);
                 Response::Done { revision: index }
             }
             Command::PutExecutor { id, info, now_ms } => {
@@ -795,6 +808,37 @@ mod tests {
         assert!(matches!(s.apply(8, &idem(&"x".repeat(257), "a", 0)), Response::Rejected(_)));
         assert!(matches!(s.apply(9, &idem("", "a", 0)), Response::Rejected(_)));
         assert!(matches!(s.apply(10, &idem("a\nb", "a", 0)), Response::Rejected(_)));
+    }
+
+    #[test]
+    fn a_task_needing_two_approvers_is_approved_by_two_distinct_names_only() {
+        let mut gated = crate::run::TaskConfig::new("deploy", "i", "true");
+        gated.needs_approval = true;
+        gated.approvers_required = 2;
+        let create = crate::run::RunCreate::new("r", "/p", vec![gated]);
+        let mut s = State::default();
+        let Response::RunCreated { run_id } =
+            s.apply(1, &Command::CreateRun { create: Box::new(create), now_ms: 0 })
+        else {
+            panic!()
+        };
+        let approve = |name: &str| Command::ApproveTask {
+            run_id: run_id.clone(),
+            task: "deploy".into(),
+            approver: Some(name.into()),
+        };
+        let mut events = Vec::new();
+        assert_eq!(s.apply_with_events(2, &approve("alice"), &mut events), Response::Done { revision: 2 });
+        assert_eq!(
+            (events[0].action, events[0].actor.as_deref()),
+            (Some(RunAction::Approved), Some("alice"))
+        );
+        assert!(!s.runs[&run_id].tasks["deploy"].approved, "one of two");
+        s.apply(3, &approve("alice"));
+        assert!(!s.runs[&run_id].tasks["deploy"].approved, "the same name twice counts once");
+        s.apply(4, &approve("bob"));
+        assert!(s.runs[&run_id].tasks["deploy"].approved, "two distinct names");
+        assert!(matches!(s.apply(5, &approve("carol")), Response::Rejected(CommandError::Conflict { .. })));
     }
 
     #[test]
