@@ -49,6 +49,9 @@ fi
 echo "== formatting (rustfmt.toml)"
 cargo fmt --all --check
 
+echo "== clippy (every warning is an error)"
+cargo clippy --locked --workspace --all-targets -- -D warnings
+
 # The fault harness (tests/faults, run by `cargo test` below in its --quick mode) builds
 # network namespaces, partitions with iptables and slows links with tc; it needs root.
 if ! command -v ip >/dev/null 2>&1 || ! command -v iptables >/dev/null 2>&1 || ! command -v tc >/dev/null 2>&1; then

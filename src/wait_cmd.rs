@@ -66,7 +66,7 @@ pub async fn wait(c: &Client, id: &str, timeout_s: u64) -> Result<Run, Failure> 
                 }
                 server += 1;
                 // A full pass over the servers without an answer waits a little longer.
-                let pause = if server % servers.len() == 0 { 4 } else { 1 };
+                let pause = if server.is_multiple_of(servers.len()) { 4 } else { 1 };
                 tokio::time::sleep(Duration::from_millis(CLIENT_RETRY_BACKOFF_MS * pause)).await;
             }
             Err(_) => {

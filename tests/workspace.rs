@@ -264,7 +264,9 @@ async fn an_archive_that_would_write_outside_dest_dir_is_refused_by_the_executor
     let c = cluster.client(1);
     let group = format!("/ws26evil/{}", std::process::id());
     use tar::EntryType::{Regular, Symlink};
-    let evil: [(&str, Vec<(&str, tar::EntryType, &str, &[u8])>, &str); 2] = [
+    /// (name, entries as (path, type, link target, content), what the refusal names)
+    type Case<'a> = (&'a str, Vec<(&'a str, tar::EntryType, &'a str, &'a [u8])>, &'a str);
+    let evil: [Case; 2] = [
         (
             "via-symlink",
             vec![

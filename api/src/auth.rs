@@ -108,15 +108,15 @@ pub fn read_secret(path: &Path) -> Result<String, String> {
 
 impl Role {
     pub fn may(self, need: Need) -> bool {
-        match (self, need) {
-            (_, Need::Nothing) => true,
-            (Role::Admin, _) => true,
-            (Role::Write, Need::Read | Need::Write) => true,
-            (Role::Read, Need::Read) => true,
-            (Role::Executor, Need::Executor) => true,
-            (Role::Cluster, Need::Cluster) => true,
-            _ => false,
-        }
+        matches!(
+            (self, need),
+            (_, Need::Nothing)
+                | (Role::Admin, _)
+                | (Role::Write, Need::Read | Need::Write)
+                | (Role::Read, Need::Read)
+                | (Role::Executor, Need::Executor)
+                | (Role::Cluster, Need::Cluster)
+        )
     }
 
     pub fn name(self) -> &'static str {
@@ -183,6 +183,10 @@ impl Tokens {
 
     pub fn len(&self) -> usize {
         self.entries.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.entries.is_empty()
     }
 
     /// Adds a token given as its secret (the single-token files).
@@ -292,7 +296,7 @@ fn redact(msg: &str) -> String {
     for c in msg.chars() {
         match quoted {
             Some(q) if c == q => {
-                out.push_str("…");
+                out.push('…');
                 out.push(c);
                 quoted = None;
             }

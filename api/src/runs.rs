@@ -268,7 +268,7 @@ pub(crate) async fn delete_run(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
         ctx.node.linearizable_barrier().await?;
         let (in_state, manifest) = {
             let sm = ctx.node.state.read();
-            (sm.state.runs.get(id).map(|r| task_owners(r)), sm.state.archive.clone())
+            (sm.state.runs.get(id).map(task_owners), sm.state.archive.clone())
         };
         if let Some(tasks) = in_state {
             let cmd = Command::DeleteRun {
