@@ -80,6 +80,7 @@ async fn a_data_dir_of_another_node_is_refused() {
             data_dir: c.nodes[&1].data_dir.clone(),
             log: c.dir.path().join("n7.log"),
             child: None,
+            https: false,
         },
     );
     other.start(7);

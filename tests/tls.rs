@@ -10,13 +10,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{bin, free_port, require_docker_image, IMAGE, TOKEN};
+use common::{bin, free_port, make_ca, make_leaf, make_pki, require_docker_image, trust_ca, IMAGE, TOKEN};
 use flotilla_api::types::RunCreate;
 use flotilla_store::run::{RunPhase, RunResult, TaskConfig};
-use rcgen::{
-    BasicConstraints, CertificateParams, CertifiedIssuer, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
-    KeyUsagePurpose,
-};
 
 /// A CA, certificates it signed, and a rogue CA's, all in `dir`.
 struct Pki {
@@ -32,44 +28,14 @@ impl Pki {
     }
 }
 
-fn ca(name: &str) -> CertifiedIssuer<'static, KeyPair> {
-    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    p.key_usages =
-        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
-    CertifiedIssuer::self_signed(p, KeyPair::generate().unwrap()).unwrap()
-}
-
-fn leaf(dir: &Path, name: &str, issuer: &CertifiedIssuer<'static, KeyPair>, expired: bool) {
-    let mut p = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    p.distinguished_name.push(DnType::CommonName, name);
-    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
-    if expired {
-        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
-        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
-    }
-    let key = KeyPair::generate().unwrap();
-    let cert = p.signed_by(&key, issuer).unwrap();
-    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-    std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
-}
-
 fn pki(dir: &Path) -> Pki {
-    let good = ca("flotilla test CA");
-    std::fs::write(dir.join("ca.pem"), good.pem()).unwrap();
-    leaf(dir, "node", &good, false);
-    leaf(dir, "expired", &good, true);
-    let rogue = ca("rogue CA");
+    make_pki(dir);
+    let good = make_ca("another CA");
+    make_leaf(dir, "expired", &good, true);
+    let rogue = make_ca("rogue CA");
     std::fs::write(dir.join("rogue-ca.pem"), rogue.pem()).unwrap();
-    leaf(dir, "rogue", &rogue, false);
+    make_leaf(dir, "rogue", &rogue, false);
     Pki { dir: dir.to_path_buf() }
-}
-
-/// The test process's own HTTP clients trust the test CA (set once per process).
-fn trust(ca: &Path) {
-    static ONCE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
-    ONCE.get_or_init(|| flotilla_raft::tls::configure(Some(ca), None).unwrap());
 }
 
 struct Procs(Vec<Child>);
@@ -145,7 +111,7 @@ async fn a_tls_cluster_with_mtls_runs_a_docker_task_end_to_end_and_refuses_the_r
     let tmp = tempfile::tempdir().unwrap();
     let dir = tmp.path();
     let pki = pki(dir);
-    trust(&pki.ca());
+    trust_ca(&pki.ca());
     let token = dir.join("token");
     std::fs::write(&token, TOKEN).unwrap();
     let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();

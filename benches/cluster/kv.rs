@@ -168,3 +168,50 @@ fn push_rows(rows: &mut Vec<Row>, what: &str, n: usize, f: &Stats, e: &Stats) {
     rows.push(Row::new(format!("kv_{what}_p50_{n}_clients"), "ms", f.p50_ms, "etcd", e.p50_ms, false));
     rows.push(Row::new(format!("kv_{what}_p99_{n}_clients"), "ms", f.p99_ms, "etcd", e.p99_ms, false));
 }
+
+/// The cost of TLS: 64 clients writing to a three-node cluster over HTTPS with mTLS
+/// between the nodes, against the same load on a plain-HTTP cluster, taking turns. The
+/// baseline is flotilla itself: the ratio is what TLS costs (no target).
+pub async fn tls(quick: bool) -> Vec<Row> {
+    const N: usize = 64;
+    let duration = Duration::from_secs(if quick { 1 } else { 5 });
+    let slices: u32 = if quick { 1 } else { 5 };
+    let pki_dir = tempfile::tempdir().expect("temp dir");
+    let pki = crate::common::make_pki(pki_dir.path());
+    let plain = Cluster::bootstrap(3, &[]).await;
+    let secure = Cluster::bootstrap_tls(3, &[], pki).await;
+    let client = |c: &Cluster, id: u64| Arc::new(flotilla_api::Client::new(&c.url(id), Some(TOKEN.into())));
+    let p = client(&plain, plain.wait_for_leader().await);
+    let t = client(&secure, secure.wait_for_leader().await);
+    let value = Arc::new("x".repeat(128));
+    println!("== the cost of TLS: {N} clients writing, HTTPS + mTLS vs plain HTTP (both flotilla, 3 nodes)");
+    let (ts, ps) = take_turns(
+        slices,
+        |s| flotilla_writes(&t, &value, N, s, duration / slices),
+        |s| flotilla_writes(&p, &value, N, s, duration / slices),
+    )
+    .await;
+    let (ts, ps) = (ts.stats(), ps.stats());
+    println!(
+        "tls   {N} clients: {:>8.0}/s p50 {:>6.2} ms p99 {:>7.2} ms | plain {:>8.0}/s p50 {:>6.2} ms p99 {:>7.2} ms",
+        ts.ops_per_s, ts.p50_ms, ts.p99_ms, ps.ops_per_s, ps.p50_ms, ps.p99_ms
+    );
+    vec![
+        Row::new(
+            format!("kv_write_throughput_{N}_clients_tls"),
+            "writes/s",
+            ts.ops_per_s,
+            "flotilla plain HTTP",
+            ps.ops_per_s,
+            true,
+        ),
+        Row::new(
+            format!("kv_write_p99_{N}_clients_tls"),
+            "ms",
+            ts.p99_ms,
+            "flotilla plain HTTP",
+            ps.p99_ms,
+            false,
+        ),
+    ]
+}

@@ -6,7 +6,8 @@
 //! 2. `scheduler`: task transitions/s driven by simulated executors over HTTP;
 //! 3. `overhead`: a one-step `true` task end to end vs `docker run --rm IMAGE true`;
 //! 4. `failover`: leader SIGKILLs under write load, kill to first accepted write;
-//! 5. `growth`: 100,000 runs written and archived, sizes, RSS and write throughput.
+//! 5. `growth`: 100,000 runs written and archived, sizes, RSS and write throughput;
+//! 6. `tls`: 64 clients writing over HTTPS with mTLS vs plain HTTP (the cost of TLS).
 //!
 //! `cargo bench --bench cluster -- [--quick] [--only NAME[,NAME]] [--clients N[,N]] [--out DIR]` (or
 //! `scripts/bench.sh`, which installs etcd first). Writes `DIR/bench-results.json` and
@@ -26,7 +27,7 @@ mod scheduler;
 use std::path::PathBuf;
 use std::time::Instant;
 
-const ALL: [&str; 5] = ["kv", "scheduler", "overhead", "failover", "growth"];
+const ALL: [&str; 6] = ["kv", "scheduler", "overhead", "failover", "growth", "tls"];
 
 struct Args {
     quick: bool,
@@ -101,6 +102,7 @@ async fn main() {
             "overhead" => rows.extend(overhead::run(args.quick).await),
             "failover" => rows.extend(failover::run(args.quick).await),
             "growth" => rows.extend(growth::run(args.quick).await),
+            "tls" => rows.extend(kv::tls(args.quick).await),
             _ => unreachable!(),
         }
         println!("({name}: {:.0} s)", t.elapsed().as_secs_f64());

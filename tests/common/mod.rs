@@ -27,12 +27,71 @@ pub struct NodeProc {
     pub data_dir: PathBuf,
     pub log: PathBuf,
     pub child: Option<Child>,
+    /// Serves HTTPS (the cluster's `tls`).
+    pub https: bool,
 }
 
 impl NodeProc {
     pub fn url(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        let scheme = if self.https { "https" } else { "http" };
+        format!("{scheme}://127.0.0.1:{}", self.port)
     }
+}
+
+/// A node's certificate and key, and the CA that signed them (trusted by every client).
+#[derive(Clone)]
+pub struct TlsPaths {
+    pub cert: PathBuf,
+    pub key: PathBuf,
+    pub ca: PathBuf,
+}
+
+/// A self-signed CA, made with rcgen at test time (no key is ever committed).
+pub fn make_ca(name: &str) -> rcgen::CertifiedIssuer<'static, rcgen::KeyPair> {
+    use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, KeyUsagePurpose};
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.key_usages =
+        vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    rcgen::CertifiedIssuer::self_signed(p, rcgen::KeyPair::generate().unwrap()).unwrap()
+}
+
+/// `dir/NAME.pem` and `dir/NAME-key.pem`: a certificate for 127.0.0.1 and localhost, good
+/// for servers and clients (nodes show it to each other), signed by `issuer`; expired
+/// (2020) when asked.
+pub fn make_leaf(
+    dir: &std::path::Path,
+    name: &str,
+    issuer: &rcgen::CertifiedIssuer<'static, rcgen::KeyPair>,
+    expired: bool,
+) {
+    use rcgen::{CertificateParams, DnType, ExtendedKeyUsagePurpose};
+    let mut p = CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
+    p.distinguished_name.push(DnType::CommonName, name);
+    p.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth, ExtendedKeyUsagePurpose::ClientAuth];
+    if expired {
+        p.not_before = rcgen::date_time_ymd(2020, 1, 1);
+        p.not_after = rcgen::date_time_ymd(2021, 1, 1);
+    }
+    let key = rcgen::KeyPair::generate().unwrap();
+    let cert = p.signed_by(&key, issuer).unwrap();
+    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
+    std::fs::write(dir.join(format!("{name}-key.pem")), key.serialize_pem()).unwrap();
+}
+
+/// A CA (`dir/ca.pem`) and a node certificate signed by it.
+pub fn make_pki(dir: &std::path::Path) -> TlsPaths {
+    let ca = make_ca("flotilla test CA");
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    make_leaf(dir, "node", &ca, false);
+    TlsPaths { cert: dir.join("node.pem"), key: dir.join("node-key.pem"), ca: dir.join("ca.pem") }
+}
+
+/// This process's HTTP clients trust `ca` (once per process: later calls change nothing).
+pub fn trust_ca(ca: &std::path::Path) {
+    static ONCE: std::sync::OnceLock<()> = std::sync::OnceLock::new();
+    ONCE.get_or_init(|| flotilla_raft::tls::configure(Some(ca), None).unwrap());
 }
 
 pub struct Cluster {
@@ -43,6 +102,8 @@ pub struct Cluster {
     pub extra_args: Vec<String>,
     /// Extra environment for every server (e.g. S3 credentials).
     pub env: Vec<(String, String)>,
+    /// HTTPS with mTLS between the nodes (`--tls-*`), when set.
+    pub tls: Option<TlsPaths>,
 }
 
 /// Small xorshift PRNG: reproducible from a printed seed, no dependency.
@@ -76,6 +137,7 @@ impl Cluster {
             nodes: BTreeMap::new(),
             extra_args: extra_args.iter().map(|s| s.to_string()).collect(),
             env: Vec::new(),
+            tls: None,
         }
     }
 
@@ -86,8 +148,25 @@ impl Cluster {
 
     /// [`Cluster::bootstrap`] with extra environment for the servers.
     pub async fn bootstrap_with_env(n: u64, extra_args: &[&str], env: &[(&str, &str)]) -> Cluster {
+        Self::bootstrap_with(n, extra_args, env, None).await
+    }
+
+    /// [`Cluster::bootstrap`] over HTTPS with mTLS between the nodes; this process then
+    /// trusts the CA of `tls`.
+    pub async fn bootstrap_tls(n: u64, extra_args: &[&str], tls: TlsPaths) -> Cluster {
+        trust_ca(&tls.ca);
+        Self::bootstrap_with(n, extra_args, &[], Some(tls)).await
+    }
+
+    async fn bootstrap_with(
+        n: u64,
+        extra_args: &[&str],
+        env: &[(&str, &str)],
+        tls: Option<TlsPaths>,
+    ) -> Cluster {
         let mut c = Cluster::new(extra_args);
         c.env = env.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect();
+        c.tls = tls;
         for id in 1..=n {
             c.add_process(id);
         }
@@ -108,13 +187,24 @@ impl Cluster {
             data_dir: self.dir.path().join(format!("node{id}")),
             log: self.dir.path().join(format!("node{id}.log")),
             child: None,
+            https: self.tls.is_some(),
         };
         self.nodes.insert(id, node);
         self.start(id);
     }
 
     pub fn start(&mut self, id: u64) {
-        let extra = self.extra_args.clone();
+        let mut extra = self.extra_args.clone();
+        if let Some(t) = &self.tls {
+            for (flag, path) in [
+                ("--tls-cert", &t.cert),
+                ("--tls-key", &t.key),
+                ("--tls-client-ca", &t.ca),
+                ("--tls-ca", &t.ca),
+            ] {
+                extra.extend([flag.to_string(), path.display().to_string()]);
+            }
+        }
         let env = self.env.clone();
         let token_file = self.token_file.clone();
         let node = self.nodes.get_mut(&id).unwrap();
