@@ -191,22 +191,7 @@ fn bad_tokens_files_stop_the_server_at_start_with_exit_2() {
     for (text, want) in cases {
         let file = dir.path().join("tokens.toml");
         std::fs::write(&file, text).unwrap();
-        let out = Command::new(common::bin())
-            .args([
-                "server",
-                "--id",
-                "1",
-                "--listen",
-                &format!("127.0.0.1:{}", common::free_port()),
-                "--data-dir",
-            ])
-            .arg(dir.path().join("data"))
-            .arg("--tokens-file")
-            .arg(&file)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{text:?}: {err}");
-        assert!(err.contains(want), "{text:?}: {err}");
+        let args = ["--tokens-file".to_string(), file.display().to_string()];
+        common::assert_server_refuses(dir.path(), &args, want);
     }
 }

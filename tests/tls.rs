@@ -235,17 +235,7 @@ fn bad_certificate_files_stop_a_server_at_start_with_exit_2() {
         (vec!["--tls-client-ca".into(), s(&pki.ca())], "needs --tls-cert"),
     ];
     for (args, want) in cases {
-        let port = free_port();
-        let out = Command::new(bin())
-            .args(["server", "--id", "1", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
-            .arg(dir.join("data"))
-            .args(&args)
-            .output()
-            .unwrap();
-        let err = String::from_utf8_lossy(&out.stderr);
-        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
-        assert!(err.contains(want), "{args:?}: wants {want:?} in {err}");
-        assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "{args:?}: nothing listens");
+        common::assert_server_refuses(dir, &args, want);
     }
     let (code, text) = cli(&["health", "--tls-ca", &s(&dir.join("missing-ca.pem"))]);
     assert_eq!(code, 2, "{text}");

@@ -38,6 +38,24 @@ impl NodeProc {
     }
 }
 
+/// Starts `flotilla server` (node 1, a fresh data dir under `dir`) with `args`, expecting
+/// it to refuse to start: asserts exit code 2, that its stderr names `want`, and that
+/// nothing listens on its port. Returns stderr.
+pub fn assert_server_refuses(dir: &std::path::Path, args: &[String], want: &str) -> String {
+    let port = free_port();
+    let out = Command::new(bin())
+        .args(["server", "--id", "1", "--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(dir.join("refused-data"))
+        .args(args)
+        .output()
+        .expect("run flotilla server");
+    let err = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+    assert!(err.contains(want), "{args:?}: wants {want:?} in {err}");
+    assert!(std::net::TcpStream::connect(("127.0.0.1", port)).is_err(), "{args:?}: nothing listens");
+    err
+}
+
 /// A node's certificate and key, and the CA that signed them (trusted by every client).
 #[derive(Clone)]
 pub struct TlsPaths {
