@@ -121,7 +121,7 @@ async fn two_approvers_need_two_distinct_names_and_events_name_them() {
     }
     // The event stream (live only) carries who approved: listen before approving.
     let stream = Command::new("curl")
-        .args(["-sN", "--max-time", "4", "-H", "Authorization: Bearer viewer-secret"])
+        .args(["-sN", "--max-time", "8", "-H", "Authorization: Bearer viewer-secret"])
         .arg(format!("{}/api/v1/events", c.url(1)))
         .stdout(std::process::Stdio::piped())
         .spawn()
@@ -136,13 +136,24 @@ async fn two_approvers_need_two_distinct_names_and_events_name_them() {
     bob.task_approve(&run.id, "deploy").await.unwrap();
     let t = &ci.run_get(&run.id).await.unwrap().tasks["deploy"];
     assert!(t.approved && t.annotations.contains_key("approver/bob"), "{t:?}");
+    // A restart names who asked too (no executor: stop the run, then restart it).
+    ci.run_stop(&run.id).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !ci.run_get(&run.id).await.unwrap().phase.is_final() {
+        assert!(Instant::now() < deadline, "the stopped run did not end");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    bob.run_restart(&run.id, true, None).await.unwrap();
 
     let out = stream.wait_with_output().unwrap();
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(
         text.contains("\"action\":\"approved\"")
             && text.contains("\"actor\":\"bob\"")
-            && text.contains("\"actor\":\"ci\""),
+            && text.contains("\"actor\":\"ci\"")
+            && text
+                .lines()
+                .any(|l| l.contains("\"action\":\"restarted\"") && l.contains("\"actor\":\"bob\"")),
         "{text}"
     );
 }

@@ -109,7 +109,8 @@ pub(crate) async fn restart(ctx: &Ctx, id: &str, req: &Request<'_>) -> Result<Re
         now_ms: now_ms(),
         restarted_from: id.to_string(),
         keep: keep.clone(),
-        actor: None,
+        // The restarted event names who asked (the token's name; none without tokens).
+        actor: req.caller.as_ref().map(|c| c.name.clone()),
     };
     let (index, response) = write_at(ctx, cmd).await?;
     let Response::RunCreated { run_id } = response else { return Err(unexpected(response)) };
