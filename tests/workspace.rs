@@ -306,3 +306,43 @@ async fn an_archive_that_would_write_outside_dest_dir_is_refused_by_the_executor
     }
     assert_no_containers(&exec);
 }
+
+/// `examples/pipeline.yaml` as its header says a newcomer runs it: created from the
+/// file with the CLI, run twice (the second restores the `deps-` cache), and the package
+/// fetched with `run artifacts`, its checksum matching the one the pipeline printed.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_example_pipeline_runs_twice_with_its_cache_and_its_package_comes_out() {
+    require_docker_image();
+    let cluster = Cluster::bootstrap(1, &[]).await;
+    let exec = ExecutorProc::start(&cluster, "ws26-example", &[]);
+    let c = cluster.client(1);
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/examples/pipeline.yaml");
+    let mut ids = Vec::new();
+    for _ in 0..2 {
+        let (code, out, err) = cluster.cli(1, &["run", "create", "-f", example]);
+        assert_eq!(code, 0, "run create: {err}");
+        let id = out.trim().to_string();
+        let run = wait_final(&c, &id, &exec).await;
+        assert_eq!(run.result, flotilla_store::run::RunResult::Success, "{run:#?}\n{}", exec.log_tail());
+        ids.push(id);
+    }
+    // The build task's step 1 is its restore_cache.
+    let cache_log = |id: &str| cluster.cli(1, &["run", "logs", id, "build", "--step", "1"]).1;
+    let first = cache_log(&ids[0]);
+    assert!(first.contains("no cache matches"), "the first run has no cache yet: {first}");
+    let second = cache_log(&ids[1]);
+    assert!(second.contains("restored cache deps-"), "the second run restores the cache: {second}");
+
+    let out = tempfile::tempdir().unwrap();
+    let dir = out.path().to_str().unwrap();
+    let (code, _, err) = cluster.cli(1, &["run", "artifacts", &ids[1], "package", "-o", dir]);
+    assert_eq!(code, 0, "run artifacts: {err}");
+    let tarball = out.path().join("dist/wordfreq-1.0.tar.gz");
+    let bytes = std::fs::read(&tarball).unwrap_or_else(|e| panic!("{}: {e}", tarball.display()));
+    let sums = std::fs::read_to_string(out.path().join("dist/SHA256SUMS")).unwrap();
+    use sha2::Digest;
+    let digest: String = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    assert!(sums.starts_with(&digest), "{sums} vs {digest}");
+    let printed = cluster.cli(1, &["run", "logs", &ids[1], "package", "--step", "tarball"]).1;
+    assert!(printed.contains(&digest), "the pipeline printed the same checksum: {printed}");
+}
