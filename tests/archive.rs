@@ -85,8 +85,19 @@ async fn create_many(clients: &[Client], range: std::ops::Range<usize>) -> Vec<R
         .await
 }
 
+/// The archive status; a retryable refusal (no quorum confirmed yet, a node restarting:
+/// 503 or a transport error) is asked again for up to 30 s, as any client would.
 async fn archive_status(c: &Client) -> serde_json::Value {
-    c.archive_status().await.expect("archive status")
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match c.archive_status().await {
+            Ok(s) => return s,
+            Err(e) if e.is_retryable() && Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+            Err(e) => panic!("archive status: {e:?}"),
+        }
+    }
 }
 
 /// Waits until no finished run is left in the state and at least `total` are archived;
