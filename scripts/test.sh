@@ -52,6 +52,13 @@ cargo fmt --all --check
 echo "== clippy (every warning is an error)"
 cargo clippy --locked --workspace --all-targets -- -D warnings
 
+echo "== the executor links no server (openraft, warp and sled stay out of its tree)"
+executor_tree="$(cargo tree --locked -p flotilla-executor -e normal)"
+if grep -E "openraft|warp|sled" <<<"$executor_tree" >&2; then
+  echo "error: flotilla-executor depends on server crates (above); it must talk to servers through flotilla-client only" >&2
+  exit 1
+fi
+
 # The fault harness (tests/faults, run by `cargo test` below in its --quick mode) builds
 # network namespaces, partitions with iptables and slows links with tc; it needs root.
 if ! command -v ip >/dev/null 2>&1 || ! command -v iptables >/dev/null 2>&1 || ! command -v tc >/dev/null 2>&1; then

@@ -4,13 +4,8 @@
 
 use flotilla_raft::{ErrorKind, NodeError};
 use flotilla_store::CommandError;
-use serde::{Deserialize, Serialize};
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ErrorBody {
-    pub code: String,
-    pub message: String,
-}
+pub use flotilla_client::types::ErrorBody;
 
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct ApiError {

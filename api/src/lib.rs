@@ -1,13 +1,13 @@
 //! flotilla's HTTP face: the warp server of a node ([`server`]), its JSON error type
-//! ([`error`]), its metrics ([`metrics`]), the JSON shapes ([`types`]) and a typed client
-//! ([`client`]) used by the CLI, the executor and the tests.
+//! ([`error`]) and its metrics ([`metrics`]). The JSON shapes ([`types`]) and the typed
+//! client ([`client`]) are `flotilla-client`'s, re-exported here under their old paths;
+//! the executor uses that crate directly, so it never links this one.
 //!
 //! Handlers translate HTTP into calls on `flotilla_raft::RaftNode` and back; they hold no
 //! state of their own and never touch sled: every change is a Raft command.
 
 pub mod archive;
 pub mod auth;
-pub mod client;
 pub mod cors;
 pub mod error;
 pub mod lifecycle;
@@ -19,8 +19,7 @@ pub mod server;
 mod strict_json;
 pub mod tasks;
 pub mod tls;
-pub mod types;
 pub mod ui;
 
-pub use client::{Client, ClientError};
 pub use error::{ApiError, ErrorBody};
+pub use flotilla_client::{client, types, Client, ClientError};

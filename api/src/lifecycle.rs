@@ -13,29 +13,17 @@ use flotilla_scheduler::now_ms;
 use flotilla_store::command::validate_idempotency_key;
 use flotilla_store::executor::{executor_task_id, task_levels};
 use flotilla_store::ost::keys;
-use flotilla_store::run::{Run, RunConfig, RunCreate, RunTask, StringMap, TaskStatus};
+use flotilla_store::run::{Run, RunConfig, RunCreate, RunTask, TaskStatus};
 use flotilla_store::{Command, Response};
-use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
 use crate::server::{json, unexpected, write_at, Ctx, Reply, Request};
 
+pub use flotilla_client::types::RestartRequest;
+
 /// Header set on the answer to a create that found its idempotency key.
 pub const REPLAYED_HEADER: &str = "idempotent-replayed";
-
-/// `PUT /api/v1/runs/{id}/actions` with `"action": "restart"`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RestartRequest {
-    pub action: String,
-    /// Run every task again (default: keep the tasks that succeeded or were skipped).
-    #[serde(default)]
-    pub from_start: bool,
-    /// Replaces the run's whole `environment` map when given.
-    #[serde(default)]
-    pub environment: Option<StringMap>,
-}
 
 /// `POST /api/v1/runs` with an `Idempotency-Key`: 201 with a new run, or 200 with the run
 /// the key created within the last 24 h (as it is now) and `Idempotent-Replayed: true`;

@@ -20,37 +20,16 @@ use flotilla_store::limits::{MAX_ARCHIVE_BYTES, MAX_LOG_BYTES};
 use flotilla_store::ost::keys::{self, LogStep};
 use flotilla_store::ost::{read_file_range, reader_stream, ObjectStream, OstError};
 use futures::StreamExt;
-use serde::{Deserialize, Serialize};
 use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use crate::error::ApiError;
 use crate::server::{json, Ctx, Reply, Request};
 
+pub use flotilla_client::types::{CacheMatch, LogAppended, Stored};
+
 /// Header marking a request one node forwarded to another (never forwarded again).
 pub const FORWARDED: &str = "x-flotilla-forwarded";
-
-/// Answer to a log append.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-pub struct LogAppended {
-    /// Bytes the server holds for this log; the next append starts there.
-    pub size: u64,
-    /// The log is complete and stored in the object storage.
-    pub stored: bool,
-}
-
-/// Answer to an archive or cache upload.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct Stored {
-    pub key: String,
-    pub size: u64,
-}
-
-/// Answer to a cache lookup: the first key (in byte order) matching.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CacheMatch {
-    pub key: Option<String>,
-}
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct LiveState {

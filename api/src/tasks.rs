@@ -19,37 +19,13 @@ use flotilla_store::ost::tarstream::{
     channel_writer, decompressed, BlockingReader, ChannelWriter, CHUNK_BYTES,
 };
 use flotilla_store::ost::Ost;
-use flotilla_store::run::{Depend, Phase, Run, RunConfig, Step, TaskStatus};
-use serde::{Deserialize, Serialize};
+use flotilla_store::run::{Phase, Run, RunConfig, Step, TaskStatus};
 
 use crate::error::ApiError;
 use crate::objects::stream_reply;
 use crate::server::{json, read_barrier, Ctx, Reply, Request};
 
-/// `GET /api/v1/runs/{id}/tasks`: the tasks in DAG order.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct RunOutline {
-    pub tasks: Vec<TaskOutline>,
-}
-
-/// One task of a [`RunOutline`].
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct TaskOutline {
-    pub name: String,
-    /// 0 for tasks without dependencies, else 1 + the highest level of a parent.
-    pub level: usize,
-    pub depends: Vec<Depend>,
-    pub steps: Vec<StepOutline>,
-}
-
-/// One step: its type (`run`, `save_to_workspace`...) and, for a `run` step, its name.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct StepOutline {
-    #[serde(rename = "type")]
-    pub kind: String,
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub name: Option<String>,
-}
+pub use flotilla_client::types::{RunOutline, StepOutline, TaskOutline};
 
 /// The run and its configuration, live or archived.
 pub(crate) async fn find_run(

@@ -1,6 +1,7 @@
 //! The executor agent: runs executor tasks in Docker containers through bollard and talks
-//! to the servers only over HTTP with `flotilla_api::Client`. It must never depend on the
-//! raft or scheduler crates.
+//! to the servers only over HTTP with `flotilla_client::Client`. It must never depend on the
+//! server crates (raft, scheduler, api) nor link openraft, warp or sled: an executor host
+//! builds and runs none of the server (`scripts/test.sh` checks the dependency tree).
 //!
 //! The agent registers and heartbeats, long-polls its tasks, starts a runner per new task
 //! ([`task::run`]), passes stop requests on, and keeps Docker clean: at start it removes
@@ -22,8 +23,8 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_api::types::ExecutorInfo;
-use flotilla_api::ClientError;
+use flotilla_client::types::ExecutorInfo;
+use flotilla_client::ClientError;
 use flotilla_store::executor::ExecutorTaskStatus;
 use flotilla_store::run::{Phase, StringMap};
 use tokio::sync::watch;
@@ -53,7 +54,7 @@ pub struct Config {
     /// are stopped. No new task starts meanwhile.
     pub drain_timeout: Duration,
     /// HTTPS on the health listener (`--tls-cert`, `--tls-key`).
-    pub tls: Option<flotilla_api::tls::ServerTls>,
+    pub tls: Option<flotilla_client::server_tls::ServerTls>,
 }
 
 /// Ten seconds: `docker stop`'s own grace period, long enough for a short step to end and
@@ -399,13 +400,13 @@ async fn remove_lost_siblings(agent: &Agent) {
 }
 
 /// Answers every connection with a 200 (`GET /healthz` for probes).
-async fn health(listener: tokio::net::TcpListener, tls: Option<flotilla_api::tls::ServerTls>) {
+async fn health(listener: tokio::net::TcpListener, tls: Option<flotilla_client::server_tls::ServerTls>) {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     loop {
         let Ok((conn, _)) = listener.accept().await else { continue };
         let tls = tls.clone();
         tokio::spawn(async move {
-            let mut conn: Box<dyn flotilla_api::tls::Conn> = match tls {
+            let mut conn: Box<dyn flotilla_client::server_tls::Conn> = match tls {
                 None => Box::new(conn),
                 Some(tls) => match tls.accept(conn).await {
                     Ok(Some(a)) => Box::new(a.stream),

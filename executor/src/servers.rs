@@ -7,7 +7,7 @@ use std::future::Future;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use flotilla_api::{Client, ClientError};
+use flotilla_client::{Client, ClientError};
 
 pub struct Servers {
     clients: Vec<Client>,

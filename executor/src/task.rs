@@ -8,8 +8,8 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_api::types::ExecutorTaskView;
-use flotilla_api::ClientError;
+use flotilla_client::types::ExecutorTaskView;
+use flotilla_client::ClientError;
 use flotilla_store::executor::{ExecutorTaskStatus, TaskData};
 use flotilla_store::limits::ARCHIVE_ZSTD_LEVEL;
 use flotilla_store::ost::reader_stream;
@@ -423,7 +423,7 @@ async fn save_to_workspace(
 async fn extract(
     agent: &Agent,
     container: &str,
-    download: flotilla_api::client::Download,
+    download: flotilla_client::client::Download,
     dest: &str,
 ) -> Result<(), String> {
     crate::restore::into_container(&agent.docker, container, download.into_stream(), dest).await

@@ -26,6 +26,10 @@ use crate::network::{paths, NetworkFactory, PeerClient, TransportError};
 use crate::state_machine::{SharedState, StateMachineStore};
 use crate::{Node, NodeId, Raft};
 
+/// The JSON shapes of `GET /api/v1/cluster` (`NodeId` is `u64`): defined beside the
+/// client that reads them.
+pub use flotilla_client::types::{ClusterStatus, NodeStatus};
+
 /// Settings of one node. Timing defaults suit nodes on one LAN with an fsync well under
 /// the heartbeat interval (each AppendEntries call must finish within it). A follower that
 /// has seen a leader waits for the leader's lease (openraft: the maximum election timeout)
@@ -92,37 +96,6 @@ pub enum LeaderResponse {
     ReadIndex(u64),
     Membership { index: u64 },
     Status(ClusterStatus),
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct NodeStatus {
-    pub id: NodeId,
-    pub addr: String,
-    /// `voter` or `learner`.
-    pub role: String,
-    /// Last log index known to be on that node (leader's view; `null` when unknown).
-    pub matched_index: Option<u64>,
-    /// How many entries it is behind the leader's last log index (`null` when unknown).
-    pub lag: Option<u64>,
-}
-
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ClusterStatus {
-    pub leader_id: Option<NodeId>,
-    /// The node that answered.
-    pub node_id: NodeId,
-    pub state: String,
-    pub term: u64,
-    pub commit_index: u64,
-    pub applied_index: u64,
-    pub last_log_index: u64,
-    pub snapshot_index: Option<u64>,
-    pub purged_index: Option<u64>,
-    pub membership_index: Option<u64>,
-    /// On a leader: it heard from a quorum within the election timeout, so it may serve
-    /// linearizable reads and take writes. On any other node: it knows a leader.
-    pub quorum: bool,
-    pub nodes: Vec<NodeStatus>,
 }
 
 /// A failed attempt: retry (it certainly did not take effect) or give up with this error.

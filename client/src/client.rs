@@ -8,7 +8,6 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::error::ErrorBody;
 use crate::types::*;
 use flotilla_store::limits::{CLIENT_RETRY_BACKOFF_MS, CLIENT_RETRY_BUDGET_MS};
 
@@ -122,7 +121,7 @@ impl Client {
     /// A client of `base`: one server URL, or several separated by commas (requests go to
     /// the first; the retrying calls move to the next on transport errors and 503).
     pub fn new(base: &str, token: Option<String>) -> Self {
-        let http = flotilla_raft::tls::client_builder()
+        let http = crate::tls::client_builder()
             .connect_timeout(Duration::from_secs(2))
             .timeout(Duration::from_secs(60))
             // Servers close idle connections after HEADER_READ_TIMEOUT_MS: let go first.
@@ -400,7 +399,7 @@ impl Client {
         environment: Option<BTreeMap<String, String>>,
     ) -> Result<Run, ClientError> {
         let path = format!("/api/v1/runs/{}/actions", Self::seg(id));
-        let body = crate::lifecycle::RestartRequest { action: "restart".into(), from_start, environment };
+        let body = RestartRequest { action: "restart".into(), from_start, environment };
         self.with_body(reqwest::Method::PUT, &path, &body).await
     }
 
@@ -506,7 +505,7 @@ impl Client {
         let url = format!("{}{}", self.base, path);
         let transport =
             |e: reqwest::Error| ClientError::Transport { url: url.clone(), message: describe(&e) };
-        let http = flotilla_raft::tls::client_builder()
+        let http = crate::tls::client_builder()
             .connect_timeout(Duration::from_secs(2))
             .build()
             .map_err(transport)?;
@@ -628,7 +627,7 @@ impl Client {
     }
 
     /// The tasks of a run in DAG order, with their dependencies and step names.
-    pub async fn run_outline(&self, id: &str) -> Result<crate::tasks::RunOutline, ClientError> {
+    pub async fn run_outline(&self, id: &str) -> Result<RunOutline, ClientError> {
         self.get(&format!("/api/v1/runs/{}/tasks", Self::seg(id))).await
     }
 
@@ -641,7 +640,7 @@ impl Client {
         offset: u64,
         data: bytes::Bytes,
         last: bool,
-    ) -> Result<crate::objects::LogAppended, ClientError> {
+    ) -> Result<LogAppended, ClientError> {
         let path = format!(
             "/api/v1/executor/{}/tasks/{}/logs/{}?offset={offset}&final={last}",
             Self::seg(id),
@@ -666,7 +665,7 @@ impl Client {
         step: usize,
         body: reqwest::Body,
         size: Option<u64>,
-    ) -> Result<crate::objects::Stored, ClientError> {
+    ) -> Result<Stored, ClientError> {
         let path = format!("/api/v1/executor/{}/tasks/{}/archives/{step}", Self::seg(id), Self::seg(task_id));
         let resp = self.open(reqwest::Method::PUT, &path, Some(body), size).await?;
         Self::read_json(&path, resp).await
@@ -691,7 +690,7 @@ impl Client {
         id: &str,
         group: &str,
         prefix: &str,
-    ) -> Result<crate::objects::CacheMatch, ClientError> {
+    ) -> Result<CacheMatch, ClientError> {
         let q = serde_urlencoded::to_string([("group", group), ("prefix", prefix)]).unwrap_or_default();
         self.get(&format!("/api/v1/executor/{}/caches/match?{q}", Self::seg(id))).await
     }
@@ -718,7 +717,7 @@ impl Client {
         key: &str,
         body: reqwest::Body,
         size: Option<u64>,
-    ) -> Result<crate::objects::Stored, ClientError> {
+    ) -> Result<Stored, ClientError> {
         let q = serde_urlencoded::to_string([("group", group), ("key", key)]).unwrap_or_default();
         let path = format!("/api/v1/executor/{}/caches?{q}", Self::seg(id));
         let resp = self.open(reqwest::Method::PUT, &path, Some(body), size).await?;

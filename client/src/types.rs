@@ -1,10 +1,51 @@
-//! JSON shapes of the public API, shared by the server and the typed client.
+//! JSON shapes of the public API, shared by the server and the typed client. Only shapes:
+//! what a server does with them lives in `flotilla-api`.
 
 use std::collections::BTreeMap;
 
+use flotilla_store::run::{Depend, StringMap};
 use serde::{Deserialize, Serialize};
 
-pub use flotilla_raft::{ClusterStatus, NodeStatus};
+/// Every refusal, whatever the route: `{"code": "...", "message": "..."}`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    pub code: String,
+    pub message: String,
+}
+
+/// One member of the cluster as [`ClusterStatus`] lists it.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NodeStatus {
+    /// The Raft node id (`flotilla_raft::NodeId`).
+    pub id: u64,
+    pub addr: String,
+    /// `voter` or `learner`.
+    pub role: String,
+    /// Last log index known to be on that node (leader's view; `null` when unknown).
+    pub matched_index: Option<u64>,
+    /// How many entries it is behind the leader's last log index (`null` when unknown).
+    pub lag: Option<u64>,
+}
+
+/// `GET /api/v1/cluster`: a node's view of the Raft cluster.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClusterStatus {
+    pub leader_id: Option<u64>,
+    /// The node that answered.
+    pub node_id: u64,
+    pub state: String,
+    pub term: u64,
+    pub commit_index: u64,
+    pub applied_index: u64,
+    pub last_log_index: u64,
+    pub snapshot_index: Option<u64>,
+    pub purged_index: Option<u64>,
+    pub membership_index: Option<u64>,
+    /// On a leader: it heard from a quorum within the election timeout, so it may serve
+    /// linearizable reads and take writes. On any other node: it knows a leader.
+    pub quorum: bool,
+    pub nodes: Vec<NodeStatus>,
+}
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -147,4 +188,64 @@ pub struct ExecutorTasks {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 pub struct Siblings {
     pub executors: Vec<String>,
+}
+
+/// `PUT /api/v1/runs/{id}/actions` with `"action": "restart"`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestartRequest {
+    pub action: String,
+    /// Run every task again (default: keep the tasks that succeeded or were skipped).
+    #[serde(default)]
+    pub from_start: bool,
+    /// Replaces the run's whole `environment` map when given.
+    #[serde(default)]
+    pub environment: Option<StringMap>,
+}
+
+/// `GET /api/v1/runs/{id}/tasks`: the tasks in DAG order.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunOutline {
+    pub tasks: Vec<TaskOutline>,
+}
+
+/// One task of a [`RunOutline`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TaskOutline {
+    pub name: String,
+    /// 0 for tasks without dependencies, else 1 + the highest level of a parent.
+    pub level: usize,
+    pub depends: Vec<Depend>,
+    pub steps: Vec<StepOutline>,
+}
+
+/// One step: its type (`run`, `save_to_workspace`...) and, for a `run` step, its name.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct StepOutline {
+    #[serde(rename = "type")]
+    pub kind: String,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+}
+
+/// Answer to a log append.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LogAppended {
+    /// Bytes the server holds for this log; the next append starts there.
+    pub size: u64,
+    /// The log is complete and stored in the object storage.
+    pub stored: bool,
+}
+
+/// Answer to an archive or cache upload.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Stored {
+    pub key: String,
+    pub size: u64,
+}
+
+/// Answer to a cache lookup: the first key (in byte order) matching.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CacheMatch {
+    pub key: Option<String>,
 }
