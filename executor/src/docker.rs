@@ -79,6 +79,16 @@ pub struct PullAuth {
     pub password: String,
 }
 
+/// One command to run in a running container (a `run` step).
+pub struct ExecSpec<'a> {
+    pub cmd: Vec<String>,
+    /// `KEY=value` entries.
+    pub env: Vec<String>,
+    pub working_dir: &'a str,
+    pub user: Option<&'a str>,
+    pub tty: bool,
+}
+
 impl Driver {
     /// Connects to the local engine (`DOCKER_HOST` or the default socket) and agrees on
     /// an API version both sides speak (the engine may be older than bollard).
@@ -168,18 +178,14 @@ impl Driver {
         Ok(created.id)
     }
 
-    /// Runs `cmd` in the container, feeding its output to `sink`; returns the exit code.
-    #[allow(clippy::too_many_arguments)]
+    /// Runs `spec` in the container, feeding its output to `sink`; returns the exit code.
     pub async fn exec(
         &self,
         container: &str,
-        cmd: Vec<String>,
-        env: Vec<String>,
-        working_dir: &str,
-        user: Option<&str>,
-        tty: bool,
+        spec: ExecSpec<'_>,
         mut sink: impl FnMut(Bytes),
     ) -> Result<i64, DockerError> {
+        let ExecSpec { cmd, env, working_dir, user, tty } = spec;
         let cfg = ExecConfig {
             attach_stdout: Some(true),
             attach_stderr: Some(true),

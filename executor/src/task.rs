@@ -133,8 +133,16 @@ pub async fn run(
                 break;
             }
         };
+        let env =
+            StepEnv { agent: &agent, id: &id, container: &container, data: &data, working_dir: &working_dir };
         let result = tokio::select! {
-            r = run_step(&agent, &id, &container, &data, &working_dir, i, step, &mut log, &mut status.steps[i].exit_status) => r,
+            r = run_step(
+                &env,
+                i,
+                step,
+                &mut log,
+                &mut status.steps[i].exit_status,
+            ) => r,
             _ = stopped(&mut stop) => Outcome::Stopped,
             _ = until(deadline) => Outcome::TimedOut,
             Some((name, code)) = exits.recv() => Outcome::Failed(format!("service container {name} exited with code {code}")),
@@ -272,18 +280,26 @@ fn absolute(working_dir: &str, dir: &str) -> String {
     out.display().to_string()
 }
 
-#[allow(clippy::too_many_arguments)]
+/// Where a task's steps run: what every step needs besides the step itself.
+#[derive(Clone, Copy)]
+struct StepEnv<'a> {
+    agent: &'a Agent,
+    /// The executor task's id.
+    id: &'a str,
+    /// Container 0 of the task's pod, where the steps run.
+    container: &'a str,
+    data: &'a TaskData,
+    working_dir: &'a str,
+}
+
 async fn run_step(
-    agent: &Agent,
-    id: &str,
-    container: &str,
-    data: &TaskData,
-    working_dir: &str,
+    env: &StepEnv<'_>,
     index: usize,
     step: &Step,
     log: &mut StepLog,
     exit_status: &mut Option<i32>,
 ) -> Outcome {
+    let StepEnv { agent, id, container, data, working_dir } = *env;
     let result = match step {
         Step::Run(r) => {
             let shell = r.shell.as_deref().or(data.shell.as_deref()).unwrap_or(DEFAULT_SHELL).to_string();
@@ -295,7 +311,17 @@ async fn run_step(
             let env = env_list(&data.environment, Some(&r.environment));
             match agent
                 .docker
-                .exec(container, cmd, env, &wd, data.user.as_deref(), r.tty, |b| log.write(&b))
+                .exec(
+                    container,
+                    crate::docker::ExecSpec {
+                        cmd,
+                        env,
+                        working_dir: &wd,
+                        user: data.user.as_deref(),
+                        tty: r.tty,
+                    },
+                    |b| log.write(&b),
+                )
                 .await
             {
                 Ok(code) => {
@@ -315,21 +341,8 @@ async fn run_step(
         Step::RestoreWorkspace(r) => {
             restore_workspace(agent, container, data, &absolute(working_dir, &r.dest_dir), log).await
         }
-        Step::SaveCache(s) => {
-            save_cache(agent, id, container, data, working_dir, &s.key, &s.contents, log).await
-        }
-        Step::RestoreCache(r) => {
-            restore_cache(
-                agent,
-                container,
-                data,
-                working_dir,
-                &r.keys,
-                &absolute(working_dir, &r.dest_dir),
-                log,
-            )
-            .await
-        }
+        Step::SaveCache(s) => save_cache(env, &s.key, &s.contents, log).await,
+        Step::RestoreCache(r) => restore_cache(env, &r.keys, &absolute(working_dir, &r.dest_dir), log).await,
     };
     match result {
         Ok(()) => Outcome::Success,
@@ -512,17 +525,13 @@ async fn render_key(
     Ok(key)
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn save_cache(
-    agent: &Agent,
-    id: &str,
-    container: &str,
-    data: &TaskData,
-    working_dir: &str,
+    env: &StepEnv<'_>,
     template: &str,
     contents: &[SaveContent],
     log: &mut StepLog,
 ) -> Result<(), String> {
+    let StepEnv { agent, id, container, data, working_dir } = *env;
     let key = render_key(agent, container, data, working_dir, template).await?;
     let group = data.cache_group.clone();
     let found = agent
@@ -557,16 +566,13 @@ async fn save_cache(
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn restore_cache(
-    agent: &Agent,
-    container: &str,
-    data: &TaskData,
-    working_dir: &str,
+    env: &StepEnv<'_>,
     templates: &[String],
     dest: &str,
     log: &mut StepLog,
 ) -> Result<(), String> {
+    let StepEnv { agent, container, data, working_dir, .. } = *env;
     let group = data.cache_group.clone();
     let mut tried = Vec::new();
     for template in templates {
