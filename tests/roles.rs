@@ -128,6 +128,7 @@ async fn two_approvers_need_two_distinct_names_and_events_name_them() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert_eq!(status(viewer.task_approve(&run.id, "deploy").await), 403, "read cannot approve");
+    let other = bob.run_create(&gated()).await.unwrap();
     ci.task_approve(&run.id, "deploy").await.unwrap();
     ci.task_approve(&run.id, "deploy").await.unwrap();
     let t = &ci.run_get(&run.id).await.unwrap().tasks["deploy"];
@@ -153,7 +154,8 @@ async fn two_approvers_need_two_distinct_names_and_events_name_them() {
             && text.contains("\"actor\":\"ci\"")
             && text
                 .lines()
-                .any(|l| l.contains("\"action\":\"restarted\"") && l.contains("\"actor\":\"bob\"")),
+                .any(|l| l.contains("\"action\":\"restarted\"") && l.contains("\"actor\":\"bob\""))
+            && text.lines().any(|l| l.contains(&other.id) && l.contains("\"actor\":\"bob\"")),
         "{text}"
     );
 }

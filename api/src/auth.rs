@@ -198,14 +198,12 @@ impl Tokens {
     }
 
     fn push(&mut self, name: &str, role: Role, digest: [u8; 32]) -> Result<(), String> {
-        if name.is_empty()
-            || name.len() > MAX_TOKEN_NAME_BYTES
-            || !name.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_.@".contains(&b))
-        {
-            return Err(format!(
-                "token name {name:?} must be 1 to {MAX_TOKEN_NAME_BYTES} of letters, digits, '-', '_', '.', '@'"
-            ));
+        // A name is recorded in the replicated state (approvals, events): the state's own
+        // rule for names applies.
+        if name.len() > MAX_TOKEN_NAME_BYTES {
+            return Err(format!("token name {name:?} is longer than {MAX_TOKEN_NAME_BYTES} bytes"));
         }
+        flotilla_store::run::validate_name("token name", name)?;
         if self.entries.iter().any(|e| e.name == name) {
             return Err(format!("token name {name:?} is used twice"));
         }

@@ -44,7 +44,7 @@ pub(crate) async fn create_run_idempotent(
         key: key.to_string(),
         body_sha256: json_sha256(&value),
     };
-    let (index, response) = write_at(ctx, cmd).await?;
+    let (index, response) = write_at(ctx, req.acted(cmd)).await?;
     let (run_id, replayed) = match response {
         Response::RunCreated { run_id } => (run_id, false),
         Response::RunReplayed { run_id } => (run_id, true),

@@ -78,7 +78,7 @@ pub(crate) async fn run_action(ctx: &Ctx, id: &str, req: &Request<'_>) -> Result
     match body.get("action").and_then(|a| a.as_str()) {
         Some("stop") => {
             let _: ActionRequest = req.json()?;
-            expect_done(write(ctx, Command::StopRun { run_id: id.to_string() }).await?)
+            expect_done(write(ctx, req.acted(Command::StopRun { run_id: id.to_string() })).await?)
         }
         Some("restart") => crate::lifecycle::restart(ctx, id, req).await,
         other => Err(ApiError::bad_request(format!(
@@ -101,7 +101,7 @@ pub(crate) async fn set_annotations(
         task: task.to_string(),
         annotations: body.annotations,
     };
-    expect_done(write(ctx, cmd).await?)
+    expect_done(write(ctx, req.acted(cmd)).await?)
 }
 
 /// `PUT /api/v1/runs/{id}/tasks/{task}/actions`: approve.
@@ -158,7 +158,7 @@ async fn create_new_run(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError>
     let create: RunCreate = req.json()?;
     create.validate().map_err(|e| ApiError::bad_request(format!("invalid run: {e}")))?;
     let (index, response) =
-        write_at(ctx, Command::CreateRun { create: Box::new(create), now_ms: now_ms() }).await?;
+        write_at(ctx, req.acted(Command::CreateRun { create: Box::new(create), now_ms: now_ms() })).await?;
     let Response::RunCreated { run_id } = response else { return Err(unexpected(response)) };
     // The write is applied on the leader; this node may be a follower a little behind.
     ctx.node.wait_applied(index).await?;

@@ -595,6 +595,15 @@ pub(crate) struct Request<'a> {
 }
 
 impl Request<'_> {
+    /// `cmd` on behalf of the caller: its events name the caller's token (nothing changes
+    /// on a node without named tokens).
+    pub(crate) fn acted(&self, cmd: Command) -> Command {
+        match &self.caller {
+            Some(c) => Command::Acted { actor: c.name.clone(), cmd: Box::new(cmd) },
+            None => cmd,
+        }
+    }
+
     pub(crate) fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
         if self.body.is_empty() {
             return Err(ApiError::bad_request("request body is empty; a JSON object is expected"));

@@ -97,6 +97,10 @@ pub enum Command {
     /// Forget the idempotency keys older than the TTL at `now_ms`: the proposing leader's
     /// clock, carried in the command so that every replay prunes the same keys.
     PruneIdempotencyKeys { now_ms: u64 },
+    /// `cmd` done on behalf of `actor` (the caller's token name): applied as `cmd`, and every
+    /// event it produces without an actor names this one. No acted command, batch or
+    /// import inside.
+    Acted { actor: String, cmd: Box<Command> },
     /// Several commands proposed as one log entry by the leader (group commit): applied in
     /// order, each as if alone and with its own response, all at the entry's index. A batch
     /// holds no batch and no import, and at most [`MAX_BATCH_COMMANDS`] commands.
@@ -143,6 +147,7 @@ impl Command {
             Command::DeleteRun { .. } => "delete_run",
             Command::Import(_) => "import",
             Command::Batch(_) => "batch",
+            Command::Acted { cmd, .. } => cmd.kind(),
             Command::SetClusterId { .. } => "set_cluster_id",
             Command::CreateRunIdempotent { .. } => "create_run_idempotent",
             Command::RestartRun { .. } => "restart_run",
@@ -240,6 +245,16 @@ impl Command {
             Command::PruneIdempotencyKeys { .. } => Ok(()),
             // Each command is validated when it is applied, so that one bad command rejects
             // only itself; here only the batch's shape.
+            Command::Acted { actor, cmd } => {
+                validate_name("actor", actor).map_err(invalid)?;
+                if matches!(**cmd, Command::Acted { .. } | Command::Batch(_) | Command::Import(_)) {
+                    return Err(invalid(format!(
+                        "a {} command cannot be acted on behalf of someone",
+                        cmd.kind()
+                    )));
+                }
+                cmd.validate()
+            }
             Command::Batch(cmds) => {
                 if cmds.is_empty() || cmds.len() > MAX_BATCH_COMMANDS {
                     return Err(invalid(format!("a batch holds 1 to {MAX_BATCH_COMMANDS} commands")));

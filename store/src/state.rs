@@ -110,6 +110,14 @@ impl State {
             Command::Batch(cmds) => {
                 Response::Batch(cmds.iter().map(|c| self.apply_with_events(index, c, events)).collect())
             }
+            Command::Acted { actor, cmd } => {
+                let first = events.len();
+                let response = self.apply_with_events(index, cmd, events);
+                for e in &mut events[first..] {
+                    e.actor.get_or_insert_with(|| actor.clone());
+                }
+                response
+            }
             Command::KvPut { key, value, prev_revision } => {
                 let current = self.kv.get(key);
                 if let Some(expected) = *prev_revision {
@@ -808,6 +816,20 @@ mod tests {
         assert!(matches!(s.apply(8, &idem(&"x".repeat(257), "a", 0)), Response::Rejected(_)));
         assert!(matches!(s.apply(9, &idem("", "a", 0)), Response::Rejected(_)));
         assert!(matches!(s.apply(10, &idem("a\nb", "a", 0)), Response::Rejected(_)));
+    }
+
+    #[test]
+    fn an_acted_command_names_its_actor_on_the_events_it_produces() {
+        let create =
+            crate::run::RunCreate::new("r", "/p", vec![crate::run::TaskConfig::new("a", "i", "true")]);
+        let mut s = State::default();
+        let mut events = Vec::new();
+        let cmd = Command::CreateRun { create: Box::new(create), now_ms: 0 };
+        let acted = Command::Acted { actor: "ci".into(), cmd: Box::new(cmd) };
+        assert!(matches!(s.apply_with_events(1, &acted, &mut events), Response::RunCreated { .. }));
+        assert!(!events.is_empty() && events.iter().all(|e| e.actor.as_deref() == Some("ci")), "{events:?}");
+        let nested = Command::Acted { actor: "a".into(), cmd: Box::new(acted) };
+        assert!(matches!(nested.validate(), Err(CommandError::Invalid { .. })));
     }
 
     #[test]
