@@ -75,6 +75,13 @@ if ! [ -x /usr/bin/chromium ] || ! [ -x /usr/bin/chromedriver ]; then
   apt-get update -qq
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium chromium-driver >/dev/null
 fi
+# Schemathesis (PyPI, a venv of its own, once, ~30 s): the API fuzzed against its OpenAPI.
+st_venv="$HOME/.cache/flotilla-schemathesis"
+if ! [ -x "$st_venv/bin/schemathesis" ]; then
+  echo "== installing schemathesis (a venv under ~/.cache, once)"
+  python3 -m venv "$st_venv"
+  "$st_venv/bin/pip" install --quiet 'schemathesis==4.32.5'
+fi
 ui_venv="$HOME/.cache/flotilla-ui-venv"
 if ! "$ui_venv/bin/python" -c 'import selenium' >/dev/null 2>&1; then
   echo "== installing selenium (a venv under ~/.cache, once)"
@@ -108,6 +115,10 @@ cargo test --locked --workspace -- --test-threads=2
 
 echo "== the dashboard in headless Chromium (screenshots: $CARGO_TARGET_DIR/ui-screenshots/)"
 "$ui_venv/bin/python" tests/ui/browser_test.py --bin "$CARGO_TARGET_DIR/debug/flotilla"
+
+need curl "apt-get install -y curl"
+echo "== schemathesis against flotilla dev, from its own /api/v1/openapi.json"
+bash tests/api/schemathesis.sh "$CARGO_TARGET_DIR/debug/flotilla" "$st_venv/bin/schemathesis" "$CARGO_TARGET_DIR/schemathesis"
 
 echo "== benchmarks, quick mode (a smoke test: it must finish and write valid JSON; no speed is asserted)"
 need python3 "apt-get install -y python3"

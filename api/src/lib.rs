@@ -13,6 +13,7 @@ pub mod error;
 pub mod lifecycle;
 pub mod metrics;
 pub mod objects;
+mod openapi;
 mod routes;
 mod runs;
 pub mod server;

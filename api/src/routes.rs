@@ -101,6 +101,8 @@ pub(crate) enum Endpoint<'a> {
     DeleteExecutor {
         executor_id: &'a str,
     },
+    /// This API, described (`openapi.rs`).
+    OpenApi,
 
     // Executor-facing, with the executor token.
     ExecutorHeartbeat {
@@ -291,6 +293,7 @@ impl<'a> Endpoint<'a> {
             E::Events => ("GET", "/api/v1/events"),
             E::ListExecutors => ("GET", "/api/v1/executors"),
             E::DeleteExecutor { .. } => ("DELETE", "/api/v1/executors/{executor_id}"),
+            E::OpenApi => ("GET", "/api/v1/openapi.json"),
             E::ExecutorHeartbeat { .. } => ("PUT", "/api/v1/executor/{executor_id}"),
             E::ExecutorTasks { .. } => ("GET", "/api/v1/executor/{executor_id}/tasks"),
             E::ExecutorSiblings { .. } => ("GET", "/api/v1/executor/{executor_id}/siblings"),
@@ -338,6 +341,7 @@ impl<'a> Endpoint<'a> {
             E::ArchiveStatus | E::DumpArchiveIndex => "archive",
             E::Events => "events",
             E::ListExecutors | E::DeleteExecutor { .. } => "executors",
+            E::OpenApi => "openapi",
             E::ExecutorHeartbeat { .. }
             | E::ExecutorTasks { .. }
             | E::ExecutorSiblings { .. }
@@ -397,7 +401,8 @@ impl<'a> Endpoint<'a> {
             | E::DumpArchiveIndex
             | E::Events
             | E::ListExecutors
-            | E::DeleteExecutor { .. } => Access::Api,
+            | E::DeleteExecutor { .. }
+            | E::OpenApi => Access::Api,
         }
     }
 
@@ -442,7 +447,8 @@ impl<'a> Endpoint<'a> {
             | E::TaskWorkspace { .. }
             | E::ArchiveStatus
             | E::Events
-            | E::ListExecutors => Need::Read,
+            | E::ListExecutors
+            | E::OpenApi => Need::Read,
             E::Healthz
             | E::Readyz
             | E::Metrics
@@ -489,7 +495,8 @@ impl<'a> Endpoint<'a> {
             | E::MaintenanceEnable
             | E::MaintenanceDisable
             | E::Export
-            | E::Import => true,
+            | E::Import
+            | E::OpenApi => true,
             E::KvList
             | E::KvGet { .. }
             | E::KvPut { .. }
@@ -561,7 +568,8 @@ impl<'a> Endpoint<'a> {
             | E::DownloadCache { .. }
             | E::MatchCache { .. }
             | E::Ui { .. }
-            | E::UiHead { .. } => Body::Api,
+            | E::UiHead { .. }
+            | E::OpenApi => Body::Api,
         }
     }
 }
@@ -608,6 +616,7 @@ pub(crate) fn at<'a>(s: &'a [&'a str]) -> Vec<Endpoint<'a>> {
             ["archive"] => vec![E::ArchiveStatus],
             ["archive", "index"] => vec![E::DumpArchiveIndex],
             ["events"] => vec![E::Events],
+            ["openapi.json"] => vec![E::OpenApi],
             ["executors"] => vec![E::ListExecutors],
             ["executors", executor_id] => vec![E::DeleteExecutor { executor_id }],
             ["executor", executor_id] => vec![E::ExecutorHeartbeat { executor_id }],
@@ -632,6 +641,67 @@ pub(crate) fn at<'a>(s: &'a [&'a str]) -> Vec<Endpoint<'a>> {
         // Any path under `/ui/`: an asset or the app (a deep link), decided by its handler.
         ["ui", path @ ..] => vec![E::Ui { path }, E::UiHead { path }],
         _ => vec![],
+    }
+}
+
+impl Endpoint<'static> {
+    /// One endpoint of every route (path parameters are placeholders): what the OpenAPI
+    /// document lists. A test checks it against the arms of [`Endpoint::template`].
+    pub(crate) fn every() -> Vec<Endpoint<'static>> {
+        use Endpoint as E;
+        const ID: &str = "x";
+        const PATH: &[&str] = &["x"];
+        let mut every = vec![E::Healthz, E::Readyz, E::Metrics];
+        every.extend(
+            [RpcKind::Append, RpcKind::Vote, RpcKind::Snapshot, RpcKind::Leader, RpcKind::Elect]
+                .map(|rpc| E::Raft { rpc }),
+        );
+        every.extend([
+            E::ClusterStatus,
+            E::ClusterInit,
+            E::AddLearner,
+            E::SetVoters,
+            E::RemoveNode { node_id: ID },
+            E::KvList,
+            E::KvGet { key: PATH },
+            E::KvPut { key: PATH },
+            E::KvDelete { key: PATH },
+            E::MaintenanceStatus,
+            E::MaintenanceEnable,
+            E::MaintenanceDisable,
+            E::Export,
+            E::Import,
+            E::ListRuns,
+            E::CreateRun,
+            E::GetRun { run_id: ID },
+            E::DeleteRun { run_id: ID },
+            E::RunAction { run_id: ID },
+            E::RunGraph { run_id: ID },
+            E::RunTasks { run_id: ID },
+            E::TaskAnnotations { run_id: ID, task: ID },
+            E::TaskAction { run_id: ID, task: ID },
+            E::TaskLogs { run_id: ID, task: ID },
+            E::TaskWorkspace { run_id: ID, task: ID },
+            E::ArchiveStatus,
+            E::DumpArchiveIndex,
+            E::Events,
+            E::ListExecutors,
+            E::DeleteExecutor { executor_id: ID },
+            E::OpenApi,
+            E::ExecutorHeartbeat { executor_id: ID },
+            E::ExecutorTasks { executor_id: ID },
+            E::ExecutorSiblings { executor_id: ID },
+            E::SetTaskStatus { executor_id: ID, task_id: ID },
+            E::AppendLog { executor_id: ID, task_id: ID, step: ID },
+            E::UploadArchive { executor_id: ID, task_id: ID, step: ID },
+            E::DownloadArchive { executor_id: ID, task_id: ID, step: ID },
+            E::UploadCache { executor_id: ID },
+            E::DownloadCache { executor_id: ID },
+            E::MatchCache { executor_id: ID },
+            E::Ui { path: PATH },
+            E::UiHead { path: PATH },
+        ]);
+        every
     }
 }
 
@@ -690,6 +760,7 @@ mod tests {
         ("GET", "/api/v1/events", "events", Api, false),
         ("GET", "/api/v1/executors", "executors", Api, false),
         ("DELETE", "/api/v1/executors/{executor_id}", "executors", Api, false),
+        ("GET", "/api/v1/openapi.json", "openapi", Api, true),
         ("PUT", "/api/v1/executor/{executor_id}", "executor", Executor, true),
         ("GET", "/api/v1/executor/{executor_id}/tasks", "executor", Executor, true),
         ("GET", "/api/v1/executor/{executor_id}/siblings", "executor", Executor, true),
@@ -805,6 +876,15 @@ mod tests {
         rows.dedup();
         assert_eq!(rows.len(), unique, "a route is listed twice in ROUTES");
         assert_eq!(rows, arms, "ROUTES and the arms of Endpoint::template differ");
+    }
+
+    #[test]
+    fn every_lists_each_row_of_routes_once() {
+        let mut every: Vec<(&str, &str)> = Endpoint::every().iter().map(Endpoint::template).collect();
+        let mut rows: Vec<(&str, &str)> = ROUTES.iter().map(|r| (r.0, r.1)).collect();
+        every.sort_unstable();
+        rows.sort_unstable();
+        assert_eq!(every, rows);
     }
 
     #[test]

@@ -52,13 +52,13 @@ pub(crate) async fn archive_status(ctx: &Ctx, req: &Request<'_>) -> Result<Reply
     read_barrier(ctx, req).await?;
     let sm = ctx.node.state.read();
     let a = &sm.state.archive;
-    let body = serde_json::json!({
-        "generation": a.generation,
-        "files": a.files.len(),
-        "runs": a.archived_runs(),
-        "bytes": a.files.iter().map(|f| f.bytes).sum::<u64>(),
-        "runs_in_state": sm.state.runs.len(),
-    });
+    let body = crate::types::ArchiveStatus {
+        generation: a.generation,
+        files: a.files.len() as u64,
+        runs: a.archived_runs(),
+        bytes: a.files.iter().map(|f| f.bytes).sum(),
+        runs_in_state: sm.state.runs.len() as u64,
+    };
     Ok(json(200, &body))
 }
 
@@ -66,7 +66,7 @@ pub(crate) async fn archive_status(ctx: &Ctx, req: &Request<'_>) -> Result<Reply
 pub(crate) async fn dump_archive_index(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
     read_barrier(ctx, req).await?;
     let dump = flotilla_scheduler::archive::dump_index(&ctx.node, &ctx.ost).await?;
-    Ok(json(200, &dump))
+    Ok(json(200, &crate::types::IndexDumped { key: dump.key, runs: dump.runs, bytes: dump.bytes }))
 }
 
 /// `PUT /api/v1/runs/{id}/actions`: stop or restart.

@@ -686,6 +686,7 @@ async fn dispatch(
         E::Events => runs::events(ctx, req),
         E::ListExecutors => runs::list_executors(ctx, req).await,
         E::DeleteExecutor { executor_id } => runs::delete_executor(ctx, executor_id).await,
+        E::OpenApi => Ok(Reply::Json(200, crate::openapi::bytes().to_vec())),
         E::ExecutorHeartbeat { executor_id } => runs::executor_heartbeat(ctx, executor_id, req).await,
         E::ExecutorTasks { executor_id } => runs::executor_tasks(ctx, executor_id, req).await,
         E::ExecutorSiblings { executor_id } => runs::executor_siblings(ctx, executor_id, req).await,

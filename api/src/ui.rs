@@ -87,14 +87,14 @@ pub(crate) fn serve(method: &Method, rest: &[&str]) -> Result<Reply, ApiError> {
 /// `GET /api/v1/runs/{id}/graph`: what the dashboard draws, taken from the run's
 /// configuration (live or archived). Only names, dependencies and step labels: never the
 /// environment, images or credentials.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RunGraph {
     pub run_id: String,
     /// In the configuration's order.
     pub tasks: Vec<GraphTask>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GraphTask {
     pub name: String,
     pub depends: Vec<Depend>,
@@ -106,7 +106,7 @@ pub struct GraphTask {
     pub steps: Vec<GraphStep>,
 }
 
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct GraphStep {
     /// `run`, `save_to_workspace`, `restore_workspace`, `save_cache` or `restore_cache`.
     pub kind: String,

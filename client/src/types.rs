@@ -3,11 +3,12 @@
 
 use std::collections::BTreeMap;
 
-use flotilla_store::run::{Depend, StringMap};
+use flotilla_store::run::Depend;
 use serde::{Deserialize, Serialize};
 
 /// Every refusal, whatever the route: `{"code": "...", "message": "..."}`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ErrorBody {
     pub code: String,
     pub message: String,
@@ -15,6 +16,7 @@ pub struct ErrorBody {
 
 /// One member of the cluster as [`ClusterStatus`] lists it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct NodeStatus {
     /// The Raft node id (`flotilla_raft::NodeId`).
     pub id: u64,
@@ -29,6 +31,7 @@ pub struct NodeStatus {
 
 /// `GET /api/v1/cluster`: a node's view of the Raft cluster.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ClusterStatus {
     pub leader_id: Option<u64>,
     /// The node that answered.
@@ -48,17 +51,20 @@ pub struct ClusterStatus {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct KvPutRequest {
     pub value: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Revision {
     pub revision: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KvItem {
     pub key: String,
     pub value: String,
@@ -67,6 +73,7 @@ pub struct KvItem {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KvList {
     pub items: Vec<KvItem>,
     /// More keys match after the last item (continue with `start_after`).
@@ -74,6 +81,7 @@ pub struct KvList {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Maintenance {
     /// The replicated flag.
     pub enabled: bool,
@@ -85,12 +93,14 @@ pub struct Maintenance {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LocalMaintenance {
     pub node_id: u64,
     pub enabled: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct InitRequest {
     /// Node id (as a string, JSON object keys are strings) → node address.
@@ -98,6 +108,7 @@ pub struct InitRequest {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AddLearnerRequest {
     pub id: u64,
@@ -105,18 +116,21 @@ pub struct AddLearnerRequest {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct VotersRequest {
     pub ids: Vec<u64>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Health {
     pub status: String,
     pub node_id: u64,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Ready {
     pub ready: bool,
     pub node_id: u64,
@@ -133,6 +147,7 @@ pub use flotilla_store::run::{Run, RunCreate};
 pub use flotilla_store::Event;
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunList {
     pub runs: Vec<Run>,
     /// More runs match after the last one (continue with `start=<last id>`).
@@ -140,12 +155,14 @@ pub struct RunList {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ActionRequest {
     pub action: String,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct AnnotationsRequest {
     /// Merged into the task's annotations; `null` removes a key.
@@ -153,6 +170,7 @@ pub struct AnnotationsRequest {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecutorList {
     pub executors: Vec<Executor>,
 }
@@ -160,6 +178,7 @@ pub struct ExecutorList {
 /// An executor task as an executor receives it: the replicated spec plus the data
 /// regenerated from the run.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecutorTaskView {
     pub id: String,
     pub spec: ExecutorTaskSpecView,
@@ -167,6 +186,7 @@ pub struct ExecutorTaskView {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecutorTaskSpecView {
     #[serde(flatten)]
     pub spec: ExecutorTaskSpec,
@@ -174,6 +194,7 @@ pub struct ExecutorTaskSpecView {
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecutorTasks {
     /// Pass back as `since` to wait for the next change.
     pub revision: u64,
@@ -186,12 +207,14 @@ pub struct ExecutorTasks {
 
 /// `GET /api/v1/executor/{id}/siblings`: the registered executors of the caller's group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Siblings {
     pub executors: Vec<String>,
 }
 
 /// `PUT /api/v1/runs/{id}/actions` with `"action": "restart"`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RestartRequest {
     pub action: String,
@@ -200,17 +223,19 @@ pub struct RestartRequest {
     pub from_start: bool,
     /// Replaces the run's whole `environment` map when given.
     #[serde(default)]
-    pub environment: Option<StringMap>,
+    pub environment: Option<BTreeMap<String, String>>,
 }
 
 /// `GET /api/v1/runs/{id}/tasks`: the tasks in DAG order.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunOutline {
     pub tasks: Vec<TaskOutline>,
 }
 
 /// One task of a [`RunOutline`].
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskOutline {
     pub name: String,
     /// 0 for tasks without dependencies, else 1 + the highest level of a parent.
@@ -221,6 +246,7 @@ pub struct TaskOutline {
 
 /// One step: its type (`run`, `save_to_workspace`...) and, for a `run` step, its name.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepOutline {
     #[serde(rename = "type")]
     pub kind: String,
@@ -230,6 +256,7 @@ pub struct StepOutline {
 
 /// Answer to a log append.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct LogAppended {
     /// Bytes the server holds for this log; the next append starts there.
     pub size: u64,
@@ -239,6 +266,7 @@ pub struct LogAppended {
 
 /// Answer to an archive or cache upload.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Stored {
     pub key: String,
     pub size: u64,
@@ -246,6 +274,32 @@ pub struct Stored {
 
 /// Answer to a cache lookup: the first key (in byte order) matching.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct CacheMatch {
     pub key: Option<String>,
+}
+
+/// `GET /api/v1/archive`: what the archive holds.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct ArchiveStatus {
+    /// Bumped by every archive pass that changed the manifest.
+    pub generation: u64,
+    /// Archive files in the object storage.
+    pub files: u64,
+    /// Runs in those files.
+    pub runs: u64,
+    pub bytes: u64,
+    /// Runs still in the replicated state (not archived yet).
+    pub runs_in_state: u64,
+}
+
+/// `POST /api/v1/archive/index`: where the full run index was written.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct IndexDumped {
+    /// Its object storage key.
+    pub key: String,
+    pub runs: u64,
+    pub bytes: u64,
 }

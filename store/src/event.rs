@@ -7,6 +7,7 @@ use serde::{Deserialize, Serialize};
 use crate::run::{Run, RunPhase, RunResult, TaskStatus};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum EventKind {
     /// A run was created or its phase or result changed.
@@ -16,6 +17,7 @@ pub enum EventKind {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Event {
     /// Log index of the change; several events may share one.
     pub revision: u64,
@@ -42,6 +44,7 @@ pub struct Event {
 
 /// Lifecycle actions reported as `run` events with an `action`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum RunAction {
     /// The run moved from the replicated state to the archive in the object storage.

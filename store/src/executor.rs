@@ -11,18 +11,23 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::limits::*;
-use crate::run::{validate_name, Phase, Run, RunConfig, Step, StepStatus, StringMap};
+use crate::run::{validate_name, Phase, Run, RunConfig, Step, StepStatus};
 
 /// What an executor reports about itself on every heartbeat (`PUT /api/v1/executor/{id}`).
+///
+/// Unknown fields are ignored, not refused (unlike a run definition, where one is a typo):
+/// during a rolling upgrade a newer executor may report a field an older server does not
+/// know yet, and must keep its lease. It also lets [`Executor`] flatten it into one object
+/// whose schema admits the fields around it.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecutorInfo {
     #[serde(default)]
     pub listen_url: Option<String>,
     #[serde(default)]
     pub archs: Vec<String>,
     #[serde(default)]
-    pub labels: StringMap,
+    pub labels: BTreeMap<String, String>,
     #[serde(default)]
     pub group: Option<String>,
     #[serde(default)]
@@ -61,6 +66,7 @@ impl ExecutorInfo {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Executor {
     pub id: String,
     #[serde(flatten)]
@@ -73,6 +79,7 @@ pub struct Executor {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecutorTaskSpec {
     pub run_id: String,
     pub task_name: String,
@@ -83,6 +90,7 @@ pub struct ExecutorTaskSpec {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ExecutorTaskStatus {
     pub phase: Phase,
@@ -117,6 +125,7 @@ impl ExecutorTaskStatus {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecutorTask {
     pub id: String,
     pub spec: ExecutorTaskSpec,
@@ -132,6 +141,7 @@ pub fn executor_task_id(run_id: &str, task_name: &str) -> String {
 
 /// A workspace archive to restore: the `save_to_workspace` step `step` of task `task`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct WorkspaceArchive {
     pub task_id: String,
     pub task_name: String,
@@ -140,6 +150,7 @@ pub struct WorkspaceArchive {
 
 /// The regenerated part of an executor task's spec.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct TaskData {
     pub run_name: String,
     pub group: String,
@@ -151,7 +162,7 @@ pub struct TaskData {
     pub user: Option<String>,
     /// The run's static env, then its env, then the task's, then `FLOTILLA_*` (later
     /// wins); a step's own environment goes on top when it runs.
-    pub environment: StringMap,
+    pub environment: BTreeMap<String, String>,
     pub steps: Vec<Step>,
     pub cache_group: String,
     /// Archives saved by every ancestor, by distance from the root then task name.
@@ -165,7 +176,7 @@ pub struct TaskData {
     /// The run's registry credentials overlaid with the task's (the task wins per
     /// registry). The one place secrets leave the state: only to the task's executor.
     #[serde(default)]
-    pub docker_registries_auth: crate::pod::RegistriesAuth,
+    pub docker_registries_auth: BTreeMap<String, crate::pod::RegistryAuth>,
 }
 
 /// Builds the data an executor needs for `task_name` of `run`; `None` if the task is unknown.

@@ -26,6 +26,7 @@ pub const REDACTED: &str = "***";
 
 /// One container of a task's pod.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct ContainerConfig {
     /// Required for services; container 0 is `main` unless named.
@@ -33,7 +34,7 @@ pub struct ContainerConfig {
     pub name: Option<String>,
     pub image: String,
     #[serde(default)]
-    pub environment: StringMap,
+    pub environment: BTreeMap<String, String>,
     /// `uid[:gid]` or a user name; the image's default when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
@@ -50,6 +51,7 @@ pub struct ContainerConfig {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Volume {
     /// Absolute path in the container.
@@ -60,6 +62,7 @@ pub struct Volume {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Tmpfs {
     /// Bytes, or a number with `Ki`/`Mi`/`Gi`; Docker's default (half the RAM) when absent.
@@ -69,6 +72,7 @@ pub struct Tmpfs {
 
 /// A size as written: `1048576` or `"64Mi"`.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(untagged)]
 pub enum Size {
     Bytes(u64),
@@ -105,6 +109,7 @@ pub fn parse_size(text: &str) -> Result<u64, String> {
 
 /// Credentials for one registry (`docker_registries_auth`, keyed by registry host).
 #[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RegistryAuth {
     /// `basic` (username and password) or `encodedauth` (auth: base64 of `user:password`).

@@ -16,17 +16,18 @@ pub type StringMap = BTreeMap<String, String>;
 
 /// A run as submitted (`POST /api/v1/runs`, `flotilla run create -f`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RunCreate {
     pub name: String,
     #[serde(default = "root_group")]
     pub group: String,
     #[serde(default)]
-    pub annotations: StringMap,
+    pub annotations: BTreeMap<String, String>,
     #[serde(default)]
-    pub static_environment: StringMap,
+    pub static_environment: BTreeMap<String, String>,
     #[serde(default)]
-    pub environment: StringMap,
+    pub environment: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cache_group: Option<String>,
     #[serde(default)]
@@ -36,7 +37,7 @@ pub struct RunCreate {
     /// Registry credentials for every task's images (a task's own entry for a registry
     /// wins). Secrets: see [`crate::pod`].
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub docker_registries_auth: crate::pod::RegistriesAuth,
+    pub docker_registries_auth: BTreeMap<String, crate::pod::RegistryAuth>,
     // Run lifecycle (issue 18): additions to the submission kept together here.
     /// The run stays `queued` while this many older runs of exactly its group are running,
     /// and queued runs of the group start in `counter` order (Agola runs a group's runs one
@@ -108,6 +109,7 @@ fn root_group() -> String {
 pub type RunConfig = RunCreate;
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct TaskConfig {
     pub name: String,
@@ -130,7 +132,7 @@ pub struct TaskConfig {
     #[serde(default)]
     pub skip: bool,
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
-    pub docker_registries_auth: crate::pod::RegistriesAuth,
+    pub docker_registries_auth: BTreeMap<String, crate::pod::RegistryAuth>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub arch: Option<String>,
     #[serde(default)]
@@ -143,7 +145,7 @@ pub struct TaskConfig {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub user: Option<String>,
     #[serde(default)]
-    pub environment: StringMap,
+    pub environment: BTreeMap<String, String>,
     #[serde(default)]
     pub needs_approval: bool,
     #[serde(default = "one")]
@@ -210,6 +212,7 @@ impl RunCreate {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct Depend {
     pub task: String,
@@ -219,6 +222,7 @@ pub struct Depend {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Condition {
     OnSuccess,
@@ -245,6 +249,7 @@ impl Depend {
 
 /// One step of a task; in JSON/YAML a one-key object naming its type.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "snake_case")]
 pub enum Step {
     Run(RunStep),
@@ -255,13 +260,14 @@ pub enum Step {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RunStep {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub name: Option<String>,
     pub command: String,
     #[serde(default)]
-    pub environment: StringMap,
+    pub environment: BTreeMap<String, String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub working_dir: Option<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -271,6 +277,7 @@ pub struct RunStep {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SaveContent {
     pub source_dir: String,
@@ -281,18 +288,21 @@ pub struct SaveContent {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SaveToWorkspace {
     pub contents: Vec<SaveContent>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RestoreWorkspace {
     pub dest_dir: String,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct SaveCache {
     pub key: String,
@@ -300,6 +310,7 @@ pub struct SaveCache {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(deny_unknown_fields)]
 pub struct RestoreCache {
     pub keys: Vec<String>,
@@ -307,6 +318,7 @@ pub struct RestoreCache {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum RunPhase {
     Setuperror,
@@ -335,6 +347,7 @@ pub fn phase_word(p: RunPhase) -> &'static str {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum RunResult {
     Unknown,
@@ -344,6 +357,7 @@ pub enum RunResult {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum TaskStatus {
     Notstarted,
@@ -363,6 +377,7 @@ impl TaskStatus {
 
 /// Phase of an executor task and of each of its steps.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum Phase {
     Notstarted,
@@ -380,6 +395,7 @@ impl Phase {
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 #[serde(rename_all = "lowercase")]
 pub enum LogPhase {
     Notavailable,
@@ -389,6 +405,7 @@ pub enum LogPhase {
 
 /// Status of a setup step or a step. Times are milliseconds since the Unix epoch.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct StepStatus {
     pub phase: Phase,
     #[serde(default)]
@@ -420,12 +437,13 @@ impl Default for StepStatus {
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct RunTask {
     pub status: TaskStatus,
     pub approved: bool,
     pub waiting_approval: bool,
     #[serde(default)]
-    pub annotations: StringMap,
+    pub annotations: BTreeMap<String, String>,
     pub setup_step: StepStatus,
     pub steps: Vec<StepStatus>,
     #[serde(default)]
@@ -460,6 +478,7 @@ impl RunTask {
 
 /// A run's status. Times are milliseconds since the Unix epoch.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct Run {
     /// Sortable and monotonic: 16 decimal digits of a sequence that only grows.
     pub id: String,
@@ -467,7 +486,7 @@ pub struct Run {
     pub counter: u64,
     pub name: String,
     pub group: String,
-    pub annotations: StringMap,
+    pub annotations: BTreeMap<String, String>,
     pub phase: RunPhase,
     pub result: RunResult,
     pub stop: bool,
