@@ -458,18 +458,7 @@ impl From<ClientError> for Failure {
 }
 
 fn read_token(path: &Option<PathBuf>) -> Result<Option<String>, Failure> {
-    match path {
-        None => Ok(None),
-        Some(p) => {
-            let t = std::fs::read_to_string(p)
-                .map_err(|e| Failure::Usage(format!("cannot read token file {}: {e}", p.display())))?;
-            let t = t.trim().to_string();
-            if t.is_empty() {
-                return Err(Failure::Usage(format!("token file {} is empty", p.display())));
-            }
-            Ok(Some(t))
-        }
-    }
+    path.as_deref().map(flotilla_api::auth::read_secret).transpose().map_err(Failure::Usage)
 }
 
 fn client(args: &ClientArgs) -> Result<Client, Failure> {

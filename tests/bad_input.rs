@@ -5,21 +5,6 @@ mod common;
 use common::*;
 use serde_json::Value;
 
-async fn call(method: &str, url: &str, token: Option<&str>, body: Option<Vec<u8>>) -> (u16, Value) {
-    let client = reqwest::Client::new();
-    let mut req = client.request(method.parse().unwrap(), url);
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    if let Some(b) = body {
-        req = req.header("content-type", "application/json").body(b);
-    }
-    let resp = req.send().await.expect("request");
-    let status = resp.status().as_u16();
-    let body: Value = resp.json().await.unwrap_or(Value::Null);
-    (status, body)
-}
-
 /// Sends a request whose body the server refuses before reading it all: the write may
 /// fail with a broken pipe, the answer must still be a 413 JSON error.
 async fn raw_oversized_put(url: &str, body_bytes: usize) -> (u16, Value) {

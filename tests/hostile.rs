@@ -8,21 +8,6 @@ use std::time::{Duration, Instant};
 use common::*;
 use serde_json::{json, Value};
 
-async fn call(method: &str, url: &str, token: Option<&str>, body: Option<Vec<u8>>) -> (u16, Value) {
-    let client = reqwest::Client::new();
-    let mut req = client.request(method.parse().unwrap(), url);
-    if let Some(t) = token {
-        req = req.bearer_auth(t);
-    }
-    if let Some(b) = body {
-        req = req.header("content-type", "application/json").body(b);
-    }
-    let resp = req.send().await.expect("request");
-    let status = resp.status().as_u16();
-    let body: Value = resp.json().await.unwrap_or(Value::Null);
-    (status, body)
-}
-
 fn assert_error(case: &str, got: &(u16, Value), status: u16) {
     assert_eq!(got.0, status, "{case}: {:?}", got.1);
     assert!(

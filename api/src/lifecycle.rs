@@ -83,7 +83,7 @@ pub(crate) async fn restart(ctx: &Ctx, id: &str, req: &Request<'_>) -> Result<Re
     if !run.phase.is_final() {
         return Err(ApiError::conflict(format!(
             "run {id} is {}; only a finished, cancelled or setuperror run can be restarted",
-            flotilla_store::archive::phase_word(run.phase)
+            flotilla_store::run::phase_word(run.phase)
         )));
     }
     let mut create = config.clone();

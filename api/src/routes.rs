@@ -247,162 +247,28 @@ impl<'a> Endpoint<'a> {
     }
 
     pub(crate) fn method(&self) -> &'static str {
-        self.template().0
+        self.spec().method
     }
 
     /// The method and the path template, as an OpenAPI document names an operation.
     pub(crate) fn template(&self) -> (&'static str, &'static str) {
-        use Endpoint as E;
-        use RpcKind as R;
-        match self {
-            E::Healthz => ("GET", "/healthz"),
-            E::Readyz => ("GET", "/readyz"),
-            E::Metrics => ("GET", "/metrics"),
-            E::Raft { rpc: R::Append } => ("POST", "/raft/append"),
-            E::Raft { rpc: R::Vote } => ("POST", "/raft/vote"),
-            E::Raft { rpc: R::Snapshot } => ("POST", "/raft/snapshot"),
-            E::Raft { rpc: R::Leader } => ("POST", "/raft/leader"),
-            E::Raft { rpc: R::Elect } => ("POST", "/raft/elect"),
-            E::ClusterStatus => ("GET", "/api/v1/cluster"),
-            E::ClusterInit => ("POST", "/api/v1/cluster/init"),
-            E::AddLearner => ("POST", "/api/v1/cluster/learners"),
-            E::SetVoters => ("POST", "/api/v1/cluster/voters"),
-            E::RemoveNode { .. } => ("DELETE", "/api/v1/cluster/nodes/{node_id}"),
-            E::KvList => ("GET", "/api/v1/kv"),
-            E::KvGet { .. } => ("GET", "/api/v1/kv/{key}"),
-            E::KvPut { .. } => ("PUT", "/api/v1/kv/{key}"),
-            E::KvDelete { .. } => ("DELETE", "/api/v1/kv/{key}"),
-            E::MaintenanceStatus => ("GET", "/api/v1/maintenance"),
-            E::MaintenanceEnable => ("PUT", "/api/v1/maintenance"),
-            E::MaintenanceDisable => ("DELETE", "/api/v1/maintenance"),
-            E::Export => ("GET", "/api/v1/export"),
-            E::Import => ("POST", "/api/v1/import"),
-            E::ListRuns => ("GET", "/api/v1/runs"),
-            E::CreateRun => ("POST", "/api/v1/runs"),
-            E::GetRun { .. } => ("GET", "/api/v1/runs/{run_id}"),
-            E::DeleteRun { .. } => ("DELETE", "/api/v1/runs/{run_id}"),
-            E::RunAction { .. } => ("PUT", "/api/v1/runs/{run_id}/actions"),
-            E::RunGraph { .. } => ("GET", "/api/v1/runs/{run_id}/graph"),
-            E::RunTasks { .. } => ("GET", "/api/v1/runs/{run_id}/tasks"),
-            E::TaskAnnotations { .. } => ("PUT", "/api/v1/runs/{run_id}/tasks/{task}/annotations"),
-            E::TaskAction { .. } => ("PUT", "/api/v1/runs/{run_id}/tasks/{task}/actions"),
-            E::TaskLogs { .. } => ("GET", "/api/v1/runs/{run_id}/tasks/{task}/logs"),
-            E::TaskWorkspace { .. } => ("GET", "/api/v1/runs/{run_id}/tasks/{task}/workspace"),
-            E::ArchiveStatus => ("GET", "/api/v1/archive"),
-            E::DumpArchiveIndex => ("POST", "/api/v1/archive/index"),
-            E::Events => ("GET", "/api/v1/events"),
-            E::ListExecutors => ("GET", "/api/v1/executors"),
-            E::DeleteExecutor { .. } => ("DELETE", "/api/v1/executors/{executor_id}"),
-            E::OpenApi => ("GET", "/api/v1/openapi.json"),
-            E::ExecutorHeartbeat { .. } => ("PUT", "/api/v1/executor/{executor_id}"),
-            E::ExecutorTasks { .. } => ("GET", "/api/v1/executor/{executor_id}/tasks"),
-            E::ExecutorSiblings { .. } => ("GET", "/api/v1/executor/{executor_id}/siblings"),
-            E::SetTaskStatus { .. } => ("PUT", "/api/v1/executor/{executor_id}/tasks/{task_id}"),
-            E::AppendLog { .. } => ("POST", "/api/v1/executor/{executor_id}/tasks/{task_id}/logs/{step}"),
-            E::UploadArchive { .. } => {
-                ("PUT", "/api/v1/executor/{executor_id}/tasks/{task_id}/archives/{step}")
-            }
-            E::DownloadArchive { .. } => ("GET", "/api/v1/executor/{executor_id}/archives/{task_id}/{step}"),
-            E::UploadCache { .. } => ("PUT", "/api/v1/executor/{executor_id}/caches"),
-            E::DownloadCache { .. } => ("GET", "/api/v1/executor/{executor_id}/caches"),
-            E::MatchCache { .. } => ("GET", "/api/v1/executor/{executor_id}/caches/match"),
-            E::Ui { .. } => ("GET", "/ui/{path}"),
-            E::UiHead { .. } => ("HEAD", "/ui/{path}"),
-        }
+        let spec = self.spec();
+        (spec.method, spec.template)
     }
 
     /// The `route` label of `flotilla_http_requests_total`: a bounded set, one per route
     /// family (a request with no route is counted as `other`).
     pub(crate) fn label(&self) -> &'static str {
-        use Endpoint as E;
-        match self {
-            E::Healthz => "healthz",
-            E::Readyz => "readyz",
-            E::Metrics => "metrics",
-            E::Raft { .. } => "raft",
-            E::ClusterStatus | E::ClusterInit | E::AddLearner | E::SetVoters | E::RemoveNode { .. } => {
-                "cluster"
-            }
-            E::KvList | E::KvGet { .. } | E::KvPut { .. } | E::KvDelete { .. } => "kv",
-            E::MaintenanceStatus | E::MaintenanceEnable | E::MaintenanceDisable => "maintenance",
-            E::Export => "export",
-            E::Import => "import",
-            E::ListRuns
-            | E::CreateRun
-            | E::GetRun { .. }
-            | E::DeleteRun { .. }
-            | E::RunAction { .. }
-            | E::RunGraph { .. }
-            | E::RunTasks { .. }
-            | E::TaskAnnotations { .. }
-            | E::TaskAction { .. }
-            | E::TaskLogs { .. }
-            | E::TaskWorkspace { .. } => "runs",
-            E::ArchiveStatus | E::DumpArchiveIndex => "archive",
-            E::Events => "events",
-            E::ListExecutors | E::DeleteExecutor { .. } => "executors",
-            E::OpenApi => "openapi",
-            E::ExecutorHeartbeat { .. }
-            | E::ExecutorTasks { .. }
-            | E::ExecutorSiblings { .. }
-            | E::SetTaskStatus { .. }
-            | E::AppendLog { .. }
-            | E::UploadArchive { .. }
-            | E::DownloadArchive { .. }
-            | E::UploadCache { .. }
-            | E::DownloadCache { .. }
-            | E::MatchCache { .. } => "executor",
-            E::Ui { .. } | E::UiHead { .. } => "ui",
-        }
+        self.spec().label
     }
 
     /// The token this route asks for, checked from the headers before the body is read.
     pub(crate) fn access(&self) -> Access {
-        use Endpoint as E;
-        match self {
-            E::Healthz | E::Readyz | E::Metrics | E::Ui { .. } | E::UiHead { .. } => Access::Anyone,
-            E::Raft { .. } => Access::Cluster,
-            E::ExecutorHeartbeat { .. }
-            | E::ExecutorTasks { .. }
-            | E::ExecutorSiblings { .. }
-            | E::SetTaskStatus { .. }
-            | E::AppendLog { .. }
-            | E::UploadArchive { .. }
-            | E::DownloadArchive { .. }
-            | E::UploadCache { .. }
-            | E::DownloadCache { .. }
-            | E::MatchCache { .. } => Access::Executor,
-            E::ClusterStatus
-            | E::ClusterInit
-            | E::AddLearner
-            | E::SetVoters
-            | E::RemoveNode { .. }
-            | E::KvList
-            | E::KvGet { .. }
-            | E::KvPut { .. }
-            | E::KvDelete { .. }
-            | E::MaintenanceStatus
-            | E::MaintenanceEnable
-            | E::MaintenanceDisable
-            | E::Export
-            | E::Import
-            | E::ListRuns
-            | E::CreateRun
-            | E::GetRun { .. }
-            | E::DeleteRun { .. }
-            | E::RunAction { .. }
-            | E::RunGraph { .. }
-            | E::RunTasks { .. }
-            | E::TaskAnnotations { .. }
-            | E::TaskAction { .. }
-            | E::TaskLogs { .. }
-            | E::TaskWorkspace { .. }
-            | E::ArchiveStatus
-            | E::DumpArchiveIndex
-            | E::Events
-            | E::ListExecutors
-            | E::DeleteExecutor { .. }
-            | E::OpenApi => Access::Api,
+        match self.need() {
+            Need::Nothing => Access::Anyone,
+            Need::Cluster => Access::Cluster,
+            Need::Executor => Access::Executor,
+            Need::Read | Need::Write | Need::Admin => Access::Api,
         }
     }
 
@@ -410,62 +276,7 @@ impl<'a> Endpoint<'a> {
     /// need `read`, changes to runs and kv need `write`, membership, maintenance, export,
     /// import and executor admin need `admin`; executor routes `executor`, Raft `cluster`.
     pub(crate) fn need(&self) -> Need {
-        use Endpoint as E;
-        match self.access() {
-            Access::Anyone => return Need::Nothing,
-            Access::Cluster => return Need::Cluster,
-            Access::Executor => return Need::Executor,
-            Access::Api => {}
-        }
-        match self {
-            E::ClusterInit
-            | E::AddLearner
-            | E::SetVoters
-            | E::RemoveNode { .. }
-            | E::MaintenanceEnable
-            | E::MaintenanceDisable
-            | E::Export
-            | E::Import
-            | E::DumpArchiveIndex
-            | E::DeleteExecutor { .. } => Need::Admin,
-            E::KvPut { .. }
-            | E::KvDelete { .. }
-            | E::CreateRun
-            | E::DeleteRun { .. }
-            | E::RunAction { .. }
-            | E::TaskAnnotations { .. }
-            | E::TaskAction { .. } => Need::Write,
-            E::ClusterStatus
-            | E::KvList
-            | E::KvGet { .. }
-            | E::MaintenanceStatus
-            | E::ListRuns
-            | E::GetRun { .. }
-            | E::RunGraph { .. }
-            | E::RunTasks { .. }
-            | E::TaskLogs { .. }
-            | E::TaskWorkspace { .. }
-            | E::ArchiveStatus
-            | E::Events
-            | E::ListExecutors
-            | E::OpenApi => Need::Read,
-            E::Healthz
-            | E::Readyz
-            | E::Metrics
-            | E::Ui { .. }
-            | E::UiHead { .. }
-            | E::Raft { .. }
-            | E::ExecutorHeartbeat { .. }
-            | E::ExecutorTasks { .. }
-            | E::ExecutorSiblings { .. }
-            | E::SetTaskStatus { .. }
-            | E::AppendLog { .. }
-            | E::UploadArchive { .. }
-            | E::DownloadArchive { .. }
-            | E::UploadCache { .. }
-            | E::DownloadCache { .. }
-            | E::MatchCache { .. } => unreachable!("answered by access() above"),
-        }
+        self.spec().need
     }
 
     /// Served while this node applies the maintenance flag. Health, metrics, Raft, the
@@ -473,105 +284,140 @@ impl<'a> Endpoint<'a> {
     /// heartbeating and finish what they run; the paused scheduler gives them nothing
     /// new); of the API, only what takes a cluster in and out of maintenance.
     pub(crate) fn open_in_maintenance(&self) -> bool {
-        use Endpoint as E;
-        match self {
-            E::Healthz | E::Readyz | E::Metrics | E::Raft { .. } | E::Ui { .. } | E::UiHead { .. } => true,
-            E::ExecutorHeartbeat { .. }
-            | E::ExecutorTasks { .. }
-            | E::ExecutorSiblings { .. }
-            | E::SetTaskStatus { .. }
-            | E::AppendLog { .. }
-            | E::UploadArchive { .. }
-            | E::DownloadArchive { .. }
-            | E::UploadCache { .. }
-            | E::DownloadCache { .. }
-            | E::MatchCache { .. } => true,
-            E::ClusterStatus
-            | E::ClusterInit
-            | E::AddLearner
-            | E::SetVoters
-            | E::RemoveNode { .. }
-            | E::MaintenanceStatus
-            | E::MaintenanceEnable
-            | E::MaintenanceDisable
-            | E::Export
-            | E::Import
-            | E::OpenApi => true,
-            E::KvList
-            | E::KvGet { .. }
-            | E::KvPut { .. }
-            | E::KvDelete { .. }
-            | E::ListRuns
-            | E::CreateRun
-            | E::GetRun { .. }
-            | E::DeleteRun { .. }
-            | E::RunAction { .. }
-            | E::RunGraph { .. }
-            | E::RunTasks { .. }
-            | E::TaskAnnotations { .. }
-            | E::TaskAction { .. }
-            | E::TaskLogs { .. }
-            | E::TaskWorkspace { .. }
-            | E::ArchiveStatus
-            | E::DumpArchiveIndex
-            | E::Events
-            | E::ListExecutors
-            | E::DeleteExecutor { .. } => false,
-        }
+        self.spec().in_maintenance == Maintenance::Open
     }
 
     /// How the body is read, and its size limit.
     pub(crate) fn body(&self) -> Body {
-        use Endpoint as E;
-        match self {
-            E::UploadArchive { .. } | E::UploadCache { .. } => Body::Streamed,
-            E::Raft { .. } => Body::Raft,
-            E::Import => Body::Import,
-            E::Healthz
-            | E::Readyz
-            | E::Metrics
-            | E::ClusterStatus
-            | E::ClusterInit
-            | E::AddLearner
-            | E::SetVoters
-            | E::RemoveNode { .. }
-            | E::KvList
-            | E::KvGet { .. }
-            | E::KvPut { .. }
-            | E::KvDelete { .. }
-            | E::MaintenanceStatus
-            | E::MaintenanceEnable
-            | E::MaintenanceDisable
-            | E::Export
-            | E::ListRuns
-            | E::CreateRun
-            | E::GetRun { .. }
-            | E::DeleteRun { .. }
-            | E::RunAction { .. }
-            | E::RunGraph { .. }
-            | E::RunTasks { .. }
-            | E::TaskAnnotations { .. }
-            | E::TaskAction { .. }
-            | E::TaskLogs { .. }
-            | E::TaskWorkspace { .. }
-            | E::ArchiveStatus
-            | E::DumpArchiveIndex
-            | E::Events
-            | E::ListExecutors
-            | E::DeleteExecutor { .. }
-            | E::ExecutorHeartbeat { .. }
-            | E::ExecutorTasks { .. }
-            | E::ExecutorSiblings { .. }
-            | E::SetTaskStatus { .. }
-            | E::AppendLog { .. }
-            | E::DownloadArchive { .. }
-            | E::DownloadCache { .. }
-            | E::MatchCache { .. }
-            | E::Ui { .. }
-            | E::UiHead { .. }
-            | E::OpenApi => Body::Api,
-        }
+        self.spec().body
     }
+
+    /// Everything the table says about this route, in one row per route.
+    fn spec(&self) -> Spec {
+        use Body::{Api as Small, Import as ExportFile, Raft as RaftBody, Streamed};
+        use Endpoint as E;
+        use Maintenance::{Closed, Open};
+        use Need::{Admin, Cluster, Executor, Nothing, Read, Write};
+        use RpcKind as R;
+        let (method, template, label, need, in_maintenance, body) = match self {
+            E::Healthz => ("GET", "/healthz", "healthz", Nothing, Open, Small),
+            E::Readyz => ("GET", "/readyz", "readyz", Nothing, Open, Small),
+            E::Metrics => ("GET", "/metrics", "metrics", Nothing, Open, Small),
+            E::Raft { rpc: R::Append } => ("POST", "/raft/append", "raft", Cluster, Open, RaftBody),
+            E::Raft { rpc: R::Vote } => ("POST", "/raft/vote", "raft", Cluster, Open, RaftBody),
+            E::Raft { rpc: R::Snapshot } => ("POST", "/raft/snapshot", "raft", Cluster, Open, RaftBody),
+            E::Raft { rpc: R::Leader } => ("POST", "/raft/leader", "raft", Cluster, Open, RaftBody),
+            E::Raft { rpc: R::Elect } => ("POST", "/raft/elect", "raft", Cluster, Open, RaftBody),
+            E::ClusterStatus => ("GET", "/api/v1/cluster", "cluster", Read, Open, Small),
+            E::ClusterInit => ("POST", "/api/v1/cluster/init", "cluster", Admin, Open, Small),
+            E::AddLearner => ("POST", "/api/v1/cluster/learners", "cluster", Admin, Open, Small),
+            E::SetVoters => ("POST", "/api/v1/cluster/voters", "cluster", Admin, Open, Small),
+            E::RemoveNode { .. } => {
+                ("DELETE", "/api/v1/cluster/nodes/{node_id}", "cluster", Admin, Open, Small)
+            }
+            E::KvList => ("GET", "/api/v1/kv", "kv", Read, Closed, Small),
+            E::KvGet { .. } => ("GET", "/api/v1/kv/{key}", "kv", Read, Closed, Small),
+            E::KvPut { .. } => ("PUT", "/api/v1/kv/{key}", "kv", Write, Closed, Small),
+            E::KvDelete { .. } => ("DELETE", "/api/v1/kv/{key}", "kv", Write, Closed, Small),
+            E::MaintenanceStatus => ("GET", "/api/v1/maintenance", "maintenance", Read, Open, Small),
+            E::MaintenanceEnable => ("PUT", "/api/v1/maintenance", "maintenance", Admin, Open, Small),
+            E::MaintenanceDisable => ("DELETE", "/api/v1/maintenance", "maintenance", Admin, Open, Small),
+            E::Export => ("GET", "/api/v1/export", "export", Admin, Open, Small),
+            E::Import => ("POST", "/api/v1/import", "import", Admin, Open, ExportFile),
+            E::ListRuns => ("GET", "/api/v1/runs", "runs", Read, Closed, Small),
+            E::CreateRun => ("POST", "/api/v1/runs", "runs", Write, Closed, Small),
+            E::GetRun { .. } => ("GET", "/api/v1/runs/{run_id}", "runs", Read, Closed, Small),
+            E::DeleteRun { .. } => ("DELETE", "/api/v1/runs/{run_id}", "runs", Write, Closed, Small),
+            E::RunAction { .. } => ("PUT", "/api/v1/runs/{run_id}/actions", "runs", Write, Closed, Small),
+            E::RunGraph { .. } => ("GET", "/api/v1/runs/{run_id}/graph", "runs", Read, Closed, Small),
+            E::RunTasks { .. } => ("GET", "/api/v1/runs/{run_id}/tasks", "runs", Read, Closed, Small),
+            E::TaskAnnotations { .. } => {
+                ("PUT", "/api/v1/runs/{run_id}/tasks/{task}/annotations", "runs", Write, Closed, Small)
+            }
+            E::TaskAction { .. } => {
+                ("PUT", "/api/v1/runs/{run_id}/tasks/{task}/actions", "runs", Write, Closed, Small)
+            }
+            E::TaskLogs { .. } => {
+                ("GET", "/api/v1/runs/{run_id}/tasks/{task}/logs", "runs", Read, Closed, Small)
+            }
+            E::TaskWorkspace { .. } => {
+                ("GET", "/api/v1/runs/{run_id}/tasks/{task}/workspace", "runs", Read, Closed, Small)
+            }
+            E::ArchiveStatus => ("GET", "/api/v1/archive", "archive", Read, Closed, Small),
+            E::DumpArchiveIndex => ("POST", "/api/v1/archive/index", "archive", Admin, Closed, Small),
+            E::Events => ("GET", "/api/v1/events", "events", Read, Closed, Small),
+            E::ListExecutors => ("GET", "/api/v1/executors", "executors", Read, Closed, Small),
+            E::DeleteExecutor { .. } => {
+                ("DELETE", "/api/v1/executors/{executor_id}", "executors", Admin, Closed, Small)
+            }
+            E::OpenApi => ("GET", "/api/v1/openapi.json", "openapi", Read, Open, Small),
+            E::ExecutorHeartbeat { .. } => {
+                ("PUT", "/api/v1/executor/{executor_id}", "executor", Executor, Open, Small)
+            }
+            E::ExecutorTasks { .. } => {
+                ("GET", "/api/v1/executor/{executor_id}/tasks", "executor", Executor, Open, Small)
+            }
+            E::ExecutorSiblings { .. } => {
+                ("GET", "/api/v1/executor/{executor_id}/siblings", "executor", Executor, Open, Small)
+            }
+            E::SetTaskStatus { .. } => {
+                ("PUT", "/api/v1/executor/{executor_id}/tasks/{task_id}", "executor", Executor, Open, Small)
+            }
+            E::AppendLog { .. } => (
+                "POST",
+                "/api/v1/executor/{executor_id}/tasks/{task_id}/logs/{step}",
+                "executor",
+                Executor,
+                Open,
+                Small,
+            ),
+            E::UploadArchive { .. } => (
+                "PUT",
+                "/api/v1/executor/{executor_id}/tasks/{task_id}/archives/{step}",
+                "executor",
+                Executor,
+                Open,
+                Streamed,
+            ),
+            E::DownloadArchive { .. } => (
+                "GET",
+                "/api/v1/executor/{executor_id}/archives/{task_id}/{step}",
+                "executor",
+                Executor,
+                Open,
+                Small,
+            ),
+            E::UploadCache { .. } => {
+                ("PUT", "/api/v1/executor/{executor_id}/caches", "executor", Executor, Open, Streamed)
+            }
+            E::DownloadCache { .. } => {
+                ("GET", "/api/v1/executor/{executor_id}/caches", "executor", Executor, Open, Small)
+            }
+            E::MatchCache { .. } => {
+                ("GET", "/api/v1/executor/{executor_id}/caches/match", "executor", Executor, Open, Small)
+            }
+            E::Ui { .. } => ("GET", "/ui/{path}", "ui", Nothing, Open, Small),
+            E::UiHead { .. } => ("HEAD", "/ui/{path}", "ui", Nothing, Open, Small),
+        };
+        Spec { method, template, label, need, in_maintenance, body }
+    }
+}
+
+/// Whether a route is served while the node applies the maintenance flag.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Maintenance {
+    Open,
+    Closed,
+}
+
+/// One row of the route table.
+struct Spec {
+    method: &'static str,
+    template: &'static str,
+    label: &'static str,
+    need: Need,
+    in_maintenance: Maintenance,
+    body: Body,
 }
 
 /// The endpoints of a path, one per method (none: no route has this path). The one
@@ -855,12 +701,14 @@ mod tests {
         }
     }
 
-    /// `template` is an exhaustive `match`, so the compiler makes a new variant give it an
+    /// `spec` is an exhaustive `match`, so the compiler makes a new variant give it an
     /// arm; this makes that arm a row of `ROUTES`, so the tests above walk every variant.
     #[test]
-    fn routes_has_one_row_per_arm_of_template() {
+    fn routes_has_one_row_per_arm_of_spec() {
         let src = include_str!("routes.rs");
-        let body = src.split("fn template(").nth(1).unwrap().split("fn label(").next().unwrap();
+        let body = src.split("fn spec(").nth(1).unwrap().split("struct Spec {").next().unwrap();
+        // rustfmt may break a long row over lines: one space between tokens.
+        let body = body.split_whitespace().collect::<Vec<_>>().join(" ").replace("( \"", "(\"");
         let mut arms: Vec<(&str, &str)> = body
             .split("(\"")
             .skip(1)
@@ -875,7 +723,7 @@ mod tests {
         let unique = rows.len();
         rows.dedup();
         assert_eq!(rows.len(), unique, "a route is listed twice in ROUTES");
-        assert_eq!(rows, arms, "ROUTES and the arms of Endpoint::template differ");
+        assert_eq!(rows, arms, "ROUTES and the arms of Endpoint::spec differ");
     }
 
     #[test]

@@ -435,7 +435,10 @@ where
         let (access, need) = match &routed {
             Ok(endpoint) => (endpoint.access(), endpoint.need()),
             Err(NoRoute::MethodNotAllowed { at }) => (at[0].access(), at[0].need()),
-            Err(NoRoute::NotFound) => (Access::of_path(&segments), Access::of_path(&segments).least_need()),
+            Err(NoRoute::NotFound) => {
+                let access = Access::of_path(&segments);
+                (access, access.least_need())
+            }
         };
         let caller = ctx.authorize(need, auth.as_deref())?;
         if access == Access::Cluster && ctx.cfg.tls.as_ref().is_some_and(|t| t.client_auth) && !client_cert {

@@ -356,6 +356,34 @@ fn fail_task(rt: &mut RunTask, why: String, now_ms: u64) {
     }
 }
 
+/// One scheduler round as the loop makes it (a run whose fingerprint is the one it had
+/// when it was last left unchanged is skipped), for the property tests of this module and
+/// of `group.rs`: the updates to apply. Checks that the skipping is sound: a skipped run
+/// really had nothing to do (else a waiting run could starve).
+#[cfg(test)]
+pub(crate) fn checked_round(state: &State, now: u64, settled: &mut BTreeMap<String, u64>) -> Vec<RunUpdate> {
+    let settings = Settings::default();
+    let mut active = active_counts(state);
+    let executors = executors_fingerprint(state, &active, now, &settings);
+    let mut updates = Vec::new();
+    let mut now_settled = BTreeMap::new();
+    for id in state.active_runs.iter() {
+        let fingerprint = run_fingerprint(state, id, executors).expect("an active run exists");
+        let decided = decide_run(state, id, now, &settings, &mut active);
+        if settled.get(id) == Some(&fingerprint) {
+            assert!(decided.is_none(), "run {id} was skipped by its fingerprint but had work: {decided:?}");
+        }
+        match decided {
+            Some(u) => updates.push(u),
+            None => {
+                now_settled.insert(id.clone(), fingerprint);
+            }
+        }
+    }
+    *settled = now_settled;
+    updates
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -420,28 +448,7 @@ mod tests {
         /// that the loop's skipping is sound: a run whose fingerprint is the one it had when
         /// it was last left unchanged is left unchanged again.
         fn round(&mut self) -> bool {
-            let mut active = active_counts(&self.state);
-            let executors = executors_fingerprint(&self.state, &active, NOW, &Settings::default());
-            let ids: Vec<String> = self.state.active_runs.iter().cloned().collect();
-            let mut updates = Vec::new();
-            let mut settled = BTreeMap::new();
-            for id in &ids {
-                let fingerprint = run_fingerprint(&self.state, id, executors).expect("an active run exists");
-                let decided = decide_run(&self.state, id, NOW, &Settings::default(), &mut active);
-                if self.settled.get(id) == Some(&fingerprint) {
-                    assert!(
-                        decided.is_none(),
-                        "run {id} was skipped by its fingerprint but had work: {decided:?}"
-                    );
-                }
-                match decided {
-                    Some(u) => updates.push(u),
-                    None => {
-                        settled.insert(id.clone(), fingerprint);
-                    }
-                }
-            }
-            self.settled = settled;
+            let updates = checked_round(&self.state, NOW, &mut self.settled);
             let any = !updates.is_empty();
             for u in updates {
                 for s in &u.create_tasks {

@@ -56,7 +56,7 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
-    use crate::decide::{active_counts, decide_run, executors_fingerprint, run_fingerprint, Settings};
+    use crate::decide::checked_round;
 
     const NOW: u64 = 1_000_000;
 
@@ -88,25 +88,7 @@ mod tests {
         /// One scheduler round as the loop makes it (skipping runs by fingerprint), checking
         /// that a skipped run really had nothing to do: else a waiting run could starve.
         fn round(&mut self) -> bool {
-            let mut active = active_counts(&self.state);
-            let executors = executors_fingerprint(&self.state, &active, NOW, &Settings::default());
-            let ids: Vec<String> = self.state.active_runs.iter().cloned().collect();
-            let mut updates = Vec::new();
-            let mut settled = BTreeMap::new();
-            for id in &ids {
-                let fingerprint = run_fingerprint(&self.state, id, executors).unwrap();
-                let decided = decide_run(&self.state, id, NOW, &Settings::default(), &mut active);
-                if self.settled.get(id) == Some(&fingerprint) {
-                    assert!(decided.is_none(), "run {id} skipped by its fingerprint had work");
-                }
-                match decided {
-                    Some(u) => updates.push(u),
-                    None => {
-                        settled.insert(id.clone(), fingerprint);
-                    }
-                }
-            }
-            self.settled = settled;
+            let updates = checked_round(&self.state, NOW, &mut self.settled);
             let any = !updates.is_empty();
             for u in updates {
                 let r = self.apply(Command::UpdateRun(Box::new(u)));

@@ -11,7 +11,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use crate::run::{Run, RunConfig, RunPhase};
+use crate::run::{phase_word, Run, RunConfig, RunPhase};
 
 pub const DATA_PREFIX: &str = "datamanager/data/";
 pub const FULL_INDEX_KEY: &str = "datamanager/index/runs.idx";
@@ -58,16 +58,6 @@ pub struct IndexEntry {
     pub id: String,
     pub group: String,
     pub phase: RunPhase,
-}
-
-pub fn phase_word(p: RunPhase) -> &'static str {
-    match p {
-        RunPhase::Setuperror => "setuperror",
-        RunPhase::Queued => "queued",
-        RunPhase::Cancelled => "cancelled",
-        RunPhase::Running => "running",
-        RunPhase::Finished => "finished",
-    }
 }
 
 fn parse_phase(w: &str) -> Option<RunPhase> {

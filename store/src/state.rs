@@ -216,7 +216,7 @@ impl State {
                     if !src.phase.is_final() {
                         return conflict(format!(
                             "run {restarted_from} is {}; only a finished, cancelled or setuperror run can be restarted",
-                            crate::archive::phase_word(src.phase)
+                            crate::run::phase_word(src.phase)
                         ));
                     }
                 }

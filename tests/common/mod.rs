@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+mod rng;
+
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -124,25 +126,8 @@ pub struct Cluster {
     pub tls: Option<TlsPaths>,
 }
 
-/// Small xorshift PRNG: reproducible from a printed seed, no dependency.
-pub struct Rng(u64);
-impl Rng {
-    pub fn from_time() -> Rng {
-        let seed =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64 | 1;
-        eprintln!("rng seed: {seed}");
-        Rng(seed)
-    }
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+#[allow(unused_imports)] // not every test binary draws random numbers
+pub use rng::Rng;
 
 impl Cluster {
     pub fn new(extra_args: &[&str]) -> Cluster {
@@ -513,4 +498,26 @@ impl Drop for ExecutorProc {
             let _ = Command::new("docker").args(["rm", "-f", &c]).stdout(Stdio::null()).status();
         }
     }
+}
+
+/// A raw API call (any method, optional token and JSON body): the status and the body as
+/// JSON (`null` when it is not JSON). For tests of refusals the typed client would not send.
+pub async fn call(
+    method: &str,
+    url: &str,
+    token: Option<&str>,
+    body: Option<Vec<u8>>,
+) -> (u16, serde_json::Value) {
+    let client = reqwest::Client::new();
+    let mut req = client.request(method.parse().unwrap(), url);
+    if let Some(t) = token {
+        req = req.bearer_auth(t);
+    }
+    if let Some(b) = body {
+        req = req.header("content-type", "application/json").body(b);
+    }
+    let resp = req.send().await.expect("request");
+    let status = resp.status().as_u16();
+    let body: serde_json::Value = resp.json().await.unwrap_or(serde_json::Value::Null);
+    (status, body)
 }

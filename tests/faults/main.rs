@@ -24,23 +24,9 @@ use kv::{Outcome, Record};
 use net::Net;
 use nodes::Nodes;
 
-/// xorshift64: reproducible from the printed seed, no dependency.
-pub struct Rng(u64);
-impl Rng {
-    pub fn new(seed: u64) -> Rng {
-        Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1)
-    }
-    #[allow(clippy::should_implement_trait)] // a PRNG, not an iterator
-    pub fn next(&mut self) -> u64 {
-        self.0 ^= self.0 << 13;
-        self.0 ^= self.0 >> 7;
-        self.0 ^= self.0 << 17;
-        self.0
-    }
-    pub fn below(&mut self, n: u64) -> u64 {
-        self.next() % n
-    }
-}
+#[path = "../common/rng.rs"]
+mod rng;
+pub use rng::Rng;
 
 const NODES: [u64; 3] = [1, 2, 3];
 const KEYS: usize = 3;
