@@ -12,6 +12,7 @@
 
 pub mod batch;
 pub mod blobs;
+mod codec;
 pub mod drain;
 pub mod error;
 pub mod log_store;

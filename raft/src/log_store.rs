@@ -23,6 +23,8 @@ use openraft::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+
+use crate::codec::{decode, encode};
 use tokio::sync::mpsc;
 
 use crate::{Entry, NodeId, TypeConfig};
@@ -45,14 +47,6 @@ fn io_err(
     e: impl std::error::Error + 'static,
 ) -> StorageError<NodeId> {
     StorageIOError::new(subject, verb, openraft::AnyError::new(&e)).into()
-}
-
-pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, rmp_serde::encode::Error> {
-    rmp_serde::to_vec_named(v)
-}
-
-pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, rmp_serde::decode::Error> {
-    rmp_serde::from_slice(bytes)
 }
 
 fn index_key(index: u64) -> [u8; 8] {

@@ -16,7 +16,7 @@ use openraft::raft::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::log_store::{decode, encode};
+use crate::codec::{decode, encode};
 use crate::{Node, NodeId, TypeConfig};
 
 /// Paths of the node-to-node routes, relative to a node's address.

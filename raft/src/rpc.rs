@@ -2,7 +2,7 @@
 //! mounts these on `/raft/*` behind the cluster token; this module owns the encoding so
 //! that both ends of the wire live in one crate.
 
-use crate::log_store::{decode, encode};
+use crate::codec::{decode, encode};
 use crate::node::LeaderRequest;
 use crate::{NodeError, RaftNode};
 

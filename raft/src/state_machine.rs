@@ -23,7 +23,7 @@ use openraft::{
 use serde::{Deserialize, Serialize};
 use tokio::sync::{broadcast, watch};
 
-use crate::log_store::{decode, encode};
+use crate::codec::{decode, encode};
 use crate::{Entry, Node, NodeId, TypeConfig};
 
 const KEY_CURRENT: &[u8] = b"current";
