@@ -13,6 +13,7 @@ use flotilla_api::server::{serve_node, ServerConfig};
 use flotilla_api::types::ClusterStatus;
 use flotilla_api::{Client, ClientError};
 use flotilla_raft::NodeConfig;
+use flotilla_store::defaults;
 
 mod config_file;
 mod run_cmd;
@@ -120,28 +121,28 @@ impl AccessArgs {
 #[derive(clap::Args)]
 struct RaftTuning {
     /// Raft heartbeat interval; every AppendEntries call must finish within it.
-    #[arg(long, env = "FLOTILLA_HEARTBEAT_MS", default_value_t = 100)]
+    #[arg(long, env = "FLOTILLA_HEARTBEAT_MS", default_value_t = defaults::HEARTBEAT_MS)]
     heartbeat_ms: u64,
     /// Minimum election timeout (the maximum is 1.5 times this; a follower campaigns after
     /// the maximum plus its own random timeout without hearing from the leader).
-    #[arg(long, env = "FLOTILLA_ELECTION_TIMEOUT_MS", default_value_t = 250)]
+    #[arg(long, env = "FLOTILLA_ELECTION_TIMEOUT_MS", default_value_t = defaults::ELECTION_TIMEOUT_MS)]
     election_timeout_ms: u64,
     /// Build a snapshot every this many log entries.
-    #[arg(long, env = "FLOTILLA_SNAPSHOT_LOGS", default_value_t = 5000)]
+    #[arg(long, env = "FLOTILLA_SNAPSHOT_LOGS", default_value_t = defaults::SNAPSHOT_LOGS)]
     snapshot_logs: u64,
     /// Log entries kept behind the last snapshot for slow followers.
-    #[arg(long, env = "FLOTILLA_MAX_LOGS_KEEP", default_value_t = 1000)]
+    #[arg(long, env = "FLOTILLA_MAX_LOGS_KEEP", default_value_t = defaults::MAX_LOGS_KEEP)]
     max_logs_keep: u64,
     /// A write or linearizable read that cannot complete within this answers 503
     /// `unavailable` (whether a write was applied is then unknown).
-    #[arg(long, env = "FLOTILLA_REQUEST_TIMEOUT_MS", default_value_t = flotilla_store::limits::DEFAULT_REQUEST_TIMEOUT_MS)]
+    #[arg(long, env = "FLOTILLA_REQUEST_TIMEOUT_MS", default_value_t = defaults::REQUEST_TIMEOUT_MS)]
     request_timeout_ms: u64,
 }
 
 #[derive(clap::Args)]
 struct SchedulerTuning {
     /// An executor silent for this long gets no new tasks; a dynamic one is removed.
-    #[arg(long, env = "FLOTILLA_EXECUTOR_TIMEOUT_MS", default_value_t = 60_000)]
+    #[arg(long, env = "FLOTILLA_EXECUTOR_TIMEOUT_MS", default_value_t = defaults::EXECUTOR_TIMEOUT_MS)]
     executor_timeout_ms: u64,
 }
 
@@ -161,25 +162,25 @@ struct OstArgs {
     #[arg(long, env = "FLOTILLA_OST")]
     ost: Option<String>,
     /// Period of the object-storage garbage collector (runs on the leader).
-    #[arg(long, env = "FLOTILLA_OST_GC_INTERVAL_S", default_value_t = 600)]
+    #[arg(long, env = "FLOTILLA_OST_GC_INTERVAL_S", default_value_t = defaults::OST_GC_INTERVAL_S)]
     ost_gc_interval_s: u64,
     /// Unreferenced logs and archives younger than this are kept.
-    #[arg(long, env = "FLOTILLA_OST_GC_GRACE_S", default_value_t = 3600)]
+    #[arg(long, env = "FLOTILLA_OST_GC_GRACE_S", default_value_t = defaults::OST_GC_GRACE_S)]
     ost_gc_grace_s: u64,
     /// Caches older than this are deleted.
-    #[arg(long, env = "FLOTILLA_CACHE_MAX_AGE_S", default_value_t = 7 * 24 * 3600)]
+    #[arg(long, env = "FLOTILLA_CACHE_MAX_AGE_S", default_value_t = defaults::CACHE_MAX_AGE_S)]
     cache_max_age_s: u64,
     /// Runs finished for this long move from the replicated state to the archive in the ost.
-    #[arg(long, env = "FLOTILLA_ARCHIVE_AFTER_S", default_value_t = 3600)]
+    #[arg(long, env = "FLOTILLA_ARCHIVE_AFTER_S", default_value_t = defaults::ARCHIVE_AFTER_S)]
     archive_after_s: u64,
     /// Period of an archive round (runs on the leader).
-    #[arg(long, env = "FLOTILLA_ARCHIVE_INTERVAL_MS", default_value_t = 10_000)]
+    #[arg(long, env = "FLOTILLA_ARCHIVE_INTERVAL_MS", default_value_t = defaults::ARCHIVE_INTERVAL_MS)]
     archive_interval_ms: u64,
     /// Size bound of an archive data file.
-    #[arg(long, env = "FLOTILLA_ARCHIVE_MAX_FILE_BYTES", default_value_t = 10 * 1024 * 1024)]
+    #[arg(long, env = "FLOTILLA_ARCHIVE_MAX_FILE_BYTES", default_value_t = defaults::ARCHIVE_MAX_FILE_BYTES)]
     archive_max_file_bytes: u64,
     /// Period of the full run index dump to the ost (0: only on demand).
-    #[arg(long, env = "FLOTILLA_INDEX_DUMP_INTERVAL_S", default_value_t = 3600)]
+    #[arg(long, env = "FLOTILLA_INDEX_DUMP_INTERVAL_S", default_value_t = defaults::INDEX_DUMP_INTERVAL_S)]
     index_dump_interval_s: u64,
 }
 
@@ -189,7 +190,7 @@ impl OstArgs {
             interval_ms: self.archive_interval_ms.max(50),
             after_ms: self.archive_after_s * 1000,
             max_file_bytes: self.archive_max_file_bytes.max(4096),
-            batch: 5_000,
+            batch: defaults::ARCHIVE_BATCH,
             index_interval_ms: self.index_dump_interval_s * 1000,
         }
     }
@@ -590,7 +591,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             cfg.cluster_token = cluster_token.clone();
             cfg.heartbeat_ms = tuning.heartbeat_ms;
             cfg.election_timeout_min_ms = tuning.election_timeout_ms;
-            cfg.election_timeout_max_ms = tuning.election_timeout_ms * 3 / 2;
+            cfg.election_timeout_max_ms = defaults::election_timeout_max_ms(tuning.election_timeout_ms);
             cfg.snapshot_logs = tuning.snapshot_logs;
             cfg.max_logs_keep = tuning.max_logs_keep;
             cfg.request_timeout_ms = tuning.request_timeout_ms;

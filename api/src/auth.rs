@@ -16,13 +16,9 @@
 use std::collections::BTreeSet;
 use std::path::Path;
 
+use flotilla_store::limits::{MAX_TOKENS, MAX_TOKEN_NAME_BYTES};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
-
-/// Most tokens in one file (each presented token is compared with all of them).
-pub const MAX_TOKENS: usize = 1024;
-/// Longest token name (it is recorded on approvals and events).
-pub const MAX_TOKEN_NAME_BYTES: usize = 64;
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Deserialize, serde::Serialize)]
 #[serde(rename_all = "lowercase")]

@@ -9,6 +9,7 @@
 //! `Access-Control-Allow-Origin` with `Vary: Origin`. `*` is honoured only when given
 //! literally. Credentials (cookies) are never allowed: the API uses bearer tokens.
 
+use flotilla_store::limits::MAX_ALLOWED_ORIGINS;
 use warp::http::{HeaderValue, Response};
 use warp::reply::Response as Reply;
 
@@ -16,8 +17,6 @@ use warp::reply::Response as Reply;
 const ALLOWED_HEADERS: &str = "authorization, content-type, idempotency-key";
 /// How long a browser may cache a preflight answer (10 minutes).
 const PREFLIGHT_MAX_AGE_S: u32 = 600;
-/// Most allowed origins (each is compared on every cross-origin request).
-pub const MAX_ALLOWED_ORIGINS: usize = 64;
 
 #[derive(Clone, Debug, Default)]
 pub struct Cors {

@@ -64,9 +64,9 @@ impl From<CommandError> for ApiError {
     fn from(e: CommandError) -> Self {
         match e {
             CommandError::RevisionMismatch { .. } => ApiError::new(409, "revision_mismatch", e.to_string()),
-            CommandError::NotFound { .. } => ApiError::not_found(e.to_string()),
+            CommandError::KeyNotFound { .. } => ApiError::not_found(e.to_string()),
             CommandError::Invalid { .. } => ApiError::bad_request(e.to_string()),
-            CommandError::Missing { .. } => ApiError::not_found(e.to_string()),
+            CommandError::ObjectNotFound { .. } => ApiError::not_found(e.to_string()),
             CommandError::Conflict { .. } => ApiError::conflict(e.to_string()),
             CommandError::KeyReused { .. } => ApiError::new(422, "idempotency_key_reused", e.to_string()),
         }

@@ -18,7 +18,7 @@ use flotilla_store::{Command, Response};
 use sha2::{Digest, Sha256};
 
 use crate::error::ApiError;
-use crate::server::{json, unexpected, write_at, Ctx, Reply, Request};
+use crate::handler::{json, unexpected, write_at, Ctx, Reply, Request};
 
 pub use flotilla_client::types::RestartRequest;
 

@@ -10,8 +10,7 @@
 //! offset, the answer carries the server's size, and the executor resends from there.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -24,62 +23,13 @@ use tokio::io::AsyncWriteExt;
 use tokio::sync::watch;
 
 use crate::error::ApiError;
-use crate::server::{json, Ctx, Reply, Request};
+use crate::handler::{json, stream_reply, Ctx, Reply, Request};
+use crate::spool::{LiveLog, LiveState};
 
 pub use flotilla_client::types::{CacheMatch, LogAppended, Stored};
 
 /// Header marking a request one node forwarded to another (never forwarded again).
 pub const FORWARDED: &str = "x-flotilla-forwarded";
-
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-struct LiveState {
-    size: u64,
-    stored: bool,
-}
-
-struct LiveLog {
-    path: PathBuf,
-    state: watch::Sender<LiveState>,
-    /// Serialises appends to one log.
-    write: tokio::sync::Mutex<()>,
-}
-
-/// The logs being written on this node.
-pub struct LiveLogs {
-    dir: PathBuf,
-    logs: Mutex<HashMap<(String, LogStep), Arc<LiveLog>>>,
-}
-
-impl LiveLogs {
-    /// Spools under `dir`, emptied first: what a previous process left is resent by the
-    /// executors (they keep their logs until stored).
-    pub fn new(dir: PathBuf) -> std::io::Result<LiveLogs> {
-        if dir.exists() {
-            std::fs::remove_dir_all(&dir)?;
-        }
-        std::fs::create_dir_all(&dir)?;
-        Ok(LiveLogs { dir, logs: Mutex::new(HashMap::new()) })
-    }
-
-    fn get(&self, task_id: &str, step: &LogStep) -> Option<Arc<LiveLog>> {
-        self.logs.lock().unwrap().get(&(task_id.to_string(), step.clone())).cloned()
-    }
-
-    fn get_or_create(&self, task_id: &str, step: &LogStep) -> Arc<LiveLog> {
-        let mut logs = self.logs.lock().unwrap();
-        logs.entry((task_id.to_string(), step.clone()))
-            .or_insert_with(|| {
-                let (state, _) = watch::channel(LiveState { size: 0, stored: false });
-                let path = self.dir.join(format!("{task_id}.{step}.log"));
-                Arc::new(LiveLog { path, state, write: tokio::sync::Mutex::new(()) })
-            })
-            .clone()
-    }
-
-    fn remove(&self, task_id: &str, step: &LogStep) {
-        self.logs.lock().unwrap().remove(&(task_id.to_string(), step.clone()));
-    }
-}
 
 /// `POST /api/v1/executor/{id}/tasks/{task_id}/logs/{step}?offset=N[&final=true]`.
 pub(crate) async fn append_log(
@@ -330,32 +280,13 @@ fn task_ended(ctx: &Ctx, run_id: &str, task: &str) -> bool {
     sm.state.runs.get(run_id).and_then(|r| r.tasks.get(task)).is_none_or(|t| t.status.is_final())
 }
 
-/// A 200 streaming `stream` as `application/octet-stream` (text for logs is fine too).
-pub(crate) fn stream_reply(mut stream: ObjectStream) -> Reply {
-    // warp wants a Sync stream: relay through a channel.
-    let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, std::io::Error>>(4);
-    tokio::spawn(async move {
-        while let Some(item) = stream.next().await {
-            let failed = item.is_err();
-            if tx.send(item).await.is_err() || failed {
-                break;
-            }
-        }
-    });
-    let body = futures::stream::poll_fn(move |cx| rx.poll_recv(cx));
-    let mut resp = warp::Reply::into_response(warp::reply::stream(body));
-    resp.headers_mut()
-        .insert("content-type", warp::http::HeaderValue::from_static("application/octet-stream"));
-    Reply::Raw(resp)
-}
-
 /// Sends the request on to the leader and relays its answer (streamed).
 pub(crate) async fn forward_to_leader(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
     let leader =
         ctx.node.leader_url().ok_or_else(|| ApiError::unavailable("no leader known; retry shortly"))?;
     let mut url = format!(
         "{leader}/{}",
-        req.segments.iter().map(|s| crate::server::encode_segment(s)).collect::<Vec<_>>().join("/")
+        req.segments.iter().map(|s| crate::handler::encode_segment(s)).collect::<Vec<_>>().join("/")
     );
     if !req.raw_query.is_empty() {
         url = format!("{url}?{}", req.raw_query);

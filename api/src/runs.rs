@@ -20,7 +20,7 @@ use flotilla_store::{Command, Response};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::error::ApiError;
-use crate::server::{json, read_barrier, unexpected, write, write_at, Ctx, Reply, Request};
+use crate::handler::{json, read_barrier, unexpected, write, write_at, Ctx, Reply, Request};
 use crate::types::*;
 
 /// `POST /api/v1/runs`, with or without an `Idempotency-Key`.
@@ -149,7 +149,7 @@ pub(crate) async fn delete_executor(ctx: &Ctx, id: &str) -> Result<Reply, ApiErr
 
 fn expect_done(r: Response) -> Result<Reply, ApiError> {
     match r {
-        Response::Done { .. } => Ok(Reply::Empty),
+        Response::Done { .. } | Response::ArchiveChanged { .. } => Ok(Reply::Empty),
         other => Err(unexpected(other)),
     }
 }

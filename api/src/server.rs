@@ -15,166 +15,25 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{Buf, BufMut, Bytes, BytesMut};
-use flotilla_raft::network::MSGPACK;
 use flotilla_raft::rpc;
 use flotilla_raft::{LeaderRequest, RaftNode};
 use flotilla_store::limits::{
-    BODY_IDLE_TIMEOUT_MS, BODY_PERMIT_WAIT_MS, BODY_READ_TIMEOUT_MS, DEFAULT_LIST_LIMIT,
-    HEADER_READ_TIMEOUT_MS, LARGE_BODY_BYTES, MAX_LARGE_API_BODIES, MAX_LARGE_RAFT_BODIES, MAX_LIST_LIMIT,
-    MAX_NODE_ADDR_BYTES,
+    BODY_IDLE_TIMEOUT_MS, BODY_READ_TIMEOUT_MS, DEFAULT_LIST_LIMIT, HEADER_READ_TIMEOUT_MS, LARGE_BODY_BYTES,
+    MAX_LIST_LIMIT, MAX_NODE_ADDR_BYTES,
 };
 use flotilla_store::ost::{ObjectStream, Ost};
 use flotilla_store::{Command, Response};
 use futures::{Stream, StreamExt};
 use percent_encoding::percent_decode_str;
-use serde::de::DeserializeOwned;
-use serde::Serialize;
 use tokio::net::TcpListener;
-use tokio::sync::watch;
-use warp::http::{Method, StatusCode};
+use warp::http::Method;
 use warp::Filter;
 
-use crate::auth::{Caller, Need};
 use crate::error::ApiError;
-use crate::metrics::Metrics;
+use crate::handler::{json, read_barrier, unexpected, write, Reply, Request};
+pub use crate::handler::{Ctx, ServerConfig};
 use crate::routes::{Access, Body, Endpoint, NoRoute};
 use crate::types::*;
-
-pub struct ServerConfig {
-    /// Where the tokens come from (`--tokens-file`, `--token-file`, …), read at start and
-    /// again on `SIGHUP` ([`Ctx::reload_tokens`]). No token at all: every request passes.
-    pub tokens: crate::auth::TokenFiles,
-    /// Cross-origin requests (`--allowed-origins`; off by default).
-    pub cors: crate::cors::Cors,
-    pub scheduler: flotilla_scheduler::SchedulerConfig,
-    /// `--ost` URL; `None` means `file://<data dir>/ost`.
-    pub ost_url: Option<String>,
-    /// Garbage collection of the object storage (leader only).
-    pub gc: flotilla_scheduler::gc::GcConfig,
-    /// The run archive (leader only).
-    pub archive: flotilla_scheduler::archive::ArchiveConfig,
-    /// Open connections served at once (`--max-connections`, default `MAX_CONNECTIONS`).
-    pub max_connections: usize,
-    /// HTTPS on the listener (`--tls-cert`, `--tls-key`, `--tls-client-ca`).
-    pub tls: Option<crate::tls::ServerTls>,
-}
-
-/// What every handler can reach.
-pub struct Ctx {
-    pub node: Arc<RaftNode>,
-    pub cfg: ServerConfig,
-    pub metrics: Metrics,
-    pub ost: Ost,
-    pub(crate) archive: crate::archive::Archive,
-    pub(crate) live_logs: crate::objects::LiveLogs,
-    peers: reqwest::Client,
-    /// For forwarded requests whose answers stream (no overall timeout).
-    pub(crate) streams: reqwest::Client,
-    /// Turns true when the server starts shutting down: ends long polls and event streams
-    /// so that a graceful shutdown does not wait for them.
-    closing_tx: watch::Sender<bool>,
-    /// Open event streams, bounded by `MAX_EVENT_SUBSCRIBERS`.
-    pub(crate) event_subscribers: Arc<std::sync::atomic::AtomicUsize>,
-    /// Permits to read a large body: API routes, Raft routes.
-    large_bodies: [tokio::sync::Semaphore; 2],
-    /// The tokens in force (replaced whole by a reload).
-    tokens: std::sync::RwLock<Arc<crate::auth::Tokens>>,
-}
-
-impl Ctx {
-    /// `spool_dir` holds the logs being written on this node (emptied at start).
-    pub fn new(
-        node: Arc<RaftNode>,
-        cfg: ServerConfig,
-        ost: Ost,
-        spool_dir: std::path::PathBuf,
-    ) -> std::io::Result<Arc<Ctx>> {
-        // Idle connections are let go before a server closes them (HEADER_READ_TIMEOUT_MS).
-        let idle = Duration::from_secs(15);
-        let peers = flotilla_raft::tls::client_builder()
-            .connect_timeout(Duration::from_millis(500))
-            .timeout(Duration::from_secs(2))
-            .pool_idle_timeout(idle)
-            .build()
-            .expect("static client settings");
-        let streams = flotilla_raft::tls::client_builder()
-            .connect_timeout(Duration::from_millis(500))
-            .pool_idle_timeout(idle)
-            .build()
-            .expect("static client settings");
-        let (closing_tx, _) = watch::channel(false);
-        let live_logs = crate::objects::LiveLogs::new(spool_dir)?;
-        let tokens = cfg.tokens.load().map_err(std::io::Error::other)?;
-        Ok(Arc::new(Ctx {
-            node,
-            cfg,
-            metrics: Metrics::default(),
-            archive: crate::archive::Archive::new(ost.clone()),
-            ost,
-            live_logs,
-            peers,
-            streams,
-            closing_tx,
-            event_subscribers: Default::default(),
-            tokens: std::sync::RwLock::new(Arc::new(tokens)),
-            large_bodies: [
-                tokio::sync::Semaphore::new(MAX_LARGE_API_BODIES),
-                tokio::sync::Semaphore::new(MAX_LARGE_RAFT_BODIES),
-            ],
-        }))
-    }
-
-    /// A permit to read one large body, waited for at most `BODY_PERMIT_WAIT_MS`.
-    async fn body_permit(&self, raft: bool) -> Result<tokio::sync::SemaphorePermit<'_>, ApiError> {
-        let wait = Duration::from_millis(BODY_PERMIT_WAIT_MS);
-        match tokio::time::timeout(wait, self.large_bodies[usize::from(raft)].acquire()).await {
-            Ok(Ok(permit)) => Ok(permit),
-            _ => Err(ApiError::new(
-                503,
-                "busy",
-                format!(
-                    "this node is reading {} large request bodies already; retry shortly",
-                    if raft { MAX_LARGE_RAFT_BODIES } else { MAX_LARGE_API_BODIES }
-                ),
-            )),
-        }
-    }
-
-    pub(crate) fn closing(&self) -> watch::Receiver<bool> {
-        self.closing_tx.subscribe()
-    }
-
-    /// Re-reads every token file (`SIGHUP`). A file that does not load changes nothing.
-    pub fn reload_tokens(&self) -> Result<usize, String> {
-        let tokens = self.cfg.tokens.load()?;
-        let n = tokens.len();
-        *self.tokens.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(tokens);
-        Ok(n)
-    }
-
-    /// The caller of a request that needs `need`: 401 without a known token, 403 when its
-    /// role does not allow the route. A node without tokens lets everyone through.
-    fn authorize(&self, need: Need, authorization: Option<&str>) -> Result<Option<Caller>, ApiError> {
-        let tokens = self.tokens.read().unwrap_or_else(|e| e.into_inner()).clone();
-        if need == Need::Nothing || tokens.is_open() {
-            return Ok(tokens.authenticate(authorization));
-        }
-        let caller = tokens.authenticate(authorization).ok_or_else(ApiError::unauthorized)?;
-        if !caller.role.may(need) {
-            return Err(ApiError::new(
-                403,
-                "forbidden",
-                format!(
-                    "token {:?} has the role {}; this route needs {}",
-                    caller.name,
-                    caller.role.name(),
-                    need.name()
-                ),
-            ));
-        }
-        Ok(Some(caller))
-    }
-}
 
 /// Serves `ctx` on `listener` until `shutdown` resolves; in-flight requests finish first.
 pub async fn run(listener: TcpListener, ctx: Arc<Ctx>, shutdown: impl Future<Output = ()> + Send + 'static) {
@@ -336,42 +195,6 @@ pub async fn bind(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.set_nodelay(true)?;
     socket.bind(addr)?;
     socket.listen(1024)
-}
-
-pub(crate) enum Reply {
-    Json(u16, Vec<u8>),
-    Text(u16, &'static str, String),
-    Msgpack(Vec<u8>),
-    Empty,
-    /// A streamed response (server-sent events).
-    Raw(warp::reply::Response),
-}
-
-pub(crate) fn json<T: Serialize>(status: u16, v: &T) -> Reply {
-    Reply::Json(status, serde_json::to_vec(v).unwrap_or_default())
-}
-
-impl warp::Reply for Reply {
-    fn into_response(self) -> warp::reply::Response {
-        let (status, ct, body): (u16, &str, Vec<u8>) = match self {
-            Reply::Json(s, b) => (s, "application/json", b),
-            Reply::Text(s, ct, t) => (s, ct, t.into_bytes()),
-            Reply::Msgpack(b) => (200, MSGPACK, b),
-            Reply::Empty => (204, "application/json", Vec::new()),
-            Reply::Raw(resp) => return resp,
-        };
-        let mut resp = warp::reply::Response::new(body.into());
-        *resp.status_mut() = StatusCode::from_u16(status).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-        resp.headers_mut().insert(
-            "content-type",
-            warp::http::HeaderValue::from_static(match ct {
-                "application/json" => "application/json",
-                MSGPACK => MSGPACK,
-                _ => "text/plain; version=0.0.4; charset=utf-8",
-            }),
-        );
-        resp
-    }
 }
 
 /// What `handle` needs of the request headers.
@@ -579,66 +402,6 @@ where
     Ok(buf.freeze())
 }
 
-pub(crate) struct Request<'a> {
-    pub method: Method,
-    pub segments: &'a [&'a str],
-    pub query: HashMap<String, String>,
-    pub raw_query: String,
-    pub auth: Option<String>,
-    /// Sent on by another node (never forwarded again).
-    pub forwarded: bool,
-    /// The `Idempotency-Key` header (`POST /api/v1/runs`).
-    pub idempotency_key: Option<String>,
-    /// The `content-length` header (the size of a streamed upload, when given).
-    pub content_length: Option<u64>,
-    /// The body read whole (empty for a streamed upload).
-    pub body: Bytes,
-    /// Who sent it: the name and role of its token (`None` on a node without tokens).
-    pub caller: Option<crate::auth::Caller>,
-}
-
-impl Request<'_> {
-    /// `cmd` on behalf of the caller: its events name the caller's token (nothing changes
-    /// on a node without named tokens).
-    pub(crate) fn acted(&self, cmd: Command) -> Command {
-        match &self.caller {
-            Some(c) => Command::Acted { actor: c.name.clone(), cmd: Box::new(cmd) },
-            None => cmd,
-        }
-    }
-
-    pub(crate) fn json<T: DeserializeOwned>(&self) -> Result<T, ApiError> {
-        if self.body.is_empty() {
-            return Err(ApiError::bad_request("request body is empty; a JSON object is expected"));
-        }
-        // Strict: a struct only from a JSON object, at any depth (serde alone also reads a
-        // struct from a positional array).
-        crate::strict_json::from_slice(&self.body)
-            .map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}")))
-    }
-
-    pub(crate) fn flag(&self, name: &str) -> Result<bool, ApiError> {
-        match self.query.get(name).map(String::as_str) {
-            None | Some("false") | Some("0") => Ok(false),
-            Some("true") | Some("1") | Some("") => Ok(true),
-            Some(other) => {
-                Err(ApiError::bad_request(format!("query parameter {name}={other:?} is not a boolean")))
-            }
-        }
-    }
-
-    pub(crate) fn number(&self, name: &str) -> Result<Option<u64>, ApiError> {
-        self.query
-            .get(name)
-            .map(|v| {
-                v.parse().map_err(|_| {
-                    ApiError::bad_request(format!("query parameter {name}={v:?} is not a number"))
-                })
-            })
-            .transpose()
-    }
-}
-
 /// Calls the handler of `endpoint`. `upload` is the body of a streamed upload
 /// ([`Body::Streamed`]); every other body is read whole into `req.body`.
 async fn dispatch(
@@ -821,16 +584,6 @@ async fn import(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
     Ok(Reply::Empty)
 }
 
-pub(crate) fn unexpected(r: Response) -> ApiError {
-    match r {
-        Response::Rejected(e) => e.into(),
-        other => {
-            tracing::error!(response = ?other, "unexpected response to a command");
-            ApiError::internal()
-        }
-    }
-}
-
 fn check_addr(addr: &str) -> Result<String, ApiError> {
     // The URL parser silently drops tabs and line breaks: refuse them (and any control
     // character or space) before it sees the address.
@@ -867,13 +620,6 @@ fn decode_segments(path: &str) -> Result<Vec<String>, ApiError> {
         .collect()
 }
 
-/// A decoded segment encoded again for a URL (a request forwarded to the leader).
-pub(crate) fn encode_segment(s: &str) -> String {
-    const SET: &percent_encoding::AsciiSet =
-        &percent_encoding::NON_ALPHANUMERIC.remove(b'-').remove(b'_').remove(b'.').remove(b'~');
-    percent_encoding::utf8_percent_encode(s, SET).to_string()
-}
-
 /// A key from its (decoded) segments: `a/b` may arrive as `a%2Fb` or as two segments.
 fn decode_key(segments: &[&str]) -> Result<String, ApiError> {
     let key = segments.join("/");
@@ -881,38 +627,8 @@ fn decode_key(segments: &[&str]) -> Result<String, ApiError> {
     Ok(key)
 }
 
-/// Proposes a command and records its latency; refusals become 4xx errors.
-pub(crate) async fn write(ctx: &Ctx, cmd: Command) -> Result<Response, ApiError> {
-    Ok(write_at(ctx, cmd).await?.1)
-}
-
-/// [`write`], also returning the log index of the write.
-pub(crate) async fn write_at(ctx: &Ctx, cmd: Command) -> Result<(u64, Response), ApiError> {
-    let kind = cmd.kind();
-    let start = Instant::now();
-    let result = ctx.node.write(cmd).await;
-    ctx.metrics.write(
-        kind,
-        matches!(&result, Ok((_, r)) if !matches!(r, Response::Rejected(_))),
-        start.elapsed(),
-    );
-    let (index, response) = result?;
-    match response {
-        Response::Rejected(e) => Err(e.into()),
-        ok => Ok((index, ok)),
-    }
-}
-
 async fn membership(ctx: &Ctx, req: LeaderRequest) -> Result<(), ApiError> {
     ctx.node.leader_request(req).await?;
-    Ok(())
-}
-
-/// Linearizable unless `?stale=true`.
-pub(crate) async fn read_barrier(ctx: &Ctx, req: &Request<'_>) -> Result<(), ApiError> {
-    if !req.flag("stale")? {
-        ctx.node.linearizable_barrier().await?;
-    }
     Ok(())
 }
 

@@ -22,8 +22,7 @@ use flotilla_store::ost::Ost;
 use flotilla_store::run::{Phase, Run, RunConfig, Step, TaskStatus};
 
 use crate::error::ApiError;
-use crate::objects::stream_reply;
-use crate::server::{json, read_barrier, Ctx, Reply, Request};
+use crate::handler::{json, read_barrier, stream_reply, Ctx, Reply, Request};
 
 pub use flotilla_client::types::{RunOutline, StepOutline, TaskOutline};
 

@@ -19,7 +19,8 @@ use serde::{Deserialize, Serialize};
 use warp::http::{HeaderValue, Method};
 
 use crate::error::ApiError;
-use crate::server::{json, read_barrier, Ctx, Reply, Request};
+use crate::handler::{json, read_barrier, Ctx, Reply, Request};
+use flotilla_store::limits::MAX_STEP_LABEL_CHARS;
 
 /// Same-origin everything, nothing inline, no plugins, no framing, no form posts.
 pub const CONTENT_SECURITY_POLICY: &str = "default-src 'none'; script-src 'self'; style-src 'self'; \
@@ -113,9 +114,6 @@ pub struct GraphStep {
     /// The step's name, or for an unnamed `run` step the first line of its command.
     pub label: String,
 }
-
-/// Longest label kept for an unnamed run step's command (a label, not the script).
-const MAX_STEP_LABEL_CHARS: usize = 80;
 
 impl RunGraph {
     pub fn of(run_id: &str, config: &RunConfig) -> RunGraph {

@@ -18,12 +18,11 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, RaftError};
 use tokio::sync::{mpsc, oneshot, Semaphore};
 
 use crate::{Node, NodeId, Raft};
+use flotilla_store::limits::MAX_BATCH_BYTES;
 
 /// Proposals in flight at once: one measured best (the largest batches; a lone write still
 /// goes out at once).
 const IN_FLIGHT: usize = 1;
-/// The most encoded bytes one batch carries (a single larger command goes alone).
-const MAX_BATCH_BYTES: usize = 1024 * 1024;
 
 pub type WriteResult = Result<(u64, Response), RaftError<NodeId, ClientWriteError<NodeId, Node>>>;
 pub type ReadResult = Result<u64, RaftError<NodeId, CheckIsLeaderError<NodeId, Node>>>;
@@ -85,7 +84,7 @@ async fn write_loop(raft: Raft, mut rx: mpsc::UnboundedReceiver<Pending>) {
         let mut batch = vec![first];
         let mut bytes = batch[0].size;
         if batch[0].cmd.batchable() {
-            while batch.len() < flotilla_store::command::MAX_BATCH_COMMANDS {
+            while batch.len() < flotilla_store::limits::MAX_BATCH_COMMANDS {
                 let Ok(next) = rx.try_recv() else { break };
                 if !next.cmd.batchable() || bytes + next.size > MAX_BATCH_BYTES {
                     carry = Some(next);

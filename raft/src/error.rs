@@ -1,6 +1,7 @@
 //! The one error type the raft crate hands upwards. It is plain data (kind + safe message)
 //! so that an error raised on the leader crosses a forwarded request unchanged: the client
-//! sees the leader's status and message (seed 003: a remote error keeps its status).
+//! sees the leader's status and message (a remote error keeps its status:
+//! a 409 on the leader is a 409 through any node).
 
 use serde::{Deserialize, Serialize};
 

@@ -12,6 +12,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use flotilla_store::defaults;
 use flotilla_store::{Command, Response};
 use openraft::error::{
     ChangeMembershipError, CheckIsLeaderError, ClientWriteError, InitializeError, RaftError,
@@ -59,12 +60,12 @@ impl NodeConfig {
             id,
             data_dir,
             cluster_token: None,
-            heartbeat_ms: 100,
-            election_timeout_min_ms: 250,
-            election_timeout_max_ms: 375,
-            snapshot_logs: 5000,
-            max_logs_keep: 1000,
-            request_timeout_ms: flotilla_store::limits::DEFAULT_REQUEST_TIMEOUT_MS,
+            heartbeat_ms: defaults::HEARTBEAT_MS,
+            election_timeout_min_ms: defaults::ELECTION_TIMEOUT_MS,
+            election_timeout_max_ms: defaults::election_timeout_max_ms(defaults::ELECTION_TIMEOUT_MS),
+            snapshot_logs: defaults::SNAPSHOT_LOGS,
+            max_logs_keep: defaults::MAX_LOGS_KEEP,
+            request_timeout_ms: defaults::REQUEST_TIMEOUT_MS,
             cache_capacity_bytes: 64 * 1024 * 1024,
         }
     }

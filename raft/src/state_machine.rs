@@ -202,6 +202,14 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         let last = {
             let mut sm = self.write();
             for entry in entries {
+                // openraft hands entries over in log order, once each: an entry at or before
+                // the last applied one would apply a command twice (a corrupted store).
+                assert!(
+                    sm.last_applied.is_none_or(|last| entry.log_id.index > last.index),
+                    "entry {} applied after {:?}",
+                    entry.log_id,
+                    sm.last_applied
+                );
                 sm.last_applied = Some(entry.log_id);
                 let response = match entry.payload {
                     EntryPayload::Blank => Response::None,

@@ -13,6 +13,7 @@ use std::time::Duration;
 
 use flotilla_raft::RaftNode;
 use flotilla_store::archive::{self, archivable, ArchivedRun, DataFile};
+use flotilla_store::defaults;
 use flotilla_store::ost::{Ost, OstError};
 use flotilla_store::{Command, Response};
 use tokio::sync::watch;
@@ -34,11 +35,11 @@ pub struct ArchiveConfig {
 impl Default for ArchiveConfig {
     fn default() -> Self {
         ArchiveConfig {
-            interval_ms: 10_000,
-            after_ms: 60 * 60 * 1000,
-            max_file_bytes: archive::DEFAULT_MAX_FILE_BYTES,
-            batch: 5_000,
-            index_interval_ms: 60 * 60 * 1000,
+            interval_ms: defaults::ARCHIVE_INTERVAL_MS,
+            after_ms: defaults::ARCHIVE_AFTER_S * 1000,
+            max_file_bytes: defaults::ARCHIVE_MAX_FILE_BYTES,
+            batch: defaults::ARCHIVE_BATCH,
+            index_interval_ms: defaults::INDEX_DUMP_INTERVAL_S * 1000,
         }
     }
 }
@@ -83,7 +84,7 @@ pub async fn round(node: &RaftNode, ost: &Ost, cfg: &ArchiveConfig) -> Result<us
                 r.end_time.or(r.start_time).or(r.enqueue_time).unwrap_or(0).saturating_add(cfg.after_ms)
                     <= now
             })
-            .take(cfg.batch.clamp(1, archive::MAX_ARCHIVE_BATCH))
+            .take(cfg.batch.clamp(1, flotilla_store::limits::MAX_ARCHIVE_BATCH))
             .filter_map(|r| {
                 // An ended run pulls nothing more: its credentials are not archived.
                 let mut config = st.run_configs.get(&r.id)?.clone();
@@ -116,7 +117,7 @@ pub async fn round(node: &RaftNode, ost: &Ost, cfg: &ArchiveConfig) -> Result<us
         run_ids,
     };
     let n = match node.write_if_leader(cmd).await {
-        Ok((_, Response::Done { .. })) => files.iter().map(|f| f.runs as usize).sum::<usize>(),
+        Ok((_, Response::ArchiveChanged { .. })) => files.iter().map(|f| f.runs as usize).sum::<usize>(),
         Ok((_, other)) => {
             remove(ost, &files).await;
             return Err(format!("archive commit refused: {other:?}"));

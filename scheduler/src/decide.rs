@@ -29,7 +29,7 @@ pub struct Settings {
 
 impl Default for Settings {
     fn default() -> Self {
-        Settings { executor_timeout_ms: 60_000 }
+        Settings { executor_timeout_ms: flotilla_store::defaults::EXECUTOR_TIMEOUT_MS }
     }
 }
 

@@ -1,4 +1,6 @@
-//! Garbage collection of the object storage, on the leader only (seed 002).
+//! Garbage collection of the object storage, on the leader only: every log and archive
+//! has a reference to its run written before its data, so an object with no reference
+//! after a grace period, or whose run is gone, is garbage.
 //!
 //! Logs and workspace archives of an executor task carry one `runs/<run id>` reference
 //! object per run using them; deleting a run deletes its references, and data with no
@@ -16,6 +18,7 @@ use std::sync::Arc;
 
 use flotilla_raft::RaftNode;
 use flotilla_store::archive::DATA_PREFIX;
+use flotilla_store::defaults;
 use flotilla_store::ost::keys::{ARCHIVES, CACHES, LOGS};
 use flotilla_store::ost::{ObjectInfo, Ost};
 use tokio::sync::watch;
@@ -33,9 +36,9 @@ pub struct GcConfig {
 impl Default for GcConfig {
     fn default() -> Self {
         GcConfig {
-            interval_ms: 10 * 60 * 1000,
-            grace_ms: 60 * 60 * 1000,
-            cache_max_age_ms: 7 * 24 * 60 * 60 * 1000,
+            interval_ms: defaults::OST_GC_INTERVAL_S * 1000,
+            grace_ms: defaults::OST_GC_GRACE_S * 1000,
+            cache_max_age_ms: defaults::CACHE_MAX_AGE_S * 1000,
         }
     }
 }

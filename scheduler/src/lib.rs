@@ -5,7 +5,7 @@
 //!
 //! It reads through `flotilla_raft::SharedState` and changes state only by proposing
 //! `flotilla_store::Command`s with [`flotilla_raft::RaftNode::write_if_leader`]; it never
-//! touches sled or HTTP. Leadership is the "single active orchestrator" (seed 004): the
+//! touches sled or HTTP. Leadership makes the scheduler the one active orchestrator: the
 //! loop is idle on followers, and a stale ex-leader cannot win a write, both because Raft
 //! refuses it and because every run update is a compare-and-swap on the run's revision.
 //!

@@ -15,10 +15,6 @@ use crate::run::{phase_word, Run, RunConfig, RunPhase};
 
 pub const DATA_PREFIX: &str = "datamanager/data/";
 pub const FULL_INDEX_KEY: &str = "datamanager/index/runs.idx";
-/// Default size bound of a data file.
-pub const DEFAULT_MAX_FILE_BYTES: u64 = 10 * 1024 * 1024;
-/// Most runs one archive command moves.
-pub const MAX_ARCHIVE_BATCH: usize = 20_000;
 
 /// One data file of the archive.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

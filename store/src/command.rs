@@ -16,8 +16,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::executor::{validate_executor_id, ExecutorInfo, ExecutorTaskSpec, ExecutorTaskStatus};
 use crate::limits::{
-    MAX_IDEMPOTENCY_KEY_BYTES, MAX_KEY_BYTES, MAX_MAP_ENTRIES, MAX_MAP_VALUE_BYTES, MAX_NAME_BYTES,
-    MAX_VALUE_BYTES,
+    MAX_BATCH_COMMANDS, MAX_IDEMPOTENCY_KEY_BYTES, MAX_KEY_BYTES, MAX_MAP_ENTRIES, MAX_MAP_VALUE_BYTES,
+    MAX_NAME_BYTES, MAX_VALUE_BYTES,
 };
 use crate::run::{validate_name, Run, RunCreate, RunTask, TaskStatus};
 
@@ -103,16 +103,13 @@ pub enum Command {
     Acted { actor: String, cmd: Box<Command> },
     /// Several commands proposed as one log entry by the leader (group commit): applied in
     /// order, each as if alone and with its own response, all at the entry's index. A batch
-    /// holds no batch and no import, and at most [`MAX_BATCH_COMMANDS`] commands.
+    /// holds no batch and no import, and at most [`MAX_BATCH_COMMANDS`](crate::limits::MAX_BATCH_COMMANDS) commands.
     Batch(Vec<Command>),
     /// Name the cluster once (proposed by the first leader that finds it unnamed): every
     /// container an executor creates is labeled with it, so that clusters sharing a Docker
     /// engine never touch each other's containers. Refused when the cluster has a name.
     SetClusterId { id: String },
 }
-
-/// The most commands one [`Command::Batch`] carries.
-pub const MAX_BATCH_COMMANDS: usize = 512;
 
 /// What a scheduler round decided for one run: the run's new status (accepted only if the
 /// run is still at `prev_revision`), the executor tasks to create, to stop and to delete.
@@ -208,7 +205,7 @@ impl Command {
             Command::Import(state) => state.validate_import().map_err(invalid),
             Command::ArchiveRuns { run_ids, files, .. } => {
                 if run_ids.is_empty()
-                    || run_ids.len() > crate::archive::MAX_ARCHIVE_BATCH
+                    || run_ids.len() > crate::limits::MAX_ARCHIVE_BATCH
                     || files.len() > 1000
                 {
                     return Err(invalid("an archive batch moves 1 to 20,000 runs in at most 1,000 files"));
@@ -336,6 +333,11 @@ pub enum Response {
     Done {
         revision: u64,
     },
+    /// The archive manifest changed (runs archived, or a run deleted from the state or
+    /// from the archive): its new generation, which a later archive command names.
+    ArchiveChanged {
+        generation: u64,
+    },
     /// The command was applied and changed nothing, for this reason.
     Rejected(CommandError),
     /// The responses to the commands of a [`Command::Batch`], in order.
@@ -349,13 +351,16 @@ pub enum CommandError {
     /// `prev_revision` did not match; `actual` is 0 when the key does not exist.
     #[error("revision mismatch on key {key:?}: expected {expected}, found {actual}")]
     RevisionMismatch { key: String, expected: u64, actual: u64 },
+    /// A coordination key does not exist (kv compare-and-delete).
     #[error("key {key:?} not found")]
-    NotFound { key: String },
+    #[serde(rename = "not_found")]
+    KeyNotFound { key: String },
     #[error("{reason}")]
     Invalid { reason: String },
     /// The named object (run, task, executor, executor task) does not exist.
     #[error("{what} not found")]
-    Missing { what: String },
+    #[serde(rename = "missing")]
+    ObjectNotFound { what: String },
     /// The object exists but is in a state where the command makes no sense (wrong phase).
     #[error("{reason}")]
     Conflict { reason: String },

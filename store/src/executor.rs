@@ -4,7 +4,8 @@
 //! (run id, task name, executor, stop flag, generation) and its [`ExecutorTaskStatus`] are
 //! replicated; the bulky part an executor needs to run it ([`TaskData`]: image, steps,
 //! merged environment, workspace operations) is regenerated from the run configuration by
-//! [`task_data`] every time an executor fetches its tasks (seed 000).
+//! [`task_data`] every time an executor fetches its tasks (the log
+//! stays small and a configuration is never stored twice).
 
 use std::collections::BTreeMap;
 

@@ -12,6 +12,7 @@
 
 pub mod archive;
 pub mod command;
+pub mod defaults;
 pub mod event;
 pub mod executor;
 pub mod export;

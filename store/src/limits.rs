@@ -148,8 +148,36 @@ pub const CLIENT_RETRY_BUDGET_MS: u64 = 30_000;
 pub const CLIENT_RETRY_BACKOFF_MS: u64 = 100;
 /// `run wait` without `--timeout-s` gives up (exit 3) once no server answered for this long.
 pub const WAIT_UNREACHABLE_GIVE_UP_MS: u64 = 60_000;
-/// Longest a write or a linearizable read may take on a server (finding the leader,
-/// forwarding, committing, catching up) before it answers 503 `unavailable`: long enough
-/// for two election rounds (~1.5 s with the default Raft timing), short enough that a
-/// client retrying through another node is not stuck behind a partitioned leader.
-pub const DEFAULT_REQUEST_TIMEOUT_MS: u64 = 2000;
+
+// --- Tokens, CORS and the dashboard.
+
+/// Most tokens in one file (each presented token is compared with all of them).
+pub const MAX_TOKENS: usize = 1024;
+/// Longest token name (it is recorded on approvals and events).
+pub const MAX_TOKEN_NAME_BYTES: usize = 64;
+/// Most allowed origins (each is compared on every cross-origin request).
+pub const MAX_ALLOWED_ORIGINS: usize = 64;
+/// Longest label kept for an unnamed run step's command (a label, not the script).
+pub const MAX_STEP_LABEL_CHARS: usize = 80;
+
+// --- Raft: the leader's group commit.
+
+/// The most encoded bytes one proposal batch carries (a single larger command goes alone).
+pub const MAX_BATCH_BYTES: usize = 1024 * 1024;
+/// The most commands one `Command::Batch` carries.
+pub const MAX_BATCH_COMMANDS: usize = 512;
+
+// --- Object storage and the archive.
+
+/// Longest object storage key, in bytes: room for a base path under S3's 1024-byte limit
+/// on full keys. (Not `MAX_KEY_BYTES`, which bounds the coordination keys of the kv API.)
+pub const MAX_OBJECT_KEY_BYTES: usize = 768;
+/// Longest object storage base path, in bytes.
+pub const MAX_BASE_BYTES: usize = 255;
+/// Most keys one object storage list call returns.
+pub const MAX_LIST_PAGE: usize = 10_000;
+/// Longest cache key once its template is evaluated (it becomes part of an object storage
+/// key; the template itself may be up to `MAX_CACHE_KEY_BYTES`).
+pub const MAX_EVALUATED_CACHE_KEY_BYTES: usize = 200;
+/// Most runs one archive command moves.
+pub const MAX_ARCHIVE_BATCH: usize = 20_000;

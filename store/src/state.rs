@@ -73,7 +73,7 @@ pub struct IdempotencyEntry {
 }
 
 fn missing(what: impl Into<String>) -> Response {
-    Response::Rejected(CommandError::Missing { what: what.into() })
+    Response::Rejected(CommandError::ObjectNotFound { what: what.into() })
 }
 
 fn conflict(reason: impl Into<String>) -> Response {
@@ -145,7 +145,7 @@ impl State {
                                 actual: 0,
                             })
                         }
-                        _ => Response::Rejected(CommandError::NotFound { key: key.clone() }),
+                        _ => Response::Rejected(CommandError::KeyNotFound { key: key.clone() }),
                     };
                 };
                 if let Some(expected) = *prev_revision {
@@ -410,7 +410,7 @@ impl State {
         }
         self.archive.files.extend(files.iter().cloned());
         self.archive.generation += 1;
-        Response::Done { revision: self.archive.generation }
+        Response::ArchiveChanged { generation: self.archive.generation }
     }
 
     /// Deletes a finished run: from the state, or from the archive by replacing its data
@@ -434,7 +434,7 @@ impl State {
                 self.runs.remove(run_id);
                 self.run_configs.remove(run_id);
                 self.active_runs.remove(run_id);
-                Response::Done { revision: self.archive.generation }
+                Response::ArchiveChanged { generation: self.archive.generation }
             }
             Some(old) => {
                 if self.archive.generation != prev_generation {
@@ -453,7 +453,7 @@ impl State {
                     }
                 }
                 self.archive.generation += 1;
-                Response::Done { revision: self.archive.generation }
+                Response::ArchiveChanged { generation: self.archive.generation }
             }
         }
     }
@@ -519,7 +519,7 @@ impl State {
                 .to_lowercase(),
             );
         }
-        let et = self.executor_tasks.get_mut(id).expect("checked above");
+        let et = self.executor_tasks.get_mut(id).expect("looked up at the top of this function");
         et.status = status.clone();
         et.revision = index;
         Response::Done { revision: index }
@@ -575,6 +575,19 @@ impl State {
             u.create_tasks.iter().map(|s| config.task(&s.task_name).map_or(0, |t| t.steps.len())).collect();
         let mut run = u.run.clone();
         run.revision = index;
+        // The scheduler moves runs and tasks forward only: a run or task in a final phase
+        // keeps it (a restart is a new run). Checked in debug builds, where the property
+        // tests of the scheduler drive thousands of rounds through here.
+        debug_assert!(
+            !cur.phase.is_final() || run.phase == cur.phase,
+            "run {run_id} left its final phase: {:?} -> {:?}",
+            cur.phase,
+            run.phase
+        );
+        debug_assert!(
+            cur.tasks.iter().all(|(name, t)| !t.status.is_final() || run.tasks[name].status == t.status),
+            "a task of run {run_id} left its final status"
+        );
         Event::diff(index, cur, &run, events);
 
         for (spec, steps) in u.create_tasks.iter().zip(steps) {
@@ -585,7 +598,7 @@ impl State {
             self.touch_executor(&spec.executor_id, index);
         }
         for id in &u.stop_tasks {
-            let et = self.executor_tasks.get_mut(id).expect("checked above");
+            let et = self.executor_tasks.get_mut(id).expect("every stop_tasks id was checked to exist above");
             if !et.spec.stop {
                 et.spec.stop = true;
                 et.spec.generation += 1;
@@ -718,7 +731,7 @@ mod tests {
         let import = Command::Batch(vec![Command::Import(Box::default())]);
         assert!(matches!(import.validate(), Err(CommandError::Invalid { .. })));
         assert!(matches!(Command::Batch(vec![]).validate(), Err(CommandError::Invalid { .. })));
-        let big = Command::Batch(vec![put("a", "1", None); crate::command::MAX_BATCH_COMMANDS + 1]);
+        let big = Command::Batch(vec![put("a", "1", None); crate::limits::MAX_BATCH_COMMANDS + 1]);
         assert!(matches!(big.validate(), Err(CommandError::Invalid { .. })));
         let mut s = State::default();
         assert!(matches!(s.apply(1, &nested), Response::Rejected(_)));
@@ -744,7 +757,7 @@ mod tests {
         s.apply(1, &put("x", "1", None));
         let before = s.clone();
         let r = s.apply(2, &Command::KvDelete { key: "y".into(), prev_revision: None });
-        assert_eq!(r, Response::Rejected(CommandError::NotFound { key: "y".into() }));
+        assert_eq!(r, Response::Rejected(CommandError::KeyNotFound { key: "y".into() }));
         assert_eq!(s, before);
     }
 

@@ -58,7 +58,11 @@ curl -fsS -H "Authorization: Bearer $admin" -H 'content-type: application/json' 
   -d '{"name":"seed","tasks":[{"name":"a","image":"flotilla-busybox:latest","steps":[{"run":{"command":"true"}}]}]}' >/dev/null
 
 checks="not_a_server_error,status_code_conformance,content_type_conformance,response_schema_conformance"
-common=(--url "$base" --checks "$checks" --max-examples 25 --seed 22 --workers 2
+# One worker: with two, schemathesis's threads call ast.parse at once and CPython 3.11
+# (this machine's pyenv 3.11.7) fails with "SystemError: AST constructor recursion depth
+# mismatch" (the AST validator's depth counter is shared between threads), seen in the
+# coverage phase of a random operation.
+common=(--url "$base" --checks "$checks" --max-examples 25 --seed 22 --workers 1
   --phases examples,coverage,fuzzing --max-time 90 --no-color
   --suppress-health-check all --warnings off --generation-with-security-parameters false
   --generation-database none)
@@ -67,16 +71,9 @@ excluded='^/api/v1/(cluster/|events$|executor/)|^/raft/'
 echo "-- schemathesis: the user API with an admin token"
 status=0
 "$st" run "$out/openapi.json" "${common[@]}" --request-timeout 10 -H "Authorization: Bearer $admin" \
-  --exclude-path-regex "$excluded" --exclude-operation-id putMaintenance --exclude-operation-id putKvKey \
+  --exclude-path-regex "$excluded" --exclude-operation-id putMaintenance \
   --report junit --report-junit-path "$out/api.xml" || status=$?
 
-# Debian 12's Python 3.11.2 raises "SystemError: AST constructor recursion depth mismatch"
-# (a CPython bug fixed in later 3.11 releases) inside schemathesis's coverage phase for
-# this one operation: it is fuzzed on its own, without that phase.
-echo "-- schemathesis: PUT /api/v1/kv/{key} (fuzzing phase only)"
-"$st" run "$out/openapi.json" "${common[@]/coverage,/}" --request-timeout 10 -H "Authorization: Bearer $admin" \
-  --include-operation-id putKvKey --max-time 20 \
-  --report junit --report-junit-path "$out/kv-put.xml" || status=$?
 
 echo "-- schemathesis: the executor API with an executor token"
 # A task long poll may wait up to MAX_LONG_POLL_MS (60 s) when nothing changes.

@@ -1,4 +1,6 @@
-//! Where each kind of object lives (seed 002): every key built here, nowhere else.
+//! Where each kind of object lives (logs, workspace archives, caches, the run archive and
+//! the references that let the garbage collector tell what is in use): every key is built
+//! here, nowhere else.
 //!
 //! - `logs/<executor task id>/<step>.log` (`setup.log` for the setup step)
 //! - `workspacearchives/<executor task id>/<step>.tar`
@@ -8,12 +10,11 @@
 //! - `caches/<cache group without the leading />/<key>.tar`
 
 use super::{validate_key, OstError};
+use crate::limits::MAX_EVALUATED_CACHE_KEY_BYTES;
 
 pub const LOGS: &str = "logs";
 pub const ARCHIVES: &str = "workspacearchives";
 pub const CACHES: &str = "caches";
-/// Longest cache key (after templating).
-pub const MAX_CACHE_KEY_BYTES: usize = 200;
 
 /// Which log of a task.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
@@ -72,7 +73,7 @@ pub fn validate_cache_key(key: &str) -> Result<(), OstError> {
     if key.contains('/') {
         return bad("a cache key cannot contain '/'");
     }
-    if key.len() > MAX_CACHE_KEY_BYTES {
+    if key.len() > MAX_EVALUATED_CACHE_KEY_BYTES {
         return bad("a cache key is at most 200 bytes");
     }
     validate_key(key)

@@ -25,6 +25,7 @@ use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 
+use crate::limits::{MAX_BASE_BYTES, MAX_LIST_PAGE, MAX_OBJECT_KEY_BYTES};
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt, TryStreamExt};
 
@@ -33,14 +34,6 @@ pub use s3::{S3Ost, S3Settings};
 
 /// A stream of object bytes, read or to be written.
 pub type ObjectStream = Pin<Box<dyn Stream<Item = io::Result<Bytes>> + Send>>;
-
-/// Longest key accepted, in bytes, leaving room for a base path under S3's 1024-byte
-/// limit on full keys.
-pub const MAX_KEY_BYTES: usize = 768;
-/// Longest base path accepted, in bytes.
-pub const MAX_BASE_BYTES: usize = 255;
-/// Most keys one list call returns.
-pub const MAX_LIST_PAGE: usize = 10_000;
 
 /// Name prefix of the temporary files the POSIX backend writes before renaming them into
 /// place; no key may have a segment starting with it.
@@ -88,14 +81,14 @@ impl OstError {
 }
 
 /// Checks that `key` can name an object on every backend: non-empty, at most
-/// [`MAX_KEY_BYTES`], `/`-separated segments that are neither empty, `.` nor `..`, no
+/// [`MAX_OBJECT_KEY_BYTES`], `/`-separated segments that are neither empty, `.` nor `..`, no
 /// leading or trailing `/`, no control characters. Spaces and any other Unicode are fine.
 pub fn validate_key(key: &str) -> Result<(), OstError> {
     let bad = |reason| Err(OstError::InvalidKey { key: key.to_string(), reason });
     if key.is_empty() {
         return bad("empty");
     }
-    if key.len() > MAX_KEY_BYTES {
+    if key.len() > MAX_OBJECT_KEY_BYTES {
         return bad("longer than 768 bytes");
     }
     if key.chars().any(char::is_control) {
@@ -119,7 +112,7 @@ pub fn validate_prefix(prefix: &str) -> Result<(), OstError> {
         return Ok(());
     }
     let bad = |reason| Err(OstError::InvalidKey { key: prefix.to_string(), reason });
-    if prefix.len() > MAX_KEY_BYTES {
+    if prefix.len() > MAX_OBJECT_KEY_BYTES {
         return bad("longer than 768 bytes");
     }
     if prefix.starts_with('/') || prefix.contains("//") {
@@ -366,8 +359,8 @@ mod tests {
         for bad in ["", "/a", "a/", "a//b", "..", "a/../b", "./a", "a/.", "a\nb", "a\0b", ".ost-tmp.1"] {
             assert!(matches!(validate_key(bad), Err(OstError::InvalidKey { .. })), "{bad:?}");
         }
-        assert!(validate_key(&"k".repeat(MAX_KEY_BYTES)).is_ok());
-        assert!(validate_key(&"k".repeat(MAX_KEY_BYTES + 1)).is_err());
+        assert!(validate_key(&"k".repeat(MAX_OBJECT_KEY_BYTES)).is_ok());
+        assert!(validate_key(&"k".repeat(MAX_OBJECT_KEY_BYTES + 1)).is_err());
         for good in ["", "a", "a/", "caches/g/deps-"] {
             assert!(validate_prefix(good).is_ok(), "{good}");
         }

@@ -26,9 +26,10 @@ const MIN_PART: u64 = 5 * 1024 * 1024;
 pub const UNKNOWN_SIZE_PART: u64 = 8 * 1024 * 1024;
 /// Objects up to this size (when known) go up in a single PUT.
 const SINGLE_PUT_MAX: u64 = UNKNOWN_SIZE_PART;
-const MAX_PARTS: u64 = 10_000;
-/// S3's largest object.
-const MAX_OBJECT: u64 = 5 * 1024 * 1024 * 1024 * 1024;
+/// S3's own limits (the protocol's, not flotilla's: those are in `limits.rs`): the most
+/// parts of a multipart upload, and the largest object.
+const S3_MAX_PARTS: u64 = 10_000;
+const S3_MAX_OBJECT: u64 = 5 * 1024 * 1024 * 1024 * 1024;
 
 /// What an `s3://` URL says, plus the retry policy.
 #[derive(Debug, Clone)]
@@ -180,12 +181,12 @@ impl S3Ost {
 
     pub async fn put(&self, key: &str, mut body: ObjectStream, size: Option<u64>) -> Result<u64, OstError> {
         if let Some(size) = size {
-            if size > MAX_OBJECT {
-                return Err(OstError::TooLarge { key: key.to_string(), limit: MAX_OBJECT });
+            if size > S3_MAX_OBJECT {
+                return Err(OstError::TooLarge { key: key.to_string(), limit: S3_MAX_OBJECT });
             }
         }
         let part_size = match size {
-            Some(size) => size.div_ceil(MAX_PARTS).max(UNKNOWN_SIZE_PART).max(MIN_PART),
+            Some(size) => size.div_ceil(S3_MAX_PARTS).max(UNKNOWN_SIZE_PART).max(MIN_PART),
             None => UNKNOWN_SIZE_PART,
         };
         // Read the first part: if the stream ends within it, one PUT is enough.
@@ -230,8 +231,8 @@ impl S3Ost {
             let mut part = first;
             loop {
                 let number = parts.len() as i32 + 1;
-                if number as u64 > MAX_PARTS {
-                    return Err(OstError::TooLarge { key: key.to_string(), limit: MAX_PARTS * part_size });
+                if number as u64 > S3_MAX_PARTS {
+                    return Err(OstError::TooLarge { key: key.to_string(), limit: S3_MAX_PARTS * part_size });
                 }
                 total += part.len() as u64;
                 let out = self
