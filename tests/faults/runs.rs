@@ -192,14 +192,12 @@ pub async fn final_check(nodes: &[u64], log: &Shared, wait: Duration) -> Vec<Str
             match c.run_get(id).await {
                 Ok(run) if run.phase.is_final() => break,
                 Ok(run) if Instant::now() > deadline => {
-                    // Reported, not failed: the CI gate is linearizability, lost writes,
-                    // duplicate executions and hung requests; a run that does not end is
-                    // a liveness finding under study (docs/faults.md).
-                    println!(
-                        "faults: FINDING (liveness, not a failure): run {id} is still {:?} 60 s after the heal; tasks: {:?}",
+                    problems.push(format!(
+                        "run {id} is still {:?} {} s after the heal; tasks: {:?}",
                         run.phase,
+                        wait.as_secs(),
                         run.tasks.iter().map(|(n, t)| (n.clone(), t.status)).collect::<Vec<_>>()
-                    );
+                    ));
                     break;
                 }
                 Err(e) if e.status() == Some(404) => {
