@@ -663,7 +663,7 @@ async fn run(cli: Cli) -> Result<(), Failure> {
                 shutdown_signal().await;
                 let _ = tx.send(true);
             });
-            flotilla_executor::run(cfg, rx).await.map_err(Failure::Refused)
+            flotilla_executor::run(cfg, rx).await.map_err(|e| Failure::Refused(format!("{e:#}")))
         }
         Cmd::Run { client: args, command } => run_cmd::run(&client(&args)?, args.json, command).await,
         Cmd::Cluster { client: args, command } => cluster(&client(&args)?, args.json, command).await,

@@ -18,6 +18,7 @@ pub mod servers;
 pub mod tarball;
 pub mod task;
 
+use anyhow::Context as _;
 use std::collections::{BTreeMap, BTreeSet};
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -101,15 +102,15 @@ struct Running {
 
 /// Runs the agent until `shutdown` turns true. Fails only when Docker cannot be reached
 /// at start or the configuration is invalid.
-pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(), String> {
+pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Result<()> {
     if cfg.servers.is_empty() {
-        return Err("at least one server URL is needed (--servers)".into());
+        anyhow::bail!("at least one server URL is needed (--servers)");
     }
-    flotilla_store::executor::validate_executor_id(&cfg.id)?;
-    let docker = Driver::connect().await.map_err(|e| e.to_string())?;
-    let arch = docker.arch().await.map_err(|e| e.to_string())?;
+    flotilla_store::executor::validate_executor_id(&cfg.id).map_err(anyhow::Error::msg)?;
+    let docker = Driver::connect().await?;
+    let arch = docker.arch().await?;
     std::fs::create_dir_all(&cfg.work_dir)
-        .map_err(|e| format!("cannot create {}: {e}", cfg.work_dir.display()))?;
+        .with_context(|| format!("cannot create {}", cfg.work_dir.display()))?;
     let servers = Arc::new(Servers::new(&cfg.servers, cfg.token.clone()));
     let Some(cluster_id) = cluster_id(&cfg, &arch, &servers, &mut shutdown).await else { return Ok(()) };
     let agent = Arc::new(Agent { cfg, servers, docker, arch, cluster_id });
@@ -119,7 +120,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     // runs yet, so none of them is claimed.
     let ours =
         [(docker::LABEL_CLUSTER, agent.cluster_id.as_str()), (docker::LABEL_EXECUTOR, agent.cfg.id.as_str())];
-    let orphans = agent.docker.list(&ours).await.map_err(|e| e.to_string())?;
+    let orphans = agent.docker.list(&ours).await?;
     for c in orphans.iter().filter(|c| c.cluster == agent.cluster_id && c.executor == agent.cfg.id) {
         tracing::info!(container = c.id, task = c.task, "removing an orphan container of this executor");
         if let Err(e) = agent.docker.remove(&c.id).await {
@@ -133,7 +134,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> Result<(),
     }
     if let Some(addr) = agent.cfg.listen {
         let listener =
-            tokio::net::TcpListener::bind(addr).await.map_err(|e| format!("cannot listen on {addr}: {e}"))?;
+            tokio::net::TcpListener::bind(addr).await.with_context(|| format!("cannot listen on {addr}"))?;
         tokio::spawn(health(listener, agent.cfg.tls.clone()));
     }
     tracing::info!(id = agent.cfg.id, arch = agent.arch, servers = ?agent.cfg.servers, "executor started");

@@ -10,6 +10,7 @@
 //!
 //! Registry credentials are used for the pull only and never written to a log.
 
+use anyhow::Context as _;
 use std::collections::HashMap;
 
 use base64::Engine;
@@ -87,13 +88,15 @@ pub async fn remove_all(agent: &Agent, ids: Vec<String>) {
 }
 
 /// The credentials for pulling `image`, from the task's `docker_registries_auth`.
-fn pull_auth(data: &TaskData, image: &str) -> Result<Option<PullAuth>, String> {
+fn pull_auth(data: &TaskData, image: &str) -> anyhow::Result<Option<PullAuth>> {
     let registry = registry_of(image);
     let Some(a) = data.docker_registries_auth.get(registry) else { return Ok(None) };
     let (username, password) = match a.kind.as_str() {
         "encodedauth" => {
             let bad = || {
-                format!("the encodedauth credentials of registry {registry} are not base64 of user:password")
+                anyhow::anyhow!(
+                    "the encodedauth credentials of registry {registry} are not base64 of user:password"
+                )
             };
             let decoded = base64::engine::general_purpose::STANDARD
                 .decode(a.auth.as_deref().unwrap_or("").trim())
@@ -109,8 +112,8 @@ fn pull_auth(data: &TaskData, image: &str) -> Result<Option<PullAuth>, String> {
 
 /// Makes `image` present on this host, pulling it (with the task's credentials for its
 /// registry) if needed.
-async fn ensure_image(agent: &Agent, data: &TaskData, image: &str, log: &mut StepLog) -> Result<(), String> {
-    if agent.docker.image_present(image).await.map_err(|e| e.to_string())? {
+async fn ensure_image(agent: &Agent, data: &TaskData, image: &str, log: &mut StepLog) -> anyhow::Result<()> {
+    if agent.docker.image_present(image).await? {
         return Ok(());
     }
     let auth = pull_auth(data, image)?;
@@ -120,16 +123,16 @@ async fn ensure_image(agent: &Agent, data: &TaskData, image: &str, log: &mut Ste
         .docker
         .pull(image, agent.cfg.pull_timeout, auth)
         .await
-        .map_err(|e| format!("image {image:?} is not present on this host and cannot be pulled: {e}"))
+        .with_context(|| format!("image {image:?} is not present on this host and cannot be pulled"))
 }
 
 /// Docker's tmpfs options for a container's volumes (mode 1777: any user may write).
-fn tmpfs_of(c: &ContainerConfig) -> Result<HashMap<String, String>, String> {
+fn tmpfs_of(c: &ContainerConfig) -> anyhow::Result<HashMap<String, String>> {
     let mut out = HashMap::new();
     for v in &c.volumes {
         let Some(t) = &v.tmpfs else { continue };
         let opts = match &t.size {
-            Some(size) => format!("size={},mode=1777", size.bytes()?),
+            Some(size) => format!("size={},mode=1777", size.bytes().map_err(anyhow::Error::msg)?),
             None => "mode=1777".to_string(),
         };
         out.insert(v.path.clone(), opts);
@@ -152,12 +155,12 @@ pub async fn start(
     shell: &str,
     working_dir: &str,
     log: &mut StepLog,
-) -> Result<(Pod, Exits), String> {
+) -> anyhow::Result<(Pod, Exits)> {
     let containers = &data.containers;
-    let Some(main) = containers.first() else { return Err("the task has no container".into()) };
+    let Some(main) = containers.first() else { anyhow::bail!("the task has no container") };
     if let Some(c) = containers.iter().find(|c| c.privileged) {
         if !agent.cfg.allow_privileged {
-            return Err(format!(
+            return Err(anyhow::anyhow!(
                 "container {} asks to be privileged and executor {} does not allow privileged containers (--allow-privileged)",
                 c.name.as_deref().unwrap_or("main"),
                 agent.cfg.id
@@ -195,7 +198,7 @@ pub async fn start(
         extra_hosts: services.iter().map(|s| format!("{}:127.0.0.1", name_of(s))).collect(),
         tmpfs: tmpfs_of(main)?,
     };
-    let main_id = agent.docker.start(&spec).await.map_err(|e| e.to_string())?;
+    let main_id = agent.docker.start(&spec).await?;
     log.line(&format!("[flotilla] container {main_name} ({}) started", short(&main_id)));
 
     let (tx, exits) = mpsc::unbounded_channel();
@@ -222,7 +225,7 @@ pub async fn start(
             .docker
             .start(&spec)
             .await
-            .map_err(|e| format!("service container {name} could not start: {e}"))?;
+            .with_context(|| format!("service container {name} could not start"))?;
         log.line(&format!("[flotilla] service container {name} ({}) started", short(&id)));
         let (docker, tx, watched) = (agent.docker.clone(), tx.clone(), id.clone());
         let service = name.clone();

@@ -3,6 +3,7 @@
 //! blocking thread while Docker's upload-to-container extracts what has already been
 //! rebased. No temp file, no whole archive in memory: at most a few chunks in flight.
 
+use anyhow::Context as _;
 use std::io::{self, Write};
 
 use bytes::Bytes;
@@ -20,7 +21,7 @@ pub async fn into_container(
     container: &str,
     download: impl Stream<Item = io::Result<Bytes>> + Send + 'static,
     dest: &str,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     let (out, body) = channel_writer();
     let dest = dest.to_string();
     let worker = tokio::task::spawn_blocking(move || {
@@ -34,11 +35,11 @@ pub async fn into_container(
         result
     });
     let uploaded = docker.upload(container, "/", body).await;
-    let rebased = worker.await.map_err(|e| format!("the restore thread failed: {e}"))?;
+    let rebased = worker.await.context("the restore thread failed")?;
     match (rebased, uploaded) {
-        (Err(e), _) if e.kind() != io::ErrorKind::BrokenPipe => Err(format!("invalid archive: {e}")),
-        (_, Err(e)) => Err(e.to_string()),
-        (Err(e), Ok(())) => Err(format!("invalid archive: {e}")),
+        (Err(e), _) if e.kind() != io::ErrorKind::BrokenPipe => Err(anyhow::anyhow!("invalid archive: {e}")),
+        (_, Err(e)) => Err(e.into()),
+        (Err(e), Ok(())) => Err(anyhow::anyhow!("invalid archive: {e}")),
         (Ok(()), Ok(())) => Ok(()),
     }
 }

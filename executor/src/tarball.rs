@@ -16,6 +16,7 @@
 //! Nothing outside `dest_dir` can be written by a restore: an entry with an absolute name
 //! or `..`, an entry below a symlink of the archive, and a hard link to anything but an
 //! earlier entry of the archive are refused before they reach Docker.
+use anyhow::Context as _;
 use std::collections::{BTreeSet, HashMap};
 use std::io::{self, Read, Seek, SeekFrom, Write};
 use std::path::{Component, Path, PathBuf};
@@ -25,7 +26,7 @@ use globset::{GlobBuilder, GlobSet, GlobSetBuilder};
 
 /// Compiles the `paths` of a save step; `*` stays within a path segment, `**` crosses.
 /// No pattern, `.` or `**` select everything.
-pub fn patterns(paths: &[String]) -> Result<GlobSet, String> {
+pub fn patterns(paths: &[String]) -> anyhow::Result<GlobSet> {
     let mut b = GlobSetBuilder::new();
     if paths.is_empty() {
         b.add(GlobBuilder::new("**").build().expect("static glob"));
@@ -36,10 +37,10 @@ pub fn patterns(paths: &[String]) -> Result<GlobSet, String> {
         let glob = GlobBuilder::new(p)
             .literal_separator(true)
             .build()
-            .map_err(|e| format!("invalid path pattern {p:?}: {e}"))?;
+            .with_context(|| format!("invalid path pattern {p:?}"))?;
         b.add(glob);
     }
-    b.build().map_err(|e| format!("invalid path patterns: {e}"))
+    b.build().context("invalid path patterns")
 }
 
 /// A relative path without `.`, `..`, root or prefix components.
@@ -306,7 +307,7 @@ pub enum Part {
 }
 
 /// Parses `deps-{{ md5sum go.sum }}` and friends; arguments may be quoted.
-pub fn parse_template(t: &str) -> Result<Vec<Part>, String> {
+pub fn parse_template(t: &str) -> anyhow::Result<Vec<Part>> {
     let mut parts = Vec::new();
     let mut rest = t;
     while let Some(start) = rest.find("{{") {
@@ -314,13 +315,13 @@ pub fn parse_template(t: &str) -> Result<Vec<Part>, String> {
             parts.push(Part::Text(rest[..start].to_string()));
         }
         let after = &rest[start + 2..];
-        let end = after.find("}}").ok_or_else(|| format!("unclosed '{{{{' in {t:?}"))?;
+        let end = after.find("}}").ok_or_else(|| anyhow::anyhow!("unclosed '{{{{' in {t:?}"))?;
         let words: Vec<&str> = after[..end].split_whitespace().map(|w| w.trim_matches('"')).collect();
         parts.push(match words.as_slice() {
             ["md5sum", file] => Part::Md5sum(file.to_string()),
             ["env", name] => Part::Env(name.to_string()),
             [v @ ("epoch" | "year" | "month" | "day" | "arch")] => Part::Var(v.to_string()),
-            _ => return Err(format!("unknown template function {:?} in {t:?} (md5sum FILE, env NAME, epoch, year, month, day, arch)", after[..end].trim())),
+            _ => return Err(anyhow::anyhow!("unknown template function {:?} in {t:?} (md5sum FILE, env NAME, epoch, year, month, day, arch)", after[..end].trim())),
         });
         rest = &after[end + 2..];
     }

@@ -4,6 +4,7 @@
 //! request, the task's `timeout_s` or a service exiting ends it; every container of the
 //! pod is removed however the task ends.
 
+use anyhow::Context as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
@@ -81,16 +82,17 @@ pub async fn run(
     };
     let setup = tokio::select! {
         r = pod::start(&agent, &id, &data, &shell, &working_dir, &mut log) => r,
-        _ = stopped(&mut stop) => Err("stopped during setup".to_string()),
+        _ = stopped(&mut stop) => Err(anyhow::anyhow!("stopped during setup")),
         _ = until(deadline) => {
             status.setup_step.reason = Some(REASON_TIMEOUT.into());
             status.error = Some(timed_out());
-            Err(timed_out())
+            Err(anyhow::anyhow!(timed_out()))
         }
     };
     let (pod, mut exits) = match setup {
         Ok(p) => p,
-        Err(message) => {
+        Err(e) => {
+            let message = format!("{e:#}");
             log.line(&format!("setup failed: {message}"));
             pod::remove_task_containers(&agent, &id).await;
             let stopped = *stop.borrow();
@@ -329,10 +331,10 @@ async fn run_step(
                     if code == 0 {
                         Ok(())
                     } else {
-                        Err(format!("exit status {code}"))
+                        Err(anyhow::anyhow!("exit status {code}"))
                     }
                 }
-                Err(e) => Err(e.to_string()),
+                Err(e) => Err(e.into()),
             }
         }
         Step::SaveToWorkspace(s) => {
@@ -346,7 +348,7 @@ async fn run_step(
     };
     match result {
         Ok(()) => Outcome::Success,
-        Err(m) => Outcome::Failed(m),
+        Err(e) => Outcome::Failed(format!("{e:#}")),
     }
 }
 
@@ -358,7 +360,7 @@ async fn build_archive(
     container: &str,
     working_dir: &str,
     contents: &[SaveContent],
-) -> Result<(PathBuf, u64), String> {
+) -> anyhow::Result<(PathBuf, u64)> {
     let dir = agent.cfg.work_dir.join(id);
     let stamp = now_ms();
     let mut raws = Vec::new();
@@ -366,39 +368,38 @@ async fn build_archive(
         let globs = tarball::patterns(&c.paths)?;
         let src = absolute(working_dir, &c.source_dir);
         let raw_path = dir.join(format!("raw-{stamp}-{n}.tar"));
-        let mut raw = tokio::fs::File::create(&raw_path).await.map_err(|e| e.to_string())?;
+        let mut raw = tokio::fs::File::create(&raw_path).await?;
         let mut s = agent.docker.download(container, &src);
         while let Some(chunk) = s.next().await {
-            let chunk = chunk.map_err(|e| format!("cannot read {src} in the container: {e}"))?;
-            raw.write_all(&chunk).await.map_err(|e| e.to_string())?;
+            let chunk = chunk.with_context(|| format!("cannot read {src} in the container"))?;
+            raw.write_all(&chunk).await?;
         }
-        raw.flush().await.map_err(|e| e.to_string())?;
+        raw.flush().await?;
         raws.push((raw_path, globs, c.dest_dir.clone().unwrap_or_else(|| ".".into()), src));
     }
     let out_path = dir.join(format!("archive-{stamp}.tar"));
     let out = out_path.clone();
-    let total = tokio::task::spawn_blocking(move || -> Result<u64, String> {
-        let file = std::fs::File::create(&out).map_err(|e| format!("cannot create a temp archive: {e}"))?;
+    let total = tokio::task::spawn_blocking(move || -> anyhow::Result<u64> {
+        let file = std::fs::File::create(&out).context("cannot create a temp archive")?;
         let mut sel = tarball::Selection::new(std::io::BufWriter::new(file), ARCHIVE_ZSTD_LEVEL)
-            .map_err(|e| format!("cannot start a compressed archive: {e}"))?;
+            .context("cannot start a compressed archive")?;
         let mut total = 0;
         for (raw_path, globs, dest, src) in &raws {
             total += tarball::select(raw_path, globs, dest, &mut sel)
-                .map_err(|e| format!("cannot archive {src}: {e}"))?;
+                .with_context(|| format!("cannot archive {src}"))?;
             let _ = std::fs::remove_file(raw_path);
         }
-        let file = sel.finish().map_err(|e| e.to_string())?.into_inner().map_err(|e| e.to_string())?;
-        file.sync_all().map_err(|e| e.to_string())?;
+        let file = sel.finish()?.into_inner()?;
+        file.sync_all()?;
         Ok(total)
     })
-    .await
-    .map_err(|e| e.to_string())??;
+    .await??;
     Ok((out_path, total))
 }
 
-async fn file_body(path: &Path) -> Result<(reqwest::Body, u64), String> {
-    let f = tokio::fs::File::open(path).await.map_err(|e| e.to_string())?;
-    let size = f.metadata().await.map_err(|e| e.to_string())?.len();
+async fn file_body(path: &Path) -> anyhow::Result<(reqwest::Body, u64)> {
+    let f = tokio::fs::File::open(path).await?;
+    let size = f.metadata().await?.len();
     Ok((reqwest::Body::wrap_stream(reader_stream(f, 256 * 1024)), size))
 }
 
@@ -410,7 +411,7 @@ async fn save_to_workspace(
     index: usize,
     contents: &[SaveContent],
     log: &mut StepLog,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     let (path, count) = build_archive(agent, id, container, working_dir, contents).await?;
     log.line(&format!("[flotilla] saving {count} files to the workspace"));
     let r = agent
@@ -421,13 +422,13 @@ async fn save_to_workspace(
             async move {
                 let (body, size) = file_body(&path)
                     .await
-                    .map_err(|m| ClientError::Transport { url: String::new(), message: m })?;
+                    .map_err(|e| ClientError::Transport { url: String::new(), message: format!("{e:#}") })?;
                 c.executor_archive_put(&exec, &id, index, body, Some(size)).await
             }
         })
         .await;
     let _ = tokio::fs::remove_file(&path).await;
-    let stored = r.map_err(|e| format!("the workspace archive could not be stored: {e}"))?;
+    let stored = r.context("the workspace archive could not be stored")?;
     log.line(&format!("[flotilla] workspace archive stored ({} bytes)", stored.size));
     Ok(())
 }
@@ -438,7 +439,7 @@ async fn extract(
     container: &str,
     download: flotilla_client::client::Download,
     dest: &str,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     crate::restore::into_container(&agent.docker, container, download.into_stream(), dest).await
 }
 
@@ -448,7 +449,7 @@ async fn restore_workspace(
     data: &TaskData,
     dest: &str,
     log: &mut StepLog,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     for w in &data.workspace {
         let r = agent
             .servers
@@ -471,7 +472,7 @@ async fn restore_workspace(
                     w.task_name, w.step
                 ));
             }
-            Err(e) => return Err(format!("cannot fetch the workspace of task {}: {e}", w.task_name)),
+            Err(e) => return Err(anyhow::anyhow!("cannot fetch the workspace of task {}: {e}", w.task_name)),
         }
     }
     Ok(())
@@ -484,7 +485,7 @@ async fn render_key(
     data: &TaskData,
     working_dir: &str,
     template: &str,
-) -> Result<String, String> {
+) -> anyhow::Result<String> {
     let mut key = String::new();
     for part in tarball::parse_template(template)? {
         match part {
@@ -508,20 +509,20 @@ async fn render_key(
                 let mut tar = Vec::new();
                 let mut s = agent.docker.download(container, &path);
                 while let Some(chunk) = s.next().await {
-                    tar.extend_from_slice(&chunk.map_err(|e| format!("md5sum {file}: {e}"))?);
+                    tar.extend_from_slice(&chunk.with_context(|| format!("md5sum {file}"))?);
                     if tar.len() > 256 * 1024 * 1024 {
-                        return Err(format!("md5sum {file}: file too large"));
+                        return Err(anyhow::anyhow!("md5sum {file}: file too large"));
                     }
                 }
                 let content = tarball::first_file(&tar[..], u64::MAX)
-                    .map_err(|e| format!("md5sum {file}: {e}"))?
-                    .ok_or_else(|| format!("md5sum {file}: not a regular file"))?;
+                    .with_context(|| format!("md5sum {file}"))?
+                    .ok_or_else(|| anyhow::anyhow!("md5sum {file}: not a regular file"))?;
                 let digest = Md5::digest(&content);
                 key.extend(digest.iter().map(|b| format!("{b:02x}")));
             }
         }
     }
-    flotilla_store::ost::keys::validate_cache_key(&key).map_err(|e| e.to_string())?;
+    flotilla_store::ost::keys::validate_cache_key(&key)?;
     Ok(key)
 }
 
@@ -530,7 +531,7 @@ async fn save_cache(
     template: &str,
     contents: &[SaveContent],
     log: &mut StepLog,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     let StepEnv { agent, id, container, data, working_dir } = *env;
     let key = render_key(agent, container, data, working_dir, template).await?;
     let group = data.cache_group.clone();
@@ -541,7 +542,7 @@ async fn save_cache(
             async move { c.executor_cache_match(&exec, &group, &key).await }
         })
         .await
-        .map_err(|e| format!("cache lookup failed: {e}"))?;
+        .context("cache lookup failed")?;
     if found.key.as_deref() == Some(key.as_str()) {
         log.line(&format!("[flotilla] cache {key} already saved; not saved again"));
         return Ok(());
@@ -555,13 +556,13 @@ async fn save_cache(
             async move {
                 let (body, size) = file_body(&path)
                     .await
-                    .map_err(|m| ClientError::Transport { url: String::new(), message: m })?;
+                    .map_err(|e| ClientError::Transport { url: String::new(), message: format!("{e:#}") })?;
                 c.executor_cache_put(&exec, &group, &key, body, Some(size)).await
             }
         })
         .await;
     let _ = tokio::fs::remove_file(&path).await;
-    let stored = r.map_err(|e| format!("the cache could not be stored: {e}"))?;
+    let stored = r.context("the cache could not be stored")?;
     log.line(&format!("[flotilla] cache {key} saved ({count} files, {} bytes)", stored.size));
     Ok(())
 }
@@ -571,7 +572,7 @@ async fn restore_cache(
     templates: &[String],
     dest: &str,
     log: &mut StepLog,
-) -> Result<(), String> {
+) -> anyhow::Result<()> {
     let StepEnv { agent, container, data, working_dir, .. } = *env;
     let group = data.cache_group.clone();
     let mut tried = Vec::new();
@@ -585,7 +586,7 @@ async fn restore_cache(
                 async move { c.executor_cache_match(&exec, &group, &prefix).await }
             })
             .await
-            .map_err(|e| format!("cache lookup failed: {e}"))?;
+            .context("cache lookup failed")?;
         let Some(key) = found.key else { continue };
         let d = agent
             .servers
@@ -594,7 +595,7 @@ async fn restore_cache(
                 async move { c.executor_cache_get(&exec, &group, &key).await }
             })
             .await
-            .map_err(|e| format!("cache download failed: {e}"))?;
+            .context("cache download failed")?;
         extract(agent, container, d, dest).await?;
         log.line(&format!("[flotilla] restored cache {key} into {dest}"));
         return Ok(());
