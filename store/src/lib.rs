@@ -10,6 +10,7 @@
 //! openraft, sled or the node's network code: it is the bottom of the stack
 //! (store ← raft ← scheduler ← api).
 
+mod apply;
 pub mod archive;
 pub mod command;
 pub mod defaults;
