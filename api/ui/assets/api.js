@@ -1,6 +1,7 @@
 // The API client of the dashboard: the token (typed once, kept in sessionStorage for
 // this tab), JSON requests with the bearer header, streamed text (logs), and the event
 // stream read with fetch so that the token travels in a header, never in a URL.
+import {debounce} from './dom.js';
 
 const TOKEN_KEY = 'flotilla.token';
 
@@ -101,6 +102,17 @@ export let connected = false;
 export function subscribe(fn) {
   listeners.add(fn);
   return () => listeners.delete(fn);
+}
+
+/** Keeps a page fresh: loads it now, again (debounced by `debounceMs`) on every event
+ *  `wanted(e)` accepts, and every `pollMs` while the event stream is down. Returns the
+ *  function that stops all three. */
+export function keepFresh(load, wanted, debounceMs, pollMs) {
+  const reload = debounce(load, debounceMs);
+  const unsubscribe = subscribe((e) => { if (wanted(e)) reload(); });
+  const poll = setInterval(() => { if (!connected) load(); }, pollMs);
+  load();
+  return () => { unsubscribe(); reload.cancel(); clearInterval(poll); };
 }
 
 /** fn(connected) whenever the stream connects or drops. */

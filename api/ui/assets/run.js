@@ -4,7 +4,7 @@
 // The event stream re-reads the run on each of its events (a burst at most every 150 ms).
 
 import * as api from './api.js';
-import {h, fill, badge, fmtTime, elapsed, debounce} from './dom.js';
+import {h, fill, badge, fmtTime, elapsed} from './dom.js';
 import {drawDag, statusOf} from './dag.js';
 
 /** Characters of a log kept on the page (the oldest are dropped past it). */
@@ -235,19 +235,13 @@ export function runPage(root, runId, params, ctx) {
   }
   const ticker = setInterval(tick, 1000);
 
-  const reload = debounce(load, 150);
-  const unsubscribe = api.subscribe((e) => {
-    if (e.kind === 'resync' || (e.data && e.data.run_id === runId)) reload();
-  });
-  const poll = setInterval(() => { if (!api.connected) load(); }, POLL_MS);
-  load();
+  const stopFresh = api.keepFresh(
+    load, (e) => e.kind === 'resync' || (e.data && e.data.run_id === runId), 150, POLL_MS);
 
   return {
     destroy() {
       alive = false;
-      unsubscribe();
-      reload.cancel();
-      clearInterval(poll);
+      stopFresh();
       clearInterval(ticker);
       if (logCtl) logCtl.abort();
     },

@@ -2,7 +2,7 @@
 // event stream (any run event re-reads the page shown, a burst at most every 300 ms).
 
 import * as api from './api.js';
-import {h, fill, badge, fmtTime, elapsed, debounce} from './dom.js';
+import {h, fill, badge, fmtTime, elapsed} from './dom.js';
 
 /** Runs per page. */
 const PAGE_SIZE = 20;
@@ -103,17 +103,12 @@ export function runsPage(root, params, ctx) {
       h('td', {}, elapsed(run.start_time, run.end_time)));
   }
 
-  const reload = debounce(load, 300);
-  const unsubscribe = api.subscribe((e) => { if (e.kind === 'run' || e.kind === 'task' || e.kind === 'resync') reload(); });
-  const poll = setInterval(() => { if (!api.connected) load(); }, POLL_MS);
-  load();
+  const stopFresh = api.keepFresh(load, (e) => e.kind === 'run' || e.kind === 'task' || e.kind === 'resync', 300, POLL_MS);
 
   return {
     destroy() {
       alive = false;
-      unsubscribe();
-      reload.cancel();
-      clearInterval(poll);
+      stopFresh();
       if (inflight) inflight.abort();
     },
   };
