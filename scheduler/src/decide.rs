@@ -388,7 +388,7 @@ pub(crate) fn checked_round(state: &State, now: u64, settled: &mut BTreeMap<Stri
 mod tests {
     use super::*;
     use flotilla_store::executor::ExecutorInfo;
-    use flotilla_store::run::{Condition, Depend, RunCreate, StringMap};
+    use flotilla_store::run::{Condition, Depend, RunCreate};
     use flotilla_store::{Command, Response};
     use proptest::prelude::*;
 
@@ -410,14 +410,10 @@ mod tests {
 
     fn executor(limit: u32, privileged: bool) -> ExecutorInfo {
         ExecutorInfo {
-            listen_url: None,
             archs: vec!["amd64".into()],
-            labels: StringMap::new(),
-            group: None,
-            dynamic: false,
             allow_privileged_containers: privileged,
             active_tasks_limit: limit,
-            active_tasks: 0,
+            ..ExecutorInfo::default()
         }
     }
 

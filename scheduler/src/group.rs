@@ -51,7 +51,7 @@ mod tests {
     use std::collections::BTreeMap;
 
     use flotilla_store::executor::ExecutorInfo;
-    use flotilla_store::run::{Phase, RunCreate, RunResult, StringMap, TaskConfig};
+    use flotilla_store::run::{Phase, RunCreate, RunResult, TaskConfig};
     use flotilla_store::{Command, Response};
     use proptest::prelude::*;
 
@@ -61,16 +61,7 @@ mod tests {
     const NOW: u64 = 1_000_000;
 
     fn executor() -> ExecutorInfo {
-        ExecutorInfo {
-            listen_url: None,
-            archs: vec!["amd64".into()],
-            labels: StringMap::new(),
-            group: None,
-            dynamic: false,
-            allow_privileged_containers: false,
-            active_tasks_limit: 0,
-            active_tasks: 0,
-        }
+        ExecutorInfo { archs: vec!["amd64".into()], ..ExecutorInfo::default() }
     }
 
     struct Sim {

@@ -20,7 +20,7 @@ use crate::run::{validate_name, Phase, Run, RunConfig, Step, StepStatus};
 /// during a rolling upgrade a newer executor may report a field an older server does not
 /// know yet, and must keep its lease. It also lets [`Executor`] flatten it into one object
 /// whose schema admits the fields around it.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct ExecutorInfo {
     #[serde(default)]
