@@ -99,9 +99,6 @@ pub(crate) fn errors(e: &Endpoint<'_>) -> Vec<u16> {
     if matches!(e, Endpoint::CreateRun) {
         codes.push(422);
     }
-    if matches!(e, Endpoint::Readyz) {
-        codes.push(503);
-    }
     codes.sort_unstable();
     codes.dedup();
     codes
@@ -273,7 +270,10 @@ impl Endpoint<'_> {
                 "The node is ready: it knows a leader (a leader: it hears from a quorum) and has applied the log.",
                 NONE,
                 None,
-                vec![(200, "Ready.", Some(Json(shape::<t::Ready>())))],
+                vec![
+                    (200, "Ready.", Some(Json(shape::<t::Ready>()))),
+                    (503, "Not ready (no leader known, no quorum, or far behind the log).", Some(Json(shape::<t::Ready>()))),
+                ],
             ),
             E::Metrics => d("Prometheus metrics.", NONE, None, vec![(200, "The metrics.", Some(Text("text/plain")))]),
             E::Raft { .. } => d(

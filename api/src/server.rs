@@ -19,7 +19,7 @@ use flotilla_raft::rpc;
 use flotilla_raft::{LeaderRequest, RaftNode};
 use flotilla_store::limits::{
     BODY_IDLE_TIMEOUT_MS, BODY_READ_TIMEOUT_MS, DEFAULT_LIST_LIMIT, HEADER_READ_TIMEOUT_MS, LARGE_BODY_BYTES,
-    MAX_LIST_LIMIT, MAX_NODE_ADDR_BYTES,
+    MAX_LIST_LIMIT, MAX_NODE_ADDR_BYTES, READY_APPLY_LAG,
 };
 use flotilla_store::ost::{ObjectStream, Ost};
 use flotilla_store::{Command, Response};
@@ -714,7 +714,11 @@ async fn maintenance_status(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiEr
 async fn readyz(ctx: &Ctx) -> Result<Reply, ApiError> {
     let status = ctx.node.local_status().await;
     // A leader cut off from its majority still names itself leader: `quorum` catches it.
-    let ready = status.leader_id.is_some() && status.quorum && status.applied_index >= status.commit_index;
+    // Caught up: applying within READY_APPLY_LAG entries of the commit index (under write
+    // load the applier always trails the commit by a few entries; a node replaying its log
+    // after a restart is far behind).
+    let caught_up = status.applied_index + READY_APPLY_LAG >= status.commit_index;
+    let ready = status.leader_id.is_some() && status.quorum && caught_up;
     let body = Ready {
         quorum: status.quorum,
         ready,

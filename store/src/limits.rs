@@ -149,6 +149,14 @@ pub const CLIENT_RETRY_BACKOFF_MS: u64 = 100;
 /// `run wait` without `--timeout-s` gives up (exit 3) once no server answered for this long.
 pub const WAIT_UNREACHABLE_GIVE_UP_MS: u64 = 60_000;
 
+// --- Readiness.
+
+/// `/readyz` counts a node as caught up while its applied index is within this many
+/// entries of its commit index. Under write load the applier always trails the commit by
+/// a few entries: requiring equality made a busy node flap between ready and not ready
+/// (found by schemathesis); a node replaying a long log after a restart is far behind.
+pub const READY_APPLY_LAG: u64 = 64;
+
 // --- Tokens, CORS and the dashboard.
 
 /// Most tokens in one file (each presented token is compared with all of them).
