@@ -2,7 +2,8 @@
 //! ([`Request`]), their answers ([`Reply`]) and the write and read paths through Raft. The
 //! accept loop and the dispatch on the route table are `server.rs`; the handlers live in
 //! `server.rs` (cluster, kv, maintenance), `runs.rs`, `lifecycle.rs`, `objects.rs`,
-//! `tasks.rs` and `ui.rs`, and depend on this module, never on each other's callers.
+//! `tasks.rs` and `ui.rs`, and depend on this module, never on `server.rs`: the modules of
+//! this crate have no import cycles.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -24,6 +25,7 @@ use crate::auth::{Caller, Need};
 use crate::error::ApiError;
 use crate::metrics::Metrics;
 
+/// How a node serves its API: tokens, CORS, the leader-only jobs' settings, connections, TLS.
 pub struct ServerConfig {
     /// Where the tokens come from (`--tokens-file`, `--token-file`, …), read at start and
     /// again on `SIGHUP` ([`Ctx::reload_tokens`]). No token at all: every request passes.
