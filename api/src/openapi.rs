@@ -16,6 +16,7 @@ use serde_json::{json, Map, Value};
 use utoipa::openapi::{RefOr, Schema};
 use utoipa::ToSchema;
 
+use crate::auth::Need;
 use crate::routes::{Access, Body, Endpoint};
 use crate::ui::RunGraph;
 
@@ -122,6 +123,11 @@ pub(crate) fn document() -> Value {
         let mut op = Map::new();
         op.insert("operationId".into(), json!(operation_id(method, template)));
         op.insert("summary".into(), json!(doc.summary));
+        let who = match e.need() {
+            Need::Nothing => "No token needed.".to_string(),
+            need => format!("Needs a bearer token whose role allows `{}` (docs/security.md).", need.name()),
+        };
+        op.insert("description".into(), json!(who));
         op.insert("tags".into(), json!([e.label()]));
         let mut params: Vec<Value> = path_params(template)
             .map(|name| {
@@ -183,8 +189,8 @@ pub(crate) fn document() -> Value {
             "version": env!("CARGO_PKG_VERSION"),
             "description": "A run scheduler: runs are DAGs of tasks run in Docker containers by \
                 executors; servers keep the state replicated with Raft. Every route of a node, \
-                generated from its route table and its serde types. Tokens: a bearer token of \
-                the role each operation's description names (docs/security.md).",
+                generated from its route table and its serde types. Each operation's description \
+                names the token role it needs (docs/security.md).",
         },
         "paths": paths,
         "components": {
@@ -588,5 +594,9 @@ mod tests {
         assert!(schemas["RunCreate"]["properties"]["tasks"].is_object());
         assert_eq!(schemas["ErrorBody"]["required"], json!(["code", "message"]));
         assert!(schemas["Run"]["properties"]["phase"].is_object());
+        // Each operation names the role its token needs.
+        let create = doc["paths"]["/api/v1/runs"]["post"]["description"].as_str().unwrap();
+        assert!(create.contains("`write`"), "{create}");
+        assert_eq!(doc["paths"]["/healthz"]["get"]["description"], "No token needed.");
     }
 }
