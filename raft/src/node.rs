@@ -132,14 +132,23 @@ impl RaftNode {
     /// Opens (or creates) the node's store under `data_dir/raft` and starts Raft.
     pub async fn start(cfg: NodeConfig) -> Result<Arc<RaftNode>, StartError> {
         let path = cfg.data_dir.join("raft");
-        let db = open_store(&cfg, &path)?;
+        let (db, fresh) = open_store(&cfg, &path)?;
         let open_err = |e: Box<dyn std::error::Error + Send + Sync>| StartError::Open {
             path: path.display().to_string(),
             id: cfg.id,
             source: e,
         };
 
-        let log = LogStore::open(&db).map_err(|e| open_err(Box::new(e)))?;
+        let log_dir = cfg.data_dir.join("raft-log");
+        let log = LogStore::open(&log_dir, Some(&db), fresh).map_err(|e| StartError::Open {
+            path: log_dir.display().to_string(),
+            id: cfg.id,
+            source: Box::new(e),
+        })?;
+        if fresh {
+            // Last: a crash before it leaves a data dir that is still new.
+            write_marker(&cfg.data_dir.join("node-id"), cfg.id).map_err(|e| open_err(Box::new(e)))?;
+        }
         let sm = StateMachineStore::open(&db).map_err(|e| open_err(Box::new(e)))?;
         let state = sm.shared();
 
@@ -646,8 +655,10 @@ impl RaftNode {
 /// Raft's safety. So a marker file outside sled (`data-dir/node-id`) records that this
 /// data dir once held node N's store; a store that lost its `node_id` while the marker is
 /// there is refused with the rebuild instructions. A panic inside sled's recovery is
-/// turned into the same clear error.
-fn open_store(cfg: &NodeConfig, path: &std::path::Path) -> Result<sled::Db, StartError> {
+/// turned into the same clear error. Also says whether the data dir is new (no marker
+/// yet): only then may the Raft log be created empty; the caller writes the marker once
+/// the log exists.
+fn open_store(cfg: &NodeConfig, path: &std::path::Path) -> Result<(sled::Db, bool), StartError> {
     let open_err = |e: Box<dyn std::error::Error + Send + Sync>| StartError::Open {
         path: path.display().to_string(),
         id: cfg.id,
@@ -672,7 +683,11 @@ fn open_store(cfg: &NodeConfig, path: &std::path::Path) -> Result<sled::Db, Star
             });
         }
     }
-    std::fs::create_dir_all(path).map_err(|e| open_err(Box::new(e)))?;
+    if !path.exists() {
+        std::fs::create_dir_all(path).map_err(|e| open_err(Box::new(e)))?;
+        // The new directory's entry is durable only once its parent is synced.
+        std::fs::File::open(&cfg.data_dir).and_then(|d| d.sync_all()).map_err(|e| open_err(Box::new(e)))?;
+    }
     let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         sled::Config::new()
             .path(path)
@@ -705,12 +720,11 @@ fn open_store(cfg: &NodeConfig, path: &std::path::Path) -> Result<sled::Db, Star
         None => {
             meta.insert("node_id", &cfg.id.to_be_bytes()).map_err(|e| open_err(Box::new(e)))?;
             db.flush().map_err(|e| open_err(Box::new(e)))?;
+            // sled's flush is no fsync (see blobs.rs): a power cut must not take the id.
+            crate::blobs::sync_store(path).map_err(|e| open_err(Box::new(e)))?;
         }
     }
-    if marked.is_none() {
-        write_marker(&marker, cfg.id).map_err(|e| open_err(Box::new(e)))?;
-    }
-    Ok(db)
+    Ok((db, marked.is_none()))
 }
 
 /// Writes the marker durably: temp file, fsync, rename, fsync of the directory.

@@ -79,8 +79,8 @@ pub struct StateMachineStore {
     inner: Arc<RwLock<StateMachineData>>,
     db: sled::Db,
     snapshots: sled::Tree,
-    /// A snapshot is always a blob file of sled's (see [`crate::blobs`]).
-    blobs: Arc<crate::blobs::Blobs>,
+    /// sled's directory, fsynced whole after each snapshot (see [`crate::blobs`]).
+    dir: Arc<std::path::PathBuf>,
     applied_tx: Arc<watch::Sender<u64>>,
     events_tx: broadcast::Sender<Arc<Event>>,
     snapshot_seq: Arc<AtomicU64>,
@@ -120,7 +120,7 @@ impl StateMachineStore {
             inner: Arc::new(RwLock::new(data)),
             db: db.clone(),
             snapshots,
-            blobs: Arc::new(crate::blobs::Blobs::new(db)),
+            dir: Arc::new(db.context.get_path()),
             applied_tx: Arc::new(applied_tx),
             events_tx: broadcast::channel(flotilla_store::limits::EVENT_BUFFER).0,
             snapshot_seq: Arc::new(AtomicU64::new(0)),
@@ -148,7 +148,7 @@ impl StateMachineStore {
         let bytes = encode(&stored).map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
         self.snapshots.insert(KEY_CURRENT, bytes).map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
         self.db.flush_async().await.map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
-        sync_blobs(&self.blobs).await.map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))
+        sync_store(&self.dir).await.map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))
     }
 
     /// Size in bytes of the snapshot kept on disk (0 when there is none).
@@ -157,10 +157,12 @@ impl StateMachineStore {
     }
 }
 
-/// [`crate::blobs::Blobs::sync`] off the async runtime.
-async fn sync_blobs(blobs: &Arc<crate::blobs::Blobs>) -> std::io::Result<()> {
-    let blobs = blobs.clone();
-    tokio::task::spawn_blocking(move || blobs.sync().map(|_| ())).await.map_err(std::io::Error::other)?
+/// [`crate::blobs::sync_store`] off the async runtime.
+async fn sync_store(dir: &Arc<std::path::PathBuf>) -> std::io::Result<()> {
+    let dir = dir.clone();
+    tokio::task::spawn_blocking(move || crate::blobs::sync_store(&dir).map(|_| ()))
+        .await
+        .map_err(std::io::Error::other)?
 }
 
 impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {

@@ -1,6 +1,6 @@
-//! openraft's own conformance suite, run against flotilla's sled log store and state
-//! machine: every rule of the storage API (no holes, vote persistence, purge/truncate,
-//! snapshot install and reload) is checked on real sled files.
+//! openraft's own conformance suite, run against flotilla's log store (its own segment
+//! files) and state machine (snapshots on sled): every rule of the storage API (no holes,
+//! vote persistence, purge/truncate, snapshot install and reload) is checked on real files.
 
 use flotilla_raft::log_store::LogStore;
 use flotilla_raft::state_machine::StateMachineStore;
@@ -14,7 +14,7 @@ impl StoreBuilder<TypeConfig, LogStore, StateMachineStore, tempfile::TempDir> fo
     async fn build(&self) -> Result<(tempfile::TempDir, LogStore, StateMachineStore), StorageError<NodeId>> {
         let dir = tempfile::tempdir().expect("temp dir");
         let db = sled::Config::new().path(dir.path()).cache_capacity(8 << 20).open().expect("open sled");
-        let log = LogStore::open(&db).expect("log store");
+        let log = LogStore::open(&dir.path().join("raft-log"), Some(&db), true).expect("log store");
         let sm = StateMachineStore::open(&db)?;
         Ok((dir, log, sm))
     }

@@ -15,8 +15,13 @@ use flotilla_api::Client;
 
 pub const TOKEN: &str = "test-token-7f3a";
 
+/// The `flotilla` binary under test: this build's, or `FLOTILLA_BIN` (a benchmark of an
+/// older build side by side with this one, docs/benchmarks.md).
 pub fn bin() -> &'static str {
-    env!("CARGO_BIN_EXE_flotilla")
+    static BIN: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    BIN.get_or_init(|| {
+        std::env::var("FLOTILLA_BIN").unwrap_or_else(|_| env!("CARGO_BIN_EXE_flotilla").into())
+    })
 }
 
 pub fn free_port() -> u16 {
