@@ -66,6 +66,15 @@ if ! command -v ip >/dev/null 2>&1 || ! command -v iptables >/dev/null 2>&1 || !
   apt-get install -y iproute2 iptables >/dev/null
 fi
 
+# The power-cut test (tests/powercut.rs) mounts flotilla-lazyfs, a FUSE layer, under every
+# node: it needs /dev/fuse and fusermount3 (Debian's fuse3) and root.
+if ! command -v fusermount3 >/dev/null 2>&1; then
+  echo "== installing fuse3 (the power-cut test's FUSE mounts)"
+  apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends fuse3 >/dev/null
+fi
+[ -e /dev/fuse ] || { echo "error: /dev/fuse is missing: the power-cut test needs FUSE (modprobe fuse)" >&2; exit 1; }
+
 # The dashboard's browser test: Debian's chromium and chromedriver (apt, once per machine,
 # ~30 s) and selenium in a venv (PyPI, once, ~20 s); selenium is given both paths, so it
 # never tries to download a browser or a driver.

@@ -89,3 +89,44 @@ async fn a_data_dir_of_another_node_is_refused() {
     let log = std::fs::read_to_string(c.dir.path().join("n7.log")).unwrap();
     assert!(log.contains("belongs to node 1, not node 7"), "{log}");
 }
+
+/// The Raft log's own files (docs/durability.md): a torn tail, as a power cut leaves it,
+/// is truncated and logged; a byte flipped before the end is corruption and refused.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_torn_log_tail_is_truncated_and_a_corrupt_log_refused() {
+    let mut c = Cluster::bootstrap(1, &[]).await;
+    for i in 0..50 {
+        c.client(1).kv_put(&format!("k/{i:02}"), &i.to_string(), None).await.unwrap();
+    }
+    c.kill(1);
+    let dir = c.nodes[&1].data_dir.join("raft-log");
+    let segment = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.extension().is_some_and(|x| x == "wal"))
+        .max()
+        .expect("a segment file");
+    let intact = std::fs::read(&segment).unwrap();
+
+    // A half-written record at the end: what a cut during an append leaves.
+    let mut torn = intact.clone();
+    torn.extend_from_slice(&[200, 0, 0, 0, 1, 2, 3, 4, 1, 9, 9]);
+    std::fs::write(&segment, &torn).unwrap();
+    c.start(1);
+    c.wait_for_leader().await;
+    assert_eq!(c.client(1).kv_get("k/49", false).await.unwrap().value, "49");
+    let log = std::fs::read_to_string(&c.nodes[&1].log).unwrap();
+    assert!(log.contains("truncating the torn tail of the Raft log"), "not logged:\n{log}");
+    c.kill(1);
+
+    // A flipped byte in the first entry, valid records after it: refused, with the way out.
+    let mut flipped = std::fs::read(&segment).unwrap();
+    flipped[12] ^= 0x40;
+    std::fs::write(&segment, &flipped).unwrap();
+    c.start(1);
+    let status = c.wait_exit(1, Duration::from_secs(20)).expect("the node must refuse to start");
+    assert_eq!(status.code(), Some(1));
+    let log = std::fs::read_to_string(&c.nodes[&1].log).unwrap();
+    assert!(log.contains("the Raft log is corrupt"), "unclear failure:\n{log}");
+    assert!(log.contains("Rebuilding a node"), "no pointer to the rebuild procedure:\n{log}");
+}
