@@ -4,6 +4,8 @@
 //! S3 with three nodes: the leader killed while archiving loses and duplicates nothing.
 
 mod common;
+#[path = "common/metrics.rs"]
+mod metrics;
 
 use std::collections::BTreeSet;
 use std::time::{Duration, Instant};
@@ -15,6 +17,7 @@ use flotilla_api::{Client, ClientError};
 use flotilla_store::ost::test_servers::{Kind, S3Server};
 use flotilla_store::ost::Ost;
 use futures::StreamExt;
+use metrics::metric;
 use serde_json::json;
 
 fn def(i: usize) -> RunCreate {
@@ -146,22 +149,6 @@ async fn list_all(c: &Client, group: Option<&str>, asc: bool) -> Vec<String> {
     }
 }
 
-async fn snapshot_bytes(url: &str) -> u64 {
-    let text = reqwest::Client::new()
-        .get(format!("{url}/metrics"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix("flotilla_raft_snapshot_bytes "))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ten_thousand_finished_runs_move_to_the_archive_and_stay_served() {
     let cluster = Cluster::bootstrap(
@@ -193,7 +180,7 @@ async fn ten_thousand_finished_runs_move_to_the_archive_and_stay_served() {
         c.kv_put(&format!("after/{i}"), "x", None).await.unwrap();
     }
     let archive = archive_status(&c).await;
-    let snap = snapshot_bytes(&cluster.url(1)).await;
+    let snap = metric(&cluster.url(1), "flotilla_raft_snapshot_bytes").await;
     let archived_bytes = archive["bytes"].as_u64().unwrap();
     assert!(snap > 0 && snap < 256 * 1024, "snapshot {snap} bytes with every run archived ({archive})");
     assert!(archived_bytes > 20 * snap, "archive {archived_bytes} bytes vs snapshot {snap}");

@@ -117,7 +117,7 @@ async fn load(urls: Vec<String>, writer: usize, seed: u64, acked: Arc<Mutex<Acke
     while !stop.load(Ordering::Relaxed) {
         seq += 1;
         let c = &clients[rng.below(clients.len() as u64) as usize];
-        if writer == 0 && seq % 5 == 0 {
+        if writer == 0 && seq.is_multiple_of(5) {
             if let Ok(Ok(run)) =
                 tokio::time::timeout(Duration::from_secs(5), c.run_create(&tiny_run(seq))).await
             {

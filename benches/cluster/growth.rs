@@ -8,10 +8,14 @@
 use std::path::Path;
 use std::time::{Duration, Instant};
 
+#[path = "../../tests/common/metrics.rs"]
+mod metrics;
+
 use crate::common::*;
 use crate::report::Row;
 use flotilla_api::types::RunCreate;
 use futures::StreamExt;
+use metrics::metric;
 
 fn rss_mib(pid: u32) -> f64 {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap_or_default();
@@ -33,22 +37,6 @@ fn disk_bytes(path: &Path) -> u64 {
             Err(_) => 0,
         })
         .sum()
-}
-
-async fn metric(url: &str, name: &str) -> u64 {
-    let text = reqwest::Client::new()
-        .get(format!("{url}/metrics"))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    text.lines()
-        .find_map(|l| l.strip_prefix(&format!("{name} ")))
-        .and_then(|v| v.trim().parse().ok())
-        .unwrap_or(0)
 }
 
 /// Creates `n` finished runs (64 in flight) and returns the instant each one was acknowledged.

@@ -10,24 +10,18 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+#[path = "../../tests/common/sim_executor.rs"]
+mod sim_executor;
+
 use crate::common::*;
 use crate::report::Row;
-use flotilla_api::types::{ExecutorInfo, ExecutorTaskView, RunCreate};
+use flotilla_api::types::{ExecutorInfo, RunCreate};
 use flotilla_api::Client;
 use flotilla_store::run::{Phase, RunPhase};
 use futures::StreamExt;
+use sim_executor::status;
 
 const EXECUTORS: usize = 8;
-
-fn status(t: &ExecutorTaskView, phase: Phase) -> flotilla_api::types::ExecutorTaskStatus {
-    let mut s = t.status.clone();
-    s.phase = phase;
-    s.setup_step.phase = Phase::Success;
-    for step in &mut s.steps {
-        step.phase = phase;
-    }
-    s
-}
 
 /// One simulated executor: long-polls its tasks and moves each to running then success.
 async fn executor(

@@ -44,15 +44,10 @@ impl Default for ArchiveConfig {
     }
 }
 
-pub async fn run(node: Arc<RaftNode>, ost: Ost, cfg: ArchiveConfig, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = crate::ticker(cfg.interval_ms.max(50));
+pub async fn run(node: Arc<RaftNode>, ost: Ost, cfg: ArchiveConfig, shutdown: watch::Receiver<bool>) {
+    let mut ticks = crate::LeaderTicks::new(cfg.interval_ms.max(50), shutdown);
     let mut last_dump = tokio::time::Instant::now();
-    loop {
-        match crate::leader_tick(&node, &mut tick, &mut shutdown).await {
-            crate::Tick::Stop => return,
-            crate::Tick::Idle => continue,
-            crate::Tick::Work => {}
-        }
+    while ticks.next(&node).await {
         match round(&node, &ost, &cfg).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(runs = n, "runs archived"),

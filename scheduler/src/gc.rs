@@ -88,14 +88,9 @@ pub fn plan(
 }
 
 /// Runs collection rounds on the leader until `shutdown` turns true.
-pub async fn run(node: Arc<RaftNode>, ost: Ost, cfg: GcConfig, mut shutdown: watch::Receiver<bool>) {
-    let mut tick = crate::ticker(cfg.interval_ms.max(100));
-    loop {
-        match crate::leader_tick(&node, &mut tick, &mut shutdown).await {
-            crate::Tick::Stop => return,
-            crate::Tick::Idle => continue,
-            crate::Tick::Work => {}
-        }
+pub async fn run(node: Arc<RaftNode>, ost: Ost, cfg: GcConfig, shutdown: watch::Receiver<bool>) {
+    let mut ticks = crate::LeaderTicks::new(cfg.interval_ms.max(100), shutdown);
+    while ticks.next(&node).await {
         match round(&node, &ost, &cfg).await {
             Ok(0) => {}
             Ok(n) => tracing::info!(deleted = n, "object storage garbage collected"),

@@ -41,38 +41,36 @@ impl Default for SchedulerConfig {
     }
 }
 
-/// What a periodic leader-only loop should do after its next tick.
-pub(crate) enum Tick {
-    Stop,
-    /// Not the leader, or the cluster is in maintenance.
-    Idle,
-    Work,
+/// The ticks of a periodic leader-only loop (the archiver, the ost GC). Missed ticks are
+/// skipped, and so are the ticks on which this node is not the leader or the cluster is in
+/// maintenance, so that each loop only says what one round does.
+pub(crate) struct LeaderTicks {
+    interval: tokio::time::Interval,
+    shutdown: watch::Receiver<bool>,
 }
 
-/// Waits for the next tick of `interval` (or shutdown) and says whether to work.
-pub(crate) async fn leader_tick(
-    node: &RaftNode,
-    interval: &mut tokio::time::Interval,
-    shutdown: &mut watch::Receiver<bool>,
-) -> Tick {
-    tokio::select! {
-        _ = interval.tick() => {}
-        _ = shutdown.changed() => {}
+impl LeaderTicks {
+    pub(crate) fn new(period_ms: u64, shutdown: watch::Receiver<bool>) -> LeaderTicks {
+        let mut interval = tokio::time::interval(Duration::from_millis(period_ms));
+        interval.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        LeaderTicks { interval, shutdown }
     }
-    if *shutdown.borrow() {
-        Tick::Stop
-    } else if !node.is_leader() || node.state.read().state.maintenance {
-        Tick::Idle
-    } else {
-        Tick::Work
-    }
-}
 
-/// A ticker for a periodic loop that skips missed ticks.
-pub(crate) fn ticker(period_ms: u64) -> tokio::time::Interval {
-    let mut tick = tokio::time::interval(Duration::from_millis(period_ms));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick
+    /// Waits for the next tick on which to work; false once `shutdown` turns true.
+    pub(crate) async fn next(&mut self, node: &RaftNode) -> bool {
+        loop {
+            tokio::select! {
+                _ = self.interval.tick() => {}
+                _ = self.shutdown.changed() => {}
+            }
+            if *self.shutdown.borrow() {
+                return false;
+            }
+            if node.is_leader() && !node.state.read().state.maintenance {
+                return true;
+            }
+        }
+    }
 }
 
 /// 64 random bits in hex: a name no other cluster sharing a Docker engine will have.

@@ -7,16 +7,20 @@
 //! whose running or success report was acknowledged was later handed out as not started
 //! (that would be a lost acknowledged write or a task executed twice).
 
+#[path = "../common/sim_executor.rs"]
+mod sim_executor;
+
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use flotilla_api::types::{ExecutorInfo, ExecutorTaskView};
+use flotilla_api::types::ExecutorInfo;
 use flotilla_store::run::Phase;
 
 use crate::nodes::{url, TOKEN};
 use crate::Rng;
+use sim_executor::status;
 
 #[derive(Default)]
 pub struct RunLog {
@@ -92,16 +96,6 @@ pub async fn submitter(nodes: Vec<u64>, seed: u64, every_ms: u64, log: Shared, s
         }
         tokio::time::sleep(Duration::from_millis(every_ms)).await;
     }
-}
-
-fn status(t: &ExecutorTaskView, phase: Phase) -> flotilla_api::types::ExecutorTaskStatus {
-    let mut s = t.status.clone();
-    s.phase = phase;
-    s.setup_step.phase = Phase::Success;
-    for step in &mut s.steps {
-        step.phase = phase;
-    }
-    s
 }
 
 /// One simulated executor: starts on `first` node, moves on when it stops answering.
