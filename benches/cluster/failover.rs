@@ -143,7 +143,8 @@ async fn etcd(kills: usize) -> Vec<Duration> {
 }
 
 pub async fn run(quick: bool) -> Vec<Row> {
-    let kills = if quick { 3 } else { 10 };
+    // 20 kills in the full mode: the goal is on the worst of them (issue 24).
+    let kills = if quick { 3 } else { 20 };
     etcd::require();
     println!(
         "== failover: 3 nodes, {WRITERS} writers moving to the next node on errors, {kills} leader SIGKILLs"
@@ -163,6 +164,14 @@ pub async fn run(quick: bool) -> Vec<Row> {
             percentile_ms(&f, 0.5),
             "etcd",
             percentile_ms(&e, 0.5),
+            false,
+        ),
+        Row::new(
+            "failover_kill_to_write_p99",
+            "ms",
+            percentile_ms(&f, 0.99),
+            "etcd",
+            percentile_ms(&e, 0.99),
             false,
         ),
         Row::new(

@@ -14,6 +14,7 @@ pub mod batch;
 pub mod blobs;
 mod codec;
 pub mod drain;
+pub mod election;
 pub mod error;
 pub mod log_store;
 pub mod network;

@@ -119,6 +119,9 @@ pub struct RaftNode {
     pub(crate) handing_over: std::sync::atomic::AtomicBool,
     /// openraft's leader lease: the maximum election timeout.
     pub(crate) leader_lease: Duration,
+    pub(crate) election_timeout_min_ms: u64,
+    /// When a leader last reached this node (`election.rs`).
+    pub(crate) contact: crate::election::Contact,
     /// A leader that has not heard from a quorum for longer than this refuses
     /// linearizable reads and writes and reports `quorum: false`: the election timeout as
     /// the followers see it (openraft's leader lease, the maximum election timeout, plus
@@ -183,6 +186,8 @@ impl RaftNode {
             request_timeout: Duration::from_millis(cfg.request_timeout_ms),
             handing_over: std::sync::atomic::AtomicBool::new(false),
             leader_lease: Duration::from_millis(cfg.election_timeout_max_ms),
+            election_timeout_min_ms: cfg.election_timeout_min_ms,
+            contact: Default::default(),
             quorum_window: Duration::from_millis(cfg.election_timeout_min_ms + cfg.election_timeout_max_ms),
         }))
     }

@@ -4,7 +4,8 @@
 
 use crate::codec::{decode, encode};
 use crate::node::LeaderRequest;
-use crate::{NodeError, RaftNode};
+use crate::{NodeError, NodeId, RaftNode};
+use openraft::raft::VoteRequest;
 
 #[derive(Clone, Copy, Debug)]
 pub enum RpcKind {
@@ -24,8 +25,18 @@ pub struct MalformedRpc(String);
 pub async fn handle(node: &RaftNode, kind: RpcKind, body: &[u8]) -> Result<Vec<u8>, MalformedRpc> {
     let bad = |e: rmp_serde::decode::Error| MalformedRpc(e.to_string());
     let encoded = match kind {
-        RpcKind::Append => encode(&node.raft.append_entries(decode(body).map_err(bad)?).await),
-        RpcKind::Vote => encode(&node.raft.vote(decode(body).map_err(bad)?).await),
+        RpcKind::Append => {
+            node.contact.heard_from_leader();
+            encode(&node.raft.append_entries(decode(body).map_err(bad)?).await)
+        }
+        RpcKind::Vote => {
+            let req: VoteRequest<NodeId> = decode(body).map_err(bad)?;
+            let resp = node.raft.vote(req.clone()).await;
+            if let Ok(r) = &resp {
+                node.after_vote(&req, r);
+            }
+            encode(&resp)
+        }
         RpcKind::Snapshot => encode(&node.raft.install_snapshot(decode(body).map_err(bad)?).await),
         RpcKind::Leader => {
             let req: LeaderRequest = decode(body).map_err(bad)?;
