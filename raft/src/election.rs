@@ -13,7 +13,9 @@
 //! (openraft's `trigger().elect()`), when all of these hold: it refused because its log
 //! is more complete than the candidate's, it does not lead, and no leader has reached it
 //! for the leader lease (the maximum election timeout; a live leader's followers refuse on
-//! the lease anyway). At most once per minimum election timeout. An election is always safe
+//! the lease anyway). At most once per minimum election timeout. The same breaks a split
+//! vote: two candidates with equal logs each refuse the other; the one with the higher id
+//! campaigns again at once instead of both waiting a timeout. An election is always safe
 //! in Raft; this changes only who campaigns first.
 
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -49,7 +51,12 @@ impl RaftNode {
     /// candidate whose log is behind its own while no leader reaches it (module doc).
     pub fn after_vote(&self, req: &VoteRequest<NodeId>, resp: &VoteResponse<NodeId>) {
         let more_complete = resp.last_log_id > req.last_log_id;
-        if resp.vote_granted || !more_complete || self.is_leader() {
+        // A split vote: this node campaigns too, for itself, with the same log. Of the two,
+        // the one with the higher id goes again at once; the other grants it.
+        let split_and_mine = resp.last_log_id == req.last_log_id
+            && resp.vote.leader_id().voted_for() == Some(self.id)
+            && req.vote.leader_id().voted_for().is_some_and(|c| c < self.id);
+        if resp.vote_granted || !(more_complete || split_and_mine) || self.is_leader() {
             return;
         }
         let now = now_ms();
@@ -64,7 +71,8 @@ impl RaftNode {
         self.contact.campaign_ms.store(now, Ordering::Relaxed);
         tracing::info!(
             candidate = req.vote.leader_id().voted_for(),
-            "refused a candidate whose log is behind this node's, with no leader in sight: campaigning at once"
+            split_vote = split_and_mine,
+            "refused a candidate (its log is behind this node's, or a split vote) with no leader in sight: campaigning at once"
         );
         let raft = self.raft.clone();
         tokio::spawn(async move {
