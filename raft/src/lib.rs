@@ -11,9 +11,9 @@
 #![allow(clippy::result_large_err)]
 
 pub mod batch;
-pub mod blobs;
 mod codec;
 pub mod drain;
+pub mod durable;
 pub mod election;
 pub mod error;
 pub mod log_store;

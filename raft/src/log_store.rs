@@ -50,6 +50,7 @@ use serde::{Deserialize, Serialize};
 use tokio::sync::mpsc;
 
 use crate::codec::{decode, encode};
+use crate::durable::{create_dir, replace, sync_dir};
 use crate::{Entry, NodeId, TypeConfig};
 
 /// A segment is closed and a new one started once it holds this many bytes: big enough
@@ -59,6 +60,8 @@ pub const SEGMENT_BYTES: u64 = 64 << 20;
 
 const KIND_ENTRY: u8 = 1;
 const KIND_COMMITTED: u8 = 2;
+/// The one record of `meta`.
+const KIND_META: u8 = 3;
 const HEADER: usize = 8;
 /// No record is larger: a bigger length field is a torn or corrupted header.
 const MAX_RECORD: u32 = 1 << 30;
@@ -169,10 +172,6 @@ fn valid_record_follows(bytes: &[u8]) -> bool {
     len > 0 && len <= MAX_RECORD && next < bytes.len() && parse(&bytes[next..]).is_ok()
 }
 
-fn sync_dir(dir: &Path) -> io::Result<()> {
-    File::open(dir)?.sync_all()
-}
-
 fn segment_name(first_index: u64) -> String {
     format!("{first_index:020}.wal")
 }
@@ -183,13 +182,8 @@ fn open_append(path: &Path) -> io::Result<File> {
 
 fn write_meta(dir: &Path, meta: &Meta) -> io::Result<()> {
     let mut bytes = Vec::new();
-    record(KIND_ENTRY, None, &encode(meta).map_err(io::Error::other)?, &mut bytes);
-    let tmp = dir.join("meta.tmp");
-    let mut f = File::create(&tmp)?;
-    f.write_all(&bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, dir.join(META))?;
-    sync_dir(dir)
+    record(KIND_META, None, &encode(meta).map_err(io::Error::other)?, &mut bytes);
+    replace(&dir.join(META), &bytes)
 }
 
 fn read_meta(dir: &Path) -> io::Result<Meta> {
@@ -200,6 +194,9 @@ fn read_meta(dir: &Path) -> io::Result<Meta> {
     };
     // Written whole under a temporary name and renamed: never torn.
     let body = parse(&bytes).map_err(|why| invalid(format!("{}: {why}", dir.join(META).display())))?;
+    if body[0] != KIND_META {
+        return Err(invalid(format!("{}: not a meta record", dir.join(META).display())));
+    }
     decode(&body[1..]).map_err(|e| invalid(format!("{}: {e}", dir.join(META).display())))
 }
 
@@ -505,10 +502,7 @@ impl LogStore {
                     dir.display()
                 )));
             }
-            std::fs::create_dir_all(dir)?;
-            if let Some(parent) = dir.parent() {
-                sync_dir(parent)?;
-            }
+            create_dir(dir)?;
         }
         let wal = Wal::open(dir, SEGMENT_BYTES)?;
         let (tx, rx) = mpsc::unbounded_channel();

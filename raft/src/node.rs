@@ -689,9 +689,7 @@ fn open_store(cfg: &NodeConfig, path: &std::path::Path) -> Result<(sled::Db, boo
         }
     }
     if !path.exists() {
-        std::fs::create_dir_all(path).map_err(|e| open_err(Box::new(e)))?;
-        // The new directory's entry is durable only once its parent is synced.
-        std::fs::File::open(&cfg.data_dir).and_then(|d| d.sync_all()).map_err(|e| open_err(Box::new(e)))?;
+        crate::durable::create_dir(path).map_err(|e| open_err(Box::new(e)))?;
     }
     let opened = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
         sled::Config::new()
@@ -725,25 +723,16 @@ fn open_store(cfg: &NodeConfig, path: &std::path::Path) -> Result<(sled::Db, boo
         None => {
             meta.insert("node_id", &cfg.id.to_be_bytes()).map_err(|e| open_err(Box::new(e)))?;
             db.flush().map_err(|e| open_err(Box::new(e)))?;
-            // sled's flush is no fsync (see blobs.rs): a power cut must not take the id.
-            crate::blobs::sync_store(path).map_err(|e| open_err(Box::new(e)))?;
+            // sled's flush is no fsync (see durable.rs): a power cut must not take the id.
+            crate::durable::sync_store(path).map_err(|e| open_err(Box::new(e)))?;
         }
     }
     Ok((db, marked.is_none()))
 }
 
-/// Writes the marker durably: temp file, fsync, rename, fsync of the directory.
+/// Writes the marker durably (see [`crate::durable::replace`]).
 fn write_marker(marker: &std::path::Path, id: NodeId) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = marker.with_extension("tmp");
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(format!("{id}\n").as_bytes())?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, marker)?;
-    if let Some(dir) = marker.parent() {
-        std::fs::File::open(dir)?.sync_all()?;
-    }
-    Ok(())
+    crate::durable::replace(marker, format!("{id}\n").as_bytes())
 }
 
 /// Prefix of the message a non-leader answers on `/raft/leader`, so the caller retries.

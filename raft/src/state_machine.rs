@@ -79,7 +79,7 @@ pub struct StateMachineStore {
     inner: Arc<RwLock<StateMachineData>>,
     db: sled::Db,
     snapshots: sled::Tree,
-    /// sled's directory, fsynced whole after each snapshot (see [`crate::blobs`]).
+    /// sled's directory, fsynced whole after each snapshot (see [`crate::durable`]).
     dir: Arc<std::path::PathBuf>,
     applied_tx: Arc<watch::Sender<u64>>,
     events_tx: broadcast::Sender<Arc<Event>>,
@@ -157,10 +157,10 @@ impl StateMachineStore {
     }
 }
 
-/// [`crate::blobs::sync_store`] off the async runtime.
+/// [`crate::durable::sync_store`] off the async runtime.
 async fn sync_store(dir: &Arc<std::path::PathBuf>) -> std::io::Result<()> {
     let dir = dir.clone();
-    tokio::task::spawn_blocking(move || crate::blobs::sync_store(&dir).map(|_| ()))
+    tokio::task::spawn_blocking(move || crate::durable::sync_store(&dir).map(|_| ()))
         .await
         .map_err(std::io::Error::other)?
 }
