@@ -61,7 +61,10 @@ for _ in $(seq 1 30); do
   sleep 1
 done
 [ "$state" = "exited 0" ] || fail "a second init did not exit 0 (state: $state)"
-compose logs init | grep -q "already initialised" || fail "the second init did not say it found the cluster initialised"
+# Captured first: `grep -q` stops reading at the first match, and under pipefail the
+# writer's SIGPIPE would fail the pipeline although the line is there.
+init_logs="$(compose logs --no-color init)"
+grep -q "already initialised" <<<"$init_logs" || fail "the second init did not say it found the cluster initialised"
 
 id="$("$bin" run create -f examples/build.yaml)"
 echo "run $id created from the host"
