@@ -69,6 +69,8 @@ impl From<CommandError> for ApiError {
             CommandError::ObjectNotFound { .. } => ApiError::not_found(e.to_string()),
             CommandError::Conflict { .. } => ApiError::conflict(e.to_string()),
             CommandError::KeyReused { .. } => ApiError::new(422, "idempotency_key_reused", e.to_string()),
+            // Only the scheduler proposes decisions; a client never sees this.
+            CommandError::StaleDecision { .. } => ApiError::conflict(e.to_string()),
         }
     }
 }

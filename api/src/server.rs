@@ -757,6 +757,12 @@ async fn render_metrics(ctx: &Ctx) -> String {
     for (name, help, value) in gauges {
         let _ = writeln!(out, "# HELP {name} {help}\n# TYPE {name} gauge\n{name} {value}");
     }
+    let stale = ctx.scheduler_stats.stale_decisions.load(std::sync::atomic::Ordering::Relaxed);
+    let name = "flotilla_scheduler_stale_decisions_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Run updates refused as decided by another leader or term.\n# TYPE {name} counter\n{name} {stale}"
+    );
     ctx.metrics.render(&mut out);
     out
 }
@@ -799,7 +805,12 @@ pub async fn serve_node(
             }
         }
     });
-    let scheduler = tokio::spawn(flotilla_scheduler::run(node.clone(), scheduler_cfg, ctx.closing()));
+    let scheduler = tokio::spawn(flotilla_scheduler::run(
+        node.clone(),
+        scheduler_cfg,
+        ctx.scheduler_stats.clone(),
+        ctx.closing(),
+    ));
     let gc = tokio::spawn(flotilla_scheduler::gc::run(node.clone(), ost.clone(), gc_cfg, ctx.closing()));
     let archiver = tokio::spawn(flotilla_scheduler::archive::run(
         node.clone(),

@@ -13,6 +13,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use flotilla_store::defaults;
+use flotilla_store::executor::Decider;
 use flotilla_store::{Command, Response};
 use openraft::error::{
     ChangeMembershipError, CheckIsLeaderError, ClientWriteError, InitializeError, RaftError,
@@ -208,6 +209,14 @@ impl RaftNode {
 
     pub fn is_leader(&self) -> bool {
         self.current_leader() == Some(self.id)
+    }
+
+    /// This node and its term while it leads, read together: what a scheduler decision
+    /// carries so that it lands only from this leader's log entries in this term.
+    pub fn leadership(&self) -> Option<Decider> {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        (m.current_leader == Some(self.id)).then_some(Decider { term: m.current_term, node: self.id })
     }
 
     /// The URL of the current leader, when one is known.

@@ -14,6 +14,7 @@ use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, RwLock, RwLockReadGuard};
 
+use flotilla_store::executor::Decider;
 use flotilla_store::{Event, Response, State};
 use openraft::storage::RaftStateMachine;
 use openraft::{
@@ -216,7 +217,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 let response = match entry.payload {
                     EntryPayload::Blank => Response::None,
                     EntryPayload::Normal(cmd) => {
-                        sm.state.apply_with_events(entry.log_id.index, &cmd, &mut events)
+                        let leader = &entry.log_id.leader_id;
+                        let leader = Decider { term: leader.term, node: leader.node_id };
+                        sm.state.apply_entry(entry.log_id.index, Some(leader), &cmd, &mut events)
                     }
                     EntryPayload::Membership(m) => {
                         sm.last_membership = StoredMembership::new(Some(entry.log_id), m);

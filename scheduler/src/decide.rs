@@ -229,6 +229,7 @@ pub fn decide_run(
                             executor_id,
                             stop: false,
                             generation: 0,
+                            decided_by: None,
                         });
                     }
                 }
@@ -258,7 +259,14 @@ pub fn decide_run(
     debug_assert!(create_tasks
         .iter()
         .all(|s| !state.executor_tasks.contains_key(&executor_task_id(run_id, &s.task_name))));
-    Some(RunUpdate { prev_revision: cur.revision, run, create_tasks, stop_tasks, delete_tasks })
+    Some(RunUpdate {
+        prev_revision: cur.revision,
+        run,
+        create_tasks,
+        stop_tasks,
+        delete_tasks,
+        decided_by: None,
+    })
 }
 
 enum Choice {

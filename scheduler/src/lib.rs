@@ -6,8 +6,10 @@
 //! It reads through `flotilla_raft::SharedState` and changes state only by proposing
 //! `flotilla_store::Command`s with [`flotilla_raft::RaftNode::write_if_leader`]; it never
 //! touches sled or HTTP. Leadership makes the scheduler the one active orchestrator: the
-//! loop is idle on followers, and a stale ex-leader cannot win a write, both because Raft
-//! refuses it and because every run update is a compare-and-swap on the run's revision.
+//! loop is idle on followers, and a stale ex-leader cannot win a write: Raft refuses it,
+//! every run update is a compare-and-swap on the run's revision, and every run update
+//! carries the leader and term that decided it, applied only from a log entry of that
+//! leader in that term (a fencing token; counted in [`SchedulerStats`] when refused).
 //!
 //! Scheduling is event-driven: every applied log entry wakes the loop (a watch channel,
 //! so a burst of entries costs one round), and a slow periodic sweep is only a safety net
@@ -19,11 +21,12 @@ pub mod gc;
 pub mod group;
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flotilla_raft::RaftNode;
-use flotilla_store::{Command, Response};
+use flotilla_store::{Command, CommandError, Response, RunUpdate};
 use tokio::sync::watch;
 
 pub use decide::Settings;
@@ -39,6 +42,14 @@ impl Default for SchedulerConfig {
     fn default() -> Self {
         SchedulerConfig { settings: Settings::default(), sweep_interval_ms: 1000 }
     }
+}
+
+/// What the scheduler counts, for `/metrics`.
+#[derive(Debug, Default)]
+pub struct SchedulerStats {
+    /// Run updates refused because they reached the log through another leader or term
+    /// than the one that decided them (the run is decided again).
+    pub stale_decisions: AtomicU64,
 }
 
 /// The ticks of a periodic leader-only loop (the archiver, the ost GC). Missed ticks are
@@ -89,7 +100,12 @@ pub fn now_ms() -> u64 {
 }
 
 /// Runs the scheduler until `shutdown` turns true.
-pub async fn run(node: Arc<RaftNode>, cfg: SchedulerConfig, mut shutdown: watch::Receiver<bool>) {
+pub async fn run(
+    node: Arc<RaftNode>,
+    cfg: SchedulerConfig,
+    stats: Arc<SchedulerStats>,
+    mut shutdown: watch::Receiver<bool>,
+) {
     let mut applied = node.state.subscribe();
     let mut sweep = tokio::time::interval(Duration::from_millis(cfg.sweep_interval_ms.max(10)));
     sweep.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -109,7 +125,7 @@ pub async fn run(node: Arc<RaftNode>, cfg: SchedulerConfig, mut shutdown: watch:
             if full {
                 settled.clear();
             }
-            round(&node, &cfg, &mut settled).await;
+            round(&node, &cfg, &stats, &mut settled).await;
             prune_idempotency_keys(&node, &mut last_prune).await;
         } else {
             settled.clear();
@@ -127,8 +143,15 @@ pub async fn run(node: Arc<RaftNode>, cfg: SchedulerConfig, mut shutdown: watch:
 
 /// One round: decide on every active run whose inputs changed since it was last left
 /// unchanged (`settled`), from one consistent view, then propose.
-async fn round(node: &RaftNode, cfg: &SchedulerConfig, settled: &mut HashMap<String, u64>) {
+async fn round(
+    node: &RaftNode,
+    cfg: &SchedulerConfig,
+    stats: &SchedulerStats,
+    settled: &mut HashMap<String, u64>,
+) {
     let now = now_ms();
+    // Read before the view: a decision carries the term in which its inputs were read.
+    let Some(decider) = node.leadership() else { return };
     let (updates, expired, unnamed) = {
         let sm = node.state.read();
         let state = &sm.state;
@@ -149,7 +172,7 @@ async fn round(node: &RaftNode, cfg: &SchedulerConfig, settled: &mut HashMap<Str
                 continue;
             }
             match decide::decide_run(state, id, now, &cfg.settings, &mut active) {
-                Some(update) => updates.push(update),
+                Some(update) => updates.push(RunUpdate { decided_by: Some(decider), ..update }),
                 None => {
                     if let Some(f) = fingerprint {
                         still.insert(id.clone(), f);
@@ -161,20 +184,31 @@ async fn round(node: &RaftNode, cfg: &SchedulerConfig, settled: &mut HashMap<Str
         (updates, decide::expired_executors(state, now, &cfg.settings), unnamed)
     };
     // A cluster is named by its first leader, right after `cluster init` (or `flotilla dev`).
-    if unnamed && !propose(node, Command::SetClusterId { id: new_cluster_id() }).await {
+    if unnamed && propose(node, Command::SetClusterId { id: new_cluster_id() }).await == Proposed::Failed {
         return;
     }
     // Removals of expired executors first, one by one (rare); a run update that hands a task
     // to one of them is refused at apply and decided again.
     for id in expired {
-        if !propose(node, Command::DeleteExecutor { id }).await {
+        if propose(node, Command::DeleteExecutor { id }).await == Proposed::Failed {
             return;
         }
     }
     // The runs are independent (each update is a compare-and-swap on its own run): proposed
     // together, they leave the leader as one batched log entry instead of one round trip each.
-    futures::future::join_all(updates.into_iter().map(|u| propose(node, Command::UpdateRun(Box::new(u)))))
-        .await;
+    let outcomes = futures::future::join_all(
+        updates.into_iter().map(|u| propose(node, Command::UpdateRun(Box::new(u)))),
+    )
+    .await;
+    let stale = outcomes.iter().filter(|o| matches!(o, Proposed::Stale)).count() as u64;
+    if stale > 0 {
+        stats.stale_decisions.fetch_add(stale, Ordering::Relaxed);
+        tracing::warn!(
+            stale,
+            term = decider.term,
+            "run updates refused: decided in a term this node no longer leads"
+        );
+    }
 }
 
 /// Every [`IDEMPOTENCY_PRUNE_INTERVAL_MS`], if any idempotency key is past its TTL by this
@@ -196,18 +230,29 @@ async fn prune_idempotency_keys(node: &RaftNode, last: &mut tokio::time::Instant
     }
 }
 
-/// Proposes one scheduler decision; false when this node can no longer write.
-async fn propose(node: &RaftNode, cmd: Command) -> bool {
+#[derive(Debug, PartialEq, Eq)]
+enum Proposed {
+    /// Applied, or refused by the state (decided again next round).
+    Applied,
+    /// Refused as decided by another leader or term.
+    Stale,
+    /// Not written: this node can no longer write.
+    Failed,
+}
+
+/// Proposes one scheduler decision.
+async fn propose(node: &RaftNode, cmd: Command) -> Proposed {
     let kind = cmd.kind();
     match node.write_if_leader(cmd).await {
+        Ok((_, Response::Rejected(CommandError::StaleDecision { .. }))) => Proposed::Stale,
         Ok((_, Response::Rejected(e))) => {
             tracing::debug!(kind, error = %e, "scheduler proposal refused; will decide again");
-            true
+            Proposed::Applied
         }
-        Ok(_) => true,
+        Ok(_) => Proposed::Applied,
         Err(e) => {
             tracing::debug!(kind, error = %e, "scheduler proposal failed");
-            false
+            Proposed::Failed
         }
     }
 }

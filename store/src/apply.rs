@@ -6,7 +6,9 @@ use std::collections::BTreeMap;
 
 use crate::command::{Command, CommandError, Response, RunUpdate};
 use crate::event::{Event, RunAction};
-use crate::executor::{executor_task_id, validate_status, Executor, ExecutorTask, ExecutorTaskStatus};
+use crate::executor::{
+    executor_task_id, validate_status, Decider, Executor, ExecutorTask, ExecutorTaskSpec, ExecutorTaskStatus,
+};
 use crate::limits::{IDEMPOTENCY_TTL_MS, MAX_EXECUTORS, MAX_IDEMPOTENCY_KEYS, MAX_MAP_ENTRIES};
 use crate::run::{approvers, new_run, root_group_of, Run, RunPhase, APPROVER_PREFIX};
 use crate::state::{IdempotencyEntry, KvEntry, State};
@@ -42,16 +44,30 @@ impl State {
     /// [`State::apply`], also appending the events the change produced (run phase or
     /// result changes, task status changes), in a deterministic order.
     pub fn apply_with_events(&mut self, index: u64, cmd: &Command, events: &mut Vec<Event>) -> Response {
+        self.apply_entry(index, None, cmd, events)
+    }
+
+    /// [`State::apply_with_events`] for a command read from a log entry appended by
+    /// `leader` (its term and node): a scheduler decision made by another leader or in
+    /// another term is refused (see [`Decider`]). `None` skips that check (tests, replays of
+    /// commands without their entry).
+    pub fn apply_entry(
+        &mut self,
+        index: u64,
+        leader: Option<Decider>,
+        cmd: &Command,
+        events: &mut Vec<Event>,
+    ) -> Response {
         if let Err(e) = cmd.validate() {
             return Response::Rejected(e);
         }
         match cmd {
             Command::Batch(cmds) => {
-                Response::Batch(cmds.iter().map(|c| self.apply_with_events(index, c, events)).collect())
+                Response::Batch(cmds.iter().map(|c| self.apply_entry(index, leader, c, events)).collect())
             }
             Command::Acted { actor, cmd } => {
                 let first = events.len();
-                let response = self.apply_with_events(index, cmd, events);
+                let response = self.apply_entry(index, leader, cmd, events);
                 for e in &mut events[first..] {
                     e.actor.get_or_insert_with(|| actor.clone());
                 }
@@ -178,7 +194,12 @@ impl State {
                 self.idempotency_order.retain(|k| keys.contains_key(k));
                 Response::Done { revision: index }
             }
-            Command::UpdateRun(update) => self.update_run(index, update, events),
+            Command::UpdateRun(update) => match (update.decided_by, leader) {
+                (Some(decided), Some(entry)) if decided != entry => {
+                    Response::Rejected(CommandError::StaleDecision { decided, entry })
+                }
+                _ => self.update_run(index, update, events),
+            },
             Command::StopRun { run_id } => {
                 let Some(run) = self.runs.get_mut(run_id) else { return missing(format!("run {run_id}")) };
                 if !matches!(run.phase, RunPhase::Queued | RunPhase::Running) {
@@ -532,9 +553,10 @@ impl State {
         for (spec, steps) in u.create_tasks.iter().zip(steps) {
             let id = executor_task_id(run_id, &spec.task_name);
             let status = ExecutorTaskStatus::new(steps);
-            self.executor_tasks
-                .insert(id.clone(), ExecutorTask { id, spec: spec.clone(), status, revision: index });
-            self.touch_executor(&spec.executor_id, index);
+            let spec = ExecutorTaskSpec { decided_by: u.decided_by, ..spec.clone() };
+            let executor_id = spec.executor_id.clone();
+            self.executor_tasks.insert(id.clone(), ExecutorTask { id, spec, status, revision: index });
+            self.touch_executor(&executor_id, index);
         }
         for id in &u.stop_tasks {
             let et = self.executor_tasks.get_mut(id).expect("every stop_tasks id was checked to exist above");
@@ -813,6 +835,55 @@ mod tests {
         s.apply(4, &approve("bob"));
         assert!(s.runs[&run_id].tasks["deploy"].approved, "two distinct names");
         assert!(matches!(s.apply(5, &approve("carol")), Response::Rejected(CommandError::Conflict { .. })));
+    }
+
+    #[test]
+    fn a_run_update_lands_only_from_an_entry_of_the_leader_and_term_that_decided_it() {
+        let create =
+            crate::run::RunCreate::new("r", "/p", vec![crate::run::TaskConfig::new("a", "i", "true")]);
+        let mut s = State::default();
+        let Response::RunCreated { run_id } =
+            s.apply(1, &Command::CreateRun { create: Box::new(create), now_ms: 0 })
+        else {
+            panic!()
+        };
+        let info = crate::executor::ExecutorInfo::default();
+        s.apply(2, &Command::PutExecutor { id: "e1".into(), info, now_ms: 0 });
+        let decided = Decider { term: 3, node: 1 };
+        let update = RunUpdate {
+            run: s.runs[&run_id].clone(),
+            prev_revision: s.runs[&run_id].revision,
+            create_tasks: vec![ExecutorTaskSpec {
+                run_id: run_id.clone(),
+                task_name: "a".into(),
+                executor_id: "e1".into(),
+                stop: false,
+                generation: 0,
+                decided_by: None,
+            }],
+            stop_tasks: vec![],
+            delete_tasks: vec![],
+            decided_by: Some(decided),
+        };
+        let cmd = Command::Batch(vec![Command::UpdateRun(Box::new(update))]);
+        let before = s.clone();
+        let mut events = Vec::new();
+        for entry in
+            [Decider { term: 4, node: 2 }, Decider { term: 4, node: 1 }, Decider { term: 3, node: 2 }]
+        {
+            let r = s.apply_entry(3, Some(entry), &cmd, &mut events);
+            assert_eq!(
+                r,
+                Response::Batch(vec![Response::Rejected(CommandError::StaleDecision { decided, entry })])
+            );
+            assert_eq!(s, before, "a stale decision changes nothing");
+        }
+        assert_eq!(
+            s.apply_entry(3, Some(decided), &cmd, &mut events),
+            Response::Batch(vec![Response::Done { revision: 3 }])
+        );
+        let task = &s.executor_tasks[&crate::executor::executor_task_id(&run_id, "a")];
+        assert_eq!(task.spec.decided_by, Some(decided), "the task remembers who handed it out");
     }
 
     #[test]

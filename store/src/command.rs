@@ -14,7 +14,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use crate::executor::{validate_executor_id, ExecutorInfo, ExecutorTaskSpec, ExecutorTaskStatus};
+use crate::executor::{validate_executor_id, Decider, ExecutorInfo, ExecutorTaskSpec, ExecutorTaskStatus};
 use crate::limits::{
     MAX_BATCH_COMMANDS, MAX_IDEMPOTENCY_KEY_BYTES, MAX_KEY_BYTES, MAX_MAP_ENTRIES, MAX_MAP_VALUE_BYTES,
     MAX_NAME_BYTES, MAX_VALUE_BYTES,
@@ -123,6 +123,10 @@ pub struct RunUpdate {
     pub stop_tasks: Vec<String>,
     #[serde(default)]
     pub delete_tasks: Vec<String>,
+    /// The leader that decided this update. When set, the update is applied only from a
+    /// log entry appended by that leader in that term (see [`Decider`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<Decider>,
 }
 
 impl Command {
@@ -367,4 +371,8 @@ pub enum CommandError {
     /// An idempotency key was used before with another request body.
     #[error("{reason}")]
     KeyReused { reason: String },
+    /// A scheduler decision reached the log through another leader or term than the one
+    /// that made it: refused, the current leader decides again.
+    #[error("decision of node {} in term {} reached the log in term {} of node {}", decided.node, decided.term, entry.term, entry.node)]
+    StaleDecision { decided: Decider, entry: Decider },
 }

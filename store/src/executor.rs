@@ -88,6 +88,20 @@ pub struct ExecutorTaskSpec {
     pub stop: bool,
     /// Bumped on every change of the spec (so far: the stop flag).
     pub generation: u64,
+    /// The leader whose scheduler handed the task out, set when the decision is applied.
+    /// `None` only for tasks handed out before decisions were fenced by term.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub decided_by: Option<Decider>,
+}
+
+/// A Raft leader: its term and node id. A scheduler decision carries the leader that made
+/// it, and is applied only from a log entry that leader appended in that term (a fencing
+/// token): a decision made on a view that an election has since made stale cannot land.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct Decider {
+    pub term: u64,
+    pub node: u64,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]

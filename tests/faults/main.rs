@@ -400,7 +400,7 @@ async fn run(o: &Opts) -> Result<bool, String> {
         pass = false;
     }
     let summary = format!(
-        "faults: {} seed={} elapsed={:.0}s faults={} kv_ops={} ok={} fail={} unknown={} hung={} slowest_answer_ms={} runs_acked={} runs_unknown={} runs_failed={} tasks_started={} verdict={}",
+        "faults: {} seed={} elapsed={:.0}s faults={} kv_ops={} ok={} fail={} unknown={} hung={} slowest_answer_ms={} runs_acked={} runs_unknown={} runs_failed={} tasks_started={} deciding_terms={} verdict={}",
         mode,
         o.seed,
         elapsed,
@@ -415,6 +415,7 @@ async fn run(o: &Opts) -> Result<bool, String> {
         rl.unknown,
         rl.failed,
         rl.started.len(),
+        rl.decided_by.values().flatten().map(|d| d.term).collect::<std::collections::BTreeSet<_>>().len(),
         if pass { "PASS" } else { "FAIL" }
     );
     println!("{summary}");

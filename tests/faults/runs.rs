@@ -5,7 +5,10 @@
 //! Checked at the end: every run whose creation was acknowledged exists and reached a
 //! final phase after the heal; no executor task was started by two executors, and no task
 //! whose running or success report was acknowledged was later handed out as not started
-//! (that would be a lost acknowledged write or a task executed twice).
+//! (that would be a lost acknowledged write or a task executed twice); every task handed
+//! out names the leader and term whose scheduler decided it, and no term has two deciding
+//! nodes (a stale leader's decision would show up as a second node in a term, or as a task
+//! without a decider).
 
 #[path = "../common/sim_executor.rs"]
 mod sim_executor;
@@ -16,6 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flotilla_api::types::ExecutorInfo;
+use flotilla_store::executor::Decider;
 use flotilla_store::run::Phase;
 
 use crate::nodes::{url, TOKEN};
@@ -31,6 +35,8 @@ pub struct RunLog {
     pub failed: usize,
     /// Executor task id -> executors that started it.
     pub started: BTreeMap<String, Vec<String>>,
+    /// Executor task id -> the leader that handed it out, as the executors saw it.
+    pub decided_by: BTreeMap<String, Option<Decider>>,
     /// Violations seen while running.
     pub violations: Vec<String>,
 }
@@ -129,6 +135,7 @@ pub async fn executor(id: String, nodes: Vec<u64>, first: usize, log: Shared, st
             }
         };
         for t in tasks.tasks {
+            log.lock().unwrap().decided_by.insert(t.id.clone(), t.spec.spec.decided_by);
             let next = match (mine.get(&t.id), t.status.phase) {
                 (None, Phase::Notstarted) => Phase::Running,
                 (Some(Phase::Running), Phase::Notstarted) | (Some(Phase::Success), Phase::Notstarted) => {
@@ -176,6 +183,7 @@ pub async fn final_check(nodes: &[u64], log: &Shared, wait: Duration) -> Vec<Str
             problems.push(format!("task {task} was started by more than one executor: {by:?}"));
         }
     }
+    problems.extend(decider_problems(&log.lock().unwrap().decided_by));
     let acked = log.lock().unwrap().acked.clone();
     let deadline = Instant::now() + wait;
     let mut i = 0;
@@ -204,6 +212,26 @@ pub async fn final_check(nodes: &[u64], log: &Shared, wait: Duration) -> Vec<Str
                 }
                 _ => tokio::time::sleep(Duration::from_millis(200)).await,
             }
+        }
+    }
+    problems
+}
+
+/// Every handed-out task names its decider, and each term has one deciding node.
+fn decider_problems(decided_by: &BTreeMap<String, Option<Decider>>) -> Vec<String> {
+    let mut problems = Vec::new();
+    let mut by_term: BTreeMap<u64, BTreeMap<u64, usize>> = BTreeMap::new();
+    for (task, d) in decided_by {
+        match d {
+            None => problems.push(format!("task {task} was handed out without the leader that decided it")),
+            Some(d) => *by_term.entry(d.term).or_default().entry(d.node).or_default() += 1,
+        }
+    }
+    for (term, nodes) in by_term {
+        if nodes.len() > 1 {
+            problems.push(format!(
+                "term {term} has tasks decided by more than one node (node: tasks): {nodes:?}"
+            ));
         }
     }
     problems
