@@ -55,16 +55,20 @@ pub async fn run(quick: bool, clients: &[usize]) -> Outcome {
             |s| etcd_writes(&etcd_kv, &value, n, s, slice_len),
         )
         .await;
+        let (f, e) = (fw.stats(), ew.stats());
+        print_point("write", n, &f, &e);
+        chart.push((n, f.ops_per_s, e.ops_per_s));
+        push_rows(&mut rows, "write", n, &f, &e);
+        // scripts/flamegraph.sh profiles the write load alone.
+        if std::env::var_os("FLOTILLA_BENCH_KV_WRITES_ONLY").is_some() {
+            continue;
+        }
         let (fr, er) = take_turns(
             slices,
             |_| flotilla_reads(&flotilla, n, slice_len),
             |_| etcd_reads(&etcd_kv, n, slice_len),
         )
         .await;
-        let (f, e) = (fw.stats(), ew.stats());
-        print_point("write", n, &f, &e);
-        chart.push((n, f.ops_per_s, e.ops_per_s));
-        push_rows(&mut rows, "write", n, &f, &e);
         let (f, e) = (fr.stats(), er.stats());
         print_point("read", n, &f, &e);
         push_rows(&mut rows, "read", n, &f, &e);
