@@ -95,7 +95,17 @@ async fn flotilla(kills: usize) -> Vec<Duration> {
         let leader = cluster.wait_for_leader().await;
         let killed_at = Instant::now();
         cluster.kill(leader);
-        recoveries.push(load.first_write_after(killed_at).await);
+        let took = load.first_write_after(killed_at).await;
+        recoveries.push(took);
+        if took > Duration::from_secs(1) {
+            // The slow ones are what the failover goal is about: show how the election went.
+            println!("kill of leader {leader} took {} ms; the survivors' logs end:", took.as_millis());
+            for id in (1..=3).filter(|id| *id != leader) {
+                let tail = cluster.log_tail(id);
+                let lines: Vec<&str> = tail.lines().collect();
+                println!("--- node {id} ---\n{}", lines[lines.len().saturating_sub(12)..].join("\n"));
+            }
+        }
         cluster.start(leader);
         cluster.wait_healthy(leader).await;
         cluster.wait_caught_up().await;
