@@ -101,9 +101,13 @@ async fn flotilla(kills: usize) -> Vec<Duration> {
             // The slow ones are what the failover goal is about: show how the election went.
             println!("kill of leader {leader} took {} ms; the survivors' logs end:", took.as_millis());
             for id in (1..=3).filter(|id| *id != leader) {
-                let tail = cluster.log_tail(id);
-                let lines: Vec<&str> = tail.lines().collect();
-                println!("--- node {id} ---\n{}", lines[lines.len().saturating_sub(12)..].join("\n"));
+                // The election's lines (all of them with FLOTILLA_NODE_RUST_LOG=info).
+                let log = cluster.log_text(id);
+                let lines: Vec<&str> = log
+                    .lines()
+                    .filter(|l| l.contains("vote") || l.contains("elect") || l.contains("leader="))
+                    .collect();
+                println!("--- node {id} ---\n{}", lines[lines.len().saturating_sub(30)..].join("\n"));
             }
         }
         cluster.start(leader);

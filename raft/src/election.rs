@@ -13,7 +13,8 @@
 //! (openraft's `trigger().elect()`), when all of these hold: it refused because its log
 //! is more complete than the candidate's, it does not lead, and no leader has reached it
 //! for the leader lease (the maximum election timeout; a live leader's followers refuse on
-//! the lease anyway). At most once per minimum election timeout. The same breaks a split
+//! the lease anyway), in a term above the candidate's (below). At most once per minimum
+//! election timeout. The same breaks a split
 //! vote: two candidates with equal logs each refuse the other; the one with the higher id
 //! campaigns again at once instead of both waiting a timeout. An election is always safe
 //! in Raft; this changes only who campaigns first.
@@ -75,7 +76,21 @@ impl RaftNode {
             "refused a candidate (its log is behind this node's, or a split vote) with no leader in sight: campaigning at once"
         );
         let raft = self.raft.clone();
+        // openraft campaigns in its own term + 1. A refusal for a shorter log leaves this
+        // node's term below the candidate's, and the candidate has voted for itself in its
+        // term: a campaign in that same term is refused, and the election waits for a timer
+        // (measured: one election timeout, ~320 ms, lost in the slow failovers). So first
+        // take the candidate's term by voting for itself in it (a vote request from this
+        // node to itself: the usual checks, one vote per term), then campaign above it.
+        let (term, me) = (req.vote.leader_id().term, self.id);
+        let catch_up = (term > resp.vote.leader_id().term)
+            .then(|| VoteRequest::new(openraft::Vote::new(term, me), resp.last_log_id));
         tokio::spawn(async move {
+            if let Some(own) = catch_up {
+                if let Err(e) = raft.vote(own).await {
+                    tracing::debug!(error = %e, "could not take the candidate's term");
+                }
+            }
             if let Err(e) = raft.trigger().elect().await {
                 tracing::debug!(error = %e, "could not campaign");
             }

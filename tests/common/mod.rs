@@ -225,8 +225,12 @@ impl Cluster {
             .arg("--token-file")
             .arg(&token_file)
             .args(&extra)
+            // FLOTILLA_NODE_RUST_LOG: the nodes' log filter when diagnosing a test or a bench.
+            .env(
+                "RUST_LOG",
+                std::env::var("FLOTILLA_NODE_RUST_LOG").unwrap_or_else(|_| "info,openraft=warn".into()),
+            )
             .envs(env)
-            .env("RUST_LOG", "info,openraft=warn")
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
@@ -356,8 +360,13 @@ impl Cluster {
         }
     }
 
+    /// Node `id`'s whole log.
+    pub fn log_text(&self, id: u64) -> String {
+        std::fs::read_to_string(&self.nodes[&id].log).unwrap_or_default()
+    }
+
     pub fn log_tail(&self, id: u64) -> String {
-        let text = std::fs::read_to_string(&self.nodes[&id].log).unwrap_or_default();
+        let text = self.log_text(id);
         let lines: Vec<&str> = text.lines().collect();
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
