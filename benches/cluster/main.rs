@@ -7,15 +7,19 @@
 //! 3. `overhead`: a one-step `true` task end to end vs `docker run --rm IMAGE true`;
 //! 4. `failover`: leader SIGKILLs under write load, kill to first accepted write;
 //! 5. `growth`: 100,000 runs written and archived, sizes, RSS and write throughput;
-//! 6. `tls`: 64 clients writing over HTTPS with mTLS vs plain HTTP (the cost of TLS).
+//! 6. `tls`: 64 clients writing over HTTPS with mTLS vs plain HTTP (the cost of TLS);
+//! 7. `executors`: 500/1,000/2,000 simulated executors heartbeating and long-polling, the
+//!    leader's CPU and the task fetch latency, each against the smallest scale.
 //!
 //! `cargo bench --bench cluster -- [--quick] [--only NAME[,NAME]] [--clients N[,N]] [--out DIR]` (or
 //! `scripts/bench.sh`, which installs etcd first). Writes `DIR/bench-results.json` and
-//! `DIR/bench-throughput.svg` (DIR defaults to the current directory, the package root).
+//! `DIR/bench-throughput.svg`, and `DIR/bench-executors.svg` when `executors` ran (DIR defaults
+//! to the current directory, the package root).
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
 mod etcd;
+mod executors;
 mod failover;
 mod growth;
 mod kv;
@@ -27,7 +31,7 @@ mod scheduler;
 use std::path::PathBuf;
 use std::time::Instant;
 
-const ALL: [&str; 6] = ["kv", "scheduler", "overhead", "failover", "growth", "tls"];
+const ALL: [&str; 7] = ["kv", "scheduler", "overhead", "failover", "growth", "tls", "executors"];
 
 struct Args {
     quick: bool,
@@ -90,6 +94,7 @@ async fn main() {
     );
     let mut rows = Vec::new();
     let mut chart = Vec::new();
+    let mut executors_chart = Vec::new();
     for name in ALL.iter().filter(|n| args.only.iter().any(|o| o == *n)) {
         let t = Instant::now();
         match *name {
@@ -103,6 +108,11 @@ async fn main() {
             "failover" => rows.extend(failover::run(args.quick).await),
             "growth" => rows.extend(growth::run(args.quick).await),
             "tls" => rows.extend(kv::tls(args.quick).await),
+            "executors" => {
+                let out = executors::run(args.quick).await;
+                rows.extend(out.rows);
+                executors_chart = out.chart;
+            }
             _ => unreachable!(),
         }
         println!("({name}: {:.0} s)", t.elapsed().as_secs_f64());
@@ -115,6 +125,11 @@ async fn main() {
     if !chart.is_empty() {
         let svg = args.out.join("bench-throughput.svg");
         report::write_chart(&svg, &chart).expect("write the chart");
+        println!("wrote {}", svg.display());
+    }
+    if !executors_chart.is_empty() {
+        let svg = args.out.join("bench-executors.svg");
+        report::write_executors_chart(&svg, &executors_chart).expect("write the executors chart");
         println!("wrote {}", svg.display());
     }
     println!("total {:.0} s", started.elapsed().as_secs_f64());

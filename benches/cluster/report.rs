@@ -177,3 +177,68 @@ pub fn write_chart(path: &Path, points: &[Point]) -> Result<(), Box<dyn std::err
     root.present()?;
     Ok(())
 }
+
+/// (executors, leader CPU % of a core, p99 task fetch ms).
+type ExecutorsPoint = (usize, f64, f64);
+
+/// Writes the executors chart: the leader's CPU for heartbeats (left axis) and the p99
+/// task fetch latency (right axis) against the number of executors.
+pub fn write_executors_chart(
+    path: &Path,
+    points: &[ExecutorsPoint],
+) -> Result<(), Box<dyn std::error::Error>> {
+    use plotters::prelude::*;
+    let root = SVGBackend::new(path, (720, 420)).into_drawing_area();
+    root.fill(&WHITE)?;
+    let finite = |v: f64| if v.is_finite() { v } else { 0.0 };
+    let max_cpu = points.iter().map(|p| finite(p.1)).fold(0.0, f64::max) * 1.2;
+    let max_p99 = points.iter().map(|p| finite(p.2)).fold(0.0, f64::max) * 1.2;
+    let min_x = points.iter().map(|p| p.0).min().unwrap_or(1) as f64;
+    let max_x = points.iter().map(|p| p.0).max().unwrap_or(1) as f64;
+    let x_range = || (min_x * 0.8..max_x * 1.25).log_scale();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            "Three nodes against simulated executors (heartbeat every 5 s, long poll)",
+            ("sans-serif", 18),
+        )
+        .margin(16)
+        .x_label_area_size(40)
+        .y_label_area_size(70)
+        .right_y_label_area_size(70)
+        .build_cartesian_2d(x_range(), 0f64..max_cpu.max(1.0))?
+        .set_secondary_coord(x_range(), 0f64..max_p99.max(1.0));
+    chart
+        .configure_mesh()
+        .x_desc("executors")
+        .y_desc("leader CPU, % of a core (heartbeats alone)")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .draw()?;
+    chart
+        .configure_secondary_axes()
+        .y_desc("task fetch p99, ms")
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .draw()?;
+    let cpu = RGBColor(0x1f, 0x77, 0xb4);
+    let p99 = RGBColor(0xd6, 0x27, 0x28);
+    let cpu_data: Vec<(f64, f64)> = points.iter().map(|p| (p.0 as f64, finite(p.1))).collect();
+    let p99_data: Vec<(f64, f64)> = points.iter().map(|p| (p.0 as f64, finite(p.2))).collect();
+    chart
+        .draw_series(LineSeries::new(cpu_data.clone(), cpu.stroke_width(2)))?
+        .label("leader CPU % (left)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], cpu.stroke_width(2)));
+    chart.draw_series(cpu_data.into_iter().map(|p| Circle::new(p, 4, cpu.filled())))?;
+    chart
+        .draw_secondary_series(LineSeries::new(p99_data.clone(), p99.stroke_width(2)))?
+        .label("task fetch p99 ms (right)")
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], p99.stroke_width(2)));
+    chart.draw_secondary_series(p99_data.into_iter().map(|p| Circle::new(p, 4, p99.filled())))?;
+    chart
+        .configure_series_labels()
+        .border_style(BLACK)
+        .background_style(WHITE.mix(0.9))
+        .position(SeriesLabelPosition::UpperLeft)
+        .draw()?;
+    root.present()?;
+    Ok(())
+}
