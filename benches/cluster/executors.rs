@@ -21,16 +21,13 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-#[path = "../../tests/common/sim_executor.rs"]
-mod sim_executor;
-
 use crate::common::*;
 use crate::load::percentile_ms;
 use crate::report::Row;
+use crate::sim_executor::status;
 use flotilla_api::types::{ExecutorInfo, RunCreate};
 use flotilla_api::Client;
 use flotilla_store::run::{Phase, RunPhase};
-use sim_executor::status;
 
 /// Every executor heartbeats this often; the first heartbeats are spread over one period.
 const HEARTBEAT: Duration = Duration::from_secs(5);
@@ -211,7 +208,7 @@ fn raise_fd_limit() -> u64 {
             }
         }
     }
-    l.cur as u64
+    l.cur
 }
 
 /// Waits until `done()` or `limit` passed; false on the timeout.

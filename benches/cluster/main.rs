@@ -27,6 +27,8 @@ mod load;
 mod overhead;
 mod report;
 mod scheduler;
+#[path = "../../tests/common/sim_executor.rs"]
+mod sim_executor;
 
 use std::path::PathBuf;
 use std::time::Instant;

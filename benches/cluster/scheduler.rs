@@ -10,16 +10,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-#[path = "../../tests/common/sim_executor.rs"]
-mod sim_executor;
-
 use crate::common::*;
 use crate::report::Row;
+use crate::sim_executor::status;
 use flotilla_api::types::{ExecutorInfo, RunCreate};
 use flotilla_api::Client;
 use flotilla_store::run::{Phase, RunPhase};
 use futures::StreamExt;
-use sim_executor::status;
 
 const EXECUTORS: usize = 8;
 
