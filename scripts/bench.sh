@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Runs every benchmark side by side with its baseline and writes bench-results.json and
-# bench-throughput.svg (see docs/benchmarks.md). Installs etcd and protoc first if missing.
+# Runs every benchmark side by side with its baseline and writes bench-results.json,
+# bench-throughput.svg and bench-executors.svg (see docs/benchmarks.md). Installs etcd and protoc first if missing.
 # Usage: scripts/bench.sh [--quick] [--only kv,scheduler,overhead,failover,growth,tls,executors]
 #                         [--clients 1,16,64,256] [--out DIR]
 set -euo pipefail
