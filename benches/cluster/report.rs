@@ -168,12 +168,7 @@ pub fn write_chart(path: &Path, points: &[Point]) -> Result<(), Box<dyn std::err
             .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2)));
         chart.draw_series(data.into_iter().map(|p| Circle::new(p, 4, color.filled())))?;
     }
-    chart
-        .configure_series_labels()
-        .border_style(BLACK)
-        .background_style(WHITE.mix(0.9))
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()?;
+    upper_left_legend(&mut chart)?;
     root.present()?;
     Ok(())
 }
@@ -233,12 +228,20 @@ pub fn write_executors_chart(
         .label("task fetch p99 ms (right)")
         .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], p99.stroke_width(2)));
     chart.draw_secondary_series(p99_data.into_iter().map(|p| Circle::new(p, 4, p99.filled())))?;
+    upper_left_legend(&mut chart)?;
+    root.present()?;
+    Ok(())
+}
+
+/// The series' legend, boxed, in the chart's upper left corner.
+fn upper_left_legend<'a, DB: plotters::prelude::DrawingBackend + 'a, CT: plotters::coord::CoordTranslate>(
+    chart: &mut plotters::prelude::ChartContext<'a, DB, CT>,
+) -> Result<(), plotters::drawing::DrawingAreaErrorKind<DB::ErrorType>> {
+    use plotters::prelude::*;
     chart
         .configure_series_labels()
         .border_style(BLACK)
         .background_style(WHITE.mix(0.9))
         .position(SeriesLabelPosition::UpperLeft)
-        .draw()?;
-    root.present()?;
-    Ok(())
+        .draw()
 }
