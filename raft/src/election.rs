@@ -14,9 +14,9 @@
 //! is more complete than the candidate's, it does not lead, and no leader has reached it
 //! for the leader lease (the maximum election timeout; a live leader's followers refuse on
 //! the lease anyway), in a term above the candidate's (below). At most once per minimum
-//! election timeout. The same breaks a split
-//! vote: two candidates with equal logs each refuse the other; the one with the higher id
-//! campaigns again at once instead of both waiting a timeout. An election is always safe
+//! election timeout. The same breaks a split vote: two candidates with equal logs each
+//! refuse the other; the one with the higher id campaigns again at once instead of both
+//! waiting a timeout. An election is always safe
 //! in Raft; this changes only who campaigns first.
 
 use std::sync::atomic::{AtomicU64, Ordering};
