@@ -578,6 +578,32 @@ async fn yaml_definitions_by_path_and_url_create_runs_that_list_by_group() {
 }
 
 #[tokio::test]
+async fn a_heartbeat_is_written_only_when_it_brings_something_new() {
+    // Default executor timeout (60 s): a heartbeat with the same offer within 20 s of the
+    // recorded one is answered without a replicated write.
+    let cluster = Cluster::bootstrap(3, &[]).await;
+    let c = cluster.client(1);
+    let seen = async |c: &Client| {
+        let list = c.executors().await.unwrap().executors;
+        let e = list.into_iter().find(|e| e.id == "e1").expect("e1 is registered");
+        (e.last_seen, e.info.archs)
+    };
+    c.executor_heartbeat("e1", &info(&["amd64"], false, false)).await.unwrap();
+    let (first, _) = seen(&c).await;
+    // Repeated through every node, leader and followers alike.
+    for n in [1, 2, 3, 1, 2, 3] {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        cluster.client(n).executor_heartbeat("e1", &info(&["amd64"], false, false)).await.unwrap();
+    }
+    assert_eq!(seen(&c).await, (first, vec!["amd64".to_string()]), "nothing new: nothing written");
+    // A changed offer is written at once, with the time it was seen.
+    cluster.client(2).executor_heartbeat("e1", &info(&["amd64", "arm64"], false, false)).await.unwrap();
+    let (changed, archs) = seen(&cluster.client(2)).await;
+    assert!(changed > first, "last_seen {changed} after {first}");
+    assert_eq!(archs, vec!["amd64".to_string(), "arm64".to_string()]);
+}
+
+#[tokio::test]
 async fn a_dynamic_executor_that_stops_heartbeating_is_removed() {
     let cluster = Cluster::bootstrap(1, &["--executor-timeout-ms", "1000"]).await;
     let c = cluster.client(1);

@@ -144,7 +144,7 @@ pub(crate) async fn list_executors(ctx: &Ctx, req: &Request<'_>) -> Result<Reply
 
 /// `DELETE /api/v1/executors/{id}`.
 pub(crate) async fn delete_executor(ctx: &Ctx, id: &str) -> Result<Reply, ApiError> {
-    expect_done(write(ctx, Command::DeleteExecutor { id: id.to_string() }).await?)
+    expect_done(write(ctx, Command::DeleteExecutor { id: id.to_string(), if_last_seen: None }).await?)
 }
 
 fn expect_done(r: Response) -> Result<Reply, ApiError> {
@@ -405,11 +405,32 @@ impl Drop for Decrement {
     }
 }
 
-/// `PUT /api/v1/executor/{id}`: registration and heartbeat.
+/// `PUT /api/v1/executor/{id}`: registration and heartbeat. Only a heartbeat that brings
+/// something new is written (see [`heartbeat_recorded`]).
 pub(crate) async fn executor_heartbeat(ctx: &Ctx, id: &str, req: &Request<'_>) -> Result<Reply, ApiError> {
     validate_executor_id(id).map_err(ApiError::bad_request)?;
     let info: ExecutorInfo = req.json()?;
-    expect_done(write(ctx, Command::PutExecutor { id: id.to_string(), info, now_ms: now_ms() }).await?)
+    let now = now_ms();
+    if heartbeat_recorded(ctx, id, &info, now) {
+        return Ok(Reply::Empty);
+    }
+    expect_done(write(ctx, Command::PutExecutor { id: id.to_string(), info, now_ms: now }).await?)
+}
+
+/// Whether this node's state already holds executor `id` with this very `info`, seen less
+/// than a third of the executor timeout ago: then the heartbeat is answered here, without
+/// a replicated write. Thousands of executors heartbeating every few seconds were
+/// otherwise a stream of log entries that changed nothing but `last_seen`. The recorded
+/// `last_seen` then lags the last heartbeat by at most that third (plus one heartbeat
+/// period), so a live executor is never taken for silent; one that stops is, a third
+/// earlier at most. A node whose state is behind only writes more often.
+fn heartbeat_recorded(ctx: &Ctx, id: &str, info: &ExecutorInfo, now: u64) -> bool {
+    let refresh_ms = ctx.cfg.scheduler.settings.executor_timeout_ms / 3;
+    let sm = ctx.node.state.read();
+    sm.state
+        .executors
+        .get(id)
+        .is_some_and(|e| e.info == *info && now.saturating_sub(e.last_seen) < refresh_ms)
 }
 
 /// `GET /api/v1/executor/{id}/siblings`: the executors of its group (itself included).
@@ -445,7 +466,7 @@ pub(crate) async fn executor_tasks(ctx: &Ctx, id: &str, req: &Request<'_>) -> Re
     let wait_ms = req.number("wait_ms")?.unwrap_or(0).min(MAX_LONG_POLL_MS);
     read_barrier(ctx, req).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
-    let mut applied = ctx.node.state.subscribe();
+    let mut changed = ctx.node.state.watch_executor(id);
     let mut closing = ctx.closing();
     loop {
         {
@@ -477,7 +498,7 @@ pub(crate) async fn executor_tasks(ctx: &Ctx, id: &str, req: &Request<'_>) -> Re
             }
         }
         tokio::select! {
-            r = applied.changed() => if r.is_err() { return Err(ApiError::unavailable("node is shutting down")) },
+            _ = changed.changed() => {}
             _ = tokio::time::sleep_until(deadline) => {}
             _ = closing.changed() => {}
         }

@@ -8,11 +8,15 @@
 //! committed write.
 //!
 //! Readers share the state through [`SharedState`]; `applied` publishes the last applied
-//! index so that a linearizable read can wait until this replica has caught up.
+//! index so that a linearizable read can wait until this replica has caught up, and
+//! [`SharedState::watch_executor`] wakes one executor's task long poll only when its task
+//! list changes (not on every applied entry: with thousands of idle executors, waking them
+//! all on each heartbeat was most of a node's CPU).
 
+use std::collections::HashMap;
 use std::io::Cursor;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock, RwLockReadGuard};
+use std::sync::{Arc, Mutex, RwLock, RwLockReadGuard};
 
 use flotilla_store::executor::Decider;
 use flotilla_store::{Event, Response, State};
@@ -50,6 +54,69 @@ pub struct SharedState {
     inner: Arc<RwLock<StateMachineData>>,
     applied: watch::Receiver<u64>,
     events: broadcast::Sender<Arc<Event>>,
+    executors: Arc<ExecutorWakers>,
+}
+
+/// One wake-up channel per executor that someone waits on, by id. A channel's value is
+/// the log index of the last change that woke it; an entry goes when its last waiter does.
+#[derive(Default)]
+struct ExecutorWakers(Mutex<HashMap<String, watch::Sender<u64>>>);
+
+impl ExecutorWakers {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, watch::Sender<u64>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn watch(wakers: &Arc<ExecutorWakers>, id: &str) -> ExecutorWatch {
+        let rx = wakers.lock().entry(id.to_string()).or_insert_with(|| watch::channel(0).0).subscribe();
+        ExecutorWatch { rx: Some(rx), id: id.to_string(), wakers: wakers.clone() }
+    }
+
+    /// Wakes the waiters of `ids`, or every waiter when `ids` is `None` (a new snapshot).
+    fn wake(&self, ids: Option<&std::collections::BTreeSet<String>>, index: u64) {
+        let wakers = self.lock();
+        match ids {
+            Some(ids) => {
+                for id in ids {
+                    if let Some(tx) = wakers.get(id) {
+                        tx.send_replace(index);
+                    }
+                }
+            }
+            None => wakers.values().for_each(|tx| {
+                tx.send_replace(index);
+            }),
+        }
+    }
+}
+
+/// A waiter on one executor's task list ([`SharedState::watch_executor`]).
+pub struct ExecutorWatch {
+    rx: Option<watch::Receiver<u64>>,
+    id: String,
+    wakers: Arc<ExecutorWakers>,
+}
+
+impl ExecutorWatch {
+    /// Resolves when the executor's task list may have changed since the watch was made
+    /// (or since the last call).
+    pub async fn changed(&mut self) {
+        let rx = self.rx.as_mut().expect("taken only on drop");
+        // The sender stays in the map while this receiver lives: it cannot be gone.
+        if rx.changed().await.is_err() {
+            std::future::pending::<()>().await
+        }
+    }
+}
+
+impl Drop for ExecutorWatch {
+    fn drop(&mut self) {
+        drop(self.rx.take());
+        let mut wakers = self.wakers.lock();
+        if wakers.get(&self.id).is_some_and(|tx| tx.receiver_count() == 0) {
+            wakers.remove(&self.id);
+        }
+    }
 }
 
 impl SharedState {
@@ -68,6 +135,13 @@ impl SharedState {
         self.applied.clone()
     }
 
+    /// Wakes when executor `id`'s task list may have changed: a task handed to, stopped on
+    /// or taken from it, its removal, or a snapshot installed. Make the watch before reading
+    /// the state, so that no change falls between the read and the wait.
+    pub fn watch_executor(&self, id: &str) -> ExecutorWatch {
+        ExecutorWakers::watch(&self.executors, id)
+    }
+
     /// Events of the entries this replica applies from now on, in log order. A receiver
     /// that falls more than `EVENT_BUFFER` events behind gets `Lagged` and must resync.
     pub fn subscribe_events(&self) -> broadcast::Receiver<Arc<Event>> {
@@ -84,6 +158,7 @@ pub struct StateMachineStore {
     dir: Arc<std::path::PathBuf>,
     applied_tx: Arc<watch::Sender<u64>>,
     events_tx: broadcast::Sender<Arc<Event>>,
+    executors: Arc<ExecutorWakers>,
     snapshot_seq: Arc<AtomicU64>,
 }
 
@@ -124,6 +199,7 @@ impl StateMachineStore {
             dir: Arc::new(db.context.get_path()),
             applied_tx: Arc::new(applied_tx),
             events_tx: broadcast::channel(flotilla_store::limits::EVENT_BUFFER).0,
+            executors: Arc::default(),
             snapshot_seq: Arc::new(AtomicU64::new(0)),
         })
     }
@@ -133,6 +209,7 @@ impl StateMachineStore {
             inner: self.inner.clone(),
             applied: self.applied_tx.subscribe(),
             events: self.events_tx.clone(),
+            executors: self.executors.clone(),
         }
     }
 
@@ -202,7 +279,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     {
         let mut responses = Vec::new();
         let mut events = Vec::new();
-        let last = {
+        let (last, touched) = {
             let mut sm = self.write();
             for entry in entries {
                 // openraft hands entries over in log order, once each: an entry at or before
@@ -228,9 +305,12 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
                 };
                 responses.push(response);
             }
-            sm.last_applied.map_or(0, |l| l.index)
+            (sm.last_applied.map_or(0, |l| l.index), sm.state.take_touched_executors())
         };
         self.applied_tx.send_replace(last);
+        if !touched.is_empty() {
+            self.executors.wake(Some(&touched), last);
+        }
         for e in events {
             // No receiver is not an error: nobody is listening.
             let _ = self.events_tx.send(Arc::new(e));
@@ -261,7 +341,9 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
             sm.last_applied = meta.last_log_id;
             sm.last_membership = meta.last_membership.clone();
         }
-        self.applied_tx.send_replace(meta.last_log_id.map_or(0, |l| l.index));
+        let index = meta.last_log_id.map_or(0, |l| l.index);
+        self.applied_tx.send_replace(index);
+        self.executors.wake(None, index);
         tracing::info!(last_log_id = ?meta.last_log_id, size_bytes = data.len(), "snapshot installed");
         Ok(())
     }
@@ -273,5 +355,34 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
         };
         let stored: StoredSnapshot = decode(&bytes).map_err(|e| snap_err(None, ErrorVerb::Read, e))?;
         Ok(Some(Snapshot { meta: stored.meta, snapshot: Box::new(Cursor::new(stored.data)) }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ready(w: &mut ExecutorWatch) -> bool {
+        use std::future::Future;
+        let fut = std::pin::pin!(w.changed());
+        fut.poll(&mut std::task::Context::from_waker(std::task::Waker::noop())).is_ready()
+    }
+
+    #[test]
+    fn an_executor_watch_wakes_for_its_own_executor_only_and_leaves_no_entry_behind() {
+        let wakers = Arc::new(ExecutorWakers::default());
+        let watch = |id| ExecutorWakers::watch(&wakers, id);
+        let (mut a, mut b, mut b2) = (watch("a"), watch("b"), watch("b"));
+        assert!(!ready(&mut a) && !ready(&mut b));
+        wakers.wake(Some(&["b".to_string(), "gone".to_string()].into()), 7);
+        assert!(!ready(&mut a), "a change of b's tasks does not wake a");
+        assert!(ready(&mut b) && ready(&mut b2), "every waiter of b wakes");
+        assert!(!ready(&mut b), "once per change");
+        wakers.wake(None, 8);
+        assert!(ready(&mut a) && ready(&mut b), "a new snapshot wakes everyone");
+        drop(b);
+        assert_eq!(wakers.lock().len(), 2, "b still has a waiter");
+        drop((a, b2));
+        assert!(wakers.lock().is_empty(), "no waiter, no entry");
     }
 }

@@ -44,13 +44,14 @@ pub fn active_counts(state: &State) -> BTreeMap<String, u32> {
     counts
 }
 
-/// Dynamic executors that stopped heartbeating: to be removed.
-pub fn expired_executors(state: &State, now_ms: u64, settings: &Settings) -> Vec<String> {
+/// Dynamic executors that stopped heartbeating, with the last heartbeat recorded: to be
+/// removed unless they heartbeat again first.
+pub fn expired_executors(state: &State, now_ms: u64, settings: &Settings) -> Vec<(String, u64)> {
     state
         .executors
         .values()
         .filter(|e| e.info.dynamic && now_ms.saturating_sub(e.last_seen) > settings.executor_timeout_ms)
-        .map(|e| e.id.clone())
+        .map(|e| (e.id.clone(), e.last_seen))
         .collect()
 }
 
@@ -622,7 +623,7 @@ mod tests {
         sim.apply(Command::SetExecutorTaskStatus { id: et.id.clone(), executor_id: "e1".into(), status });
         sim.round();
         assert_eq!(sim.status(&run, "a"), TaskStatus::Running);
-        sim.apply(Command::DeleteExecutor { id: "e1".into() });
+        sim.apply(Command::DeleteExecutor { id: "e1".into(), if_last_seen: None });
         sim.settle(&outcome_fails(&[]));
         let a = &sim.state.runs[&run].tasks["a"];
         assert_eq!(a.status, TaskStatus::Failed);

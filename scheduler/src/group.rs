@@ -189,7 +189,7 @@ mod tests {
                         let _ = sim.apply(Command::StopRun { run_id: ids[n % ids.len()].clone() });
                     }
                     Event::Vanish => {
-                        sim.apply(Command::DeleteExecutor { id: "e1".into() });
+                        sim.apply(Command::DeleteExecutor { id: "e1".into(), if_last_seen: None });
                         sim.round();
                         sim.check(&limits)?;
                         sim.apply(Command::PutExecutor { id: "e1".into(), info: executor(), now_ms: NOW });

@@ -26,6 +26,7 @@ use std::sync::Arc;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flotilla_raft::RaftNode;
+use flotilla_store::executor::Decider;
 use flotilla_store::{Command, CommandError, Response, RunUpdate};
 use tokio::sync::watch;
 
@@ -125,7 +126,7 @@ pub async fn run(
             if full {
                 settled.clear();
             }
-            round(&node, &cfg, &stats, &mut settled).await;
+            round(&node, &cfg, &stats, &mut settled, full).await;
             prune_idempotency_keys(&node, &mut last_prune).await;
         } else {
             settled.clear();
@@ -142,12 +143,14 @@ pub async fn run(
 }
 
 /// One round: decide on every active run whose inputs changed since it was last left
-/// unchanged (`settled`), from one consistent view, then propose.
+/// unchanged (`settled`), from one consistent view, then propose. Executors expire by the
+/// clock, so only the periodic sweep (`full`) looks for expired ones.
 async fn round(
     node: &RaftNode,
     cfg: &SchedulerConfig,
     stats: &SchedulerStats,
     settled: &mut HashMap<String, u64>,
+    full: bool,
 ) {
     let now = now_ms();
     // Read before the view: a decision carries the term in which its inputs were read.
@@ -161,27 +164,8 @@ async fn round(
             return;
         }
         let unnamed = state.cluster_id.is_none();
-        let mut active = decide::active_counts(state);
-        let executors = decide::executors_fingerprint(state, &active, now, &cfg.settings);
-        let mut still = HashMap::with_capacity(settled.len());
-        let mut updates = Vec::new();
-        for id in &state.active_runs {
-            let fingerprint = decide::run_fingerprint(state, id, executors);
-            if let Some(f) = fingerprint.filter(|f| settled.get(id) == Some(f)) {
-                still.insert(id.clone(), f);
-                continue;
-            }
-            match decide::decide_run(state, id, now, &cfg.settings, &mut active) {
-                Some(update) => updates.push(RunUpdate { decided_by: Some(decider), ..update }),
-                None => {
-                    if let Some(f) = fingerprint {
-                        still.insert(id.clone(), f);
-                    }
-                }
-            }
-        }
-        *settled = still;
-        (updates, decide::expired_executors(state, now, &cfg.settings), unnamed)
+        let expired = if full { decide::expired_executors(state, now, &cfg.settings) } else { Vec::new() };
+        (decide_runs(state, now, &cfg.settings, decider, settled), expired, unnamed)
     };
     // A cluster is named by its first leader, right after `cluster init` (or `flotilla dev`).
     if unnamed && propose(node, Command::SetClusterId { id: new_cluster_id() }).await == Proposed::Failed {
@@ -189,8 +173,9 @@ async fn round(
     }
     // Removals of expired executors first, one by one (rare); a run update that hands a task
     // to one of them is refused at apply and decided again.
-    for id in expired {
-        if propose(node, Command::DeleteExecutor { id }).await == Proposed::Failed {
+    for (id, last_seen) in expired {
+        let cmd = Command::DeleteExecutor { id, if_last_seen: Some(last_seen) };
+        if propose(node, cmd).await == Proposed::Failed {
             return;
         }
     }
@@ -209,6 +194,44 @@ async fn round(
             "run updates refused: decided in a term this node no longer leads"
         );
     }
+}
+
+/// The updates of the active runs whose inputs changed since the last round left them
+/// unchanged (`settled`, updated here), each carrying `decider`.
+fn decide_runs(
+    state: &flotilla_store::State,
+    now: u64,
+    settings: &decide::Settings,
+    decider: Decider,
+    settled: &mut HashMap<String, u64>,
+) -> Vec<RunUpdate> {
+    if state.active_runs.is_empty() {
+        // Skip the per-executor maps: heartbeats and kv writes wake the loop too, and
+        // there may be thousands of executors.
+        settled.clear();
+        return Vec::new();
+    }
+    let mut active = decide::active_counts(state);
+    let executors = decide::executors_fingerprint(state, &active, now, settings);
+    let mut still = HashMap::with_capacity(settled.len());
+    let mut updates = Vec::new();
+    for id in &state.active_runs {
+        let fingerprint = decide::run_fingerprint(state, id, executors);
+        if let Some(f) = fingerprint.filter(|f| settled.get(id) == Some(f)) {
+            still.insert(id.clone(), f);
+            continue;
+        }
+        match decide::decide_run(state, id, now, settings, &mut active) {
+            Some(update) => updates.push(RunUpdate { decided_by: Some(decider), ..update }),
+            None => {
+                if let Some(f) = fingerprint {
+                    still.insert(id.clone(), f);
+                }
+            }
+        }
+    }
+    *settled = still;
+    updates
 }
 
 /// Every [`IDEMPOTENCY_PRUNE_INTERVAL_MS`], if any idempotency key is past its TTL by this

@@ -121,6 +121,8 @@ impl State {
                     return conflict(format!("the cluster is already named {have}"));
                 }
                 self.cluster_id = Some(id.clone());
+                // Task lists carry the cluster id: the executors' long polls answer with it.
+                self.touched_executors.0.extend(self.executors.keys().cloned());
                 Response::Done { revision: index }
             }
             Command::SetMaintenance { enabled } => {
@@ -288,10 +290,21 @@ impl State {
                 self.executors.insert(id.clone(), executor);
                 Response::Done { revision: index }
             }
-            Command::DeleteExecutor { id } => match self.executors.remove(id) {
-                Some(_) => Response::Done { revision: index },
-                None => missing(format!("executor {id:?}")),
-            },
+            Command::DeleteExecutor { id, if_last_seen } => {
+                if let (Some(e), Some(seen)) = (self.executors.get(id), if_last_seen) {
+                    if e.last_seen != *seen {
+                        return conflict(format!("executor {id:?} heartbeated again"));
+                    }
+                }
+                match self.executors.remove(id) {
+                    Some(_) => {
+                        // Its long poll answers "not registered" now rather than at its deadline.
+                        self.touched_executors.0.insert(id.clone());
+                        Response::Done { revision: index }
+                    }
+                    None => missing(format!("executor {id:?}")),
+                }
+            }
             Command::SetExecutorTaskStatus { id, executor_id, status } => {
                 self.set_executor_task_status(index, id, executor_id, status)
             }
@@ -606,6 +619,7 @@ impl State {
     fn touch_executor(&mut self, id: &str, index: u64) {
         if let Some(e) = self.executors.get_mut(id) {
             e.tasks_revision = index;
+            self.touched_executors.0.insert(id.to_string());
         }
     }
 
@@ -866,6 +880,7 @@ mod tests {
             decided_by: Some(decided),
         };
         let cmd = Command::Batch(vec![Command::UpdateRun(Box::new(update))]);
+        assert!(s.take_touched_executors().is_empty(), "registering wakes no long poll");
         let before = s.clone();
         let mut events = Vec::new();
         for entry in
@@ -884,6 +899,9 @@ mod tests {
         );
         let task = &s.executor_tasks[&crate::executor::executor_task_id(&run_id, "a")];
         assert_eq!(task.spec.decided_by, Some(decided), "the task remembers who handed it out");
+        let woken = s.take_touched_executors();
+        assert_eq!(woken, ["e1".to_string()].into(), "the stale tries woke nobody; the task wakes e1");
+        assert!(s.take_touched_executors().is_empty());
     }
 
     #[test]
@@ -926,6 +944,22 @@ mod tests {
         assert_eq!(run.tasks["b"].status, crate::run::TaskStatus::Notstarted);
         assert_eq!(events.last().unwrap().action, Some(RunAction::Restarted));
         assert_eq!(events.last().unwrap().restarted_from.as_deref(), Some(src.as_str()));
+    }
+
+    #[test]
+    fn an_expiry_removes_an_executor_only_if_it_did_not_heartbeat_since() {
+        let mut s = State::default();
+        let info = crate::executor::ExecutorInfo::default();
+        s.apply(1, &Command::PutExecutor { id: "e1".into(), info: info.clone(), now_ms: 10 });
+        // Decided on last_seen 10, applied after a heartbeat at 20: the executor stays.
+        s.apply(2, &Command::PutExecutor { id: "e1".into(), info, now_ms: 20 });
+        let expire = |seen| Command::DeleteExecutor { id: "e1".into(), if_last_seen: Some(seen) };
+        assert!(matches!(s.apply(3, &expire(10)), Response::Rejected(CommandError::Conflict { .. })));
+        assert!(s.executors.contains_key("e1"));
+        assert!(s.take_touched_executors().is_empty());
+        assert_eq!(s.apply(4, &expire(20)), Response::Done { revision: 4 });
+        assert!(s.executors.is_empty());
+        assert_eq!(s.take_touched_executors(), ["e1".to_string()].into(), "its long poll learns at once");
     }
 
     fn command_strategy() -> impl Strategy<Value = Command> {

@@ -51,8 +51,14 @@ pub enum Command {
     },
     /// Register an executor or record its heartbeat.
     PutExecutor { id: String, info: ExecutorInfo, now_ms: u64 },
-    /// Forget an executor (its tasks are left to the scheduler).
-    DeleteExecutor { id: String },
+    /// Forget an executor (its tasks are left to the scheduler). With `if_last_seen` (an
+    /// expiry), only if its recorded last heartbeat is still that one: an executor that
+    /// heartbeated again after the decision stays.
+    DeleteExecutor {
+        id: String,
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        if_last_seen: Option<u64>,
+    },
     /// An executor reports the status of one of its tasks.
     SetExecutorTaskStatus { id: String, executor_id: String, status: ExecutorTaskStatus },
     /// Move finished runs out of the state into archive data files already written to the
@@ -203,7 +209,7 @@ impl Command {
                 validate_executor_id(id).map_err(invalid)?;
                 info.validate().map_err(invalid)
             }
-            Command::DeleteExecutor { id } | Command::SetExecutorTaskStatus { executor_id: id, .. } => {
+            Command::DeleteExecutor { id, .. } | Command::SetExecutorTaskStatus { executor_id: id, .. } => {
                 validate_executor_id(id).map_err(invalid)
             }
             Command::Import(state) => state.validate_import().map_err(invalid),

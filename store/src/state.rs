@@ -57,6 +57,33 @@ pub struct State {
     /// oldest beyond [`MAX_IDEMPOTENCY_KEYS`].
     #[serde(default)]
     pub idempotency_order: std::collections::VecDeque<String>,
+    /// Executors whose task list changed since the state machine last took them.
+    #[serde(skip)]
+    pub(crate) touched_executors: TouchedExecutors,
+}
+
+/// Ids of executors whose task list changed (a task handed to, stopped on or taken from
+/// them) or that were removed, since [`State::take_touched_executors`]: the state machine
+/// takes them after each apply to wake just those executors' long polls. Bookkeeping of one
+/// replica, not agreed state: never serialized, and equal to any other (so two states are
+/// equal by what they agree on). A set, so it stays bounded by the executors when nobody
+/// takes it (tests, simulations).
+#[derive(Clone, Debug, Default)]
+pub(crate) struct TouchedExecutors(pub(crate) BTreeSet<String>);
+
+impl PartialEq for TouchedExecutors {
+    fn eq(&self, _: &Self) -> bool {
+        true
+    }
+}
+
+impl Eq for TouchedExecutors {}
+
+impl State {
+    /// The executors touched since the last call (see [`TouchedExecutors`]).
+    pub fn take_touched_executors(&mut self) -> BTreeSet<String> {
+        std::mem::take(&mut self.touched_executors.0)
+    }
 }
 
 /// What an idempotent create remembers about its key.
