@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Runs every benchmark side by side with its baseline and writes bench-results.json,
 # bench-throughput.svg and bench-executors.svg (see docs/benchmarks.md). Installs etcd and protoc first if missing.
-# Usage: scripts/bench.sh [--quick] [--only kv,scheduler,overhead,failover,growth,tls,executors]
+# Usage: scripts/bench.sh [--quick] [--only kv,scheduler,overhead,failover,growth,tls,executors,growth1m]
+#   (growth1m, a million archived runs, runs only when named)
 #                         [--clients 1,16,64,256] [--out DIR]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -2,8 +2,12 @@
 //! archives them to the object storage (`--archive-after-s 0`; a POSIX directory shared by
 //! the three nodes, as an NFS mount would be), side by side with the baseline, the same
 //! cluster keeping every run in the Raft state. Reported: Raft log entries and snapshot size,
-//! sled disk use and RSS of each node, and the write throughput of the first and the last
-//! 10,000 runs.
+//! sled disk use and RSS of each node, the write throughput of the first and the last
+//! 10,000 runs, and the full run index dump (`POST /api/v1/archive/index`: from the per-file
+//! indexes in the ost, or from the state for the baseline): its size and how long it takes.
+//!
+//! `growth1m` (only with `--only growth1m`, about 10 minutes): 1,000,000 runs archived, the
+//! index dump and the nodes' RSS, each against the same figure at 100,000 runs of the run.
 
 use std::path::Path;
 use std::time::{Duration, Instant};
@@ -81,6 +85,8 @@ struct Figures {
     snapshot_bytes: u64,
     sled_bytes: Vec<u64>,
     rss_mib: Vec<f64>,
+    index_bytes: u64,
+    index_s: f64,
 }
 
 async fn measure(n: usize, archive: bool) -> Figures {
@@ -105,7 +111,7 @@ async fn measure(n: usize, archive: bool) -> Figures {
     let first_per_s = chunk as f64 / (done[chunk - 1] - start).as_secs_f64();
     let last_per_s = chunk as f64 / (done[n - 1] - done[n - chunk - 1]).as_secs_f64();
     if archive {
-        let deadline = Instant::now() + Duration::from_secs(600);
+        let deadline = Instant::now() + Duration::from_secs(600.max(n as u64 / 1000));
         loop {
             let s = c.client(1).archive_status().await.unwrap();
             if s["runs_in_state"] == serde_json::json!(0) {
@@ -115,10 +121,18 @@ async fn measure(n: usize, archive: bool) -> Figures {
             tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
+    let leader = c.wait_for_leader().await;
+    let t = Instant::now();
+    let dump = c.client(leader).archive_dump_index().await.expect("index dump");
+    let index_s = t.elapsed().as_secs_f64();
+    assert_eq!(dump["runs"].as_u64(), Some(n as u64), "every run is in the index: {dump}");
+    let index_bytes = dump["bytes"].as_u64().expect("dump size");
     force_snapshot(&c).await;
     c.wait_caught_up().await;
     let leader = c.wait_for_leader().await;
     let mut f = Figures {
+        index_bytes,
+        index_s,
         first_per_s,
         last_per_s,
         log_entries: metric(&c.url(leader), "flotilla_raft_log_entries").await,
@@ -210,5 +224,64 @@ pub async fn run(quick: bool) -> Vec<Row> {
         rows.push(Row::new(format!("growth_rss_node{}", i + 1), "MiB", *ra, base, *rb, false));
     }
     rows.push(Row::new("growth_rss_max_node", "MiB", max_f(&a.rss_mib), base, max_f(&b.rss_mib), false));
+    rows.push(Row::new(
+        "growth_index_dump_bytes",
+        "bytes",
+        a.index_bytes as f64,
+        base,
+        b.index_bytes as f64,
+        false,
+    ));
+    rows.push(Row::new("growth_index_dump_s", "s", a.index_s, base, b.index_s, false));
     rows
+}
+
+/// `growth1m`: 1,000,000 runs archived (100,000 and 10,000 in `--quick`), against the same
+/// cluster at a tenth of that. Goals (issue 24): index dump ≤ 100 MB and ≤ 10 s.
+pub async fn run_1m(quick: bool) -> Vec<Row> {
+    let n = if quick { 100_000 } else { 1_000_000 };
+    println!("== growth1m: {n} finished runs archived, index dump and RSS, against {}", n / 10);
+    let small = measure(n / 10, true).await;
+    let big = measure(n, true).await;
+    for (k, f) in [(n / 10, &small), (n, &big)] {
+        println!(
+            "{k:>9} runs: index dump {} bytes in {:.2} s; RSS MiB per node {:?}; runs/s first / last tenth {:.0} / {:.0}",
+            f.index_bytes,
+            f.index_s,
+            f.rss_mib.iter().map(|r| r.round() as u64).collect::<Vec<_>>(),
+            f.first_per_s,
+            f.last_per_s
+        );
+    }
+    let base = format!("flotilla, {} runs", n / 10);
+    let max_f = |v: &[f64]| v.iter().copied().fold(0.0, f64::max);
+    let tag = if quick { "100k" } else { "1m" };
+    vec![
+        Row::new(
+            format!("growth{tag}_index_dump_bytes"),
+            "bytes",
+            big.index_bytes as f64,
+            &base,
+            small.index_bytes as f64,
+            false,
+        ),
+        Row::new(format!("growth{tag}_index_dump_s"), "s", big.index_s, &base, small.index_s, false),
+        Row::new(format!("growth{tag}_rss_node1"), "MiB", big.rss_mib[0], &base, small.rss_mib[0], false),
+        Row::new(
+            format!("growth{tag}_rss_max_node"),
+            "MiB",
+            max_f(&big.rss_mib),
+            &base,
+            max_f(&small.rss_mib),
+            false,
+        ),
+        Row::new(
+            format!("growth{tag}_runs_per_s_last_tenth"),
+            "runs/s",
+            big.last_per_s,
+            &base,
+            small.last_per_s,
+            true,
+        ),
+    ]
 }

@@ -6,7 +6,8 @@
 //! 2. `scheduler`: task transitions/s driven by simulated executors over HTTP;
 //! 3. `overhead`: a one-step `true` task end to end vs `docker run --rm IMAGE true`;
 //! 4. `failover`: leader SIGKILLs under write load, kill to first accepted write;
-//! 5. `growth`: 100,000 runs written and archived, sizes, RSS and write throughput;
+//! 5. `growth`: 100,000 runs written and archived, sizes, RSS, write throughput and the
+//!    full run index dump (`growth1m`, only when named: the same with 1,000,000 runs);
 //! 6. `tls`: 64 clients writing over HTTPS with mTLS vs plain HTTP (the cost of TLS);
 //! 7. `executors`: 500/1,000/2,000 simulated executors heartbeating and long-polling, the
 //!    leader's CPU and the task fetch latency, each against the smallest scale.
@@ -34,6 +35,8 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 const ALL: [&str; 7] = ["kv", "scheduler", "overhead", "failover", "growth", "tls", "executors"];
+/// Run only when named in `--only` (too long for the 20-minute full mode).
+const OPTIONAL: [&str; 1] = ["growth1m"];
 
 struct Args {
     quick: bool,
@@ -56,7 +59,9 @@ fn parse_args() -> Args {
             "--only" => {
                 let list = it.next().unwrap_or_else(|| usage("--only needs a list"));
                 args.only = list.split(',').map(str::to_string).collect();
-                if let Some(bad) = args.only.iter().find(|n| !ALL.contains(&n.as_str())) {
+                if let Some(bad) =
+                    args.only.iter().find(|n| !ALL.contains(&n.as_str()) && !OPTIONAL.contains(&n.as_str()))
+                {
                     usage(&format!("unknown benchmark {bad:?}"));
                 }
             }
@@ -79,7 +84,7 @@ fn parse_args() -> Args {
 }
 
 fn usage(why: &str) -> ! {
-    eprintln!("error: {why}\nusage: cargo bench --bench cluster -- [--quick] [--only {}] [--clients N[,N]] [--out DIR]", ALL.join(","));
+    eprintln!("error: {why}\nusage: cargo bench --bench cluster -- [--quick] [--only {}] [--clients N[,N]] [--out DIR]", ALL.iter().chain(&OPTIONAL).copied().collect::<Vec<_>>().join(","));
     std::process::exit(2);
 }
 
@@ -97,7 +102,7 @@ async fn main() {
     let mut rows = Vec::new();
     let mut chart = Vec::new();
     let mut executors_chart = Vec::new();
-    for name in ALL.iter().filter(|n| args.only.iter().any(|o| o == *n)) {
+    for name in ALL.iter().chain(&OPTIONAL).filter(|n| args.only.iter().any(|o| o == *n)) {
         let t = Instant::now();
         match *name {
             "kv" => {
@@ -109,6 +114,7 @@ async fn main() {
             "overhead" => rows.extend(overhead::run(args.quick).await),
             "failover" => rows.extend(failover::run(args.quick).await),
             "growth" => rows.extend(growth::run(args.quick).await),
+            "growth1m" => rows.extend(growth::run_1m(args.quick).await),
             "tls" => rows.extend(kv::tls(args.quick).await),
             "executors" => {
                 let out = executors::run(args.quick).await;
