@@ -80,8 +80,12 @@ async fn measure(nodes: u64, runs: usize, tasks: usize) -> Result {
     let transitions = Arc::new(AtomicU64::new(0));
     let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let mut handles = Vec::new();
+    // FLOTILLA_BENCH_EXECUTORS_ON_LEADER=1: every executor on the leader, none forwarded
+    // (what the forwarding hop costs; not the benchmark's own setting).
+    let on_leader = std::env::var_os("FLOTILLA_BENCH_EXECUTORS_ON_LEADER").is_some();
+    let leader = cluster.wait_for_leader().await;
     for e in 0..EXECUTORS {
-        let c = cluster.client(1 + (e as u64 % nodes));
+        let c = cluster.client(if on_leader { leader } else { 1 + (e as u64 % nodes) });
         handles.push(tokio::spawn(executor(c, format!("sim-{e}"), transitions.clone(), stop.clone())));
     }
     tokio::time::sleep(Duration::from_millis(500)).await;
