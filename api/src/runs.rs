@@ -423,7 +423,9 @@ pub(crate) async fn executor_heartbeat(ctx: &Ctx, id: &str, req: &Request<'_>) -
 /// otherwise a stream of log entries that changed nothing but `last_seen`. The recorded
 /// `last_seen` then lags the last heartbeat by at most that third (plus one heartbeat
 /// period), so a live executor is never taken for silent; one that stops is, a third
-/// earlier at most. A node whose state is behind only writes more often.
+/// earlier at most. A node whose state is behind writes more often; one cut off from the
+/// leader answers so for at most that third too, then its write fails with 503 and the
+/// executor moves on to another server.
 fn heartbeat_recorded(ctx: &Ctx, id: &str, info: &ExecutorInfo, now: u64) -> bool {
     let refresh_ms = ctx.cfg.scheduler.settings.executor_timeout_ms / 3;
     let sm = ctx.node.state.read();

@@ -338,7 +338,13 @@ impl State {
                     .filter(|r| matches!(r.phase, RunPhase::Queued | RunPhase::Running))
                     .map(|r| r.id.clone())
                     .collect();
+                // Every executor's long poll, of the old state's executors and the new's,
+                // answers from the new state.
+                let mut touched = std::mem::take(&mut self.touched_executors.0);
+                touched.extend(self.executors.keys().cloned());
+                touched.extend(new.executors.keys().cloned());
                 *self = new;
+                self.touched_executors.0 = touched;
                 events.extend(self.runs.values().map(|r| Event::action(index, r, RunAction::Imported, None)));
                 Response::Done { revision: index }
             }
