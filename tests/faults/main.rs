@@ -171,6 +171,8 @@ async fn run(o: &Opts) -> Result<bool, String> {
         "faults: mode {mode}, seed {} (replay: cargo test --test faults -- --{mode} --seed {})",
         o.seed, o.seed
     );
+    // The harness's own checks must be able to fail: each refuses a known-bad history first.
+    runs::check_the_checks()?;
     let _ = std::fs::remove_dir_all(&o.out);
     std::fs::create_dir_all(&o.out).map_err(|e| format!("cannot create {}: {e}", o.out.display()))?;
     println!("faults: output in {}", o.out.display());

@@ -217,6 +217,27 @@ pub async fn final_check(nodes: &[u64], log: &Shared, wait: Duration) -> Vec<Str
     problems
 }
 
+/// [`decider_problems`] on histories whose verdict is known: one clean, one with a task
+/// handed out without its decider, one with a term where two nodes decided.
+pub fn check_the_checks() -> Result<(), String> {
+    let d = |term, node| Some(Decider { term, node });
+    let history = |entries: &[(&str, Option<Decider>)]| -> BTreeMap<String, Option<Decider>> {
+        entries.iter().map(|(t, d)| (t.to_string(), *d)).collect()
+    };
+    let cases = [
+        (history(&[("r1.a", d(2, 1)), ("r1.b", d(2, 1)), ("r2.a", d(3, 2))]), 0),
+        (history(&[("r1.a", d(2, 1)), ("r1.b", None)]), 1),
+        (history(&[("r1.a", d(2, 1)), ("r2.a", d(2, 3)), ("r3.a", d(4, 3))]), 1),
+    ];
+    for (i, (history, expected)) in cases.iter().enumerate() {
+        let found = decider_problems(history);
+        if found.len() != *expected {
+            return Err(format!("decider check, case {i}: {expected} problem(s) expected, found {found:?}"));
+        }
+    }
+    Ok(())
+}
+
 /// Every handed-out task names its decider, and each term has one deciding node.
 fn decider_problems(decided_by: &BTreeMap<String, Option<Decider>>) -> Vec<String> {
     let mut problems = Vec::new();
