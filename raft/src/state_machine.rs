@@ -69,7 +69,7 @@ impl ExecutorWakers {
 
     fn watch(wakers: &Arc<ExecutorWakers>, id: &str) -> ExecutorWatch {
         let rx = wakers.lock().entry(id.to_string()).or_insert_with(|| watch::channel(0).0).subscribe();
-        ExecutorWatch { rx: Some(rx), id: id.to_string(), wakers: wakers.clone() }
+        ExecutorWatch { rx, id: id.to_string(), wakers: wakers.clone() }
     }
 
     /// Wakes the waiters of `ids`, or every waiter when `ids` is `None` (a new snapshot).
@@ -92,7 +92,7 @@ impl ExecutorWakers {
 
 /// A waiter on one executor's task list ([`SharedState::watch_executor`]).
 pub struct ExecutorWatch {
-    rx: Option<watch::Receiver<u64>>,
+    rx: watch::Receiver<u64>,
     id: String,
     wakers: Arc<ExecutorWakers>,
 }
@@ -101,9 +101,8 @@ impl ExecutorWatch {
     /// Resolves when the executor's task list may have changed since the watch was made
     /// (or since the last call).
     pub async fn changed(&mut self) {
-        let rx = self.rx.as_mut().expect("taken only on drop");
         // The sender stays in the map while this receiver lives: it cannot be gone.
-        if rx.changed().await.is_err() {
+        if self.rx.changed().await.is_err() {
             std::future::pending::<()>().await
         }
     }
@@ -111,9 +110,9 @@ impl ExecutorWatch {
 
 impl Drop for ExecutorWatch {
     fn drop(&mut self) {
-        drop(self.rx.take());
+        // Under the lock no waiter can join: a count of one is this watch alone.
         let mut wakers = self.wakers.lock();
-        if wakers.get(&self.id).is_some_and(|tx| tx.receiver_count() == 0) {
+        if wakers.get(&self.id).is_some_and(|tx| tx.receiver_count() == 1) {
             wakers.remove(&self.id);
         }
     }
