@@ -199,14 +199,7 @@ impl Driver {
         let exec = self.docker.create_exec(container, cfg).await.map_err(|e| err("create exec", e))?;
         match self.docker.start_exec(&exec.id, None).await.map_err(|e| err("start exec", e))? {
             bollard::exec::StartExecResults::Attached { mut output, .. } => {
-                while let Some(item) = output.next().await {
-                    match item.map_err(|e| err("exec output", e))? {
-                        LogOutput::StdOut { message }
-                        | LogOutput::StdErr { message }
-                        | LogOutput::Console { message } => sink(message),
-                        LogOutput::StdIn { .. } => {}
-                    }
-                }
+                forward(&mut output, &mut sink, "exec output").await?;
             }
             bollard::exec::StartExecResults::Detached => {}
         }
@@ -256,15 +249,7 @@ impl Driver {
     pub async fn logs(&self, container: &str, mut sink: impl FnMut(Bytes)) -> Result<(), DockerError> {
         let opts = LogsOptionsBuilder::new().stdout(true).stderr(true).follow(false).tail("all").build();
         let mut s = self.docker.logs(container, Some(opts));
-        while let Some(item) = s.next().await {
-            match item.map_err(|e| err("container logs", e))? {
-                LogOutput::StdOut { message }
-                | LogOutput::StdErr { message }
-                | LogOutput::Console { message } => sink(message),
-                LogOutput::StdIn { .. } => {}
-            }
-        }
-        Ok(())
+        forward(&mut s, &mut sink, "container logs").await
     }
 
     /// Force-removes a container (killing it); a missing one is fine.
@@ -299,6 +284,24 @@ impl Driver {
             })
             .collect())
     }
+}
+
+/// Feeds an exec's or a container's output (stdout and stderr, as they came) to `sink`
+/// until it ends.
+async fn forward(
+    output: &mut (impl Stream<Item = Result<LogOutput, bollard::errors::Error>> + Unpin),
+    sink: &mut impl FnMut(Bytes),
+    what: &str,
+) -> Result<(), DockerError> {
+    while let Some(item) = output.next().await {
+        match item.map_err(|e| err(what, e))? {
+            LogOutput::StdOut { message }
+            | LogOutput::StdErr { message }
+            | LogOutput::Console { message } => sink(message),
+            LogOutput::StdIn { .. } => {}
+        }
+    }
+    Ok(())
 }
 
 /// Docker reports `x86_64`/`aarch64`; tasks name Go architectures.
