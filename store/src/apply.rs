@@ -11,7 +11,7 @@ use crate::executor::{
 };
 use crate::limits::{IDEMPOTENCY_TTL_MS, MAX_EXECUTORS, MAX_IDEMPOTENCY_KEYS, MAX_MAP_ENTRIES};
 use crate::run::{approvers, new_run, root_group_of, Run, RunPhase, APPROVER_PREFIX};
-use crate::state::{IdempotencyEntry, KvEntry, State};
+use crate::state::{IdempotencyEntry, KvEntry, Sha256, SharedKey, State};
 
 fn missing(what: impl Into<String>) -> Response {
     Response::Rejected(CommandError::ObjectNotFound { what: what.into() })
@@ -136,8 +136,14 @@ impl State {
             }
             Command::CreateRunIdempotent { create, now_ms, key, body_sha256 } => {
                 let fresh = |e: &IdempotencyEntry| e.created_ms.saturating_add(IDEMPOTENCY_TTL_MS) > *now_ms;
-                match self.idempotency_keys.get(key).filter(|e| fresh(e)) {
-                    Some(e) if e.body_sha256 == *body_sha256 => {
+                // Validated as 64 hex digits.
+                let Some(body_sha256) = Sha256::from_hex(body_sha256) else {
+                    return Response::Rejected(CommandError::Invalid {
+                        reason: "body_sha256 must be 64 hex digits".into(),
+                    });
+                };
+                match self.idempotency_keys.get(key.as_str()).filter(|e| fresh(e)) {
+                    Some(e) if e.body_sha256 == body_sha256 => {
                         return Response::RunReplayed { run_id: e.run_id.clone() }
                     }
                     Some(e) => {
@@ -153,13 +159,10 @@ impl State {
                 let run = self.new_run(index, create, *now_ms);
                 events.push(Event::run(index, &run));
                 let run_id = self.insert_run(run, create);
-                let entry = IdempotencyEntry {
-                    run_id: run_id.clone(),
-                    body_sha256: body_sha256.clone(),
-                    created_ms: *now_ms,
-                };
+                let entry = IdempotencyEntry { run_id: run_id.clone(), body_sha256, created_ms: *now_ms };
+                let key = SharedKey::from(key.as_str());
                 if self.idempotency_keys.insert(key.clone(), entry).is_none() {
-                    self.idempotency_order.push_back(key.clone());
+                    self.idempotency_order.push_back(key);
                 }
                 // Bounded: past the limit the oldest keys are forgotten early.
                 while self.idempotency_keys.len() > MAX_IDEMPOTENCY_KEYS {
@@ -781,6 +784,39 @@ mod tests {
             key: key.into(),
             body_sha256: body.repeat(64),
         }
+    }
+
+    /// The compact in-memory form (shared key text, digest as bytes) serializes exactly as
+    /// the strings did, both ways: snapshots stay readable by and for other versions.
+    #[test]
+    fn idempotency_keys_keep_their_serialized_form() {
+        #[derive(serde::Serialize)]
+        struct OldEntry<'a> {
+            run_id: &'a str,
+            body_sha256: &'a str,
+            created_ms: u64,
+        }
+        let mut s = State::default();
+        let Response::RunCreated { run_id } = s.apply(1, &idem("k", "A", 1000)) else { panic!() };
+        let body = "A".repeat(64);
+        let old = rmp_serde::to_vec_named(&(
+            BTreeMap::from([(
+                "k",
+                OldEntry { run_id: &run_id, body_sha256: &body.to_lowercase(), created_ms: 1000 },
+            )]),
+            vec!["k"],
+        ))
+        .unwrap();
+        let new = rmp_serde::to_vec_named(&(&s.idempotency_keys, &s.idempotency_order)).unwrap();
+        assert_eq!(new, old);
+        let back: (BTreeMap<SharedKey, IdempotencyEntry>, std::collections::VecDeque<SharedKey>) =
+            rmp_serde::from_slice(&old).unwrap();
+        assert_eq!((back.0, back.1), (s.idempotency_keys.clone(), s.idempotency_order.clone()));
+        // The digest compares by value: the same body in upper case replays.
+        assert_eq!(s.apply(2, &idem("k", "a", 2000)), Response::RunReplayed { run_id });
+        let bad =
+            rmp_serde::to_vec_named(&OldEntry { run_id: "r", body_sha256: "xyz", created_ms: 1 }).unwrap();
+        assert!(rmp_serde::from_slice::<IdempotencyEntry>(&bad).is_err(), "not a digest: refused");
     }
 
     #[test]

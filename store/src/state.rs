@@ -4,6 +4,7 @@
 //! identical on every replica.
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
 
@@ -51,12 +52,15 @@ pub struct State {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cluster_id: Option<String>,
     /// `Idempotency-Key`s of run creates in the last 24 h (pruned by a replicated command).
+    /// Up to [`MAX_IDEMPOTENCY_KEYS`] of them, so they are kept small: each key's text is
+    /// held once (shared with `idempotency_order`) and the body's digest as bytes — the
+    /// same serialized form as strings, a third of the memory (docs/benchmarks.md, growth).
     #[serde(default)]
-    pub idempotency_keys: BTreeMap<String, IdempotencyEntry>,
+    pub idempotency_keys: BTreeMap<SharedKey, IdempotencyEntry>,
     /// The same keys in the order they were first used (oldest first), to forget the
     /// oldest beyond [`MAX_IDEMPOTENCY_KEYS`].
     #[serde(default)]
-    pub idempotency_order: std::collections::VecDeque<String>,
+    pub idempotency_order: std::collections::VecDeque<SharedKey>,
     /// Executors whose task list changed since the state machine last took them.
     #[serde(skip)]
     pub(crate) touched_executors: TouchedExecutors,
@@ -90,8 +94,86 @@ impl State {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct IdempotencyEntry {
     pub run_id: String,
-    /// SHA-256 (hex) of the request body as canonical JSON.
-    pub body_sha256: String,
+    /// SHA-256 of the request body as canonical JSON.
+    pub body_sha256: Sha256,
     /// The proposer's clock when the key was first used.
     pub created_ms: u64,
+}
+
+/// A string held once however many places refer to it (an idempotency key in the map and
+/// in the order); serialized as the string.
+#[derive(Clone, PartialEq, Eq, PartialOrd, Ord)]
+pub struct SharedKey(Arc<str>);
+
+impl From<&str> for SharedKey {
+    fn from(s: &str) -> SharedKey {
+        SharedKey(s.into())
+    }
+}
+
+impl std::borrow::Borrow<str> for SharedKey {
+    fn borrow(&self) -> &str {
+        &self.0
+    }
+}
+
+impl std::fmt::Debug for SharedKey {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        std::fmt::Debug::fmt(&*self.0, f)
+    }
+}
+
+impl Serialize for SharedKey {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.0)
+    }
+}
+
+impl<'de> Deserialize<'de> for SharedKey {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(SharedKey::from(&*std::borrow::Cow::<'de, str>::deserialize(d)?))
+    }
+}
+
+/// A SHA-256 digest: 32 bytes in memory, 64 lowercase hex digits when serialized.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub struct Sha256(pub [u8; 32]);
+
+impl Sha256 {
+    /// From 64 hex digits (either case); `None` for anything else.
+    pub fn from_hex(hex: &str) -> Option<Sha256> {
+        let digit = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
+        let bytes = hex.as_bytes();
+        if bytes.len() != 64 {
+            return None;
+        }
+        let mut out = [0u8; 32];
+        for (o, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
+            *o = digit(pair[0])? << 4 | digit(pair[1])?;
+        }
+        Some(Sha256(out))
+    }
+
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl std::fmt::Debug for Sha256 {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(&self.to_hex())
+    }
+}
+
+impl Serialize for Sha256 {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&self.to_hex())
+    }
+}
+
+impl<'de> Deserialize<'de> for Sha256 {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let hex = std::borrow::Cow::<'de, str>::deserialize(d)?;
+        Sha256::from_hex(&hex).ok_or_else(|| serde::de::Error::custom("a SHA-256 must be 64 hex digits"))
+    }
 }
