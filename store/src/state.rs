@@ -54,7 +54,7 @@ pub struct State {
     /// `Idempotency-Key`s of run creates in the last 24 h (pruned by a replicated command).
     /// Up to [`MAX_IDEMPOTENCY_KEYS`] of them, so they are kept small: each key's text is
     /// held once (shared with `idempotency_order`) and the body's digest as bytes — the
-    /// same serialized form as strings, a third of the memory (docs/benchmarks.md, growth).
+    /// same serialized form as strings, ~10 MiB less per 100,000 keys (docs/benchmarks.md).
     #[serde(default)]
     pub idempotency_keys: BTreeMap<SharedKey, IdempotencyEntry>,
     /// The same keys in the order they were first used (oldest first), to forget the
