@@ -40,19 +40,23 @@ impl Writers {
         let stop = Arc::new(AtomicBool::new(false));
         let acked = Arc::new(Mutex::new(BTreeMap::new()));
         let seq = Arc::new(AtomicU64::new(0));
-        let urls: Vec<String> = c.nodes.keys().map(|id| c.url(*id)).collect();
+        let urls: Vec<(u64, String)> = c.nodes.keys().map(|id| (*id, c.url(*id))).collect();
         let handles = (0..count)
             .map(|w| {
                 let (stop, acked, seq, urls) = (stop.clone(), acked.clone(), seq.clone(), urls.clone());
                 tokio::spawn(async move {
-                    let clients: Vec<_> =
-                        urls.iter().map(|u| flotilla_api::Client::new(u, Some(TOKEN.into()))).collect();
+                    let clients: Vec<_> = urls
+                        .iter()
+                        .map(|(id, u)| (*id, flotilla_api::Client::new(u, Some(TOKEN.into()))))
+                        .collect();
                     let mut i = w;
                     while !stop.load(Ordering::Relaxed) {
                         let n = seq.fetch_add(1, Ordering::Relaxed);
-                        let (key, value) = (format!("w/{n:08}"), format!("v{n}"));
                         i += 1;
-                        if clients[i % clients.len()].kv_put(&key, &value, None).await.is_ok() {
+                        let (via, client) = &clients[i % clients.len()];
+                        // The value names the node the write went through: a failure says it.
+                        let (key, value) = (format!("w/{n:08}"), format!("v{n} via node {via}"));
+                        if client.kv_put(&key, &value, None).await.is_ok() {
                             acked.lock().unwrap().insert(key, value);
                         } else {
                             tokio::time::sleep(Duration::from_millis(20)).await;
@@ -90,9 +94,42 @@ async fn assert_all_present(c: &Cluster, acked: &BTreeMap<String, String>) {
             }
         }
         for (k, v) in acked {
-            assert_eq!(found.get(k), Some(v), "node {id} lost acknowledged write {k}");
+            if found.get(k) != Some(v) {
+                panic!("node {id} lost acknowledged write {k} ({v}): {}", lost_write_facts(c, id, k).await);
+            }
         }
     }
+}
+
+/// What the nodes say when an acknowledged write is missing on `id`: whether it shows up
+/// later (a late read, not a lost write) and every node's view of the log.
+async fn lost_write_facts(c: &Cluster, id: u64, key: &str) -> String {
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let mut facts = Vec::new();
+    for stale in [false, true] {
+        let got = c.client(id).kv_get(key, stale).await.map(|i| (i.value, i.revision));
+        facts.push(format!("2 s later on node {id} (stale read: {stale}): {got:?}"));
+    }
+    for n in c.running() {
+        let s = c.client(n).cluster(true).await;
+        facts.push(format!(
+            "node {n}: {:?}",
+            s.map(|s| (
+                s.leader_id,
+                s.term,
+                s.last_log_index,
+                s.commit_index,
+                s.applied_index,
+                s.membership_index
+            ))
+        ));
+        let got = c.client(n).kv_get(key, true).await.map(|i| (i.value, i.revision));
+        facts.push(format!("node {n} holds (stale read): {got:?}"));
+    }
+    format!(
+        "(leader, term, last log, commit, applied, membership index) per node and reads:\n{}",
+        facts.join("\n")
+    )
 }
 
 #[tokio::test(flavor = "multi_thread")]
