@@ -159,6 +159,12 @@ pub struct StateMachineStore {
     events_tx: broadcast::Sender<Arc<Event>>,
     executors: Arc<ExecutorWakers>,
     snapshot_seq: Arc<AtomicU64>,
+    /// The last log id of the snapshot on disk. Storing one holds this lock, so that a
+    /// snapshot built in the background from an older state never replaces a newer one
+    /// installed meanwhile (openraft builds off its state machine task, and purges the
+    /// log up to what it installed: an older snapshot stored last would leave the log
+    /// purged past it, and the node broken at its next start).
+    stored: Arc<tokio::sync::Mutex<Option<LogId<NodeId>>>>,
 }
 
 fn sm_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError<NodeId> {
@@ -189,6 +195,7 @@ impl StateMachineStore {
             data.last_applied = stored.meta.last_log_id;
             data.last_membership = stored.meta.last_membership.clone();
         }
+        let stored = Arc::new(tokio::sync::Mutex::new(data.last_applied));
         let applied = data.last_applied.map_or(0, |l| l.index);
         let (applied_tx, _) = watch::channel(applied);
         Ok(StateMachineStore {
@@ -200,6 +207,7 @@ impl StateMachineStore {
             events_tx: broadcast::channel(flotilla_store::limits::EVENT_BUFFER).0,
             executors: Arc::default(),
             snapshot_seq: Arc::new(AtomicU64::new(0)),
+            stored,
         })
     }
 
@@ -220,12 +228,23 @@ impl StateMachineStore {
         &self,
         meta: &SnapshotMeta<NodeId, Node>,
         data: &[u8],
-    ) -> Result<(), StorageError<NodeId>> {
+    ) -> Result<bool, StorageError<NodeId>> {
+        let mut on_disk = self.stored.lock().await;
+        if meta.last_log_id < *on_disk {
+            tracing::info!(
+                last_log_id = ?meta.last_log_id,
+                stored = ?*on_disk,
+                "a snapshot older than the stored one is not stored (a newer one was installed while it was built)"
+            );
+            return Ok(false);
+        }
         let stored = StoredSnapshot { meta: meta.clone(), data: data.to_vec() };
         let bytes = encode(&stored).map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
         self.snapshots.insert(KEY_CURRENT, bytes).map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
         self.db.flush_async().await.map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
-        sync_store(&self.dir).await.map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))
+        sync_store(&self.dir).await.map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
+        *on_disk = meta.last_log_id;
+        Ok(true)
     }
 
     /// Size in bytes of the snapshot kept on disk (0 when there is none).
@@ -255,8 +274,9 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
             None => format!("none-{seq}"),
         };
         let meta = SnapshotMeta { last_log_id: last_applied, last_membership, snapshot_id };
-        self.persist_snapshot(&meta, &data).await?;
-        tracing::info!(last_log_id = ?meta.last_log_id, size_bytes = data.len(), "snapshot built");
+        if self.persist_snapshot(&meta, &data).await? {
+            tracing::info!(last_log_id = ?meta.last_log_id, size_bytes = data.len(), "snapshot built");
+        }
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
@@ -332,7 +352,8 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     ) -> Result<(), StorageError<NodeId>> {
         let data = snapshot.into_inner();
         let state: State = decode(&data).map_err(|e| snap_err(Some(meta), ErrorVerb::Read, e))?;
-        // Persist first: if we crash after this, start-up loads the new snapshot.
+        // Persist first: if we crash after this, start-up loads the new snapshot. (A newer
+        // one already on disk stays: openraft installs nothing older than what it applied.)
         self.persist_snapshot(meta, &data).await?;
         {
             let mut sm = self.write();
@@ -365,6 +386,35 @@ mod tests {
         use std::future::Future;
         let fut = std::pin::pin!(w.changed());
         fut.poll(&mut std::task::Context::from_waker(std::task::Waker::noop())).is_ready()
+    }
+
+    /// A snapshot built from an older state finishes after a newer one was installed: the
+    /// newer one stays on disk (the log is purged up to it), also after a restart.
+    #[tokio::test]
+    async fn an_older_snapshot_never_replaces_a_newer_one_on_disk() {
+        let dir = tempfile::tempdir().unwrap();
+        let meta = |index| SnapshotMeta {
+            last_log_id: Some(LogId::new(openraft::CommittedLeaderId::new(1, 1), index)),
+            last_membership: StoredMembership::default(),
+            snapshot_id: format!("s{index}"),
+        };
+        let data = encode(&State::default()).unwrap();
+        let last_on_disk = |db: &sled::Db| {
+            let bytes = db.open_tree("snapshot").unwrap().get(KEY_CURRENT).unwrap().unwrap();
+            decode::<StoredSnapshot>(&bytes).unwrap().meta.last_log_id.map(|l| l.index)
+        };
+        {
+            let db = sled::Config::new().path(dir.path()).open().unwrap();
+            let store = StateMachineStore::open(&db).unwrap();
+            assert!(store.persist_snapshot(&meta(1049), &data).await.unwrap());
+            assert!(!store.persist_snapshot(&meta(906), &data).await.unwrap(), "older: not stored");
+            assert_eq!(last_on_disk(&db), Some(1049));
+            assert!(store.persist_snapshot(&meta(1200), &data).await.unwrap());
+        }
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let store = StateMachineStore::open(&db).unwrap();
+        assert_eq!(last_on_disk(&db), Some(1200));
+        assert!(!store.persist_snapshot(&meta(1100), &data).await.unwrap(), "known after a restart too");
     }
 
     #[test]

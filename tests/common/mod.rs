@@ -371,10 +371,27 @@ impl Cluster {
         lines[lines.len().saturating_sub(40)..].join("\n")
     }
 
+    /// Every node's last lines, and before them any panic of the node's whole log (a
+    /// panicking Raft core leaves only its consequences in the tail).
     pub fn all_logs(&self) -> String {
         self.nodes
             .keys()
-            .map(|id| format!("--- node {id} ---\n{}", self.log_tail(*id)))
+            .map(|id| {
+                let text = self.log_text(*id);
+                let lines: Vec<&str> = text.lines().collect();
+                let panics: Vec<String> = lines
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, l)| l.contains("panicked at"))
+                    .map(|(i, _)| lines[i..(i + 3).min(lines.len())].join("\n"))
+                    .collect();
+                let panics = if panics.is_empty() {
+                    String::new()
+                } else {
+                    format!("PANICS:\n{}\n", panics.join("\n"))
+                };
+                format!("--- node {id} ---\n{panics}{}", self.log_tail(*id))
+            })
             .collect::<Vec<_>>()
             .join("\n")
     }
