@@ -47,7 +47,7 @@ use openraft::{
     ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftLogReader, StorageError, StorageIOError, Vote,
 };
 use serde::{Deserialize, Serialize};
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 
 use crate::codec::{decode, encode};
 use crate::durable::{create_dir, replace, sync_dir};
@@ -117,7 +117,13 @@ struct Flush {
 pub struct LogStore {
     wal: Arc<Mutex<Wal>>,
     flusher: mpsc::UnboundedSender<Flush>,
+    /// The last log id of the snapshot on disk, when the state machine says it.
+    snapshot_on_disk: Option<watch::Receiver<Option<LogId<NodeId>>>>,
 }
+
+/// How long a purge waits for the snapshot that covers it to be on disk before it goes
+/// ahead anyway (an install that failed; openraft retries it).
+const PURGE_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
 
 fn io_err(subject: ErrorSubject<NodeId>, verb: ErrorVerb, e: io::Error) -> StorageError<NodeId> {
     StorageIOError::new(subject, verb, openraft::AnyError::new(&e)).into()
@@ -507,7 +513,7 @@ impl LogStore {
         let wal = Wal::open(dir, SEGMENT_BYTES)?;
         let (tx, rx) = mpsc::unbounded_channel();
         std::thread::Builder::new().name("raft-fsync".into()).spawn(move || flush_loop(rx))?;
-        Ok(LogStore { wal: Arc::new(Mutex::new(wal)), flusher: tx })
+        Ok(LogStore { wal: Arc::new(Mutex::new(wal)), flusher: tx, snapshot_on_disk: None })
     }
 
     fn lock(&self) -> MutexGuard<'_, Wal> {
@@ -593,6 +599,13 @@ fn flush_loop(mut rx: mpsc::UnboundedReceiver<Flush>) {
         for w in waiting.drain(..) {
             w.callback.log_io_completed(result.clone().map_err(io::Error::other));
         }
+    }
+}
+
+impl LogStore {
+    /// Purges wait until the snapshot on disk (as `on_disk` tells) covers them.
+    pub fn purge_after_snapshot(&mut self, on_disk: watch::Receiver<Option<LogId<NodeId>>>) {
+        self.snapshot_on_disk = Some(on_disk);
     }
 }
 
@@ -697,6 +710,17 @@ impl RaftLogStorage<TypeConfig> for LogStore {
     }
 
     async fn purge(&mut self, log_id: LogId<NodeId>) -> Result<(), StorageError<NodeId>> {
+        if let Some(on_disk) = &self.snapshot_on_disk {
+            // A follower installing the leader's snapshot is told to purge up to it at once,
+            // while the state machine is still storing it: purged first and killed before the
+            // snapshot is stored, the node would restart with its log purged past its
+            // snapshot (openraft refuses that state). So wait for the snapshot.
+            let mut on_disk = on_disk.clone();
+            let covered = on_disk.wait_for(|s| s.is_some_and(|s| s.index >= log_id.index));
+            if tokio::time::timeout(PURGE_WAIT, covered).await.is_err() {
+                tracing::warn!(upto = %log_id, "no snapshot on disk covers this purge yet; purging anyway");
+            }
+        }
         self.lock().purge(log_id).map_err(|e| io_err(ErrorSubject::Logs, ErrorVerb::Delete, e))
     }
 }
@@ -715,6 +739,26 @@ mod tests {
             .zip(&wal.slots)
             .filter_map(|(i, s)| s.as_ref().map(|s| read_entry(s, i).unwrap().log_id.index))
             .collect()
+    }
+
+    /// A follower told to purge up to a snapshot it is still storing waits for it.
+    #[tokio::test]
+    async fn a_purge_waits_for_the_snapshot_that_covers_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let mut store = LogStore::open(&dir.path().join("log"), None, true).unwrap();
+        store.lock().append((0..=9).map(entry).collect()).unwrap();
+        let at = |index| LogId::new(CommittedLeaderId::new(1, 1), index);
+        let (on_disk, rx) = watch::channel(Some(at(3)));
+        store.purge_after_snapshot(rx);
+        {
+            let mut purge = std::pin::pin!(RaftLogStorage::purge(&mut store, at(7)));
+            let early = tokio::time::timeout(std::time::Duration::from_millis(200), purge.as_mut()).await;
+            assert!(early.is_err(), "purged past the snapshot on disk");
+            on_disk.send_replace(Some(at(7)));
+            purge.await.unwrap();
+        }
+        assert_eq!(store.lock().meta.last_purged, Some(at(7)));
+        RaftLogStorage::purge(&mut store, at(5)).await.unwrap();
     }
 
     #[test]

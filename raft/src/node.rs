@@ -144,7 +144,7 @@ impl RaftNode {
         };
 
         let log_dir = cfg.data_dir.join("raft-log");
-        let log = LogStore::open(&log_dir, Some(&db), fresh).map_err(|e| StartError::Open {
+        let mut log = LogStore::open(&log_dir, Some(&db), fresh).map_err(|e| StartError::Open {
             path: log_dir.display().to_string(),
             id: cfg.id,
             source: Box::new(e),
@@ -154,6 +154,7 @@ impl RaftNode {
             write_marker(&cfg.data_dir.join("node-id"), cfg.id).map_err(|e| open_err(Box::new(e)))?;
         }
         let sm = StateMachineStore::open(&db).map_err(|e| open_err(Box::new(e)))?;
+        log.purge_after_snapshot(sm.snapshot_on_disk());
         let state = sm.shared();
 
         let raft_config = openraft::Config {

@@ -165,6 +165,9 @@ pub struct StateMachineStore {
     /// log up to what it installed: an older snapshot stored last would leave the log
     /// purged past it, and the node broken at its next start).
     stored: Arc<tokio::sync::Mutex<Option<LogId<NodeId>>>>,
+    /// The same, for the log store: it purges no entry before a snapshot holding it is on
+    /// disk ([`crate::log_store::LogStore::purge_after_snapshot`]).
+    on_disk: Arc<watch::Sender<Option<LogId<NodeId>>>>,
 }
 
 fn sm_err(verb: ErrorVerb, e: impl std::error::Error + 'static) -> StorageError<NodeId> {
@@ -196,6 +199,7 @@ impl StateMachineStore {
             data.last_membership = stored.meta.last_membership.clone();
         }
         let stored = Arc::new(tokio::sync::Mutex::new(data.last_applied));
+        let on_disk = Arc::new(watch::channel(data.last_applied).0);
         let applied = data.last_applied.map_or(0, |l| l.index);
         let (applied_tx, _) = watch::channel(applied);
         Ok(StateMachineStore {
@@ -208,6 +212,7 @@ impl StateMachineStore {
             executors: Arc::default(),
             snapshot_seq: Arc::new(AtomicU64::new(0)),
             stored,
+            on_disk,
         })
     }
 
@@ -244,7 +249,13 @@ impl StateMachineStore {
         self.db.flush_async().await.map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
         sync_store(&self.dir).await.map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
         *on_disk = meta.last_log_id;
+        self.on_disk.send_replace(meta.last_log_id);
         Ok(true)
+    }
+
+    /// The last log id of the snapshot on disk, as it changes.
+    pub fn snapshot_on_disk(&self) -> watch::Receiver<Option<LogId<NodeId>>> {
+        self.on_disk.subscribe()
     }
 
     /// Size in bytes of the snapshot kept on disk (0 when there is none).
