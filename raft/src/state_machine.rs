@@ -159,14 +159,14 @@ pub struct StateMachineStore {
     events_tx: broadcast::Sender<Arc<Event>>,
     executors: Arc<ExecutorWakers>,
     snapshot_seq: Arc<AtomicU64>,
-    /// The last log id of the snapshot on disk. Storing one holds this lock, so that a
-    /// snapshot built in the background from an older state never replaces a newer one
-    /// installed meanwhile (openraft builds off its state machine task, and purges the
-    /// log up to what it installed: an older snapshot stored last would leave the log
-    /// purged past it, and the node broken at its next start).
-    stored: Arc<tokio::sync::Mutex<Option<LogId<NodeId>>>>,
-    /// The same, for the log store: it purges no entry before a snapshot holding it is on
-    /// disk ([`crate::log_store::LogStore::purge_after_snapshot`]).
+    /// Held while a snapshot is stored, so that a snapshot built in the background from an
+    /// older state never replaces a newer one installed meanwhile (openraft builds off its
+    /// state machine task, and purges the log up to what it installed: an older snapshot
+    /// stored last would leave the log purged past it, and the node broken at its next
+    /// start).
+    storing: Arc<tokio::sync::Mutex<()>>,
+    /// The last log id of the snapshot on disk; the log store purges no entry before a
+    /// snapshot holding it is on disk ([`crate::log_store::LogStore::purge_after_snapshot`]).
     on_disk: Arc<watch::Sender<Option<LogId<NodeId>>>>,
 }
 
@@ -198,7 +198,6 @@ impl StateMachineStore {
             data.last_applied = stored.meta.last_log_id;
             data.last_membership = stored.meta.last_membership.clone();
         }
-        let stored = Arc::new(tokio::sync::Mutex::new(data.last_applied));
         let on_disk = Arc::new(watch::channel(data.last_applied).0);
         let applied = data.last_applied.map_or(0, |l| l.index);
         let (applied_tx, _) = watch::channel(applied);
@@ -211,7 +210,7 @@ impl StateMachineStore {
             events_tx: broadcast::channel(flotilla_store::limits::EVENT_BUFFER).0,
             executors: Arc::default(),
             snapshot_seq: Arc::new(AtomicU64::new(0)),
-            stored,
+            storing: Arc::default(),
             on_disk,
         })
     }
@@ -234,11 +233,12 @@ impl StateMachineStore {
         meta: &SnapshotMeta<NodeId, Node>,
         data: &[u8],
     ) -> Result<bool, StorageError<NodeId>> {
-        let mut on_disk = self.stored.lock().await;
-        if meta.last_log_id < *on_disk {
+        let _storing = self.storing.lock().await;
+        let on_disk = *self.on_disk.borrow();
+        if meta.last_log_id < on_disk {
             tracing::info!(
                 last_log_id = ?meta.last_log_id,
-                stored = ?*on_disk,
+                stored = ?on_disk,
                 "a snapshot older than the stored one is not stored (a newer one was installed while it was built)"
             );
             return Ok(false);
@@ -248,7 +248,6 @@ impl StateMachineStore {
         self.snapshots.insert(KEY_CURRENT, bytes).map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
         self.db.flush_async().await.map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
         sync_store(&self.dir).await.map_err(|e| snap_err(Some(meta), ErrorVerb::Write, e))?;
-        *on_disk = meta.last_log_id;
         self.on_disk.send_replace(meta.last_log_id);
         Ok(true)
     }
