@@ -42,7 +42,7 @@ secret = "peer-secret"
 
 fn sha256_hex(s: &str) -> String {
     use sha2::Digest;
-    sha2::Sha256::digest(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(sha2::Sha256::digest(s.as_bytes()))
 }
 
 async fn cluster_with_tokens() -> (Cluster, std::path::PathBuf) {

@@ -341,7 +341,7 @@ async fn the_example_pipeline_runs_twice_with_its_cache_and_its_package_comes_ou
     let bytes = std::fs::read(&tarball).unwrap_or_else(|e| panic!("{}: {e}", tarball.display()));
     let sums = std::fs::read_to_string(out.path().join("dist/SHA256SUMS")).unwrap();
     use sha2::Digest;
-    let digest: String = sha2::Sha256::digest(&bytes).iter().map(|b| format!("{b:02x}")).collect();
+    let digest = hex::encode(sha2::Sha256::digest(&bytes));
     assert!(sums.starts_with(&digest), "{sums} vs {digest}");
     let printed = cluster.cli(1, &["run", "logs", &ids[1], "package", "--step", "tarball"]).1;
     assert!(printed.contains(&digest), "the pipeline printed the same checksum: {printed}");

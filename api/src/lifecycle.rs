@@ -187,7 +187,7 @@ pub fn json_sha256(v: &serde_json::Value) -> String {
     }
     let mut s = String::new();
     canonical(v, &mut s);
-    Sha256::digest(s.as_bytes()).iter().map(|b| format!("{b:02x}")).collect()
+    hex::encode(Sha256::digest(s.as_bytes()))
 }
 
 #[cfg(test)]

@@ -518,7 +518,7 @@ async fn render_key(
                     .with_context(|| format!("md5sum {file}"))?
                     .ok_or_else(|| anyhow::anyhow!("md5sum {file}: not a regular file"))?;
                 let digest = Md5::digest(&content);
-                key.extend(digest.iter().map(|b| format!("{b:02x}")));
+                key.push_str(&hex::encode(digest));
             }
         }
     }

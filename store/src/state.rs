@@ -141,21 +141,14 @@ pub struct Sha256(pub [u8; 32]);
 
 impl Sha256 {
     /// From 64 hex digits (either case); `None` for anything else.
-    pub fn from_hex(hex: &str) -> Option<Sha256> {
-        let digit = |b: u8| (b as char).to_digit(16).map(|d| d as u8);
-        let bytes = hex.as_bytes();
-        if bytes.len() != 64 {
-            return None;
-        }
+    pub fn from_hex(digits: &str) -> Option<Sha256> {
         let mut out = [0u8; 32];
-        for (o, pair) in out.iter_mut().zip(bytes.chunks_exact(2)) {
-            *o = digit(pair[0])? << 4 | digit(pair[1])?;
-        }
+        hex::decode_to_slice(digits, &mut out).ok()?;
         Some(Sha256(out))
     }
 
     pub fn to_hex(&self) -> String {
-        self.0.iter().map(|b| format!("{b:02x}")).collect()
+        hex::encode(self.0)
     }
 }
 
