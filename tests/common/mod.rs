@@ -24,8 +24,42 @@ pub fn bin() -> &'static str {
     })
 }
 
+/// A loopback port for a server this test starts: free now, never handed out twice by
+/// this process, and below the kernel's ephemeral range.
+///
+/// A port from `bind(":0")` is an ephemeral one, released before the server binds it: in
+/// that gap any outgoing connection (a node's to its peers, the test's own clients) can be
+/// given it as its local port, and the next `bind(":0")` can return it again — a node then
+/// fails with "Address already in use", or two nodes share an address (one node talking to
+/// "a peer" that is itself: openraft asserts and the node stops; seen once in ~300 runs).
+/// Outgoing connections never take a port below the ephemeral range; the set keeps this
+/// process from reusing one; the random start spreads test processes running at once.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+    use std::sync::{Mutex, OnceLock};
+    static GIVEN: OnceLock<Mutex<(Rng, std::collections::HashSet<u16>)>> = OnceLock::new();
+    let (low, high) = (10_000u16, ephemeral_low().clamp(10_001, 32_768));
+    let given = GIVEN.get_or_init(|| {
+        let seed =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        Mutex::new((Rng::new(seed ^ u64::from(std::process::id())), Default::default()))
+    });
+    let mut given = given.lock().unwrap_or_else(|p| p.into_inner());
+    for _ in 0..10_000 {
+        let port = low + given.0.below(u64::from(high - low)) as u16;
+        if !given.1.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.1.insert(port);
+            return port;
+        }
+    }
+    panic!("no free loopback port in {low}..{high}");
+}
+
+/// The first port of the kernel's ephemeral range (Linux: 32768 unless configured).
+fn ephemeral_low() -> u16 {
+    std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|s| s.split_whitespace().next()?.parse().ok())
+        .unwrap_or(32_768)
 }
 
 pub struct NodeProc {
