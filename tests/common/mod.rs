@@ -33,7 +33,7 @@ pub fn bin() -> &'static str {
 /// fails with "Address already in use", or two nodes share an address (one node talking to
 /// "a peer" that is itself: openraft asserts and the node stops; seen once in ~300 runs).
 /// Outgoing connections never take a port below the ephemeral range; the set keeps this
-/// process from reusing one; the random start spreads test processes running at once.
+/// process from reusing one; random picks keep test processes running at once apart.
 pub fn free_port() -> u16 {
     use std::sync::{Mutex, OnceLock};
     static GIVEN: OnceLock<Mutex<(Rng, std::collections::HashSet<u16>)>> = OnceLock::new();
