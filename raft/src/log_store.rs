@@ -524,6 +524,11 @@ impl LogStore {
     pub fn entry_count(&self) -> usize {
         self.lock().slots.len()
     }
+
+    /// Purges wait until the snapshot on disk (as `on_disk` tells) covers them.
+    pub fn purge_after_snapshot(&mut self, on_disk: watch::Receiver<Option<LogId<NodeId>>>) {
+        self.snapshot_on_disk = Some(on_disk);
+    }
 }
 
 /// Moves an older version's log out of sled into `dir`: written under a temporary name,
@@ -599,13 +604,6 @@ fn flush_loop(mut rx: mpsc::UnboundedReceiver<Flush>) {
         for w in waiting.drain(..) {
             w.callback.log_io_completed(result.clone().map_err(io::Error::other));
         }
-    }
-}
-
-impl LogStore {
-    /// Purges wait until the snapshot on disk (as `on_disk` tells) covers them.
-    pub fn purge_after_snapshot(&mut self, on_disk: watch::Receiver<Option<LogId<NodeId>>>) {
-        self.snapshot_on_disk = Some(on_disk);
     }
 }
 

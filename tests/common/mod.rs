@@ -39,9 +39,7 @@ pub fn free_port() -> u16 {
     static GIVEN: OnceLock<Mutex<(Rng, std::collections::HashSet<u16>)>> = OnceLock::new();
     let (low, high) = (10_000u16, ephemeral_low().clamp(10_001, 32_768));
     let given = GIVEN.get_or_init(|| {
-        let seed =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
-        Mutex::new((Rng::new(seed ^ u64::from(std::process::id())), Default::default()))
+        Mutex::new((Rng::new(rng::clock_seed() ^ u64::from(std::process::id())), Default::default()))
     });
     let mut given = given.lock().unwrap_or_else(|p| p.into_inner());
     for _ in 0..10_000 {
@@ -52,6 +50,12 @@ pub fn free_port() -> u16 {
         }
     }
     panic!("no free loopback port in {low}..{high}");
+}
+
+/// The last 40 lines of a process's log: what a failure message shows.
+fn last_lines(text: &str) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(40)..].join("\n")
 }
 
 /// The first port of the kernel's ephemeral range (Linux: 32768 unless configured).
@@ -400,9 +404,7 @@ impl Cluster {
     }
 
     pub fn log_tail(&self, id: u64) -> String {
-        let text = self.log_text(id);
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        last_lines(&self.log_text(id))
     }
 
     /// Every node's last lines, and before them any panic of the node's whole log (a
@@ -424,7 +426,7 @@ impl Cluster {
                 } else {
                     format!("PANICS:\n{}\n", panics.join("\n"))
                 };
-                format!("--- node {id} ---\n{panics}{}", self.log_tail(*id))
+                format!("--- node {id} ---\n{panics}{}", last_lines(&text))
             })
             .collect::<Vec<_>>()
             .join("\n")
@@ -546,9 +548,7 @@ impl ExecutorProc {
     }
 
     pub fn log_tail(&self) -> String {
-        let text = std::fs::read_to_string(&self.log).unwrap_or_default();
-        let lines: Vec<&str> = text.lines().collect();
-        lines[lines.len().saturating_sub(40)..].join("\n")
+        last_lines(&std::fs::read_to_string(&self.log).unwrap_or_default())
     }
 }
 

@@ -10,8 +10,7 @@ impl Rng {
 
     /// Seeded from the clock; the seed is printed so that a failure can be replayed.
     pub fn from_time() -> Rng {
-        let seed =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64;
+        let seed = clock_seed();
         eprintln!("rng seed: {seed}");
         Rng::new(seed)
     }
@@ -27,4 +26,9 @@ impl Rng {
     pub fn below(&mut self, n: u64) -> u64 {
         self.next() % n
     }
+}
+
+/// A seed from the clock (nanoseconds since the epoch).
+pub fn clock_seed() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_nanos() as u64
 }
