@@ -144,11 +144,17 @@ impl RaftNetworkFactory<TypeConfig> for Direct {
     }
 }
 
+/// Any failure to reach a peer, as openraft's network error.
+fn unreachable<E: std::error::Error>(
+    e: &(impl std::error::Error + 'static),
+) -> RPCError<NodeId, Node, RaftError<NodeId, E>> {
+    RPCError::Unreachable(Unreachable::new(e))
+}
+
 impl DirectTo {
     fn raft<E: std::error::Error>(&self) -> Result<Raft, RPCError<NodeId, Node, RaftError<NodeId, E>>> {
         let peers = self.peers.lock().unwrap();
-        let unreachable = || RPCError::Unreachable(Unreachable::new(&std::io::Error::other("no such peer")));
-        peers.get(&self.target).cloned().ok_or_else(unreachable)
+        peers.get(&self.target).cloned().ok_or_else(|| unreachable(&std::io::Error::other("no such peer")))
     }
 }
 
@@ -159,7 +165,7 @@ impl RaftNetwork<TypeConfig> for DirectTo {
         _option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
         let raft = self.raft()?;
-        raft.append_entries(rpc).await.map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))
+        raft.append_entries(rpc).await.map_err(|e| unreachable(&e))
     }
 
     async fn install_snapshot(
@@ -171,7 +177,7 @@ impl RaftNetwork<TypeConfig> for DirectTo {
         RPCError<NodeId, Node, RaftError<NodeId, InstallSnapshotError>>,
     > {
         let raft = self.raft()?;
-        raft.install_snapshot(rpc).await.map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))
+        raft.install_snapshot(rpc).await.map_err(|e| unreachable(&e))
     }
 
     async fn vote(
@@ -180,7 +186,7 @@ impl RaftNetwork<TypeConfig> for DirectTo {
         _option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
         let raft = self.raft()?;
-        raft.vote(rpc).await.map_err(|e| RPCError::Unreachable(Unreachable::new(&e)))
+        raft.vote(rpc).await.map_err(|e| unreachable(&e))
     }
 }
 
