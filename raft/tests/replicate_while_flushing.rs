@@ -230,6 +230,20 @@ async fn the_leader_replicates_an_entry_while_its_own_fsync_is_pending() {
     leader.add_learner(2, Node::new("two"), true).await.expect("add learner");
     let before = leader.metrics().borrow().last_log_index.expect("the leader has a log");
     wait_last_log(&learner, before, "the learner has caught up").await;
+    // And the leader has seen the learner's answer: until then the replication stream has
+    // entries in flight, and the next ones go out only when the core takes that answer,
+    // which it does after the held fsync, patched or not (one CI run hit this).
+    leader
+        .wait(Some(Duration::from_secs(10)))
+        .metrics(
+            |m| {
+                let matched = m.replication.as_ref().and_then(|r| r.get(&2).copied().flatten());
+                matched.map(|log_id| log_id.index) >= Some(before)
+            },
+            "the leader knows the learner has caught up",
+        )
+        .await
+        .unwrap_or_else(|e| panic!("{e}"));
 
     *leader_log.hold.lock().unwrap() = true;
     let write = tokio::spawn({
