@@ -94,6 +94,17 @@ impl Etcd {
         }
     }
 
+    /// The running members' processes, member `leader` first (for CPU accounting).
+    pub fn procs(&self, leader: usize) -> crate::cpu::Procs {
+        let pid = |m: &Member| m.child.as_ref().map(|c| c.id());
+        let followers =
+            self.members.iter().enumerate().filter(|(i, _)| *i != leader).filter_map(|(_, m)| pid(m));
+        crate::cpu::Procs {
+            leader: pid(&self.members[leader]).expect("the leader runs"),
+            followers: followers.collect(),
+        }
+    }
+
     pub fn restart(&mut self, i: usize) {
         self.spawn(i);
     }

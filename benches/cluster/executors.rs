@@ -22,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use crate::common::*;
+use crate::cpu;
 use crate::load::percentile_ms;
 use crate::report::Row;
 use crate::sim_executor::status;
@@ -151,19 +152,7 @@ async fn executor(c: Client, id: String, start_at: tokio::time::Instant, shared:
     futures::future::join(beats, polls).await;
 }
 
-/// A process's CPU time (utime + stime) in clock ticks, from `/proc/PID/stat`.
-fn cpu_ticks(pid: u32) -> u64 {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
-    // The command name (field 2) may hold spaces: count fields after its closing paren.
-    let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    // Fields 14 and 15 of the line are the 12th and 13th after the name.
-    let field = |i: usize| fields.get(i).and_then(|v| v.parse::<u64>().ok()).unwrap_or(0);
-    field(11) + field(12)
-}
-
 unsafe extern "C" {
-    fn sysconf(name: std::ffi::c_int) -> std::ffi::c_long;
     fn getrlimit(resource: std::ffi::c_int, rlim: *mut RLimit) -> std::ffi::c_int;
     fn setrlimit(resource: std::ffi::c_int, rlim: *const RLimit) -> std::ffi::c_int;
 }
@@ -175,21 +164,8 @@ struct RLimit {
     max: std::ffi::c_ulong,
 }
 
-/// Linux's `_SC_CLK_TCK` (glibc and musl).
-const SC_CLK_TCK: std::ffi::c_int = 2;
 /// Linux's `RLIMIT_NOFILE` (every architecture but Alpha, MIPS and SPARC).
 const RLIMIT_NOFILE: std::ffi::c_int = 7;
-
-/// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux).
-fn clock_ticks_per_s() -> f64 {
-    // SAFETY: sysconf reads a constant of the C library; no memory is passed.
-    let t = unsafe { sysconf(SC_CLK_TCK) };
-    if t > 0 {
-        t as f64
-    } else {
-        100.0
-    }
-}
 
 /// Raises this process's open-file limit to its hard limit (the servers started after it
 /// inherit it): 2,000 long polls and their heartbeats need more than the usual 1,024
@@ -262,8 +238,8 @@ async fn measure(n: usize, plan: &Plan) -> Figures {
     let leader = cluster.wait_for_leader().await;
     let pids: Vec<(u64, u32)> =
         cluster.nodes.values().map(|p| (p.id, p.child.as_ref().expect("running").id())).collect();
-    let before: Vec<u64> = pids.iter().map(|(_, pid)| cpu_ticks(*pid)).collect();
-    let own_before = cpu_ticks(std::process::id());
+    let before: Vec<u64> = pids.iter().map(|(_, pid)| cpu::ticks(*pid)).collect();
+    let own_before = cpu::ticks(std::process::id());
     let beats_before = shared.heartbeats.load(Ordering::Relaxed);
     let index_before = cluster.local_status(leader).await.applied_index;
     let w = Instant::now();
@@ -271,13 +247,13 @@ async fn measure(n: usize, plan: &Plan) -> Figures {
     let secs = w.elapsed().as_secs_f64();
     let beats = shared.heartbeats.load(Ordering::Relaxed) - beats_before;
     let own_pct =
-        cpu_ticks(std::process::id()).saturating_sub(own_before) as f64 / clock_ticks_per_s() / secs * 100.0;
+        cpu::ticks(std::process::id()).saturating_sub(own_before) as f64 / cpu::ticks_per_s() / secs * 100.0;
     let entries = cluster.local_status(leader).await.applied_index.saturating_sub(index_before);
     let pct: Vec<(u64, f64)> = pids
         .iter()
         .zip(&before)
         .map(|((id, pid), b)| {
-            (*id, cpu_ticks(*pid).saturating_sub(*b) as f64 / clock_ticks_per_s() / secs * 100.0)
+            (*id, cpu::ticks(*pid).saturating_sub(*b) as f64 / cpu::ticks_per_s() / secs * 100.0)
         })
         .collect();
     if cluster.wait_for_leader().await != leader {

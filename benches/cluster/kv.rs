@@ -9,6 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::common::{Cluster, TOKEN};
+use crate::cpu::{self, Procs, Split};
 use crate::etcd::{self, Etcd};
 use crate::load::{drive, Sample, Stats};
 use crate::report::Row;
@@ -30,14 +31,10 @@ pub async fn run(quick: bool, clients: &[usize]) -> Outcome {
     let slice_len = duration / slices;
     let cluster = Cluster::bootstrap(3, &[]).await;
     let etcd = Etcd::start(3).await;
-    let flotilla = Arc::new(flotilla_api::Client::new(
-        &cluster.url(cluster.wait_for_leader().await),
-        Some(TOKEN.into()),
-    ));
-    let etcd_kv = etcd::connect(&etcd.endpoint(etcd.wait_for_leader().await))
-        .await
-        .expect("connect to etcd")
-        .kv_client();
+    let (leader, etcd_leader) = (cluster.wait_for_leader().await, etcd.wait_for_leader().await);
+    let flotilla = Arc::new(flotilla_api::Client::new(&cluster.url(leader), Some(TOKEN.into())));
+    let etcd_kv = etcd::connect(&etcd.endpoint(etcd_leader)).await.expect("connect to etcd").kv_client();
+    let procs = (Procs::flotilla(&cluster, leader), etcd.procs(etcd_leader));
     let value = Arc::new("x".repeat(128));
     println!("== coordination writes and linearizable reads: flotilla (3 nodes) vs {etcd_version} (3 members), {} s per point", duration.as_secs());
 
@@ -49,24 +46,26 @@ pub async fn run(quick: bool, clients: &[usize]) -> Outcome {
     let mut rows = Vec::new();
     let mut chart = Vec::new();
     for &n in clients {
-        let (fw, ew) = take_turns(
+        let ((fw, fcpu), (ew, ecpu)) = take_turns(
             slices,
-            |s| flotilla_writes(&flotilla, &value, n, s, slice_len),
-            |s| etcd_writes(&etcd_kv, &value, n, s, slice_len),
+            (|s| flotilla_writes(&flotilla, &value, n, s, slice_len), &procs.0),
+            (|s| etcd_writes(&etcd_kv, &value, n, s, slice_len), &procs.1),
         )
         .await;
         let (f, e) = (fw.stats(), ew.stats());
         print_point("write", n, &f, &e);
+        print_cpu(n, (&f, &fcpu), (&e, &ecpu));
         chart.push((n, f.ops_per_s, e.ops_per_s));
         push_rows(&mut rows, "write", n, &f, &e);
+        push_cpu_rows(&mut rows, n, (&f, &fcpu), (&e, &ecpu));
         // scripts/flamegraph.sh profiles the write load alone.
         if std::env::var_os("FLOTILLA_BENCH_KV_WRITES_ONLY").is_some() {
             continue;
         }
-        let (fr, er) = take_turns(
+        let ((fr, _), (er, _)) = take_turns(
             slices,
-            |_| flotilla_reads(&flotilla, n, slice_len),
-            |_| etcd_reads(&etcd_kv, n, slice_len),
+            (|_| flotilla_reads(&flotilla, n, slice_len), &procs.0),
+            (|_| etcd_reads(&etcd_kv, n, slice_len), &procs.1),
         )
         .await;
         let (f, e) = (fr.stats(), er.stats());
@@ -77,22 +76,31 @@ pub async fn run(quick: bool, clients: &[usize]) -> Outcome {
 }
 
 /// The two systems take turns in short slices (and take turns going first), so that a slow
-/// spell of the machine hits both alike; each side's slices add up to its sample.
-async fn take_turns<F, E, FF, EF>(slices: u32, f: F, e: E) -> (Sample, Sample)
+/// spell of the machine hits both alike; each side's slices add up to its sample, and
+/// the CPU its processes (and this one, the client) spent during them to its split.
+async fn take_turns<F, E, FF, EF>(
+    slices: u32,
+    f: (F, &Procs),
+    e: (E, &Procs),
+) -> ((Sample, Split), (Sample, Split))
 where
     F: Fn(u32) -> FF,
     E: Fn(u32) -> EF,
     FF: std::future::Future<Output = Sample>,
     EF: std::future::Future<Output = Sample>,
 {
-    let (mut fs, mut es) = (Sample::default(), Sample::default());
+    let (mut fs, mut es) = ((Sample::default(), Split::default()), (Sample::default(), Split::default()));
     for slice in 0..slices {
-        if slice % 2 == 0 {
-            fs.add(f(slice).await);
-            es.add(e(slice).await);
-        } else {
-            es.add(e(slice).await);
-            fs.add(f(slice).await);
+        let mut turn = [0, 1];
+        if slice % 2 == 1 {
+            turn.reverse();
+        }
+        for side in turn {
+            if side == 0 {
+                fs.0.add(f.1.measure(&mut fs.1, f.0(slice)).await);
+            } else {
+                es.0.add(e.1.measure(&mut es.1, e.0(slice)).await);
+            }
         }
     }
     (fs, es)
@@ -159,6 +167,34 @@ fn print_point(what: &str, n: usize, f: &Stats, e: &Stats) {
     );
 }
 
+/// Where each system's CPU went per write, and how busy the machine's cores were.
+fn print_cpu(n: usize, f: (&Stats, &Split), e: (&Stats, &Split)) {
+    let busy = |(s, c): (&Stats, &Split)| (c.servers() + c.client) / s.secs / cpu::cores() * 100.0;
+    println!("  cpu  {n:>4} clients: flotilla {} (cores {:>3.0}% busy)", f.1.line(f.0.ops), busy(f));
+    println!("  cpu  {n:>4} clients: etcd     {} (cores {:>3.0}% busy)", e.1.line(e.0.ops), busy(e));
+}
+
+/// CPU per write on the servers (all three, and the leader alone), each against etcd's.
+fn push_cpu_rows(rows: &mut Vec<Row>, n: usize, f: (&Stats, &Split), e: (&Stats, &Split)) {
+    let us = |s: f64, stats: &Stats| Split::per_op_us(s, stats.ops);
+    rows.push(Row::new(
+        format!("kv_write_cpu_us_{n}_clients"),
+        "µs CPU",
+        us(f.1.servers(), f.0),
+        "etcd",
+        us(e.1.servers(), e.0),
+        false,
+    ));
+    rows.push(Row::new(
+        format!("kv_write_leader_cpu_us_{n}_clients"),
+        "µs CPU",
+        us(f.1.leader, f.0),
+        "etcd",
+        us(e.1.leader, e.0),
+        false,
+    ));
+}
+
 fn push_rows(rows: &mut Vec<Row>, what: &str, n: usize, f: &Stats, e: &Stats) {
     let unit = if what == "write" { "writes/s" } else { "reads/s" };
     rows.push(Row::new(
@@ -185,17 +221,20 @@ pub async fn tls(quick: bool) -> Vec<Row> {
     let plain = Cluster::bootstrap(3, &[]).await;
     let secure = Cluster::bootstrap_tls(3, &[], pki).await;
     let client = |c: &Cluster, id: u64| Arc::new(flotilla_api::Client::new(&c.url(id), Some(TOKEN.into())));
-    let p = client(&plain, plain.wait_for_leader().await);
-    let t = client(&secure, secure.wait_for_leader().await);
+    let (pl, tl) = (plain.wait_for_leader().await, secure.wait_for_leader().await);
+    let (p, t) = (client(&plain, pl), client(&secure, tl));
+    let procs = (Procs::flotilla(&secure, tl), Procs::flotilla(&plain, pl));
     let value = Arc::new("x".repeat(128));
     println!("== the cost of TLS: {N} clients writing, HTTPS + mTLS vs plain HTTP (both flotilla, 3 nodes)");
-    let (ts, ps) = take_turns(
+    let ((ts, tcpu), (ps, pcpu)) = take_turns(
         slices,
-        |s| flotilla_writes(&t, &value, N, s, duration / slices),
-        |s| flotilla_writes(&p, &value, N, s, duration / slices),
+        (|s| flotilla_writes(&t, &value, N, s, duration / slices), &procs.0),
+        (|s| flotilla_writes(&p, &value, N, s, duration / slices), &procs.1),
     )
     .await;
     let (ts, ps) = (ts.stats(), ps.stats());
+    println!("  cpu  {N:>4} clients: tls   {}", tcpu.line(ts.ops));
+    println!("  cpu  {N:>4} clients: plain {}", pcpu.line(ps.ops));
     println!(
         "tls   {N} clients: {:>8.0}/s p50 {:>6.2} ms p99 {:>7.2} ms | plain {:>8.0}/s p50 {:>6.2} ms p99 {:>7.2} ms",
         ts.ops_per_s, ts.p50_ms, ts.p99_ms, ps.ops_per_s, ps.p50_ms, ps.p99_ms

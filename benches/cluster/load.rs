@@ -6,6 +6,10 @@ use std::future::Future;
 use std::time::{Duration, Instant};
 
 pub struct Stats {
+    /// Operations done, over every slice.
+    pub ops: f64,
+    /// Time under load, over every slice.
+    pub secs: f64,
     pub ops_per_s: f64,
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -28,6 +32,8 @@ impl Sample {
         self.latencies.sort();
         let all = &self.latencies;
         Stats {
+            ops: all.len() as f64,
+            secs: self.elapsed.as_secs_f64(),
             ops_per_s: all.len() as f64 / self.elapsed.as_secs_f64(),
             p50_ms: percentile_ms(all, 0.5),
             p99_ms: percentile_ms(all, 0.99),

@@ -19,6 +19,7 @@
 
 #[path = "../../tests/common/mod.rs"]
 mod common;
+mod cpu;
 mod etcd;
 mod executors;
 mod failover;

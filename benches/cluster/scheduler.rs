@@ -11,6 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use crate::common::*;
+use crate::cpu::{self, Procs, Split};
 use crate::report::Row;
 use crate::sim_executor::status;
 use flotilla_api::types::{ExecutorInfo, RunCreate};
@@ -70,9 +71,13 @@ async fn executor(
 }
 
 struct Result {
+    transitions: f64,
     transitions_per_s: f64,
     runs_per_s: f64,
     secs: f64,
+    /// CPU spent while the load ran: the leader, the other nodes, this process (the
+    /// simulated executors and the client creating runs).
+    cpu: Split,
 }
 
 async fn measure(nodes: u64, runs: usize, tasks: usize) -> Result {
@@ -95,7 +100,29 @@ async fn measure(nodes: u64, runs: usize, tasks: usize) -> Result {
         "tasks": (0..tasks).map(|i| serde_json::json!({"name": format!("t{i}"), "image": "busybox", "steps": [{"run": {"command": "true"}}]})).collect::<Vec<_>>()
     }))
     .unwrap();
+    let procs = Procs::flotilla(&cluster, leader);
+    let mut cpu = Split::default();
     let start = Instant::now();
+    let ids = procs.measure(&mut cpu, create_and_finish(&api, &create, runs)).await;
+    let secs = start.elapsed().as_secs_f64();
+    stop.store(true, Ordering::Relaxed);
+    for h in handles {
+        h.abort();
+    }
+    let run = api.run_get(&ids[0]).await.unwrap();
+    assert_eq!(run.phase, RunPhase::Finished);
+    let transitions = transitions.load(Ordering::Relaxed) as f64;
+    Result {
+        transitions,
+        transitions_per_s: transitions / secs,
+        runs_per_s: ids.len() as f64 / secs,
+        secs,
+        cpu,
+    }
+}
+
+/// Creates `runs` runs of `create` and waits until every one has finished; their ids.
+async fn create_and_finish(api: &Client, create: &RunCreate, runs: usize) -> Vec<String> {
     let ids: Vec<String> = futures::stream::iter(0..runs)
         .map(|_| {
             let (api, create) = (api.clone(), create.clone());
@@ -130,18 +157,7 @@ async fn measure(nodes: u64, runs: usize, tasks: usize) -> Result {
         assert!(Instant::now() < deadline, "load did not finish: {done}/{}", ids.len());
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    let secs = start.elapsed().as_secs_f64();
-    stop.store(true, Ordering::Relaxed);
-    for h in handles {
-        h.abort();
-    }
-    let run = api.run_get(&ids[0]).await.unwrap();
-    assert_eq!(run.phase, RunPhase::Finished);
-    Result {
-        transitions_per_s: transitions.load(Ordering::Relaxed) as f64 / secs,
-        runs_per_s: ids.len() as f64 / secs,
-        secs,
-    }
+    ids
 }
 
 pub async fn run(quick: bool) -> Vec<Row> {
@@ -158,6 +174,11 @@ pub async fn run(quick: bool) -> Vec<Row> {
         "{:<34} {:>16.0} {:>10.1} {:>8.1}",
         "3 nodes, executors on every node", three.transitions_per_s, three.runs_per_s, three.secs
     );
+    for (name, r) in [("1 node", &one), ("3 nodes", &three)] {
+        let busy = (r.cpu.servers() + r.cpu.client) / r.secs / cpu::cores() * 100.0;
+        println!("  cpu {name:<8} {} per transition (cores {busy:>3.0}% busy)", r.cpu.line(r.transitions));
+    }
+    let us = |s: f64, r: &Result| Split::per_op_us(s, r.transitions);
     vec![
         Row::new(
             "scheduler_task_transitions",
@@ -174,6 +195,22 @@ pub async fn run(quick: bool) -> Vec<Row> {
             "flotilla, 1 node",
             one.runs_per_s,
             true,
+        ),
+        Row::new(
+            "scheduler_cpu_us_per_transition",
+            "µs CPU",
+            us(three.cpu.servers(), &three),
+            "flotilla, 1 node",
+            us(one.cpu.servers(), &one),
+            false,
+        ),
+        Row::new(
+            "scheduler_leader_cpu_us_per_transition",
+            "µs CPU",
+            us(three.cpu.leader, &three),
+            "flotilla, 1 node",
+            us(one.cpu.leader, &one),
+            false,
         ),
     ]
 }
