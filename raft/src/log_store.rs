@@ -943,9 +943,11 @@ mod tests {
             }),
         };
         store.lock().append((last + 1..=last + 3).map(big).collect()).unwrap();
-        let wal = store.lock();
-        assert_eq!((wal.recent.first_index(), wal.recent.entries.len()), (Some(last + 3), 1));
-        drop(wal);
+        let recent = {
+            let wal = store.lock();
+            (wal.recent.first_index(), wal.recent.entries.len())
+        };
+        assert_eq!(recent, (Some(last + 3), 1));
         let read = store.try_get_log_entries(last + 1..).await.unwrap();
         assert_eq!(read.iter().map(|e| e.log_id.index).collect::<Vec<_>>(), [last + 1, last + 2, last + 3]);
         assert!(read.iter().all(|e| matches!(&e.payload, EntryPayload::Normal(_))));
