@@ -105,13 +105,13 @@ async fn write_loop(raft: Raft, mut rx: mpsc::UnboundedReceiver<Pending>) {
 async fn propose(raft: &Raft, mut batch: Vec<Pending>) {
     if batch.len() == 1 {
         let p = batch.pop().expect("one pending write");
-        let result = raft.client_write(p.cmd).await.map(|r| (r.log_id.index, r.data));
+        let result = raft.client_write(Arc::new(p.cmd)).await.map(|r| (r.log_id.index, r.data));
         let _ = p.reply.send(result);
         return;
     }
     let (cmds, replies): (Vec<Command>, Vec<_>) = batch.into_iter().map(|p| (p.cmd, p.reply)).unzip();
     let n = cmds.len();
-    match raft.client_write(Command::Batch(cmds)).await {
+    match raft.client_write(Arc::new(Command::Batch(cmds))).await {
         Ok(r) => {
             let index = r.log_id.index;
             let responses = match r.data {

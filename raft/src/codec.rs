@@ -12,3 +12,24 @@ pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, rmp_serde::encode::
 pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, rmp_serde::decode::Error> {
     rmp_serde::from_slice(bytes)
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+
+    use flotilla_store::Command;
+
+    use super::*;
+
+    /// Entries carry their command behind an `Arc` (a cached entry is cloned by a count, not
+    /// by copying a whole run); serde's `rc` encodes it as the command itself, so the bytes
+    /// on disk and on the wire are those of older versions, both ways.
+    #[test]
+    fn a_shared_command_encodes_as_the_command() {
+        let cmd = Command::KvPut { key: "k".into(), value: "v".into(), prev_revision: Some(3) };
+        let shared = encode(&Arc::new(cmd.clone())).unwrap();
+        assert_eq!(shared, encode(&cmd).unwrap());
+        let back: Arc<Command> = decode(&encode(&cmd).unwrap()).unwrap();
+        assert_eq!(encode(&*back).unwrap(), shared);
+    }
+}

@@ -35,7 +35,7 @@ pub type Raft = openraft::Raft<TypeConfig>;
 openraft::declare_raft_types!(
     /// Types of flotilla's Raft.
     pub TypeConfig:
-        D = flotilla_store::Command,
+        D = std::sync::Arc<flotilla_store::Command>,
         R = flotilla_store::Response,
         NodeId = NodeId,
         Node = Node,

@@ -936,11 +936,11 @@ mod tests {
         // Big entries: the byte bound keeps fewer (never none: the newest stays).
         let big = |index| Entry {
             log_id: at(2, index),
-            payload: EntryPayload::Normal(flotilla_store::command::Command::KvPut {
+            payload: EntryPayload::Normal(Arc::new(flotilla_store::command::Command::KvPut {
                 key: "k".into(),
                 value: "v".repeat(RECENT_BYTES / 2 + 1),
                 prev_revision: None,
-            }),
+            })),
         };
         store.lock().append((last + 1..=last + 3).map(big).collect()).unwrap();
         let recent = {

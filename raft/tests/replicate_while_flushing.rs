@@ -250,7 +250,7 @@ async fn the_leader_replicates_an_entry_while_its_own_fsync_is_pending() {
         let leader = leader.clone();
         async move {
             let put = Command::KvPut { key: "k".into(), value: "v".into(), prev_revision: None };
-            leader.client_write(put).await
+            leader.client_write(Arc::new(put)).await
         }
     });
     wait_last_log(
