@@ -6,7 +6,7 @@
 use std::future::Future;
 
 /// A process's CPU time (utime + stime) in clock ticks, from `/proc/PID/stat`; 0 when it is gone.
-pub fn ticks(pid: u32) -> u64 {
+fn ticks(pid: u32) -> u64 {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
     // The command name (field 2) may hold spaces: count fields after its closing paren.
     let rest = stat.rsplit_once(')').map_or("", |(_, r)| r);
@@ -24,7 +24,7 @@ unsafe extern "C" {
 const SC_CLK_TCK: std::ffi::c_int = 2;
 
 /// Clock ticks per second (`getconf CLK_TCK`; 100 on Linux).
-pub fn ticks_per_s() -> f64 {
+fn ticks_per_s() -> f64 {
     // SAFETY: sysconf reads a constant of the C library; no memory is passed.
     let t = unsafe { sysconf(SC_CLK_TCK) };
     if t > 0 {

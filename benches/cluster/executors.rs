@@ -236,26 +236,19 @@ async fn measure(n: usize, plan: &Plan) -> Figures {
     // Every executor is in its heartbeat cycle and long poll: let it settle, then measure.
     tokio::time::sleep(Duration::from_secs(1)).await;
     let leader = cluster.wait_for_leader().await;
-    let pids: Vec<(u64, u32)> =
-        cluster.nodes.values().map(|p| (p.id, p.child.as_ref().expect("running").id())).collect();
-    let before: Vec<u64> = pids.iter().map(|(_, pid)| cpu::ticks(*pid)).collect();
-    let own_before = cpu::ticks(std::process::id());
+    let (ids, mut pids): (Vec<u64>, Vec<u32>) =
+        cluster.nodes.values().map(|p| (p.id, p.child.as_ref().expect("running").id())).unzip();
+    pids.push(std::process::id());
     let beats_before = shared.heartbeats.load(Ordering::Relaxed);
     let index_before = cluster.local_status(leader).await.applied_index;
     let w = Instant::now();
-    tokio::time::sleep(plan.window).await;
+    let ((), used) = cpu::during(&pids, tokio::time::sleep(plan.window)).await;
     let secs = w.elapsed().as_secs_f64();
     let beats = shared.heartbeats.load(Ordering::Relaxed) - beats_before;
-    let own_pct =
-        cpu::ticks(std::process::id()).saturating_sub(own_before) as f64 / cpu::ticks_per_s() / secs * 100.0;
     let entries = cluster.local_status(leader).await.applied_index.saturating_sub(index_before);
-    let pct: Vec<(u64, f64)> = pids
-        .iter()
-        .zip(&before)
-        .map(|((id, pid), b)| {
-            (*id, cpu::ticks(*pid).saturating_sub(*b) as f64 / cpu::ticks_per_s() / secs * 100.0)
-        })
-        .collect();
+    let pct_of_core = |cpu_secs: f64| cpu_secs / secs * 100.0;
+    let own_pct = pct_of_core(used[ids.len()]);
+    let pct: Vec<(u64, f64)> = ids.iter().zip(&used).map(|(id, s)| (*id, pct_of_core(*s))).collect();
     if cluster.wait_for_leader().await != leader {
         println!("warning: the leader changed during the CPU window of {n} executors");
     }
