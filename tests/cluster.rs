@@ -2,6 +2,8 @@
 //! real sled files, real TCP, SIGKILL.
 
 mod common;
+#[path = "common/sim_executor.rs"]
+mod sim_executor;
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -356,4 +358,65 @@ async fn wait_maintenance_views(c: &Cluster, via: u64, on: bool) -> flotilla_api
         assert!(Instant::now() < deadline, "not every node reports maintenance={on}: {m:?}");
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
+}
+
+/// Scheduler decisions travel as patches of the run once every member reads them (all run
+/// this release here), and every node makes the same run of them as the leader.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_updates_travel_as_patches_and_every_node_holds_the_same_run() {
+    use flotilla_api::types::{ExecutorInfo, RunCreate};
+    use flotilla_store::run::{Phase, RunPhase, RunResult};
+    let c = Cluster::bootstrap(3, &[]).await;
+    let leader = c.wait_for_leader().await;
+    // The executor talks to a follower: its reports are forwarded.
+    let exec = c.client((1..=3).find(|id| *id != leader).unwrap());
+    let info: ExecutorInfo = serde_json::from_value(serde_json::json!({"archs": ["amd64"]})).unwrap();
+    exec.executor_heartbeat("e1", &info).await.unwrap();
+    let create: RunCreate = serde_json::from_value(serde_json::json!({
+        "name": "patches", "group": "/p",
+        "tasks": (0..5).map(|i| serde_json::json!({"name": format!("t{i}"), "image": "busybox", "steps": [{"run": {"command": "true"}}]})).collect::<Vec<_>>()
+    }))
+    .unwrap();
+    let id = c.client(leader).run_create(&create).await.unwrap().id;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut since = 0;
+    loop {
+        let run = c.client(leader).run_get(&id).await.unwrap();
+        if run.phase == RunPhase::Finished {
+            assert_eq!(run.result, RunResult::Success, "{run:?}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "the run did not finish: {run:?}");
+        let tasks = exec.executor_tasks("e1", since, 500).await.unwrap();
+        since = tasks.revision;
+        for t in tasks.tasks {
+            let next = match t.status.phase {
+                Phase::Notstarted => Phase::Running,
+                Phase::Running => Phase::Success,
+                _ => continue,
+            };
+            exec.executor_task_status("e1", &t.id, &sim_executor::status(&t, next)).await.unwrap();
+        }
+    }
+    let metrics = reqwest::Client::new()
+        .get(format!("{}/metrics", c.url(leader)))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let updates = |form: &str| -> u64 {
+        let prefix = format!("flotilla_scheduler_run_updates_total{{form=\"{form}\"}} ");
+        metrics.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|v| v.parse().ok()).unwrap()
+    };
+    // Each task: handed out, running, succeeded; then the run ends.
+    assert!(updates("patch") >= 3, "patches {}, whole {}\n{metrics}", updates("patch"), updates("whole"));
+    c.wait_caught_up().await;
+    let mut runs = Vec::new();
+    for n in 1..=3 {
+        runs.push(c.client(n).run_get(&id).await.unwrap());
+    }
+    assert!(runs.iter().all(|r| *r == runs[0]), "the nodes differ: {runs:#?}");
 }

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use flotilla_raft::network::MSGPACK;
+use flotilla_raft::network::{LOG_FORMAT, LOG_FORMAT_HEADER, MSGPACK};
 use flotilla_raft::RaftNode;
 use flotilla_store::limits::{BODY_PERMIT_WAIT_MS, MAX_LARGE_API_BODIES, MAX_LARGE_RAFT_BODIES};
 use flotilla_store::ost::{ObjectStream, Ost};
@@ -183,6 +183,7 @@ pub(crate) fn json<T: Serialize>(status: u16, v: &T) -> Reply {
 
 impl warp::Reply for Reply {
     fn into_response(self) -> warp::reply::Response {
+        let raft = matches!(self, Reply::Msgpack(_));
         let (status, ct, body): (u16, &str, Vec<u8>) = match self {
             Reply::Json(s, b) => (s, "application/json", b),
             Reply::Text(s, ct, t) => (s, ct, t.into_bytes()),
@@ -200,6 +201,10 @@ impl warp::Reply for Reply {
                 _ => "text/plain; version=0.0.4; charset=utf-8",
             }),
         );
+        if raft {
+            // What this node can read of a leader's log: see `LOG_FORMAT`.
+            resp.headers_mut().insert(LOG_FORMAT_HEADER, warp::http::HeaderValue::from(LOG_FORMAT));
+        }
         resp
     }
 }

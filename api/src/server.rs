@@ -763,6 +763,16 @@ async fn render_metrics(ctx: &Ctx) -> String {
         out,
         "# HELP {name} Run updates refused as decided by another leader or term.\n# TYPE {name} counter\n{name} {stale}"
     );
+    let name = "flotilla_scheduler_run_updates_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Run updates proposed by this node's scheduler, as patches or whole runs.\n# TYPE {name} counter"
+    );
+    for (form, n) in
+        [("patch", &ctx.scheduler_stats.patched_updates), ("whole", &ctx.scheduler_stats.whole_updates)]
+    {
+        let _ = writeln!(out, "{name}{{form=\"{form}\"}} {}", n.load(std::sync::atomic::Ordering::Relaxed));
+    }
     ctx.metrics.render(&mut out);
     out
 }

@@ -31,6 +31,16 @@ pub mod paths {
 
 pub const MSGPACK: &str = "application/msgpack";
 
+/// The response header in which a node's Raft RPC answers name the [`LOG_FORMAT`] it reads
+/// (nodes of releases before it send none: format 1).
+pub const LOG_FORMAT_HEADER: &str = "flotilla-log-format";
+
+/// What a node's log may hold and it can decode: 1, every release before `PatchRun`; 2, `Command::PatchRun`.
+/// A leader proposes a newer form only once every member has answered it with this format
+/// or higher ([`PeerClient::read_by`]), so that a rolling upgrade never hands an older node
+/// an entry it cannot read.
+pub const LOG_FORMAT: u32 = 2;
+
 /// Why a call to a peer failed.
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
@@ -47,6 +57,8 @@ pub enum TransportError {
 pub struct PeerClient {
     http: reqwest::Client,
     token: Option<String>,
+    /// The log format each peer (by address) named in its last answer.
+    formats: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
 }
 
 impl PeerClient {
@@ -58,7 +70,21 @@ impl PeerClient {
             .connect_timeout(Duration::from_millis(500))
             .build()
             .expect("the HTTP client builds with static settings");
-        PeerClient { http, token }
+        PeerClient { http, token, formats: Default::default() }
+    }
+
+    fn heard(&self, addr: &str, format: u32) {
+        let peer = addr.trim_end_matches('/');
+        let mut formats = self.formats.lock().unwrap_or_else(|e| e.into_inner());
+        if formats.get(peer) != Some(&format) {
+            formats.insert(peer.to_string(), format);
+        }
+    }
+
+    /// Whether the peer at each of `addrs` has answered, last, that it reads `format`.
+    pub fn read_by<'a>(&self, format: u32, mut addrs: impl Iterator<Item = &'a str>) -> bool {
+        let formats = self.formats.lock().unwrap_or_else(|e| e.into_inner());
+        addrs.all(|a| formats.get(a.trim_end_matches('/')).is_some_and(|f| *f >= format))
     }
 
     /// POSTs `body` as msgpack to `addr/path` and decodes the msgpack answer.
@@ -84,6 +110,9 @@ impl PeerClient {
             }
         })?;
         let status = resp.status();
+        let format =
+            resp.headers().get(LOG_FORMAT_HEADER).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(1);
+        self.heard(addr, format);
         let body = resp.bytes().await.map_err(|e| failed(e.to_string()))?;
         if !status.is_success() {
             let text = String::from_utf8_lossy(&body);
@@ -161,5 +190,26 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         option: RPCOption,
     ) -> Result<VoteResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
         self.rpc(paths::VOTE, &rpc, &option).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::PeerClient;
+
+    #[test]
+    fn a_format_counts_as_read_once_every_peer_answered_with_it_last() {
+        let c = PeerClient::new(None);
+        let peers = || ["http://a:1", "http://b:2/"].into_iter();
+        assert!(!c.read_by(2, peers()), "nobody answered yet");
+        c.heard("http://a:1/", 2);
+        c.heard("http://b:2", 1);
+        assert!(!c.read_by(2, peers()), "b is of an older release");
+        c.heard("http://b:2", 2);
+        assert!(c.read_by(2, peers()));
+        assert!(c.read_by(1, peers()));
+        c.heard("http://a:1", 1);
+        assert!(!c.read_by(2, peers()), "a came back on an older binary");
+        assert!(c.read_by(2, std::iter::empty()), "a lone node reads its own");
     }
 }

@@ -220,6 +220,18 @@ impl RaftNode {
         (m.current_leader == Some(self.id)).then_some(Decider { term: m.current_term, node: self.id })
     }
 
+    /// Whether every other member of the cluster (voters and learners) has answered this
+    /// node's last RPC to it saying that it reads log `format` ([`crate::network::LOG_FORMAT`]):
+    /// a leader proposes a newer form of an entry only then. False until each has answered
+    /// once (a new leader starts with the older forms).
+    pub fn members_read(&self, format: u32) -> bool {
+        let metrics = self.raft.metrics();
+        let m = metrics.borrow();
+        let others =
+            m.membership_config.nodes().filter(|(id, _)| **id != self.id).map(|(_, n)| n.addr.as_str());
+        self.peers.read_by(format, others)
+    }
+
     /// The URL of the current leader, when one is known.
     pub fn leader_url(&self) -> Option<String> {
         self.leader_addr(self.current_leader()?)

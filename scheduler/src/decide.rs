@@ -443,6 +443,19 @@ mod tests {
             self.index += 1;
             self.state.apply(self.index, &cmd)
         }
+        /// Applies `u` as the loop proposes it (a patch of the run), checking that the whole
+        /// update would have made the same state and answer.
+        fn apply_update(&mut self, u: flotilla_store::RunUpdate) -> Response {
+            self.index += 1;
+            let mut whole = self.state.clone();
+            let expected = whole.apply(self.index, &Command::UpdateRun(Box::new(u.clone())));
+            let cmd = crate::run_command(&self.state, u, true);
+            assert!(matches!(cmd, Command::PatchRun(_)), "a scheduler decision is a patch");
+            let r = self.state.apply(self.index, &cmd);
+            assert_eq!(r, expected);
+            assert!(self.state == whole, "the patch and the whole update differ");
+            r
+        }
         fn create(&mut self, c: RunCreate) -> String {
             match self.apply(Command::CreateRun { create: Box::new(c), now_ms: NOW }) {
                 Response::RunCreated { run_id } => run_id,
@@ -459,7 +472,7 @@ mod tests {
                 for s in &u.create_tasks {
                     *self.assignments.entry(s.task_name.clone()).or_insert(0) += 1;
                 }
-                let r = self.apply(Command::UpdateRun(Box::new(u)));
+                let r = self.apply_update(u);
                 assert!(matches!(r, Response::Done { .. }), "{r:?}");
             }
             any

@@ -75,6 +75,19 @@ mod tests {
             self.index += 1;
             self.state.apply(self.index, &cmd)
         }
+        /// Applies `u` as the loop proposes it (a patch of the run), checking that the whole
+        /// update would have made the same state and answer.
+        fn apply_update(&mut self, u: flotilla_store::RunUpdate) -> Response {
+            self.index += 1;
+            let mut whole = self.state.clone();
+            let expected = whole.apply(self.index, &Command::UpdateRun(Box::new(u.clone())));
+            let cmd = crate::run_command(&self.state, u, true);
+            assert!(matches!(cmd, Command::PatchRun(_)), "a scheduler decision is a patch");
+            let r = self.state.apply(self.index, &cmd);
+            assert_eq!(r, expected);
+            assert!(self.state == whole, "the patch and the whole update differ");
+            r
+        }
 
         /// One scheduler round as the loop makes it (skipping runs by fingerprint), checking
         /// that a skipped run really had nothing to do: else a waiting run could starve.
@@ -82,7 +95,7 @@ mod tests {
             let updates = checked_round(&self.state, NOW, &mut self.settled);
             let any = !updates.is_empty();
             for u in updates {
-                let r = self.apply(Command::UpdateRun(Box::new(u)));
+                let r = self.apply_update(u);
                 assert!(matches!(r, Response::Done { .. }), "{r:?}");
             }
             any

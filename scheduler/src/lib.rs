@@ -51,6 +51,11 @@ pub struct SchedulerStats {
     /// Run updates refused because they reached the log through another leader or term
     /// than the one that decided them (the run is decided again).
     pub stale_decisions: AtomicU64,
+    /// Run updates proposed as patches ([`Command::PatchRun`]) and whole
+    /// ([`Command::UpdateRun`]: before every member reads patches, e.g. during a rolling
+    /// upgrade, or for a change a patch does not carry).
+    pub patched_updates: AtomicU64,
+    pub whole_updates: AtomicU64,
 }
 
 /// The ticks of a periodic leader-only loop (the archiver, the ost GC). Missed ticks are
@@ -155,6 +160,8 @@ async fn round(
     let now = now_ms();
     // Read before the view: a decision carries the term in which its inputs were read.
     let Some(decider) = node.leadership() else { return };
+    // Updates travel as patches once every member reads them (a rolling upgrade is over).
+    let patches = node.members_read(PATCH_RUN_FORMAT);
     let (updates, expired, unnamed) = {
         let sm = node.state.read();
         let state = &sm.state;
@@ -165,7 +172,12 @@ async fn round(
         }
         let unnamed = state.cluster_id.is_none();
         let expired = if full { decide::expired_executors(state, now, &cfg.settings) } else { Vec::new() };
-        (decide_runs(state, now, &cfg.settings, decider, settled), expired, unnamed)
+        let updates = decide_runs(state, now, &cfg.settings, decider, settled);
+        let updates: Vec<Command> = updates.into_iter().map(|u| run_command(state, u, patches)).collect();
+        let patched = updates.iter().filter(|c| matches!(c, Command::PatchRun(_))).count() as u64;
+        stats.patched_updates.fetch_add(patched, Ordering::Relaxed);
+        stats.whole_updates.fetch_add(updates.len() as u64 - patched, Ordering::Relaxed);
+        (updates, expired, unnamed)
     };
     // A cluster is named by its first leader, right after `cluster init` (or `flotilla dev`).
     if unnamed && propose(node, Command::SetClusterId { id: new_cluster_id() }).await == Proposed::Failed {
@@ -181,10 +193,7 @@ async fn round(
     }
     // The runs are independent (each update is a compare-and-swap on its own run): proposed
     // together, they leave the leader as one batched log entry instead of one round trip each.
-    let outcomes = futures::future::join_all(
-        updates.into_iter().map(|u| propose(node, Command::UpdateRun(Box::new(u)))),
-    )
-    .await;
+    let outcomes = futures::future::join_all(updates.into_iter().map(|cmd| propose(node, cmd))).await;
     let stale = outcomes.iter().filter(|o| matches!(o, Proposed::Stale)).count() as u64;
     if stale > 0 {
         stats.stale_decisions.fetch_add(stale, Ordering::Relaxed);
@@ -193,6 +202,21 @@ async fn round(
             term = decider.term,
             "run updates refused: decided in a term this node no longer leads"
         );
+    }
+}
+
+/// The log format from which nodes read [`Command::PatchRun`].
+const PATCH_RUN_FORMAT: u32 = 2;
+
+/// The command that proposes `update`: as a patch of the run it was decided from when
+/// `patches` (every member reads them), else whole.
+fn run_command(state: &flotilla_store::State, update: RunUpdate, patches: bool) -> Command {
+    let Some(cur) = state.runs.get(&update.run.id).filter(|_| patches) else {
+        return Command::UpdateRun(Box::new(update));
+    };
+    match Box::new(update).into_patch(cur) {
+        Ok(patch) => Command::PatchRun(patch),
+        Err(update) => Command::UpdateRun(update),
     }
 }
 

@@ -4,7 +4,7 @@
 
 use std::collections::BTreeMap;
 
-use crate::command::{Command, CommandError, Response, RunUpdate};
+use crate::command::{Command, CommandError, Response, RunPatch, RunUpdate};
 use crate::event::{Event, RunAction};
 use crate::executor::{
     executor_task_id, validate_status, Decider, Executor, ExecutorTask, ExecutorTaskSpec, ExecutorTaskStatus,
@@ -12,6 +12,18 @@ use crate::executor::{
 use crate::limits::{IDEMPOTENCY_TTL_MS, MAX_EXECUTORS, MAX_IDEMPOTENCY_KEYS, MAX_MAP_ENTRIES};
 use crate::run::{approvers, new_run, root_group_of, Run, RunPhase, APPROVER_PREFIX};
 use crate::state::{IdempotencyEntry, KvEntry, Sha256, SharedKey, State};
+
+fn revision_mismatch(run_id: &str, expected: u64, actual: u64) -> Response {
+    Response::Rejected(CommandError::RevisionMismatch { key: format!("run {run_id}"), expected, actual })
+}
+
+/// The executor tasks a run update creates, stops and deletes.
+#[derive(Clone, Copy)]
+struct RunChanges<'a> {
+    create: &'a [ExecutorTaskSpec],
+    stop: &'a [String],
+    delete: &'a [String],
+}
 
 fn missing(what: impl Into<String>) -> Response {
     Response::Rejected(CommandError::ObjectNotFound { what: what.into() })
@@ -204,6 +216,12 @@ impl State {
                     Response::Rejected(CommandError::StaleDecision { decided, entry })
                 }
                 _ => self.update_run(index, update, events),
+            },
+            Command::PatchRun(patch) => match (patch.decided_by, leader) {
+                (Some(decided), Some(entry)) if decided != entry => {
+                    Response::Rejected(CommandError::StaleDecision { decided, entry })
+                }
+                _ => self.patch_run(index, patch, events),
             },
             Command::StopRun { run_id } => {
                 let Some(run) = self.runs.get_mut(run_id) else { return missing(format!("run {run_id}")) };
@@ -512,21 +530,49 @@ impl State {
         let run_id = &u.run.id;
         let Some(cur) = self.runs.get(run_id) else { return missing(format!("run {run_id}")) };
         if cur.revision != u.prev_revision {
-            return Response::Rejected(CommandError::RevisionMismatch {
-                key: format!("run {run_id}"),
-                expected: u.prev_revision,
-                actual: cur.revision,
-            });
+            return revision_mismatch(run_id, u.prev_revision, cur.revision);
         }
         if !cur.tasks.keys().eq(u.run.tasks.keys()) {
             return rejected_invalid("a run update must keep the run's tasks");
         }
+        let changes = RunChanges { create: &u.create_tasks, stop: &u.stop_tasks, delete: &u.delete_tasks };
+        self.replace_run(index, u.run.clone(), changes, u.decided_by, events)
+    }
+
+    /// [`Command::PatchRun`]: the run the patch makes of the current one, then as
+    /// [`Command::UpdateRun`] with that run.
+    fn patch_run(&mut self, index: u64, p: &RunPatch, events: &mut Vec<Event>) -> Response {
+        let run_id = &p.run_id;
+        let Some(cur) = self.runs.get(run_id) else { return missing(format!("run {run_id}")) };
+        if cur.revision != p.prev_revision {
+            return revision_mismatch(run_id, p.prev_revision, cur.revision);
+        }
+        let run = match p.applied_to(cur) {
+            Ok(run) => run,
+            Err(reason) => return rejected_invalid(reason),
+        };
+        let changes = RunChanges { create: &p.create_tasks, stop: &p.stop_tasks, delete: &p.delete_tasks };
+        self.replace_run(index, run, changes, p.decided_by, events)
+    }
+
+    /// Stores `run` (checked against the current one, at the expected revision) as of
+    /// `index`, with its executor task changes; all or nothing.
+    fn replace_run(
+        &mut self,
+        index: u64,
+        mut run: Run,
+        changes: RunChanges<'_>,
+        decided_by: Option<Decider>,
+        events: &mut Vec<Event>,
+    ) -> Response {
+        let run_id = &run.id.clone();
+        let Some(cur) = self.runs.get(run_id) else { return missing(format!("run {run_id}")) };
         let Some(config) = self.run_configs.get(run_id) else {
             return missing(format!("configuration of run {run_id}"));
         };
         // Check everything first: the round applies whole or not at all.
         let mut added: BTreeMap<&str, u32> = BTreeMap::new();
-        for spec in &u.create_tasks {
+        for spec in changes.create {
             let id = executor_task_id(run_id, &spec.task_name);
             if spec.run_id != *run_id || config.task(&spec.task_name).is_none() {
                 return rejected_invalid(format!("executor task {id:?} does not belong to run {run_id}"));
@@ -547,15 +593,14 @@ impl State {
                 ));
             }
         }
-        for id in u.stop_tasks.iter().chain(&u.delete_tasks) {
+        for id in changes.stop.iter().chain(changes.delete) {
             match self.executor_tasks.get(id) {
                 Some(et) if et.spec.run_id == *run_id => {}
                 _ => return conflict(format!("executor task {id:?} of run {run_id} does not exist")),
             }
         }
         let steps: Vec<usize> =
-            u.create_tasks.iter().map(|s| config.task(&s.task_name).map_or(0, |t| t.steps.len())).collect();
-        let mut run = u.run.clone();
+            changes.create.iter().map(|s| config.task(&s.task_name).map_or(0, |t| t.steps.len())).collect();
         run.revision = index;
         // The scheduler moves runs and tasks forward only: a run or task in a final phase
         // keeps it (a restart is a new run). Checked in debug builds, where the property
@@ -572,15 +617,15 @@ impl State {
         );
         Event::diff(index, cur, &run, events);
 
-        for (spec, steps) in u.create_tasks.iter().zip(steps) {
+        for (spec, steps) in changes.create.iter().zip(steps) {
             let id = executor_task_id(run_id, &spec.task_name);
             let status = ExecutorTaskStatus::new(steps);
-            let spec = ExecutorTaskSpec { decided_by: u.decided_by, ..spec.clone() };
+            let spec = ExecutorTaskSpec { decided_by, ..spec.clone() };
             let executor_id = spec.executor_id.clone();
             self.executor_tasks.insert(id.clone(), ExecutorTask { id, spec, status, revision: index });
             self.touch_executor(&executor_id, index);
         }
-        for id in &u.stop_tasks {
+        for id in changes.stop {
             let et = self.executor_tasks.get_mut(id).expect("every stop_tasks id was checked to exist above");
             if !et.spec.stop {
                 et.spec.stop = true;
@@ -590,7 +635,7 @@ impl State {
                 self.touch_executor(&executor_id, index);
             }
         }
-        for id in &u.delete_tasks {
+        for id in changes.delete {
             if let Some(et) = self.executor_tasks.remove(id) {
                 self.touch_executor(&et.spec.executor_id, index);
             }
@@ -944,6 +989,76 @@ mod tests {
         let woken = s.take_touched_executors();
         assert_eq!(woken, ["e1".to_string()].into(), "the stale tries woke nobody; the task wakes e1");
         assert!(s.take_touched_executors().is_empty());
+    }
+
+    #[test]
+    fn a_patch_makes_the_run_and_events_the_whole_update_makes_in_a_fraction_of_the_bytes() {
+        let tasks = (0..20).map(|i| crate::run::TaskConfig::new(&format!("t{i}"), "i", "true")).collect();
+        let create = crate::run::RunCreate::new("r", "/p", tasks);
+        let mut s = State::default();
+        let Response::RunCreated { run_id } =
+            s.apply(1, &Command::CreateRun { create: Box::new(create), now_ms: 0 })
+        else {
+            panic!()
+        };
+        let cur = s.runs[&run_id].clone();
+        let mut run = cur.clone();
+        run.phase = RunPhase::Running;
+        run.start_time = Some(7);
+        run.tasks.get_mut("t3").unwrap().status = crate::run::TaskStatus::Failed;
+        run.tasks.get_mut("t3").unwrap().error = Some("executor lost".into());
+        let update = RunUpdate {
+            run,
+            prev_revision: cur.revision,
+            create_tasks: vec![],
+            stop_tasks: vec![],
+            delete_tasks: vec![],
+            decided_by: None,
+        };
+        let patch = Box::new(update.clone()).into_patch(&cur).expect("a status change is a patch");
+        assert_eq!(patch.tasks.keys().collect::<Vec<_>>(), ["t3"], "only the changed task travels");
+        let (whole_bytes, patch_bytes) = (
+            rmp_serde::to_vec_named(&Command::UpdateRun(Box::new(update.clone()))).unwrap().len(),
+            rmp_serde::to_vec_named(&Command::PatchRun(patch.clone())).unwrap().len(),
+        );
+        assert!(patch_bytes * 5 < whole_bytes, "patch {patch_bytes} bytes, whole {whole_bytes}");
+        let back: Command =
+            rmp_serde::from_slice(&rmp_serde::to_vec_named(&Command::PatchRun(patch.clone())).unwrap())
+                .unwrap();
+        assert_eq!(back, Command::PatchRun(patch.clone()));
+
+        let (mut whole, mut events_whole, mut events_patch) = (s.clone(), Vec::new(), Vec::new());
+        let r_whole =
+            whole.apply_with_events(2, &Command::UpdateRun(Box::new(update.clone())), &mut events_whole);
+        let r_patch = s.apply_with_events(2, &Command::PatchRun(patch.clone()), &mut events_patch);
+        assert_eq!((r_patch, &s, &events_patch), (r_whole, &whole, &events_whole));
+        assert_eq!(s.runs[&run_id].tasks["t3"].status, crate::run::TaskStatus::Failed);
+
+        // Replayed or decided on an older revision: refused like the whole update, nothing changes.
+        let before = s.clone();
+        let r = s.apply(3, &Command::PatchRun(patch.clone()));
+        assert!(
+            matches!(r, Response::Rejected(CommandError::RevisionMismatch { expected: 1, actual: 2, .. })),
+            "{r:?}"
+        );
+        // A task the run does not have.
+        let mut alien = patch.clone();
+        alien.prev_revision = 2;
+        alien.tasks.insert("nope".into(), cur.tasks["t0"].clone());
+        assert!(matches!(
+            s.apply(3, &Command::PatchRun(alien)),
+            Response::Rejected(CommandError::Invalid { .. })
+        ));
+        assert_eq!(s, before);
+
+        // What a patch does not carry stays a whole update.
+        let mut renamed = update.clone();
+        renamed.run.annotations.insert("k".into(), "v".into());
+        assert!(Box::new(renamed).into_patch(&cur).is_err());
+        assert!(
+            Box::new(update.clone()).into_patch(&before.runs[&run_id]).is_err(),
+            "not the run it was decided from"
+        );
     }
 
     #[test]
