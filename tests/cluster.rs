@@ -2,6 +2,8 @@
 //! real sled files, real TCP, SIGKILL.
 
 mod common;
+#[path = "common/metrics.rs"]
+mod metrics;
 #[path = "common/sim_executor.rs"]
 mod sim_executor;
 
@@ -398,21 +400,12 @@ async fn run_updates_travel_as_patches_and_every_node_holds_the_same_run() {
             exec.executor_task_status("e1", &t.id, &sim_executor::status(&t, next)).await.unwrap();
         }
     }
-    let metrics = reqwest::Client::new()
-        .get(format!("{}/metrics", c.url(leader)))
-        .bearer_auth(TOKEN)
-        .send()
-        .await
-        .unwrap()
-        .text()
-        .await
-        .unwrap();
-    let updates = |form: &str| -> u64 {
-        let prefix = format!("flotilla_scheduler_run_updates_total{{form=\"{form}\"}} ");
-        metrics.lines().find_map(|l| l.strip_prefix(prefix.as_str())).and_then(|v| v.parse().ok()).unwrap()
-    };
+    let url = c.url(leader);
+    let series = |form: &str| format!("flotilla_scheduler_run_updates_total{{form=\"{form}\"}}");
+    let (patches, whole) =
+        (metrics::metric(&url, &series("patch")).await, metrics::metric(&url, &series("whole")).await);
     // Each task: handed out, running, succeeded; then the run ends.
-    assert!(updates("patch") >= 3, "patches {}, whole {}\n{metrics}", updates("patch"), updates("whole"));
+    assert!(patches >= 3, "patches {patches}, whole {whole}");
     c.wait_caught_up().await;
     let mut runs = Vec::new();
     for n in 1..=3 {

@@ -75,18 +75,9 @@ mod tests {
             self.index += 1;
             self.state.apply(self.index, &cmd)
         }
-        /// Applies `u` as the loop proposes it (a patch of the run), checking that the whole
-        /// update would have made the same state and answer.
         fn apply_update(&mut self, u: flotilla_store::RunUpdate) -> Response {
             self.index += 1;
-            let mut whole = self.state.clone();
-            let expected = whole.apply(self.index, &Command::UpdateRun(Box::new(u.clone())));
-            let cmd = crate::run_command(&self.state, u, true);
-            assert!(matches!(cmd, Command::PatchRun(_)), "a scheduler decision is a patch");
-            let r = self.state.apply(self.index, &cmd);
-            assert_eq!(r, expected);
-            assert!(self.state == whole, "the patch and the whole update differ");
-            r
+            crate::apply_as_proposed(&mut self.state, self.index, u)
         }
 
         /// One scheduler round as the loop makes it (skipping runs by fingerprint), checking

@@ -220,6 +220,24 @@ fn run_command(state: &flotilla_store::State, update: RunUpdate, patches: bool) 
     }
 }
 
+/// For the scheduler's tests: applies `update` at `index` as the loop proposes it (a patch
+/// of the run), checking that the whole update would have made the same state and answer.
+#[cfg(test)]
+pub(crate) fn apply_as_proposed(
+    state: &mut flotilla_store::State,
+    index: u64,
+    update: RunUpdate,
+) -> Response {
+    let mut whole = state.clone();
+    let expected = whole.apply(index, &Command::UpdateRun(Box::new(update.clone())));
+    let cmd = run_command(state, update, true);
+    assert!(matches!(cmd, Command::PatchRun(_)), "a scheduler decision is a patch");
+    let r = state.apply(index, &cmd);
+    assert_eq!(r, expected);
+    assert!(*state == whole, "the patch and the whole update differ");
+    r
+}
+
 /// The updates of the active runs whose inputs changed since the last round left them
 /// unchanged (`settled`, updated here), each carrying `decider`.
 fn decide_runs(

@@ -4,7 +4,8 @@
 
 use crate::common::TOKEN;
 
-/// The value of the unlabelled metric `name` on the node at `url`; 0 when it is missing.
+/// The value of the series `name` (a metric's name, with its labels if it has any:
+/// `name{label="value"}`) on the node at `url`; 0 when it is missing.
 pub async fn metric(url: &str, name: &str) -> u64 {
     let text = reqwest::Client::new()
         .get(format!("{url}/metrics"))
