@@ -13,6 +13,16 @@ use crate::limits::{IDEMPOTENCY_TTL_MS, MAX_EXECUTORS, MAX_IDEMPOTENCY_KEYS, MAX
 use crate::run::{approvers, new_run, root_group_of, Run, RunPhase, APPROVER_PREFIX};
 use crate::state::{IdempotencyEntry, KvEntry, Sha256, SharedKey, State};
 
+/// A run update decided by another leader or term than the one whose entry carries it.
+fn stale(decided: Option<Decider>, entry: Option<Decider>) -> Option<Response> {
+    match (decided, entry) {
+        (Some(decided), Some(entry)) if decided != entry => {
+            Some(Response::Rejected(CommandError::StaleDecision { decided, entry }))
+        }
+        _ => None,
+    }
+}
+
 fn revision_mismatch(run_id: &str, expected: u64, actual: u64) -> Response {
     Response::Rejected(CommandError::RevisionMismatch { key: format!("run {run_id}"), expected, actual })
 }
@@ -211,18 +221,12 @@ impl State {
                 self.idempotency_order.retain(|k| keys.contains_key(k));
                 Response::Done { revision: index }
             }
-            Command::UpdateRun(update) => match (update.decided_by, leader) {
-                (Some(decided), Some(entry)) if decided != entry => {
-                    Response::Rejected(CommandError::StaleDecision { decided, entry })
-                }
-                _ => self.update_run(index, update, events),
-            },
-            Command::PatchRun(patch) => match (patch.decided_by, leader) {
-                (Some(decided), Some(entry)) if decided != entry => {
-                    Response::Rejected(CommandError::StaleDecision { decided, entry })
-                }
-                _ => self.patch_run(index, patch, events),
-            },
+            Command::UpdateRun(update) => {
+                stale(update.decided_by, leader).unwrap_or_else(|| self.update_run(index, update, events))
+            }
+            Command::PatchRun(patch) => {
+                stale(patch.decided_by, leader).unwrap_or_else(|| self.patch_run(index, patch, events))
+            }
             Command::StopRun { run_id } => {
                 let Some(run) = self.runs.get_mut(run_id) else { return missing(format!("run {run_id}")) };
                 if !matches!(run.phase, RunPhase::Queued | RunPhase::Running) {
@@ -555,8 +559,8 @@ impl State {
         self.replace_run(index, run, changes, p.decided_by, events)
     }
 
-    /// Stores `run` (checked against the current one, at the expected revision) as of
-    /// `index`, with its executor task changes; all or nothing.
+    /// Stores `run` as of `index` in place of the current one (whose revision the caller
+    /// checked), with its executor task changes; all or nothing.
     fn replace_run(
         &mut self,
         index: u64,
