@@ -1,14 +1,14 @@
 //! Scheduling decisions as pure functions of the replicated state and the time.
 //!
 //! [`decide_run`] takes the current run, copies it, and makes every decision by reading
-//! the *copy taken at the start of each pass* (never the half-updated result), so neither
-//! map order nor the order of tasks can change an outcome. Passes repeat until nothing
+//! the *task statuses the pass began with* (never the half-updated result), so neither
+//! map order nor the order of tasks can change which status a task gets. Passes repeat until nothing
 //! changes, so one round settles everything the current state allows (a skipped task
 //! skips its own children in the same round) and the run is written once.
 //!
 //! [`run_fingerprint`] sums up what a run's decision reads, so that the loop can skip the
 //! runs it already found nothing to do for (most of them, under load) until their inputs
-//! change.
+//! change; it costs a few lookups per run, not a walk of the run's executor tasks.
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::hash::{DefaultHasher, Hash, Hasher};
@@ -36,9 +36,13 @@ impl Default for Settings {
 /// Active (not ended) executor tasks per executor, the load the scheduler balances.
 pub fn active_counts(state: &State) -> BTreeMap<String, u32> {
     let mut counts: BTreeMap<String, u32> = state.executors.keys().map(|id| (id.clone(), 0)).collect();
-    for et in state.executor_tasks.values() {
-        if !et.status.phase.is_final() {
-            *counts.entry(et.spec.executor_id.clone()).or_insert(0) += 1;
+    for et in state.executor_tasks.values().filter(|et| !et.status.phase.is_final()) {
+        // Looked up by reference: a key is allocated only for an executor that is gone.
+        match counts.get_mut(&et.spec.executor_id) {
+            Some(n) => *n += 1,
+            None => {
+                counts.insert(et.spec.executor_id.clone(), 1);
+            }
         }
     }
     counts
@@ -86,21 +90,18 @@ pub fn executors_fingerprint(
 }
 
 /// Everything [`decide_run`] reads for `run_id`, as one number: the run (its revision moves
-/// on every change), its executor tasks (each with the revision of its last change) and
-/// the executors (`executors`, from [`executors_fingerprint`]). The configuration never
-/// changes. Between two rounds with the same fingerprint, only the clock differs; the
-/// loop's periodic full sweep covers that.
+/// on every change), its executor tasks (their [`State::run_tasks_revision`] moves on every
+/// change to one of them, without walking them) and the executors (`executors`, from
+/// [`executors_fingerprint`]). The configuration never changes. Between two rounds with
+/// the same fingerprint, only the clock differs; the loop's periodic full sweep covers that.
 pub fn run_fingerprint(state: &State, run_id: &str, executors: u64) -> Option<u64> {
     let run = state.runs.get(run_id)?;
     let mut h = DefaultHasher::new();
-    (executors, run_id, run.revision).hash(&mut h);
+    (executors, run.revision, state.run_tasks_revision(run_id)).hash(&mut h);
     // A queued run held back by its group moves when an older run of the group does.
     if run.phase == RunPhase::Queued {
         let limit = state.run_configs.get(run_id).and_then(|c| c.max_running_in_group);
         crate::group::admits(state, run, limit).hash(&mut h);
-    }
-    for et in run_executor_tasks(state, run_id) {
-        (&et.id, et.revision).hash(&mut h);
     }
     Some(h.finish())
 }
@@ -182,60 +183,71 @@ pub fn decide_run(
 
     if run.phase == RunPhase::Running {
         loop {
-            let snapshot = run.clone();
+            // A pass decides from the statuses it began with (a task skipped in this pass
+            // moves its children in the next); it changes only tasks it decides on, each in
+            // its own turn, and the loop ends with a pass that changed nothing.
+            let statuses: BTreeMap<&str, TaskStatus> = config
+                .tasks
+                .iter()
+                .filter_map(|t| Some((t.name.as_str(), run.tasks.get(&t.name)?.status)))
+                .collect();
+            let mut changed = false;
             for task in &config.tasks {
                 let name = &task.name;
-                let before = &snapshot.tasks[name];
-                if before.status != TaskStatus::Notstarted || assigned.contains(name) {
+                if statuses.get(name.as_str()) != Some(&TaskStatus::Notstarted) || assigned.contains(name) {
                     continue;
                 }
                 let rt = run.tasks.get_mut(name).expect("a run has a status for each configured task");
-                if snapshot.stop {
-                    rt.status = TaskStatus::Cancelled;
-                    continue;
-                }
-                let parents: Option<Vec<TaskStatus>> = task
-                    .depends
-                    .iter()
-                    .map(|d| snapshot.tasks.get(&d.task).map(|p| p.status).filter(|s| s.is_final()))
-                    .collect();
-                let Some(parents) = parents else { continue };
-                if !task.depends.iter().zip(&parents).all(|(d, s)| d.satisfied_by(*s)) {
-                    rt.status = TaskStatus::Skipped;
-                    continue;
-                }
-                if task.needs_approval && !before.approved {
-                    if approvers(&before.annotations) >= task.approvers_required as usize {
-                        rt.approved = true;
-                        rt.waiting_approval = false;
-                    } else {
-                        rt.waiting_approval = true;
+                let before = rt.clone();
+                'decide: {
+                    if run.stop {
+                        rt.status = TaskStatus::Cancelled;
+                        break 'decide;
                     }
-                    continue;
-                }
-                match choose_executor(state, task, active, now_ms, settings) {
-                    Choice::Wait => {}
-                    Choice::Fail(why) => {
-                        fail_task(rt, why, now_ms);
-                        rt.setup_step.phase = Phase::Failed;
-                        rt.setup_step.end_time = Some(now_ms);
+                    let parents: Option<Vec<TaskStatus>> = task
+                        .depends
+                        .iter()
+                        .map(|d| statuses.get(d.task.as_str()).copied().filter(|s| s.is_final()))
+                        .collect();
+                    let Some(parents) = parents else { break 'decide };
+                    if !task.depends.iter().zip(&parents).all(|(d, s)| d.satisfied_by(*s)) {
+                        rt.status = TaskStatus::Skipped;
+                        break 'decide;
                     }
-                    Choice::Executor(executor_id) => {
-                        *active.entry(executor_id.clone()).or_insert(0) += 1;
-                        rt.executor_id = Some(executor_id.clone());
-                        assigned.insert(name.clone());
-                        create_tasks.push(ExecutorTaskSpec {
-                            run_id: run.id.clone(),
-                            task_name: name.clone(),
-                            executor_id,
-                            stop: false,
-                            generation: 0,
-                            decided_by: None,
-                        });
+                    if task.needs_approval && !before.approved {
+                        if approvers(&before.annotations) >= task.approvers_required as usize {
+                            rt.approved = true;
+                            rt.waiting_approval = false;
+                        } else {
+                            rt.waiting_approval = true;
+                        }
+                        break 'decide;
+                    }
+                    match choose_executor(state, task, active, now_ms, settings) {
+                        Choice::Wait => {}
+                        Choice::Fail(why) => {
+                            fail_task(rt, why, now_ms);
+                            rt.setup_step.phase = Phase::Failed;
+                            rt.setup_step.end_time = Some(now_ms);
+                        }
+                        Choice::Executor(executor_id) => {
+                            *active.entry(executor_id.clone()).or_insert(0) += 1;
+                            rt.executor_id = Some(executor_id.clone());
+                            assigned.insert(name.clone());
+                            create_tasks.push(ExecutorTaskSpec {
+                                run_id: run.id.clone(),
+                                task_name: name.clone(),
+                                executor_id,
+                                stop: false,
+                                generation: 0,
+                                decided_by: None,
+                            });
+                        }
                     }
                 }
+                changed |= *rt != before;
             }
-            if run == snapshot {
+            if !changed {
                 break;
             }
         }

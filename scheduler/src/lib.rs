@@ -221,7 +221,8 @@ fn run_command(state: &flotilla_store::State, update: RunUpdate, patches: bool) 
 }
 
 /// For the scheduler's tests: applies `update` at `index` as the loop proposes it (a patch
-/// of the run), checking that the whole update would have made the same state and answer.
+/// of the run), checking that the whole update would have made the same state, answer
+/// and events.
 #[cfg(test)]
 pub(crate) fn apply_as_proposed(
     state: &mut flotilla_store::State,
@@ -229,12 +230,15 @@ pub(crate) fn apply_as_proposed(
     update: RunUpdate,
 ) -> Response {
     let mut whole = state.clone();
-    let expected = whole.apply(index, &Command::UpdateRun(Box::new(update.clone())));
+    let (mut expected_events, mut events) = (Vec::new(), Vec::new());
+    let expected =
+        whole.apply_with_events(index, &Command::UpdateRun(Box::new(update.clone())), &mut expected_events);
     let cmd = run_command(state, update, true);
     assert!(matches!(cmd, Command::PatchRun(_)), "a scheduler decision is a patch");
-    let r = state.apply(index, &cmd);
+    let r = state.apply_with_events(index, &cmd, &mut events);
     assert_eq!(r, expected);
     assert!(*state == whole, "the patch and the whole update differ");
+    assert_eq!(events, expected_events);
     r
 }
 

@@ -35,6 +35,26 @@ struct RunChanges<'a> {
     delete: &'a [String],
 }
 
+/// The scheduler moves runs and tasks forward only: a run or task in a final phase keeps
+/// it (a restart is a new run). Checked in debug builds, where the property tests of the
+/// scheduler drive thousands of rounds through here.
+pub(crate) fn debug_assert_forward(cur: &Run, run: &Run) {
+    debug_assert!(
+        !cur.phase.is_final() || run.phase == cur.phase,
+        "run {} left its final phase: {:?} -> {:?}",
+        cur.id,
+        cur.phase,
+        run.phase
+    );
+    debug_assert!(
+        cur.tasks
+            .iter()
+            .all(|(name, t)| !t.status.is_final() || run.tasks.get(name).map(|t| t.status) == Some(t.status)),
+        "a task of run {} left its final status",
+        cur.id
+    );
+}
+
 fn missing(what: impl Into<String>) -> Response {
     Response::Rejected(CommandError::ObjectNotFound { what: what.into() })
 }
@@ -526,6 +546,8 @@ impl State {
         let et = self.executor_tasks.get_mut(id).expect("looked up at the top of this function");
         et.status = status.clone();
         et.revision = index;
+        let run_id = et.spec.run_id.clone();
+        self.touch_run_tasks(&run_id, index);
         Response::Done { revision: index }
     }
 
@@ -540,87 +562,94 @@ impl State {
             return rejected_invalid("a run update must keep the run's tasks");
         }
         let changes = RunChanges { create: &u.create_tasks, stop: &u.stop_tasks, delete: &u.delete_tasks };
-        self.replace_run(index, u.run.clone(), changes, u.decided_by, events)
+        let steps = match self.check_run_changes(run_id, changes) {
+            Ok(steps) => steps,
+            Err(refused) => return refused,
+        };
+        let mut run = u.run.clone();
+        run.revision = index;
+        let cur = self.runs.get_mut(run_id).expect("looked up above");
+        debug_assert_forward(cur, &run);
+        Event::diff(index, cur, &run, events);
+        *cur = run;
+        self.commit_run_changes(index, run_id, changes, steps, u.decided_by)
     }
 
-    /// [`Command::PatchRun`]: the run the patch makes of the current one, then as
-    /// [`Command::UpdateRun`] with that run.
+    /// [`Command::PatchRun`]: as [`Command::UpdateRun`] with the run the patch makes of the
+    /// current one, made in place.
     fn patch_run(&mut self, index: u64, p: &RunPatch, events: &mut Vec<Event>) -> Response {
         let run_id = &p.run_id;
         let Some(cur) = self.runs.get(run_id) else { return missing(format!("run {run_id}")) };
         if cur.revision != p.prev_revision {
             return revision_mismatch(run_id, p.prev_revision, cur.revision);
         }
-        let run = match p.applied_to(cur) {
-            Ok(run) => run,
-            Err(reason) => return rejected_invalid(reason),
-        };
+        if let Some(name) = p.tasks.keys().find(|name| !cur.tasks.contains_key(*name)) {
+            return rejected_invalid(format!(
+                "a run update must keep the run's tasks: run {run_id} has no task {name:?}"
+            ));
+        }
         let changes = RunChanges { create: &p.create_tasks, stop: &p.stop_tasks, delete: &p.delete_tasks };
-        self.replace_run(index, run, changes, p.decided_by, events)
+        let steps = match self.check_run_changes(run_id, changes) {
+            Ok(steps) => steps,
+            Err(refused) => return refused,
+        };
+        let run = self.runs.get_mut(run_id).expect("looked up above");
+        p.apply_to(index, run, events);
+        self.commit_run_changes(index, run_id, changes, steps, p.decided_by)
     }
 
-    /// Stores `run` as of `index` in place of the current one (whose revision the caller
-    /// checked), with its executor task changes; all or nothing.
-    fn replace_run(
-        &mut self,
-        index: u64,
-        mut run: Run,
-        changes: RunChanges<'_>,
-        decided_by: Option<Decider>,
-        events: &mut Vec<Event>,
-    ) -> Response {
-        let run_id = &run.id.clone();
-        let Some(cur) = self.runs.get(run_id) else { return missing(format!("run {run_id}")) };
+    /// Checks a run update's executor task changes against the state (the round applies
+    /// whole or not at all); the steps of each task to create.
+    fn check_run_changes(&self, run_id: &str, changes: RunChanges<'_>) -> Result<Vec<usize>, Response> {
         let Some(config) = self.run_configs.get(run_id) else {
-            return missing(format!("configuration of run {run_id}"));
+            return Err(missing(format!("configuration of run {run_id}")));
         };
-        // Check everything first: the round applies whole or not at all.
         let mut added: BTreeMap<&str, u32> = BTreeMap::new();
+        let mut steps = Vec::with_capacity(changes.create.len());
         for spec in changes.create {
             let id = executor_task_id(run_id, &spec.task_name);
-            if spec.run_id != *run_id || config.task(&spec.task_name).is_none() {
-                return rejected_invalid(format!("executor task {id:?} does not belong to run {run_id}"));
-            }
+            let Some(task) = config.task(&spec.task_name).filter(|_| spec.run_id == run_id) else {
+                return Err(rejected_invalid(format!(
+                    "executor task {id:?} does not belong to run {run_id}"
+                )));
+            };
+            steps.push(task.steps.len());
             if self.executor_tasks.contains_key(&id) {
-                return conflict(format!("executor task {id:?} exists already"));
+                return Err(conflict(format!("executor task {id:?} exists already")));
             }
             let Some(executor) = self.executors.get(&spec.executor_id) else {
-                return conflict(format!("executor {:?} is gone", spec.executor_id));
+                return Err(conflict(format!("executor {:?} is gone", spec.executor_id)));
             };
             let extra = added.entry(spec.executor_id.as_str()).or_insert(0);
             *extra += 1;
             let limit = executor.info.active_tasks_limit;
             if limit > 0 && self.active_tasks(&spec.executor_id) + *extra > limit {
-                return conflict(format!(
+                return Err(conflict(format!(
                     "executor {:?} is at its limit of {limit} active tasks",
                     spec.executor_id
-                ));
+                )));
             }
         }
         for id in changes.stop.iter().chain(changes.delete) {
             match self.executor_tasks.get(id) {
-                Some(et) if et.spec.run_id == *run_id => {}
-                _ => return conflict(format!("executor task {id:?} of run {run_id} does not exist")),
+                Some(et) if et.spec.run_id == run_id => {}
+                _ => return Err(conflict(format!("executor task {id:?} of run {run_id} does not exist"))),
             }
         }
-        let steps: Vec<usize> =
-            changes.create.iter().map(|s| config.task(&s.task_name).map_or(0, |t| t.steps.len())).collect();
-        run.revision = index;
-        // The scheduler moves runs and tasks forward only: a run or task in a final phase
-        // keeps it (a restart is a new run). Checked in debug builds, where the property
-        // tests of the scheduler drive thousands of rounds through here.
-        debug_assert!(
-            !cur.phase.is_final() || run.phase == cur.phase,
-            "run {run_id} left its final phase: {:?} -> {:?}",
-            cur.phase,
-            run.phase
-        );
-        debug_assert!(
-            cur.tasks.iter().all(|(name, t)| !t.status.is_final() || run.tasks[name].status == t.status),
-            "a task of run {run_id} left its final status"
-        );
-        Event::diff(index, cur, &run, events);
+        Ok(steps)
+    }
 
+    /// The rest of a run update, once the run is stored as of `index`: its executor task
+    /// changes (checked by [`State::check_run_changes`], which gave `steps`) and whether the
+    /// run is still active.
+    fn commit_run_changes(
+        &mut self,
+        index: u64,
+        run_id: &str,
+        changes: RunChanges<'_>,
+        steps: Vec<usize>,
+        decided_by: Option<Decider>,
+    ) -> Response {
         for (spec, steps) in changes.create.iter().zip(steps) {
             let id = executor_task_id(run_id, &spec.task_name);
             let status = ExecutorTaskStatus::new(steps);
@@ -644,12 +673,17 @@ impl State {
                 self.touch_executor(&et.spec.executor_id, index);
             }
         }
-        if run.phase.is_final() {
+        if self.runs.get(run_id).is_some_and(|r| r.phase.is_final()) {
             self.active_runs.remove(run_id);
+            self.run_tasks_touched.0.remove(run_id);
         } else {
-            self.active_runs.insert(run_id.clone());
+            if !self.active_runs.contains(run_id) {
+                self.active_runs.insert(run_id.to_string());
+            }
+            if !(changes.create.is_empty() && changes.stop.is_empty() && changes.delete.is_empty()) {
+                self.touch_run_tasks(run_id, index);
+            }
         }
-        self.runs.insert(run_id.clone(), run);
         Response::Done { revision: index }
     }
 
@@ -993,6 +1027,66 @@ mod tests {
         let woken = s.take_touched_executors();
         assert_eq!(woken, ["e1".to_string()].into(), "the stale tries woke nobody; the task wakes e1");
         assert!(s.take_touched_executors().is_empty());
+    }
+
+    /// The scheduler skips a run whose fingerprint did not move; its executor tasks count
+    /// in it through `run_tasks_revision`, which must move on every change to one of them.
+    #[test]
+    fn every_change_to_a_runs_executor_tasks_moves_its_tasks_revision_while_it_is_active() {
+        let tasks = ["a", "b"].map(|n| crate::run::TaskConfig::new(n, "i", "true")).to_vec();
+        let mut s = State::default();
+        let create = Box::new(crate::run::RunCreate::new("r", "/p", tasks));
+        let Response::RunCreated { run_id } = s.apply(1, &Command::CreateRun { create, now_ms: 0 }) else {
+            panic!()
+        };
+        s.apply(2, &Command::PutExecutor { id: "e1".into(), info: Default::default(), now_ms: 0 });
+        assert_eq!(s.run_tasks_revision(&run_id), 0, "no executor task yet");
+        let spec = |task: &str| ExecutorTaskSpec {
+            run_id: run_id.clone(),
+            task_name: task.into(),
+            executor_id: "e1".into(),
+            stop: false,
+            generation: 0,
+            decided_by: None,
+        };
+        let update = |s: &State, phase, create_tasks, stop_tasks, delete_tasks| {
+            let mut run = s.runs[&run_id].clone();
+            run.phase = phase;
+            let prev_revision = run.revision;
+            Command::UpdateRun(Box::new(RunUpdate {
+                run,
+                prev_revision,
+                create_tasks,
+                stop_tasks,
+                delete_tasks,
+                decided_by: None,
+            }))
+        };
+        let (a, b) = (executor_task_id(&run_id, "a"), executor_task_id(&run_id, "b"));
+        let handed = update(&s, RunPhase::Running, vec![spec("a"), spec("b")], vec![], vec![]);
+        assert_eq!(s.apply(3, &handed), Response::Done { revision: 3 });
+        assert_eq!(s.run_tasks_revision(&run_id), 3, "created");
+        let mut running = ExecutorTaskStatus::new(1);
+        running.phase = crate::run::Phase::Running;
+        let report =
+            Command::SetExecutorTaskStatus { id: a.clone(), executor_id: "e1".into(), status: running };
+        assert_eq!(s.apply(4, &report), Response::Done { revision: 4 });
+        assert_eq!(s.run_tasks_revision(&run_id), 4, "a status report");
+        let unchanged = update(&s, RunPhase::Running, vec![], vec![], vec![]);
+        s.apply(5, &unchanged);
+        assert_eq!(s.run_tasks_revision(&run_id), 4, "a run update that leaves its tasks alone");
+        assert_eq!(
+            s.apply(6, &update(&s, RunPhase::Running, vec![], vec![a], vec![])),
+            Response::Done { revision: 6 }
+        );
+        assert_eq!(s.run_tasks_revision(&run_id), 6, "a stop");
+        assert_eq!(
+            s.apply(7, &update(&s, RunPhase::Running, vec![], vec![], vec![b])),
+            Response::Done { revision: 7 }
+        );
+        assert_eq!(s.run_tasks_revision(&run_id), 7, "a removal");
+        s.apply(8, &update(&s, RunPhase::Cancelled, vec![], vec![], vec![]));
+        assert!(s.run_tasks_touched.0.is_empty(), "kept for active runs only");
     }
 
     #[test]

@@ -14,6 +14,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::event::Event;
 use crate::executor::{validate_executor_id, Decider, ExecutorInfo, ExecutorTaskSpec, ExecutorTaskStatus};
 use crate::limits::{
     MAX_BATCH_COMMANDS, MAX_IDEMPOTENCY_KEY_BYTES, MAX_KEY_BYTES, MAX_MAP_ENTRIES, MAX_MAP_VALUE_BYTES,
@@ -206,15 +207,18 @@ impl RunUpdate {
 }
 
 impl RunPatch {
-    /// The run this patch makes of `cur`, or why it cannot (a task `cur` does not have).
-    pub fn applied_to(&self, cur: &Run) -> Result<Run, String> {
-        if let Some(name) = self.tasks.keys().find(|name| !cur.tasks.contains_key(*name)) {
-            return Err(format!(
-                "a run update must keep the run's tasks: run {} has no task {name:?}",
-                cur.id
-            ));
-        }
-        let mut run = cur.clone();
+    /// Makes `run` — the run at `prev_revision`, holding every task of the patch (the
+    /// caller checks both) — what this patch says, as of `index`, in place; with the
+    /// events [`Event::diff`] gives for the two versions, in the same order.
+    pub fn apply_to(&self, index: u64, run: &mut Run, events: &mut Vec<Event>) {
+        let before = (run.phase, run.result);
+        debug_assert!(
+            !run.phase.is_final() || self.phase == run.phase,
+            "run {} left its final phase: {:?} -> {:?}",
+            run.id,
+            run.phase,
+            self.phase
+        );
         run.phase = self.phase;
         run.result = self.result;
         run.stop = self.stop;
@@ -222,10 +226,26 @@ impl RunPatch {
         run.enqueue_time = self.enqueue_time;
         run.start_time = self.start_time;
         run.end_time = self.end_time;
+        run.revision = index;
+        let mut moved = Vec::new();
         for (name, task) in &self.tasks {
-            run.tasks.insert(name.clone(), task.clone());
+            let Some(t) = run.tasks.get_mut(name) else { continue };
+            debug_assert!(
+                !t.status.is_final() || task.status == t.status,
+                "a task of run {} left its final status",
+                run.id
+            );
+            if t.status != task.status {
+                moved.push(name);
+            }
+            t.clone_from(task);
         }
-        Ok(run)
+        for name in moved {
+            events.push(Event::task(index, run, name));
+        }
+        if before != (run.phase, run.result) {
+            events.push(Event::run(index, run));
+        }
     }
 }
 

@@ -75,6 +75,15 @@ impl Event {
         }
     }
 
+    /// A `task` event: the status `run`'s task `name` has now.
+    pub fn task(revision: u64, run: &Run, name: &str) -> Event {
+        let mut e = Event::run(revision, run);
+        e.kind = EventKind::Task;
+        e.task = Some(name.to_string());
+        e.status = run.tasks.get(name).map(|t| t.status);
+        e
+    }
+
     /// A `run` event for a lifecycle action on `run`.
     pub fn action(revision: u64, run: &Run, action: RunAction, actor: Option<&str>) -> Event {
         let mut e = Event::run(revision, run);
@@ -90,11 +99,7 @@ impl Event {
     pub fn diff(revision: u64, old: &Run, new: &Run, out: &mut Vec<Event>) {
         for (name, task) in &new.tasks {
             if old.tasks.get(name).map(|t| t.status) != Some(task.status) {
-                let mut e = Event::run(revision, new);
-                e.kind = EventKind::Task;
-                e.task = Some(name.clone());
-                e.status = Some(task.status);
-                out.push(e);
+                out.push(Event::task(revision, new, name));
             }
         }
         if old.phase != new.phase || old.result != new.result {

@@ -3,7 +3,7 @@
 //! Maps are `BTreeMap`s so that iteration, serialization and therefore snapshots are
 //! identical on every replica.
 
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use serde::{Deserialize, Serialize};
@@ -61,32 +61,54 @@ pub struct State {
     /// oldest beyond [`MAX_IDEMPOTENCY_KEYS`].
     #[serde(default)]
     pub idempotency_order: std::collections::VecDeque<SharedKey>,
-    /// Executors whose task list changed since the state machine last took them.
+    /// Executors whose task list changed (a task handed to, stopped on or taken from them)
+    /// or that were removed, since [`State::take_touched_executors`]: the state machine
+    /// takes them after each apply to wake just those executors' long polls. A set, so it
+    /// stays bounded by the executors when nobody takes it (tests, simulations).
     #[serde(skip)]
-    pub(crate) touched_executors: TouchedExecutors,
+    pub(crate) touched_executors: Bookkeeping<BTreeSet<String>>,
+    /// For each active run, the log index of the last change to one of its executor tasks
+    /// that this replica applied (see [`State::run_tasks_revision`]).
+    #[serde(skip)]
+    pub(crate) run_tasks_touched: Bookkeeping<HashMap<String, u64>>,
 }
 
-/// Ids of executors whose task list changed (a task handed to, stopped on or taken from
-/// them) or that were removed, since [`State::take_touched_executors`]: the state machine
-/// takes them after each apply to wake just those executors' long polls. Bookkeeping of one
-/// replica, not agreed state: never serialized, and equal to any other (so two states are
-/// equal by what they agree on). A set, so it stays bounded by the executors when nobody
-/// takes it (tests, simulations).
+/// Bookkeeping of one replica, not agreed state: never serialized (empty in a state
+/// restored from a snapshot), and equal to any other, so that two states are equal by
+/// what they agree on.
 #[derive(Clone, Debug, Default)]
-pub(crate) struct TouchedExecutors(pub(crate) BTreeSet<String>);
+pub(crate) struct Bookkeeping<T>(pub(crate) T);
 
-impl PartialEq for TouchedExecutors {
+impl<T> PartialEq for Bookkeeping<T> {
     fn eq(&self, _: &Self) -> bool {
         true
     }
 }
 
-impl Eq for TouchedExecutors {}
+impl<T> Eq for Bookkeeping<T> {}
 
 impl State {
-    /// The executors touched since the last call (see [`TouchedExecutors`]).
+    /// The executors touched since the last call (see [`State::touched_executors`]).
     pub fn take_touched_executors(&mut self) -> BTreeSet<String> {
         std::mem::take(&mut self.touched_executors.0)
+    }
+
+    /// A number that moves whenever an executor task of the active run `run_id` is
+    /// created, changes or is removed: the index of the last such change this replica
+    /// applied, 0 before any (since it started, restored a snapshot or imported). Lets the
+    /// scheduler see that a run's inputs changed without walking its executor tasks.
+    pub fn run_tasks_revision(&self, run_id: &str) -> u64 {
+        self.run_tasks_touched.0.get(run_id).copied().unwrap_or(0)
+    }
+
+    /// Records a change at `index` to an executor task of `run_id` (kept for active runs
+    /// only: the map is bounded by them).
+    pub(crate) fn touch_run_tasks(&mut self, run_id: &str, index: u64) {
+        if let Some(at) = self.run_tasks_touched.0.get_mut(run_id) {
+            *at = index;
+        } else if self.active_runs.contains(run_id) {
+            self.run_tasks_touched.0.insert(run_id.to_string(), index);
+        }
     }
 }
 
