@@ -33,19 +33,10 @@ impl Default for Settings {
     }
 }
 
-/// Active (not ended) executor tasks per executor, the load the scheduler balances.
+/// Active (not ended) executor tasks per executor, the load the scheduler balances (an
+/// executor with none is absent); the round adds the tasks it hands out.
 pub fn active_counts(state: &State) -> BTreeMap<String, u32> {
-    let mut counts: BTreeMap<String, u32> = state.executors.keys().map(|id| (id.clone(), 0)).collect();
-    for et in state.executor_tasks.values().filter(|et| !et.status.phase.is_final()) {
-        // Looked up by reference: a key is allocated only for an executor that is gone.
-        match counts.get_mut(&et.spec.executor_id) {
-            Some(n) => *n += 1,
-            None => {
-                counts.insert(et.spec.executor_id.clone(), 1);
-            }
-        }
-    }
-    counts
+    state.active_task_counts().into_owned()
 }
 
 /// Dynamic executors that stopped heartbeating, with the last heartbeat recorded: to be
@@ -453,7 +444,9 @@ mod tests {
         }
         fn apply(&mut self, cmd: Command) -> Response {
             self.index += 1;
-            self.state.apply(self.index, &cmd)
+            let r = self.state.apply(self.index, &cmd);
+            crate::check_kept_counts(&self.state);
+            r
         }
         fn apply_update(&mut self, u: flotilla_store::RunUpdate) -> Response {
             self.index += 1;

@@ -73,7 +73,9 @@ mod tests {
     impl Sim {
         fn apply(&mut self, cmd: Command) -> Response {
             self.index += 1;
-            self.state.apply(self.index, &cmd)
+            let r = self.state.apply(self.index, &cmd);
+            crate::check_kept_counts(&self.state);
+            r
         }
         fn apply_update(&mut self, u: flotilla_store::RunUpdate) -> Response {
             self.index += 1;

@@ -239,7 +239,19 @@ pub(crate) fn apply_as_proposed(
     assert_eq!(r, expected);
     assert!(*state == whole, "the patch and the whole update differ");
     assert_eq!(events, expected_events);
+    check_kept_counts(state);
     r
+}
+
+/// For the scheduler's tests: the active task counts each replica keeps as it applies are
+/// those of its executor tasks.
+#[cfg(test)]
+pub(crate) fn check_kept_counts(state: &flotilla_store::State) {
+    assert_eq!(
+        *state.active_task_counts(),
+        state.count_active_tasks(),
+        "the kept active task counts drifted"
+    );
 }
 
 /// The updates of the active runs whose inputs changed since the last round left them

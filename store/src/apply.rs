@@ -546,7 +546,10 @@ impl State {
         let et = self.executor_tasks.get_mut(id).expect("looked up at the top of this function");
         et.status = status.clone();
         et.revision = index;
-        let run_id = et.spec.run_id.clone();
+        let (run_id, executor_id) = (et.spec.run_id.clone(), et.spec.executor_id.clone());
+        if status.phase.is_final() {
+            self.count_active_task(&executor_id, false);
+        }
         self.touch_run_tasks(&run_id, index);
         Response::Done { revision: index }
     }
@@ -656,6 +659,7 @@ impl State {
             let spec = ExecutorTaskSpec { decided_by, ..spec.clone() };
             let executor_id = spec.executor_id.clone();
             self.executor_tasks.insert(id.clone(), ExecutorTask { id, spec, status, revision: index });
+            self.count_active_task(&executor_id, true);
             self.touch_executor(&executor_id, index);
         }
         for id in changes.stop {
@@ -670,6 +674,9 @@ impl State {
         }
         for id in changes.delete {
             if let Some(et) = self.executor_tasks.remove(id) {
+                if !et.status.phase.is_final() {
+                    self.count_active_task(&et.spec.executor_id, false);
+                }
                 self.touch_executor(&et.spec.executor_id, index);
             }
         }
@@ -717,10 +724,14 @@ impl State {
 
     /// Executor tasks assigned to `executor_id` that have not ended.
     pub fn active_tasks(&self, executor_id: &str) -> u32 {
-        self.executor_tasks
-            .values()
-            .filter(|t| t.spec.executor_id == executor_id && !t.status.phase.is_final())
-            .count() as u32
+        match &self.active_counts.0 {
+            Some(counts) => counts.get(executor_id).copied().unwrap_or(0),
+            None => self
+                .executor_tasks
+                .values()
+                .filter(|t| t.spec.executor_id == executor_id && !t.status.phase.is_final())
+                .count() as u32,
+        }
     }
 
     /// Keys starting with `prefix` and strictly after `start_after`, in key order, at most

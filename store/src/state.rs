@@ -3,6 +3,7 @@
 //! Maps are `BTreeMap`s so that iteration, serialization and therefore snapshots are
 //! identical on every replica.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
@@ -71,6 +72,12 @@ pub struct State {
     /// that this replica applied (see [`State::run_tasks_revision`]).
     #[serde(skip)]
     pub(crate) run_tasks_touched: Bookkeeping<HashMap<String, u64>>,
+    /// Executor tasks that have not ended, per executor (an executor with none is absent):
+    /// what the scheduler balances and executor limits cap. `None` until this replica
+    /// first changes an executor task (after a start, a snapshot or an import), when they
+    /// are counted once.
+    #[serde(skip)]
+    pub(crate) active_counts: Bookkeeping<Option<BTreeMap<String, u32>>>,
 }
 
 /// Bookkeeping of one replica, not agreed state: never serialized (empty in a state
@@ -99,6 +106,48 @@ impl State {
     /// scheduler see that a run's inputs changed without walking its executor tasks.
     pub fn run_tasks_revision(&self, run_id: &str) -> u64 {
         self.run_tasks_touched.0.get(run_id).copied().unwrap_or(0)
+    }
+
+    /// Executor tasks that have not ended, per executor (an executor with none is absent).
+    pub fn active_task_counts(&self) -> Cow<'_, BTreeMap<String, u32>> {
+        match &self.active_counts.0 {
+            Some(counts) => Cow::Borrowed(counts),
+            None => Cow::Owned(self.count_active_tasks()),
+        }
+    }
+
+    /// [`State::active_task_counts`] counted from the executor tasks, one by one.
+    pub fn count_active_tasks(&self) -> BTreeMap<String, u32> {
+        let mut counts: BTreeMap<String, u32> = BTreeMap::new();
+        for et in self.executor_tasks.values().filter(|et| !et.status.phase.is_final()) {
+            match counts.get_mut(&et.spec.executor_id) {
+                Some(n) => *n += 1,
+                None => {
+                    counts.insert(et.spec.executor_id.clone(), 1);
+                }
+            }
+        }
+        counts
+    }
+
+    /// Records, after the change, that an executor task of `executor_id` began (`true`) or
+    /// ended or went away while active (`false`).
+    pub(crate) fn count_active_task(&mut self, executor_id: &str, began: bool) {
+        let Some(counts) = &mut self.active_counts.0 else {
+            self.active_counts.0 = Some(self.count_active_tasks());
+            return;
+        };
+        match (counts.get_mut(executor_id), began) {
+            (Some(n), true) => *n += 1,
+            (None, true) => {
+                counts.insert(executor_id.to_string(), 1);
+            }
+            (Some(n), false) if *n > 1 => *n -= 1,
+            (Some(_), false) => {
+                counts.remove(executor_id);
+            }
+            (None, false) => debug_assert!(false, "an active task of {executor_id} was not counted"),
+        }
     }
 
     /// Records a change at `index` to an executor task of `run_id` (kept for active runs
