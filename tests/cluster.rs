@@ -413,3 +413,43 @@ async fn run_updates_travel_as_patches_and_every_node_holds_the_same_run() {
     }
     assert!(runs.iter().all(|r| *r == runs[0]), "the nodes differ: {runs:#?}");
 }
+
+/// Writes arriving together at a follower go to the leader in one request (once the
+/// leader has answered that it reads them), and each still gets its own answer: a refused
+/// compare-and-swap among accepted writes is refused alone, and nothing else is lost.
+#[tokio::test(flavor = "multi_thread")]
+async fn writes_a_follower_forwards_together_each_get_their_own_answer() {
+    let c = Cluster::bootstrap(3, &[]).await;
+    let leader = c.wait_for_leader().await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let f = c.client(follower);
+    // The first answer tells the follower which format the leader reads.
+    f.kv_put("warm", "up", None).await.unwrap();
+    let results = futures::future::join_all((0..200).map(|i| {
+        let f = f.clone();
+        // Every third write expects a revision the key never had.
+        let prev = (i % 3 == 0).then_some(1_000_000);
+        async move { (i, prev, f.kv_put(&format!("k{i:03}"), &format!("v{i}"), prev).await) }
+    }))
+    .await;
+    let l = c.client(leader);
+    for (i, prev, r) in &results {
+        let got = l.kv_get(&format!("k{i:03}"), false).await;
+        match (prev, r) {
+            (None, Ok(rev)) => {
+                let got = got.unwrap();
+                assert_eq!((got.value, got.revision), (format!("v{i}"), *rev), "write {i}");
+            }
+            (Some(_), Err(flotilla_api::ClientError::Api { status: 409, .. })) => {
+                assert!(got.is_err(), "write {i} was refused but its key exists")
+            }
+            other => panic!("write {i}: {other:?}"),
+        }
+    }
+    let url = c.url(follower);
+    let series = |form: &str| format!("flotilla_forwarded_writes_total{{form=\"{form}\"}}");
+    let (together, alone) =
+        (metrics::metric(&url, &series("together")).await, metrics::metric(&url, &series("alone")).await);
+    assert_eq!(together + alone, 201, "every write was forwarded once");
+    assert!(together > 0, "no write went with others ({alone} alone)");
+}

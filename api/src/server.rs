@@ -773,6 +773,15 @@ async fn render_metrics(ctx: &Ctx) -> String {
     {
         let _ = writeln!(out, "{name}{{form=\"{form}\"}} {}", n.load(std::sync::atomic::Ordering::Relaxed));
     }
+    let name = "flotilla_forwarded_writes_total";
+    let _ = writeln!(
+        out,
+        "# HELP {name} Writes this node forwarded to the leader, in one request with others or alone.\n# TYPE {name} counter"
+    );
+    let (together, alone) = ctx.node.forwarded_writes();
+    for (form, n) in [("together", together), ("alone", alone)] {
+        let _ = writeln!(out, "{name}{{form=\"{form}\"}} {n}");
+    }
     ctx.metrics.render(&mut out);
     out
 }

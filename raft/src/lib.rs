@@ -16,6 +16,7 @@ pub mod drain;
 pub mod durable;
 pub mod election;
 pub mod error;
+mod forward;
 pub mod log_store;
 pub mod network;
 pub mod node;

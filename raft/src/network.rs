@@ -35,11 +35,13 @@ pub const MSGPACK: &str = "application/msgpack";
 /// (nodes of releases before it send none: format 1).
 pub const LOG_FORMAT_HEADER: &str = "flotilla-log-format";
 
-/// What a node's log may hold and it can decode: 1, every release before `PatchRun`; 2, `Command::PatchRun`.
+/// What a node's log may hold and it can decode, and what it answers: 1, every release
+/// before `PatchRun`; 2, `Command::PatchRun`; 3, writes forwarded together
+/// (`LeaderRequest::Writes`, [`crate::forward`]).
 /// A leader proposes a newer form only once every member has answered it with this format
 /// or higher ([`PeerClient::read_by`]), so that a rolling upgrade never hands an older node
 /// an entry it cannot read.
-pub const LOG_FORMAT: u32 = 2;
+pub const LOG_FORMAT: u32 = 3;
 
 /// Why a call to a peer failed.
 #[derive(Debug, thiserror::Error)]

@@ -22,9 +22,9 @@ use openraft::{ChangeMembers, ServerState, SnapshotPolicy};
 use serde::{Deserialize, Serialize};
 
 use crate::batch::Batcher;
-use crate::error::{ErrorKind, NodeError, StartError};
+use crate::error::{NodeError, StartError};
 use crate::log_store::LogStore;
-use crate::network::{paths, NetworkFactory, PeerClient, TransportError};
+use crate::network::{NetworkFactory, PeerClient};
 use crate::state_machine::{SharedState, StateMachineStore};
 use crate::{Node, NodeId, Raft};
 
@@ -76,6 +76,9 @@ impl NodeConfig {
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum LeaderRequest {
     Write(Command),
+    /// Writes a follower forwards together ([`crate::forward`]; only to a leader that reads
+    /// [`crate::forward::FORWARD_BATCH_FORMAT`]), answered with [`LeaderResponse::Writes`].
+    Writes(Vec<Command>),
     /// The leader confirms its leadership with a quorum and returns the index a follower
     /// must have applied before it may serve a linearizable read (ReadIndex).
     ReadIndex,
@@ -94,14 +97,22 @@ pub enum LeaderRequest {
 
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub enum LeaderResponse {
-    Written { index: u64, response: Response },
+    Written {
+        index: u64,
+        response: Response,
+    },
     ReadIndex(u64),
-    Membership { index: u64 },
+    Membership {
+        index: u64,
+    },
     Status(ClusterStatus),
+    /// The answers to [`LeaderRequest::Writes`], in order.
+    Writes(Vec<Result<LeaderResponse, NodeError>>),
 }
 
 /// A failed attempt: retry (it certainly did not take effect) or give up with this error.
-enum Attempt {
+#[derive(Clone, Debug)]
+pub(crate) enum Attempt {
     Retry(String),
     Fail(NodeError),
 }
@@ -115,6 +126,7 @@ pub struct RaftNode {
     log: LogStore,
     sm: StateMachineStore,
     batcher: Batcher,
+    forwarder: crate::forward::Forwarder,
     request_timeout: Duration,
     /// Set while this leader hands leadership over (`drain.rs`): its requests wait.
     pub(crate) handing_over: std::sync::atomic::AtomicBool,
@@ -179,6 +191,7 @@ impl RaftNode {
         Ok(Arc::new(RaftNode {
             id: cfg.id,
             batcher: Batcher::start(raft.clone()),
+            forwarder: crate::forward::Forwarder::start(peers.clone(), raft.clone()),
             raft,
             state,
             peers,
@@ -241,6 +254,13 @@ impl RaftNode {
         let metrics = self.raft.metrics();
         let m = metrics.borrow();
         m.membership_config.membership().get_node(&leader).map(|n| n.addr.clone())
+    }
+
+    /// Writes this node forwarded to the leader in a request with others, and alone (for
+    /// metrics).
+    pub fn forwarded_writes(&self) -> (u64, u64) {
+        use std::sync::atomic::Ordering::Relaxed;
+        (self.forwarder.counts.together.load(Relaxed), self.forwarder.counts.alone.load(Relaxed))
     }
 
     /// Entries kept in the log, and the size of the snapshot on disk (for metrics).
@@ -364,7 +384,7 @@ impl RaftNode {
             let attempt = match self.current_leader() {
                 Some(leader) if leader == self.id => self.run_on_leader(req.clone(), deadline).await,
                 Some(leader) => match self.leader_addr(leader) {
-                    Some(addr) => self.forward(leader, &addr, &req, deadline).await,
+                    Some(addr) => self.forwarder.send(leader, &addr, &req, deadline).await,
                     None => Err(Attempt::Retry(format!(
                         "the leader, node {leader}, is not in this node's membership yet"
                     ))),
@@ -400,68 +420,23 @@ impl RaftNode {
         }
     }
 
-    /// Sends `req` to the leader. A request with no effect (a read index, a status) may
-    /// be sent again after any failure; a write only when it provably never reached the
-    /// leader's log (connection refused, or the peer said it is not the leader). While a
-    /// write is in flight, the election of another leader means the old one is cut off or
-    /// stopped: the write's fate is unknown and the caller hears so at once, instead of
-    /// waiting out the timeout.
-    async fn forward(
-        &self,
-        leader: NodeId,
-        addr: &str,
-        req: &LeaderRequest,
-        deadline: Instant,
-    ) -> Result<LeaderResponse, Attempt> {
-        let harmless = matches!(req, LeaderRequest::ReadIndex | LeaderRequest::Status);
-        let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
-        let call = self.peers.call::<_, Result<LeaderResponse, NodeError>>(addr, paths::LEADER, req, left);
-        let mut metrics = self.raft.metrics();
-        let replaced = metrics.wait_for(|m| m.current_leader.is_some() && m.current_leader != Some(leader));
-        let result = tokio::select! {
-            r = call => r,
-            Ok(_) = replaced => {
-                let now = self.current_leader().map_or("another node".to_string(), |l| format!("node {l}"));
-                tracing::info!(old = leader, new = %now, harmless, "leader replaced while a forwarded request was in flight");
-                if harmless {
-                    return Err(Attempt::Retry(format!("the leader changed from node {leader} to {now}")));
-                }
-                return Err(Attempt::Fail(NodeError::unavailable(format!(
-                    "The leader, node {leader}, stopped answering and {now} was elected meanwhile; the request may or may not have been applied."
-                ))));
-            }
-        };
-        match result {
-            Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) if e.kind == ErrorKind::Unavailable && e.message.starts_with(NOT_LEADER) => {
-                Err(Attempt::Retry(e.message))
-            }
-            Ok(Err(e)) if harmless && e.kind == ErrorKind::Unavailable => Err(Attempt::Retry(e.message)),
-            Ok(Err(e)) => Err(Attempt::Fail(e)),
-            Err(e @ TransportError::Connect { .. }) => {
-                tracing::debug!(error = %e, "leader {leader} refused the connection");
-                Err(Attempt::Retry(format!("the leader, node {leader}, could not be reached")))
-            }
-            Err(e) if harmless => {
-                tracing::debug!(error = %e, "read forwarded to leader {leader} failed");
-                Err(Attempt::Retry(format!("the leader, node {leader}, did not answer")))
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "request forwarded to leader {leader} failed");
-                Err(Attempt::Fail(NodeError::unavailable(format!(
-                    "Lost contact with the leader, node {leader}, during the request (or it did not answer within the request timeout of {} ms); it may or may not have been applied.",
-                    self.request_timeout.as_millis()
-                ))))
-            }
-        }
-    }
-
-    /// Entry point of `/raft/leader`: runs the request here, and only if this node leads.
+    /// Entry point of `/raft/leader`: runs the request here, and only if this node leads;
+    /// the writes a follower forwarded together each on its own, with its own answer.
     pub async fn handle_leader_request(&self, req: LeaderRequest) -> Result<LeaderResponse, NodeError> {
-        self.run_on_leader(req, Instant::now() + self.request_timeout).await.map_err(|a| match a {
-            Attempt::Retry(why) => NodeError::unavailable(why),
-            Attempt::Fail(e) => e,
-        })
+        let deadline = Instant::now() + self.request_timeout;
+        let on_leader = |req| async move {
+            self.run_on_leader(req, deadline).await.map_err(|a| match a {
+                Attempt::Retry(why) => NodeError::unavailable(why),
+                Attempt::Fail(e) => e,
+            })
+        };
+        match req {
+            LeaderRequest::Writes(cmds) => {
+                let each = cmds.into_iter().map(|cmd| on_leader(LeaderRequest::Write(cmd)));
+                Ok(LeaderResponse::Writes(futures::future::join_all(each).await))
+            }
+            req => on_leader(req).await,
+        }
     }
 
     async fn run_on_leader(&self, req: LeaderRequest, deadline: Instant) -> Result<LeaderResponse, Attempt> {
@@ -482,6 +457,9 @@ impl RaftNode {
                     }
                     None => Err(Attempt::Fail(NodeError::unavailable("This node is shutting down."))),
                 },
+                LeaderRequest::Writes(_) => Err(Attempt::Fail(NodeError::bad_request(
+                    "writes forwarded together are answered one by one",
+                ))),
                 LeaderRequest::ReadIndex => match self.batcher.read_index().await {
                     Some(r) => Ok(LeaderResponse::ReadIndex(r.map_err(read_err)?)),
                     None => Err(Attempt::Fail(NodeError::unavailable("This node is shutting down."))),
@@ -758,7 +736,7 @@ fn write_marker(marker: &std::path::Path, id: NodeId) -> std::io::Result<()> {
 }
 
 /// Prefix of the message a non-leader answers on `/raft/leader`, so the caller retries.
-const NOT_LEADER: &str = "not the leader";
+pub(crate) const NOT_LEADER: &str = "not the leader";
 
 /// Whether `m` shows this node leading with a quorum acknowledgement younger than `window`.
 fn quorum_fresh(m: &openraft::RaftMetrics<NodeId, Node>, id: NodeId, window: Duration) -> bool {
