@@ -80,12 +80,17 @@ impl Forwarder {
             if cmd.batchable() && self.peers.read_by(FORWARD_BATCH_FORMAT, std::iter::once(addr)) {
                 let (reply, rx) = oneshot::channel();
                 let queued = Queued { leader, addr: addr.to_string(), cmd: cmd.clone(), deadline, reply };
-                if self.writes.send(queued).is_ok() {
-                    if let Ok(r) = rx.await {
-                        return r;
-                    }
+                if self.writes.send(queued).is_err() {
+                    return Err(Attempt::Fail(NodeError::unavailable("This node is shutting down.")));
                 }
-                return Err(Attempt::Fail(NodeError::unavailable("This node is shutting down.")));
+                return match tokio::time::timeout_at(deadline.into(), rx).await {
+                    Ok(Ok(r)) => r,
+                    Ok(Err(_)) => Err(Attempt::Fail(NodeError::unavailable("This node is shutting down."))),
+                    // Sent with others or not (a write whose caller is gone is not sent).
+                    Err(_) => Err(Attempt::Fail(NodeError::unavailable(format!(
+                        "The leader, node {leader}, did not answer within the request timeout; the request may or may not have been applied."
+                    )))),
+                };
             }
         }
         if matches!(req, LeaderRequest::Write(_)) {
@@ -124,18 +129,29 @@ async fn write_loop(
             }
             batch.push(next);
         }
-        let (peers, raft) = (peers.clone(), raft.clone());
-        let form = if batch.len() == 1 { &counts.alone } else { &counts.together };
-        form.fetch_add(batch.len() as u64, Ordering::Relaxed);
+        let (peers, raft, counts) = (peers.clone(), raft.clone(), counts.clone());
         tokio::spawn(async move {
-            send_writes(&peers, &raft, batch).await;
+            send_writes(&peers, &raft, batch, &counts).await;
             drop(slot);
         });
     }
 }
 
-/// Sends `batch` (writes to one leader) as one request, alone as a plain write.
-async fn send_writes(peers: &PeerClient, raft: &Raft, mut batch: Vec<Queued>) {
+/// Sends `batch` (writes to one leader) as one request, alone as a plain write. A write
+/// whose caller stopped waiting is not sent; one past its deadline is answered, unsent,
+/// with a retry (which finds the deadline passed: nothing was applied).
+async fn send_writes(peers: &PeerClient, raft: &Raft, batch: Vec<Queued>, counts: &Counts) {
+    let now = Instant::now();
+    let (mut batch, expired): (Vec<Queued>, Vec<Queued>) =
+        batch.into_iter().filter(|q| !q.reply.is_closed()).partition(|q| q.deadline > now);
+    for q in expired {
+        let _ = q.reply.send(Err(Attempt::Retry("the request timeout passed before it was sent".into())));
+    }
+    if batch.is_empty() {
+        return;
+    }
+    let form = if batch.len() == 1 { &counts.alone } else { &counts.together };
+    form.fetch_add(batch.len() as u64, Ordering::Relaxed);
     let (leader, addr) = (batch[0].leader, batch[0].addr.clone());
     let deadline = batch.iter().map(|q| q.deadline).min().expect("a batch is never empty");
     if batch.len() == 1 {
@@ -192,6 +208,10 @@ async fn send(
     deadline: Instant,
     harmless: bool,
 ) -> Result<Result<LeaderResponse, NodeError>, Attempt> {
+    if let Some(now) = raft.metrics().borrow().current_leader.filter(|l| *l != leader) {
+        // Learned before sending (a write queued for the old leader): nothing was sent.
+        return Err(Attempt::Retry(format!("the leader changed from node {leader} to node {now}")));
+    }
     let left = deadline.saturating_duration_since(Instant::now()).max(Duration::from_millis(10));
     let call = peers.call::<_, Result<LeaderResponse, NodeError>>(addr, paths::LEADER, req, left);
     let mut metrics = raft.metrics();

@@ -121,11 +121,19 @@ pub async fn run(
     let mut settled: HashMap<String, u64> = HashMap::new();
     let mut full = true;
     let mut last_prune = tokio::time::Instant::now();
+    let mut term = None;
     loop {
         let leader = node.is_leader();
         if leader != was_leader {
             tracing::info!(leader, "scheduler {}", if leader { "active" } else { "idle" });
             was_leader = leader;
+        }
+        // A new term may follow a snapshot installed meanwhile, which restarts the replica's
+        // bookkeeping the fingerprints read: start over.
+        let now_term = node.leadership().map(|d| d.term);
+        if now_term != term {
+            settled.clear();
+            term = now_term;
         }
         if leader {
             if full {

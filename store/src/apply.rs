@@ -543,6 +543,7 @@ impl State {
                 .to_lowercase(),
             );
         }
+        self.keep_active_counts();
         let et = self.executor_tasks.get_mut(id).expect("looked up at the top of this function");
         et.status = status.clone();
         et.revision = index;
@@ -653,12 +654,18 @@ impl State {
         steps: Vec<usize>,
         decided_by: Option<Decider>,
     ) -> Response {
+        self.keep_active_counts();
         for (spec, steps) in changes.create.iter().zip(steps) {
             let id = executor_task_id(run_id, &spec.task_name);
             let status = ExecutorTaskStatus::new(steps);
             let spec = ExecutorTaskSpec { decided_by, ..spec.clone() };
             let executor_id = spec.executor_id.clone();
-            self.executor_tasks.insert(id.clone(), ExecutorTask { id, spec, status, revision: index });
+            let replaced =
+                self.executor_tasks.insert(id.clone(), ExecutorTask { id, spec, status, revision: index });
+            // (Only an update naming one task twice replaces a task it creates.)
+            if let Some(old) = replaced.filter(|old| !old.status.phase.is_final()) {
+                self.count_active_task(&old.spec.executor_id, false);
+            }
             self.count_active_task(&executor_id, true);
             self.touch_executor(&executor_id, index);
         }
@@ -1098,6 +1105,50 @@ mod tests {
         assert_eq!(s.run_tasks_revision(&run_id), 7, "a removal");
         s.apply(8, &update(&s, RunPhase::Cancelled, vec![], vec![], vec![]));
         assert!(s.run_tasks_touched.0.is_empty(), "kept for active runs only");
+    }
+
+    /// The counts a replica keeps equal those of its executor tasks, even for an update
+    /// that names one task twice (the second replaces the first) and after a restart.
+    #[test]
+    fn kept_active_task_counts_follow_a_task_created_twice_in_one_update() {
+        let mut s = State::default();
+        let create = Box::new(crate::run::RunCreate::new(
+            "r",
+            "/p",
+            vec![crate::run::TaskConfig::new("a", "i", "true")],
+        ));
+        let Response::RunCreated { run_id } = s.apply(1, &Command::CreateRun { create, now_ms: 0 }) else {
+            panic!()
+        };
+        for (i, e) in ["e1", "e2"].into_iter().enumerate() {
+            s.apply(
+                2 + i as u64,
+                &Command::PutExecutor { id: e.into(), info: Default::default(), now_ms: 0 },
+            );
+        }
+        let spec = |e: &str| ExecutorTaskSpec {
+            run_id: run_id.clone(),
+            task_name: "a".into(),
+            executor_id: e.into(),
+            stop: false,
+            generation: 0,
+            decided_by: None,
+        };
+        let run = s.runs[&run_id].clone();
+        let update = RunUpdate {
+            prev_revision: run.revision,
+            run,
+            create_tasks: vec![spec("e1"), spec("e2")],
+            stop_tasks: vec![],
+            delete_tasks: vec![],
+            decided_by: None,
+        };
+        assert_eq!(s.apply(4, &Command::UpdateRun(Box::new(update))), Response::Done { revision: 4 });
+        assert_eq!(*s.active_task_counts(), BTreeMap::from([("e2".to_string(), 1)]));
+        assert_eq!(*s.active_task_counts(), s.count_active_tasks());
+        let restored: State = rmp_serde::from_slice(&rmp_serde::to_vec_named(&s).unwrap()).unwrap();
+        assert!(restored.active_counts.0.is_none(), "not serialized: counted again");
+        assert_eq!(*restored.active_task_counts(), *s.active_task_counts());
     }
 
     #[test]

@@ -130,13 +130,17 @@ impl State {
         counts
     }
 
-    /// Records, after the change, that an executor task of `executor_id` began (`true`) or
-    /// ended or went away while active (`false`).
-    pub(crate) fn count_active_task(&mut self, executor_id: &str, began: bool) {
-        let Some(counts) = &mut self.active_counts.0 else {
+    /// Counts the active tasks if they are not kept yet: before the executor tasks change.
+    pub(crate) fn keep_active_counts(&mut self) {
+        if self.active_counts.0.is_none() {
             self.active_counts.0 = Some(self.count_active_tasks());
-            return;
-        };
+        }
+    }
+
+    /// Records that an executor task of `executor_id` began (`true`) or ended or went away
+    /// while active (`false`); kept counts only ([`State::keep_active_counts`] first).
+    pub(crate) fn count_active_task(&mut self, executor_id: &str, began: bool) {
+        let Some(counts) = &mut self.active_counts.0 else { return };
         match (counts.get_mut(executor_id), began) {
             (Some(n), true) => *n += 1,
             (None, true) => {
