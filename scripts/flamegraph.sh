@@ -12,7 +12,7 @@ what="${1:-}"; out="${2:-docs/flamegraph-$what.svg}"
 case "$what" in
   writes) args=(--only kv --clients 64); export FLOTILLA_BENCH_KV_WRITES_ONLY=1; secs=10
           title="flotilla: 3 server processes under 64 clients of durable kv writes";;
-  scheduler) args=(--only scheduler); secs=6
+  scheduler) args=(--only scheduler); secs=2
           title="flotilla: 3 server processes under the scheduler benchmark (simulated executors)";;
   *) echo "usage: scripts/flamegraph.sh writes|scheduler [OUT.svg]" >&2; exit 2;;
 esac
@@ -37,7 +37,8 @@ done
 [ -n "$pids" ] || { cat "$work/bench.log" >&2; echo "error: no benchmark servers appeared" >&2; exit 1; }
 sleep 1.5 # bootstrap and the first writes
 echo "== perf on server processes $pids for $secs s"
-perf record -q -F 199 --call-graph dwarf,16384 -p "$pids" -o "$work/perf.data" -- sleep "$secs" 2>/dev/null
+# perf stops early (non-zero) if the load ends first: what it recorded is kept.
+perf record -q -F 199 --call-graph dwarf,16384 -p "$pids" -o "$work/perf.data" -- sleep "$secs" 2>/dev/null || true
 wait "$bench"; bench=""
 perf script -i "$work/perf.data" 2>/dev/null | inferno-collapse-perf --pid >"$work/folded"
 inferno-flamegraph --title "$title" --width 1600 <"$work/folded" >"$out"
