@@ -10,7 +10,7 @@ use crate::executor::{
     executor_task_id, validate_status, Decider, Executor, ExecutorTask, ExecutorTaskSpec, ExecutorTaskStatus,
 };
 use crate::limits::{IDEMPOTENCY_TTL_MS, MAX_EXECUTORS, MAX_IDEMPOTENCY_KEYS, MAX_MAP_ENTRIES};
-use crate::run::{approvers, new_run, root_group_of, Run, RunPhase, APPROVER_PREFIX};
+use crate::run::{approvers, new_run, root_group_of, Run, RunPhase, TaskStatus, APPROVER_PREFIX};
 use crate::state::{IdempotencyEntry, KvEntry, Sha256, SharedKey, State};
 
 /// A run update decided by another leader or term than the one whose entry carries it.
@@ -38,21 +38,21 @@ struct RunChanges<'a> {
 /// The scheduler moves runs and tasks forward only: a run or task in a final phase keeps
 /// it (a restart is a new run). Checked in debug builds, where the property tests of the
 /// scheduler drive thousands of rounds through here.
-pub(crate) fn debug_assert_forward(cur: &Run, run: &Run) {
-    debug_assert!(
-        !cur.phase.is_final() || run.phase == cur.phase,
-        "run {} left its final phase: {:?} -> {:?}",
-        cur.id,
-        cur.phase,
-        run.phase
-    );
-    debug_assert!(
-        cur.tasks
-            .iter()
-            .all(|(name, t)| !t.status.is_final() || run.tasks.get(name).map(|t| t.status) == Some(t.status)),
-        "a task of run {} left its final status",
-        cur.id
-    );
+fn debug_assert_forward(cur: &Run, run: &Run) {
+    debug_assert_run_forward(&cur.id, cur.phase, run.phase);
+    for (name, t) in &cur.tasks {
+        debug_assert_task_forward(&cur.id, t.status, run.tasks.get(name).map(|t| t.status));
+    }
+}
+
+/// [`debug_assert_forward`] for the run's phase alone.
+pub(crate) fn debug_assert_run_forward(run_id: &str, from: RunPhase, to: RunPhase) {
+    debug_assert!(!from.is_final() || to == from, "run {run_id} left its final phase: {from:?} -> {to:?}");
+}
+
+/// [`debug_assert_forward`] for one task's status (`None`: the task is gone).
+pub(crate) fn debug_assert_task_forward(run_id: &str, from: TaskStatus, to: Option<TaskStatus>) {
+    debug_assert!(!from.is_final() || to == Some(from), "a task of run {run_id} left its final status");
 }
 
 fn missing(what: impl Into<String>) -> Response {

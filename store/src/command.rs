@@ -212,13 +212,7 @@ impl RunPatch {
     /// events [`Event::diff`] gives for the two versions, in the same order.
     pub fn apply_to(&self, index: u64, run: &mut Run, events: &mut Vec<Event>) {
         let before = (run.phase, run.result);
-        debug_assert!(
-            !run.phase.is_final() || self.phase == run.phase,
-            "run {} left its final phase: {:?} -> {:?}",
-            run.id,
-            run.phase,
-            self.phase
-        );
+        crate::apply::debug_assert_run_forward(&run.id, run.phase, self.phase);
         run.phase = self.phase;
         run.result = self.result;
         run.stop = self.stop;
@@ -230,11 +224,7 @@ impl RunPatch {
         let mut moved = Vec::new();
         for (name, task) in &self.tasks {
             let Some(t) = run.tasks.get_mut(name) else { continue };
-            debug_assert!(
-                !t.status.is_final() || task.status == t.status,
-                "a task of run {} left its final status",
-                run.id
-            );
+            crate::apply::debug_assert_task_forward(&run.id, t.status, Some(task.status));
             if t.status != task.status {
                 moved.push(name);
             }
