@@ -52,7 +52,7 @@ impl Batcher {
     /// Proposes `cmd` (alone or with others) and returns its entry's index and its response.
     pub async fn write(&self, cmd: Command) -> Option<WriteResult> {
         let size = if cmd.batchable() {
-            rmp_serde::encode::to_vec_named(&cmd).map_or(MAX_BATCH_BYTES, |b| b.len())
+            crate::codec::encoded_len(&cmd).unwrap_or(MAX_BATCH_BYTES)
         } else {
             MAX_BATCH_BYTES
         };

@@ -9,6 +9,23 @@ pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, rmp_serde::encode::
     rmp_serde::to_vec_named(v)
 }
 
+/// The length of `v`'s encoding, counted as it is written out, never held.
+pub(crate) fn encoded_len<T: Serialize>(v: &T) -> Result<usize, rmp_serde::encode::Error> {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    rmp_serde::encode::write_named(&mut count, v)?;
+    Ok(count.0)
+}
+
 pub(crate) fn decode<T: DeserializeOwned>(bytes: &[u8]) -> Result<T, rmp_serde::decode::Error> {
     rmp_serde::from_slice(bytes)
 }
@@ -31,5 +48,14 @@ mod tests {
         assert_eq!(shared, encode(&cmd).unwrap());
         let back: Arc<Command> = decode(&encode(&cmd).unwrap()).unwrap();
         assert_eq!(encode(&*back).unwrap(), shared);
+    }
+
+    #[test]
+    fn the_counted_length_is_the_encoding_s() {
+        let cmd = Command::KvPut { key: "k".repeat(300), value: "v".repeat(70_000), prev_revision: Some(3) };
+        let batch = Command::Batch(vec![cmd.clone(), cmd.clone()]);
+        for c in [&cmd, &batch] {
+            assert_eq!(encoded_len(c).unwrap(), encode(c).unwrap().len());
+        }
     }
 }

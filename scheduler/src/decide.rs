@@ -1,10 +1,11 @@
 //! Scheduling decisions as pure functions of the replicated state and the time.
 //!
-//! [`decide_run`] takes the current run, copies it, and makes every decision by reading
-//! the *task statuses the pass began with* (never the half-updated result), so neither
-//! map order nor the order of tasks can change which status a task gets. Passes repeat until nothing
-//! changes, so one round settles everything the current state allows (a skipped task
-//! skips its own children in the same round) and the run is written once.
+//! [`decide_run`] reads the stored run (copying only the tasks it changes) and makes every
+//! decision by reading the *task statuses the pass began with* (never the half-updated
+//! result), so neither map order nor the order of tasks can change which status a task
+//! gets. Passes repeat until nothing changes, so one round settles everything the current
+//! state allows (a skipped task skips its own children in the same round) and the run is
+//! written once, as a patch of what changed.
 //!
 //! [`run_fingerprint`] sums up what a run's decision reads, so that the loop can skip the
 //! runs it already found nothing to do for (most of them, under load) until their inputs
@@ -16,9 +17,9 @@ use std::hash::{DefaultHasher, Hash, Hasher};
 use flotilla_store::executor::{executor_task_id, ExecutorTask, ExecutorTaskSpec, ExecutorTaskStatus};
 use flotilla_store::limits::TASK_TIMEOUT_GRACE_MS;
 use flotilla_store::run::{
-    approvers, Phase, RunPhase, RunResult, RunTask, TaskConfig, TaskStatus, REASON_TIMEOUT,
+    approvers, Phase, Run, RunPhase, RunResult, RunTask, TaskConfig, TaskStatus, REASON_TIMEOUT,
 };
-use flotilla_store::{RunUpdate, State};
+use flotilla_store::{RunPatch, State};
 
 #[derive(Clone, Debug)]
 pub struct Settings {
@@ -97,28 +98,28 @@ pub fn run_fingerprint(state: &State, run_id: &str, executors: u64) -> Option<u6
     Some(h.finish())
 }
 
-/// What one round decides for one run, or `None` when nothing is to change. `active` is
-/// the executors' load, updated with the tasks handed out here so that several runs
-/// decided in one round share it.
+/// What one round decides for one run, as a patch of it, or `None` when nothing is to
+/// change. `active` is the executors' load, updated with the tasks handed out here so
+/// that several runs decided in one round share it.
 pub fn decide_run(
     state: &State,
     run_id: &str,
     now_ms: u64,
     settings: &Settings,
     active: &mut BTreeMap<String, u32>,
-) -> Option<RunUpdate> {
+) -> Option<RunPatch> {
     let cur = state.runs.get(run_id)?;
     let config = state.run_configs.get(run_id)?;
-    let mut run = cur.clone();
+    let mut run = Draft::new(cur);
     let mut create_tasks = Vec::new();
     let mut stop_tasks = Vec::new();
     let mut delete_tasks = Vec::new();
     let etasks: Vec<&ExecutorTask> = run_executor_tasks(state, run_id).collect();
 
     if run.phase == RunPhase::Queued {
-        if run.stop {
-            for rt in run.tasks.values_mut().filter(|rt| !rt.status.is_final()) {
-                rt.status = TaskStatus::Cancelled;
+        if cur.stop {
+            for name in cur.tasks.iter().filter(|(_, rt)| !rt.status.is_final()).map(|(n, _)| n) {
+                run.task_mut(name).expect("a task of the run").status = TaskStatus::Cancelled;
             }
             run.phase = RunPhase::Cancelled;
             run.result = RunResult::Stopped;
@@ -134,7 +135,8 @@ pub fn decide_run(
     // Executor tasks still alive after this round, by task name.
     let mut assigned: BTreeSet<String> = BTreeSet::new();
     for et in &etasks {
-        let Some(rt) = run.tasks.get_mut(&et.spec.task_name) else { continue };
+        let name = et.spec.task_name.as_str();
+        let Some(stored) = run.task(name) else { continue };
         let ended = et.status.phase.is_final();
         if run.phase != RunPhase::Running {
             // Leftovers of an ended run: stop what runs, drop what ended.
@@ -146,16 +148,27 @@ pub fn decide_run(
             continue;
         }
         if !ended && !state.executors.contains_key(&et.spec.executor_id) {
+            let rt = run.task_mut(name).expect("checked");
             fail_task(rt, format!("executor {:?} is gone", et.spec.executor_id), now_ms);
             delete_tasks.push(et.id.clone());
             continue;
         }
-        copy_status(rt, &et.status);
+        // Most reports were copied in an earlier round: the task is copied only to change.
+        if copy_changes(stored, &et.status) {
+            copy_status(run.task_mut(name).expect("checked"), &et.status);
+        } else {
+            debug_assert!({
+                let mut copied = stored.clone();
+                copy_status(&mut copied, &et.status);
+                copied == *stored
+            });
+        }
         if !ended {
-            let timeout_s = config.task(&et.spec.task_name).and_then(|t| t.timeout_s);
-            if let Some(why) = past_timeout(rt, timeout_s, now_ms) {
+            let timeout_s = config.task(name).and_then(|t| t.timeout_s);
+            if let Some(why) = past_timeout(run.task(name).expect("checked"), timeout_s, now_ms) {
                 // The executor did not end it in time (partitioned, hung): the run moves on
                 // and the executor, no longer finding the task, stops its containers.
+                let rt = run.task_mut(name).expect("checked");
                 fail_task(rt, why, now_ms);
                 mark_timeout(rt, now_ms);
                 delete_tasks.push(et.id.clone());
@@ -166,7 +179,7 @@ pub fn decide_run(
             delete_tasks.push(et.id.clone());
         } else {
             assigned.insert(et.spec.task_name.clone());
-            if run.stop && !et.spec.stop {
+            if cur.stop && !et.spec.stop {
                 stop_tasks.push(et.id.clone());
             }
         }
@@ -180,7 +193,7 @@ pub fn decide_run(
             let statuses: BTreeMap<&str, TaskStatus> = config
                 .tasks
                 .iter()
-                .filter_map(|t| Some((t.name.as_str(), run.tasks.get(&t.name)?.status)))
+                .filter_map(|t| Some((t.name.as_str(), run.task(&t.name)?.status)))
                 .collect();
             let mut changed = false;
             for task in &config.tasks {
@@ -188,18 +201,21 @@ pub fn decide_run(
                 if statuses.get(name.as_str()) != Some(&TaskStatus::Notstarted) || assigned.contains(name) {
                     continue;
                 }
-                let rt = run.tasks.get_mut(name).expect("a run has a status for each configured task");
+                let parents: Option<Vec<TaskStatus>> = task
+                    .depends
+                    .iter()
+                    .map(|d| statuses.get(d.task.as_str()).copied().filter(|s| s.is_final()))
+                    .collect();
+                if parents.is_none() && !cur.stop {
+                    continue; // waits for a parent to end, untouched
+                }
+                let rt = run.task_mut(name).expect("a run has a status for each configured task");
                 let before = rt.clone();
                 'decide: {
-                    if run.stop {
+                    if cur.stop {
                         rt.status = TaskStatus::Cancelled;
                         break 'decide;
                     }
-                    let parents: Option<Vec<TaskStatus>> = task
-                        .depends
-                        .iter()
-                        .map(|d| statuses.get(d.task.as_str()).copied().filter(|s| s.is_final()))
-                        .collect();
                     let Some(parents) = parents else { break 'decide };
                     if !task.depends.iter().zip(&parents).all(|(d, s)| d.satisfied_by(*s)) {
                         rt.status = TaskStatus::Skipped;
@@ -226,7 +242,7 @@ pub fn decide_run(
                             rt.executor_id = Some(executor_id.clone());
                             assigned.insert(name.clone());
                             create_tasks.push(ExecutorTaskSpec {
-                                run_id: run.id.clone(),
+                                run_id: cur.id.clone(),
                                 task_name: name.clone(),
                                 executor_id,
                                 stop: false,
@@ -242,35 +258,94 @@ pub fn decide_run(
                 break;
             }
         }
-        if assigned.is_empty() && run.tasks.values().all(|t| t.status.is_final()) {
-            run.phase = RunPhase::Finished;
-            run.end_time = Some(now_ms);
+        let statuses = || cur.tasks.keys().filter_map(|n| Some((n, run.task(n)?.status)));
+        if assigned.is_empty() && statuses().all(|(_, s)| s.is_final()) {
             // A failure the task's configuration ignores does not fail the run.
             let counts = |name: &String| config.task(name).is_none_or(|t| !t.ignore_failure);
-            run.result = if run.tasks.iter().any(|(n, t)| t.status == TaskStatus::Failed && counts(n)) {
+            let result = if statuses().any(|(n, s)| s == TaskStatus::Failed && counts(n)) {
                 RunResult::Failed
-            } else if run.stop || run.tasks.values().any(|t| t.status == TaskStatus::Stopped) {
+            } else if cur.stop || statuses().any(|(_, s)| s == TaskStatus::Stopped) {
                 RunResult::Stopped
             } else {
                 RunResult::Success
             };
+            run.phase = RunPhase::Finished;
+            run.end_time = Some(now_ms);
+            run.result = result;
         }
     }
 
-    if run == *cur && create_tasks.is_empty() && stop_tasks.is_empty() && delete_tasks.is_empty() {
+    let tasks = run.changed_tasks();
+    let Draft { phase, result, start_time, end_time, .. } = run;
+    let same = (phase, result, start_time, end_time) == (cur.phase, cur.result, cur.start_time, cur.end_time);
+    if same && tasks.is_empty() && create_tasks.is_empty() && stop_tasks.is_empty() && delete_tasks.is_empty()
+    {
         return None;
     }
     debug_assert!(create_tasks
         .iter()
         .all(|s| !state.executor_tasks.contains_key(&executor_task_id(run_id, &s.task_name))));
-    Some(RunUpdate {
+    Some(RunPatch {
+        run_id: cur.id.clone(),
         prev_revision: cur.revision,
-        run,
+        phase,
+        result,
+        stop: cur.stop,
+        setup_errors: cur.setup_errors.clone(),
+        enqueue_time: cur.enqueue_time,
+        start_time,
+        end_time,
+        tasks,
         create_tasks,
         stop_tasks,
         delete_tasks,
         decided_by: None,
     })
+}
+
+/// A run as a round changes it: what a decision can change of the stored run, and a copy
+/// of each task it touched (the rest is read from the stored run, never copied).
+struct Draft<'a> {
+    cur: &'a Run,
+    phase: RunPhase,
+    result: RunResult,
+    start_time: Option<u64>,
+    end_time: Option<u64>,
+    tasks: BTreeMap<String, RunTask>,
+}
+
+impl<'a> Draft<'a> {
+    fn new(cur: &'a Run) -> Draft<'a> {
+        Draft {
+            cur,
+            phase: cur.phase,
+            result: cur.result,
+            start_time: cur.start_time,
+            end_time: cur.end_time,
+            tasks: BTreeMap::new(),
+        }
+    }
+
+    fn task(&self, name: &str) -> Option<&RunTask> {
+        self.tasks.get(name).or_else(|| self.cur.tasks.get(name))
+    }
+
+    /// The task to change, copied from the stored run on first touch.
+    fn task_mut(&mut self, name: &str) -> Option<&mut RunTask> {
+        if !self.tasks.contains_key(name) {
+            let stored = self.cur.tasks.get(name)?.clone();
+            self.tasks.insert(name.to_string(), stored);
+        }
+        self.tasks.get_mut(name)
+    }
+
+    /// The touched tasks that differ from the stored ones: what the patch carries.
+    fn changed_tasks(&mut self) -> BTreeMap<String, RunTask> {
+        let cur = self.cur;
+        let mut tasks = std::mem::take(&mut self.tasks);
+        tasks.retain(|name, t| cur.tasks.get(name) != Some(t));
+        tasks
+    }
 }
 
 enum Choice {
@@ -313,16 +388,36 @@ fn choose_executor(
         .map_or(Choice::Wait, |(_, e)| Choice::Executor(e.id.clone()))
 }
 
-/// Copies what the executor reported into the run task.
-fn copy_status(rt: &mut RunTask, s: &ExecutorTaskStatus) {
-    rt.status = match s.phase {
+/// The run task status an executor task's phase stands for.
+fn task_status(phase: Phase) -> TaskStatus {
+    match phase {
         Phase::Notstarted => TaskStatus::Notstarted,
         Phase::Running => TaskStatus::Running,
         Phase::Cancelled => TaskStatus::Cancelled,
         Phase::Stopped => TaskStatus::Stopped,
         Phase::Success => TaskStatus::Success,
         Phase::Failed => TaskStatus::Failed,
+    }
+}
+
+/// Whether [`copy_status`] would change `rt`: field by field as it copies them.
+fn copy_changes(rt: &RunTask, s: &ExecutorTaskStatus) -> bool {
+    let error = match (&s.error, &s.setup_error) {
+        (Some(e), _) => rt.error.as_ref() != Some(e),
+        (None, Some(e)) => rt.error.as_deref().and_then(|r| r.strip_prefix("setup failed: ")) != Some(e),
+        (None, None) => false,
     };
+    rt.status != task_status(s.phase)
+        || rt.setup_step != s.setup_step
+        || (s.steps.len() == rt.steps.len() && rt.steps != s.steps)
+        || rt.start_time != s.start_time
+        || rt.end_time != s.end_time
+        || error
+}
+
+/// Copies what the executor reported into the run task.
+fn copy_status(rt: &mut RunTask, s: &ExecutorTaskStatus) {
+    rt.status = task_status(s.phase);
     rt.setup_step = s.setup_step.clone();
     if s.steps.len() == rt.steps.len() {
         rt.steps = s.steps.clone();
@@ -373,7 +468,7 @@ fn fail_task(rt: &mut RunTask, why: String, now_ms: u64) {
 /// of `group.rs`: the updates to apply. Checks that the skipping is sound: a skipped run
 /// really had nothing to do (else a waiting run could starve).
 #[cfg(test)]
-pub(crate) fn checked_round(state: &State, now: u64, settled: &mut BTreeMap<String, u64>) -> Vec<RunUpdate> {
+pub(crate) fn checked_round(state: &State, now: u64, settled: &mut BTreeMap<String, u64>) -> Vec<RunPatch> {
     let settings = Settings::default();
     let mut active = active_counts(state);
     let executors = executors_fingerprint(state, &active, now, &settings);
@@ -448,7 +543,7 @@ mod tests {
             crate::check_kept_counts(&self.state);
             r
         }
-        fn apply_update(&mut self, u: flotilla_store::RunUpdate) -> Response {
+        fn apply_update(&mut self, u: RunPatch) -> Response {
             self.index += 1;
             crate::apply_as_proposed(&mut self.state, self.index, u)
         }
@@ -703,6 +798,49 @@ mod tests {
     }
 
     #[test]
+    fn a_report_is_copied_only_when_copying_changes_the_task() {
+        let mut sim = Sim::new();
+        let run = sim.create(create(vec![task("t", vec![])]));
+        let stored = sim.state.runs[&run].tasks["t"].clone();
+        let base = ExecutorTaskStatus::new(stored.steps.len());
+        let mut copied = stored.clone();
+        copy_status(&mut copied, &base);
+        let step = |phase| flotilla_store::run::StepStatus { phase, ..Default::default() };
+        type Change = Box<dyn Fn(&mut ExecutorTaskStatus)>;
+        let changes: Vec<Change> = vec![
+            Box::new(|_| {}),
+            Box::new(|s| s.phase = Phase::Running),
+            Box::new(move |s| s.setup_step = step(Phase::Running)),
+            Box::new(move |s| s.steps[0] = step(Phase::Failed)),
+            Box::new(move |s| s.steps.push(step(Phase::Failed))), // another length: not copied
+            Box::new(|s| s.start_time = Some(5)),
+            Box::new(|s| s.end_time = Some(6)),
+            Box::new(|s| s.error = Some("boom".into())),
+            Box::new(|s| s.setup_error = Some("no image".into())),
+            Box::new(|s| {
+                s.setup_error = Some("no image".into());
+                s.error = Some("boom".into());
+            }),
+        ];
+        for rt in [stored.clone(), copied] {
+            for error in [None, Some("boom"), Some("setup failed: no image"), Some("other")] {
+                let rt = RunTask { error: error.map(String::from), ..rt.clone() };
+                for (i, change) in changes.iter().enumerate() {
+                    let mut s = base.clone();
+                    change(&mut s);
+                    let mut after = rt.clone();
+                    copy_status(&mut after, &s);
+                    assert_eq!(
+                        copy_changes(&rt, &s),
+                        after != rt,
+                        "change {i} on a task with error {error:?}"
+                    );
+                }
+            }
+        }
+    }
+
+    #[test]
     fn the_scheduler_fails_a_task_its_executor_did_not_end_after_its_timeout() {
         let mut sim = Sim::new();
         sim.apply(Command::PutExecutor { id: "e1".into(), info: executor(0, false), now_ms: NOW });
@@ -722,18 +860,18 @@ mod tests {
         let mut active = active_counts(&sim.state);
         let just_in = NOW + 3_000 + TASK_TIMEOUT_GRACE_MS;
         let u = decide_run(&sim.state, &run, just_in, &settings, &mut active).expect("status copied");
-        assert_eq!(u.run.tasks["slow"].status, TaskStatus::Running);
+        assert_eq!(u.tasks["slow"].status, TaskStatus::Running);
         assert!(u.delete_tasks.is_empty());
         // Past it: failed in the run, its executor task dropped (the executor stops it).
         let late = just_in + 1;
         let u = decide_run(&sim.state, &run, late, &settings, &mut active).expect("a decision");
-        let slow = &u.run.tasks["slow"];
+        let slow = &u.tasks["slow"];
         assert_eq!(slow.status, TaskStatus::Failed);
         assert_eq!(slow.error.as_deref(), Some("timed out after 3 s"));
         assert_eq!(slow.steps[0].phase, Phase::Failed);
         assert_eq!(slow.steps[0].reason.as_deref(), Some(REASON_TIMEOUT));
         assert_eq!(u.delete_tasks, vec![et.id.clone()]);
-        let r = sim.apply(Command::UpdateRun(Box::new(u)));
+        let r = sim.apply(Command::PatchRun(Box::new(u)));
         assert!(matches!(r, Response::Done { .. }), "{r:?}");
         sim.settle(&outcome_fails(&[]));
         assert_eq!(sim.status(&run, "slow"), TaskStatus::Failed);

@@ -77,7 +77,7 @@ mod tests {
             crate::check_kept_counts(&self.state);
             r
         }
-        fn apply_update(&mut self, u: flotilla_store::RunUpdate) -> Response {
+        fn apply_update(&mut self, u: flotilla_store::RunPatch) -> Response {
             self.index += 1;
             crate::apply_as_proposed(&mut self.state, self.index, u)
         }

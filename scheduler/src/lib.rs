@@ -27,7 +27,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use flotilla_raft::RaftNode;
 use flotilla_store::executor::Decider;
-use flotilla_store::{Command, CommandError, Response, RunUpdate};
+use flotilla_store::{Command, CommandError, Response, RunPatch};
 use tokio::sync::watch;
 
 pub use decide::Settings;
@@ -216,32 +216,26 @@ async fn round(
 /// The log format from which nodes read [`Command::PatchRun`].
 const PATCH_RUN_FORMAT: u32 = 2;
 
-/// The command that proposes `update`: as a patch of the run it was decided from when
-/// `patches` (every member reads them), else whole.
-fn run_command(state: &flotilla_store::State, update: RunUpdate, patches: bool) -> Command {
-    let Some(cur) = state.runs.get(&update.run.id).filter(|_| patches) else {
-        return Command::UpdateRun(Box::new(update));
-    };
-    match Box::new(update).into_patch(cur) {
-        Ok(patch) => Command::PatchRun(patch),
-        Err(update) => Command::UpdateRun(update),
+/// The command that proposes `patch`: as is when `patches` (every member reads them),
+/// else as the whole update it stands for.
+fn run_command(state: &flotilla_store::State, patch: RunPatch, patches: bool) -> Command {
+    match state.runs.get(&patch.run_id).filter(|_| !patches) {
+        Some(cur) => Command::UpdateRun(Box::new(patch.into_update(cur))),
+        None => Command::PatchRun(Box::new(patch)),
     }
 }
 
-/// For the scheduler's tests: applies `update` at `index` as the loop proposes it (a patch
-/// of the run), checking that the whole update would have made the same state, answer
-/// and events.
+/// For the scheduler's tests: applies `patch` at `index` as the loop proposes it, checking
+/// that the whole update it stands for (what goes to older members) would have made the
+/// same state, answer and events.
 #[cfg(test)]
-pub(crate) fn apply_as_proposed(
-    state: &mut flotilla_store::State,
-    index: u64,
-    update: RunUpdate,
-) -> Response {
+pub(crate) fn apply_as_proposed(state: &mut flotilla_store::State, index: u64, patch: RunPatch) -> Response {
     let mut whole = state.clone();
     let (mut expected_events, mut events) = (Vec::new(), Vec::new());
-    let expected =
-        whole.apply_with_events(index, &Command::UpdateRun(Box::new(update.clone())), &mut expected_events);
-    let cmd = run_command(state, update, true);
+    let update = run_command(state, patch.clone(), false);
+    assert!(matches!(update, Command::UpdateRun(_)), "the whole update of a stored run");
+    let expected = whole.apply_with_events(index, &update, &mut expected_events);
+    let cmd = run_command(state, patch, true);
     assert!(matches!(cmd, Command::PatchRun(_)), "a scheduler decision is a patch");
     let r = state.apply_with_events(index, &cmd, &mut events);
     assert_eq!(r, expected);
@@ -270,7 +264,7 @@ fn decide_runs(
     settings: &decide::Settings,
     decider: Decider,
     settled: &mut HashMap<String, u64>,
-) -> Vec<RunUpdate> {
+) -> Vec<RunPatch> {
     if state.active_runs.is_empty() {
         // Skip the per-executor maps: heartbeats and kv writes wake the loop too, and
         // there may be thousands of executors.
@@ -288,7 +282,7 @@ fn decide_runs(
             continue;
         }
         match decide::decide_run(state, id, now, settings, &mut active) {
-            Some(update) => updates.push(RunUpdate { decided_by: Some(decider), ..update }),
+            Some(patch) => updates.push(RunPatch { decided_by: Some(decider), ..patch }),
             None => {
                 if let Some(f) = fingerprint {
                     still.insert(id.clone(), f);

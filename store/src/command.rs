@@ -151,44 +151,13 @@ pub struct RunPatch {
     pub decided_by: Option<Decider>,
 }
 
-impl RunUpdate {
-    /// This update as a patch of `cur`, the run at `prev_revision`; the update itself back
-    /// when it changes what a patch does not carry (the run's name, group, annotations...),
-    /// or when `cur` is not the run it was decided from.
-    pub fn into_patch(self: Box<Self>, cur: &Run) -> Result<Box<RunPatch>, Box<RunUpdate>> {
-        let framed = self.run.id == cur.id
-            && self.prev_revision == cur.revision
-            && self.run.counter == cur.counter
-            && self.run.name == cur.name
-            && self.run.group == cur.group
-            && self.run.annotations == cur.annotations
-            && self.run.restarted_from == cur.restarted_from
-            && self.run.tasks.keys().eq(cur.tasks.keys());
-        if !framed {
-            return Err(self);
-        }
-        let RunUpdate { run, prev_revision, create_tasks, stop_tasks, delete_tasks, decided_by } = *self;
-        // Exhaustive: a new field of `Run` must be placed here, in the frame above or in the patch.
-        let Run {
-            id,
-            counter: _,
-            name: _,
-            group: _,
-            annotations: _,
-            phase,
-            result,
-            stop,
-            tasks,
-            setup_errors,
-            enqueue_time,
-            start_time,
-            end_time,
-            revision: _,
-            restarted_from: _,
-        } = run;
-        let tasks = tasks.into_iter().filter(|(name, t)| cur.tasks.get(name) != Some(t)).collect();
-        Ok(Box::new(RunPatch {
-            run_id: id,
+impl RunPatch {
+    /// This patch as the whole update it stands for: `cur` (the run at `prev_revision`,
+    /// holding every task of the patch) with the patch's fields and tasks. For a cluster
+    /// not every member of which reads patches yet (a rolling upgrade), and for tests.
+    pub fn into_update(self, cur: &Run) -> RunUpdate {
+        let RunPatch {
+            run_id,
             prev_revision,
             phase,
             result,
@@ -202,11 +171,48 @@ impl RunUpdate {
             stop_tasks,
             delete_tasks,
             decided_by,
-        }))
+        } = self;
+        debug_assert_eq!((run_id.as_str(), prev_revision), (cur.id.as_str(), cur.revision));
+        // Exhaustive: a new field of `Run` must be placed here, kept from `cur` or patched.
+        let Run {
+            id,
+            counter,
+            name,
+            group,
+            annotations,
+            phase: _,
+            result: _,
+            stop: _,
+            tasks: cur_tasks,
+            setup_errors: _,
+            enqueue_time: _,
+            start_time: _,
+            end_time: _,
+            revision,
+            restarted_from,
+        } = cur;
+        let mut whole_tasks = cur_tasks.clone();
+        whole_tasks.extend(tasks);
+        let run = Run {
+            id: id.clone(),
+            counter: *counter,
+            name: name.clone(),
+            group: group.clone(),
+            annotations: annotations.clone(),
+            phase,
+            result,
+            stop,
+            tasks: whole_tasks,
+            setup_errors,
+            enqueue_time,
+            start_time,
+            end_time,
+            revision: *revision,
+            restarted_from: restarted_from.clone(),
+        };
+        RunUpdate { run, prev_revision, create_tasks, stop_tasks, delete_tasks, decided_by }
     }
-}
 
-impl RunPatch {
     /// Makes `run` — the run at `prev_revision`, holding every task of the patch (the
     /// caller checks both) — what this patch says, as of `index`, in place; with the
     /// events [`Event::diff`] gives for the two versions, in the same order.

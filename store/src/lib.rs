@@ -24,6 +24,6 @@ pub mod run;
 pub mod state;
 pub mod validate;
 
-pub use command::{Command, CommandError, Response, RunUpdate};
+pub use command::{Command, CommandError, Response, RunPatch, RunUpdate};
 pub use event::Event;
 pub use state::{KvEntry, State};
