@@ -453,3 +453,114 @@ async fn writes_a_follower_forwards_together_each_get_their_own_answer() {
     assert_eq!(together + alone, 201, "every write was forwarded once");
     assert!(together > 0, "no write went with others ({alone} alone)");
 }
+
+/// An executor's reports sent together (`PUT /api/v1/executor/{id}/tasks`, through a
+/// follower) are each answered as they would be alone, in order: accepted, the task
+/// unknown (404), a final status changed (409), the same final status again (accepted);
+/// a request naming a task twice or carrying too many reports is refused whole. The
+/// agent's reporter sends the reports that queue together, and each caller gets its own.
+#[tokio::test(flavor = "multi_thread")]
+async fn reports_sent_together_are_each_answered_as_alone() {
+    use flotilla_api::report::Reporter;
+    use flotilla_api::types::{ExecutorInfo, RunCreate, TaskReport, MAX_TASK_REPORTS};
+    use flotilla_store::run::{Phase, TaskStatus};
+    let c = Cluster::bootstrap(3, &[]).await;
+    let leader = c.wait_for_leader().await;
+    let exec = c.client((1..=3).find(|id| *id != leader).unwrap());
+    let info: ExecutorInfo = serde_json::from_value(serde_json::json!({"archs": ["amd64"]})).unwrap();
+    exec.executor_heartbeat("e1", &info).await.unwrap();
+    let create: RunCreate = serde_json::from_value(serde_json::json!({
+        "name": "reports", "group": "/r",
+        "tasks": (0..40).map(|i| serde_json::json!({"name": format!("t{i:02}"), "image": "busybox", "steps": [{"run": {"command": "true"}}]})).collect::<Vec<_>>()
+    }))
+    .unwrap();
+    c.client(leader).run_create(&create).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let tasks = loop {
+        let tasks = exec.executor_tasks("e1", 0, 500).await.unwrap().tasks;
+        if tasks.len() == 40 {
+            break tasks;
+        }
+        assert!(Instant::now() < deadline, "the tasks were not handed out: {}", tasks.len());
+    };
+    let report = |i: usize, phase| TaskReport {
+        id: tasks[i].id.clone(),
+        status: sim_executor::status(&tasks[i], phase),
+    };
+    let gone = TaskReport { id: "nope.t00".into(), status: sim_executor::status(&tasks[0], Phase::Running) };
+
+    let outcomes = exec
+        .executor_task_statuses("e1", &[report(0, Phase::Success), report(1, Phase::Running), gone])
+        .await
+        .unwrap();
+    assert!(outcomes[0].is_ok() && outcomes[1].is_ok(), "{outcomes:?}");
+    assert!(matches!(outcomes[2], Err(flotilla_api::ClientError::Api { status: 404, .. })), "{outcomes:?}");
+    let outcomes = exec
+        .executor_task_statuses(
+            "e1",
+            &[report(0, Phase::Running), report(1, Phase::Failed), report(0, Phase::Success)],
+        )
+        .await;
+    assert_eq!(outcomes.unwrap_err().status(), Some(400), "a task reported twice");
+    let outcomes = exec
+        .executor_task_statuses("e1", &[report(0, Phase::Running), report(1, Phase::Failed)])
+        .await
+        .unwrap();
+    // A final status cannot change: 409 while the executor task is kept, 404 once the
+    // scheduler copied it into the run and deleted it (it may have by now).
+    assert!(
+        matches!(outcomes[0], Err(flotilla_api::ClientError::Api { status: 409 | 404, .. })),
+        "{outcomes:?}"
+    );
+    assert!(outcomes[1].is_ok(), "{outcomes:?}");
+    let again = exec.executor_task_statuses("e1", &[report(1, Phase::Failed)]).await.unwrap();
+    assert!(
+        matches!(again[0], Ok(()) | Err(flotilla_api::ClientError::Api { status: 404, .. })),
+        "the same final status again: {again:?}"
+    );
+    let many: Vec<TaskReport> = (0..=MAX_TASK_REPORTS)
+        .map(|i| TaskReport { id: format!("x.{i}"), ..report(2, Phase::Running) })
+        .collect();
+    assert_eq!(exec.executor_task_statuses("e1", &many).await.unwrap_err().status(), Some(400));
+    // What the leader holds: the accepted reports, nothing of the refused ones.
+    let held = c.client(leader).executor_tasks("e1", 0, 0).await.unwrap().tasks;
+    let phase = |i: usize| held.iter().find(|t| t.id == tasks[i].id).map(|t| t.status.phase);
+    // Final ones are deleted once the scheduler copied them into the run.
+    assert!(matches!(phase(1), None | Some(Phase::Failed)), "{:?}", phase(1));
+    assert!(matches!(phase(0), None | Some(Phase::Success)), "{:?}", phase(0));
+    let run_id = tasks[0].spec.spec.run_id.clone();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let run = c.client(leader).run_get(&run_id).await.unwrap();
+        let (t0, t1) = (run.tasks["t00"].status, run.tasks["t01"].status);
+        if (t0, t1) == (TaskStatus::Success, TaskStatus::Failed) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the run has t00 {t0:?}, t01 {t1:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(phase(2), Some(Phase::Notstarted));
+
+    // Through the reporter: every other task at once; each caller gets its own outcome.
+    let reporter = {
+        let exec = exec.clone();
+        Reporter::start(move |reports: Vec<TaskReport>| {
+            let exec = exec.clone();
+            async move { exec.executor_task_statuses("e1", &reports).await }
+        })
+    };
+    let outcomes = futures::future::join_all((2..40).map(|i| {
+        let (reporter, r) =
+            (reporter.clone(), report(i, if i % 2 == 0 { Phase::Success } else { Phase::Running }));
+        async move { reporter.report(&r.id, &r.status).await }
+    }))
+    .await;
+    assert!(outcomes.iter().all(|o| o.is_ok()), "{outcomes:?}");
+    let held = c.client(leader).executor_tasks("e1", 0, 0).await.unwrap().tasks;
+    for (i, task) in tasks.iter().enumerate().skip(2) {
+        let p = held.iter().find(|t| t.id == task.id).map(|t| t.status.phase);
+        let expected =
+            if i % 2 == 0 { matches!(p, None | Some(Phase::Success)) } else { p == Some(Phase::Running) };
+        assert!(expected, "task {i}: {p:?}");
+    }
+}

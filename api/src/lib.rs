@@ -25,4 +25,4 @@ pub mod tls;
 pub mod ui;
 
 pub use error::{ApiError, ErrorBody};
-pub use flotilla_client::{client, types, Client, ClientError};
+pub use flotilla_client::{client, report, types, Client, ClientError};

@@ -491,6 +491,12 @@ impl Endpoint<'_> {
                 Some(Json(shape::<t::ExecutorTaskStatus>())),
                 no_content(),
             ),
+            E::SetTaskStatuses { .. } => d(
+                "Report several executor tasks' statuses (at most 256, one per task), each as its own report would be.",
+                NONE,
+                Some(Json(shape::<t::TaskReports>())),
+                vec![(200, "Each report's outcome, in order.", Some(Json(shape::<t::TaskReportOutcomes>())))],
+            ),
             E::AppendLog { .. } => d(
                 "Append to a step's log from `offset`; `final` stores it.",
                 &[

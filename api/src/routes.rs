@@ -118,6 +118,9 @@ pub(crate) enum Endpoint<'a> {
         executor_id: &'a str,
         task_id: &'a str,
     },
+    SetTaskStatuses {
+        executor_id: &'a str,
+    },
     AppendLog {
         executor_id: &'a str,
         task_id: &'a str,
@@ -363,6 +366,9 @@ impl<'a> Endpoint<'a> {
             E::SetTaskStatus { .. } => {
                 ("PUT", "/api/v1/executor/{executor_id}/tasks/{task_id}", "executor", Executor, Open, Small)
             }
+            E::SetTaskStatuses { .. } => {
+                ("PUT", "/api/v1/executor/{executor_id}/tasks", "executor", Executor, Open, Small)
+            }
             E::AppendLog { .. } => (
                 "POST",
                 "/api/v1/executor/{executor_id}/tasks/{task_id}/logs/{step}",
@@ -466,7 +472,9 @@ pub(crate) fn at<'a>(s: &'a [&'a str]) -> Vec<Endpoint<'a>> {
             ["executors"] => vec![E::ListExecutors],
             ["executors", executor_id] => vec![E::DeleteExecutor { executor_id }],
             ["executor", executor_id] => vec![E::ExecutorHeartbeat { executor_id }],
-            ["executor", executor_id, "tasks"] => vec![E::ExecutorTasks { executor_id }],
+            ["executor", executor_id, "tasks"] => {
+                vec![E::ExecutorTasks { executor_id }, E::SetTaskStatuses { executor_id }]
+            }
             ["executor", executor_id, "siblings"] => vec![E::ExecutorSiblings { executor_id }],
             ["executor", executor_id, "tasks", task_id] => vec![E::SetTaskStatus { executor_id, task_id }],
             ["executor", executor_id, "tasks", task_id, "logs", step] => {
@@ -538,6 +546,7 @@ impl Endpoint<'static> {
             E::ExecutorTasks { executor_id: ID },
             E::ExecutorSiblings { executor_id: ID },
             E::SetTaskStatus { executor_id: ID, task_id: ID },
+            E::SetTaskStatuses { executor_id: ID },
             E::AppendLog { executor_id: ID, task_id: ID, step: ID },
             E::UploadArchive { executor_id: ID, task_id: ID, step: ID },
             E::DownloadArchive { executor_id: ID, task_id: ID, step: ID },
@@ -611,6 +620,7 @@ mod tests {
         ("GET", "/api/v1/executor/{executor_id}/tasks", "executor", Executor, true),
         ("GET", "/api/v1/executor/{executor_id}/siblings", "executor", Executor, true),
         ("PUT", "/api/v1/executor/{executor_id}/tasks/{task_id}", "executor", Executor, true),
+        ("PUT", "/api/v1/executor/{executor_id}/tasks", "executor", Executor, true),
         ("POST", "/api/v1/executor/{executor_id}/tasks/{task_id}/logs/{step}", "executor", Executor, true),
         ("PUT", "/api/v1/executor/{executor_id}/tasks/{task_id}/archives/{step}", "executor", Executor, true),
         ("GET", "/api/v1/executor/{executor_id}/archives/{task_id}/{step}", "executor", Executor, true),

@@ -461,6 +461,41 @@ pub(crate) async fn set_task_status(
     expect_done(write(ctx, cmd).await?)
 }
 
+/// `PUT /api/v1/executor/{id}/tasks`: several tasks' statuses, each written as its own
+/// report would be (the writes leave together, batched by the leader or forwarded
+/// together by a follower) and answered report by report.
+pub(crate) async fn set_task_statuses(ctx: &Ctx, id: &str, req: &Request<'_>) -> Result<Reply, ApiError> {
+    let body: TaskReports = req.json()?;
+    if body.reports.len() > MAX_TASK_REPORTS {
+        return Err(ApiError::bad_request(format!(
+            "{} reports: at most {MAX_TASK_REPORTS} go in one request",
+            body.reports.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(twice) = body.reports.iter().find(|r| !seen.insert(r.id.as_str())) {
+        return Err(ApiError::bad_request(format!(
+            "task {:?} is reported twice: send its newest status once",
+            twice.id
+        )));
+    }
+    let writes = body.reports.into_iter().map(|r| async move {
+        let cmd = Command::SetExecutorTaskStatus {
+            id: r.id.clone(),
+            executor_id: id.to_string(),
+            status: r.status,
+        };
+        let error = write(ctx, cmd).await.and_then(expect_done).err();
+        TaskReportOutcome {
+            id: r.id,
+            status: error.as_ref().map_or(204, |e| e.status),
+            error: error.map(|e| ErrorBody { code: e.code.to_string(), message: e.message }),
+        }
+    });
+    let outcomes = futures::future::join_all(writes).await;
+    Ok(json(200, &TaskReportOutcomes { outcomes }))
+}
+
 /// `GET /api/v1/executor/{id}/tasks?since=R&wait_ms=W`: the executor's tasks, once its
 /// `tasks_revision` is past `since` or `wait_ms` passed.
 pub(crate) async fn executor_tasks(ctx: &Ctx, id: &str, req: &Request<'_>) -> Result<Reply, ApiError> {

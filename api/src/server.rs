@@ -459,6 +459,7 @@ async fn dispatch(
         E::SetTaskStatus { executor_id, task_id } => {
             runs::set_task_status(ctx, executor_id, task_id, req).await
         }
+        E::SetTaskStatuses { executor_id } => runs::set_task_statuses(ctx, executor_id, req).await,
         E::AppendLog { executor_id, task_id, step } => {
             objects::append_log(ctx, executor_id, task_id, step, req).await
         }

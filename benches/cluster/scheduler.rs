@@ -14,7 +14,8 @@ use crate::common::*;
 use crate::cpu::{self, Procs, Split};
 use crate::report::Row;
 use crate::sim_executor::status;
-use flotilla_api::types::{ExecutorInfo, RunCreate};
+use flotilla_api::report::Reporter;
+use flotilla_api::types::{ExecutorInfo, RunCreate, TaskReport};
 use flotilla_api::Client;
 use flotilla_store::run::{Phase, RunPhase};
 use futures::StreamExt;
@@ -30,6 +31,13 @@ async fn executor(
 ) {
     let info: ExecutorInfo = serde_json::from_value(serde_json::json!({"archs": ["amd64"]})).unwrap();
     c.executor_heartbeat(&id, &info).await.unwrap();
+    let reporter = {
+        let (c, id) = (c.clone(), id.clone());
+        Reporter::start(move |reports: Vec<TaskReport>| {
+            let (c, id) = (c.clone(), id.clone());
+            async move { c.executor_task_statuses(&id, &reports).await }
+        })
+    };
     let mut since = 0;
     let mut last_beat = Instant::now();
     let mut reported: BTreeMap<String, Phase> = BTreeMap::new();
@@ -51,18 +59,17 @@ async fn executor(
             todo.push((t, next));
         }
         let again = todo.iter().any(|(_, p)| *p == Phase::Running);
-        futures::stream::iter(todo)
-            .map(|(t, next)| {
-                let (c, id, transitions) = (c.clone(), id.clone(), transitions.clone());
-                async move {
-                    if c.executor_task_status(&id, &t.id, &status(&t, next)).await.is_ok() {
-                        transitions.fetch_add(1, Ordering::Relaxed);
-                    }
+        // Every task reports at once, as the agent's tasks do; the reporter sends the
+        // reports that queue behind one request together, as the agent's does.
+        futures::future::join_all(todo.into_iter().map(|(t, next)| {
+            let (reporter, transitions) = (&reporter, transitions.clone());
+            async move {
+                if reporter.report(&t.id, &status(&t, next)).await.is_ok() {
+                    transitions.fetch_add(1, Ordering::Relaxed);
                 }
-            })
-            .buffer_unordered(16)
-            .for_each(|_| async {})
-            .await;
+            }
+        }))
+        .await;
         if again {
             since = 0; // the running ones are due for success at once
         }

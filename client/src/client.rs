@@ -46,7 +46,7 @@ fn check_path(path: &str) -> Result<(), ClientError> {
     Ok(())
 }
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Clone, Debug, thiserror::Error)]
 pub enum ClientError {
     /// The server answered with an error.
     #[error("{message} (HTTP {status}, {code})")]
@@ -479,6 +479,35 @@ impl Client {
     ) -> Result<(), ClientError> {
         let path = format!("/api/v1/executor/{}/tasks/{}", Self::seg(id), Self::seg(task_id));
         self.put_no_content(&path, status).await
+    }
+
+    /// Several of the executor's task statuses in one request (see [`TaskReports`]): each
+    /// report's outcome as [`Client::executor_task_status`] would give it, in order.
+    pub async fn executor_task_statuses(
+        &self,
+        id: &str,
+        reports: &[TaskReport],
+    ) -> Result<Vec<Result<(), ClientError>>, ClientError> {
+        let path = format!("/api/v1/executor/{}/tasks", Self::seg(id));
+        let body = TaskReports { reports: reports.to_vec() };
+        let answer: TaskReportOutcomes = self.with_body(reqwest::Method::PUT, &path, &body).await?;
+        if answer.outcomes.len() != reports.len() {
+            return Err(ClientError::Transport {
+                url: format!("{}{path}", self.base),
+                message: format!("{} outcomes for {} reports", answer.outcomes.len(), reports.len()),
+            });
+        }
+        Ok(answer
+            .outcomes
+            .into_iter()
+            .map(|o| match o.status {
+                200..=299 => Ok(()),
+                status => {
+                    let e = o.error.unwrap_or(ErrorBody { code: "unknown".into(), message: String::new() });
+                    Err(ClientError::Api { status, code: e.code, message: e.message })
+                }
+            })
+            .collect())
     }
 
     /// Subscribes to the event stream (optionally of one group and below).

@@ -11,6 +11,7 @@
 //! handler answers) stays in `flotilla-api`.
 
 pub mod client;
+pub mod report;
 pub mod server_tls;
 pub mod tls;
 pub mod types;

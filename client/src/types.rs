@@ -205,6 +205,47 @@ pub struct ExecutorTasks {
     pub cluster_id: Option<String>,
 }
 
+/// `PUT /api/v1/executor/{id}/tasks`: the statuses of several of the executor's tasks at
+/// once, each what `PUT /api/v1/executor/{id}/tasks/{task_id}` would carry (an executor
+/// sends the reports that queued while one was on its way together). At most
+/// [`MAX_TASK_REPORTS`], one per task.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct TaskReports {
+    pub reports: Vec<TaskReport>,
+}
+
+/// The most reports one `PUT /api/v1/executor/{id}/tasks` carries.
+pub const MAX_TASK_REPORTS: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct TaskReport {
+    /// The executor task's id.
+    pub id: String,
+    pub status: ExecutorTaskStatus,
+}
+
+/// The answer to [`TaskReports`]: each report's outcome, in their order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TaskReportOutcomes {
+    pub outcomes: Vec<TaskReportOutcome>,
+}
+
+/// What the report alone would have been answered: `status` 204, or an error's status
+/// (404 once the task is gone, 409 for a final status changed, 503...) and the error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct TaskReportOutcome {
+    pub id: String,
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
 /// `GET /api/v1/executor/{id}/siblings`: the registered executors of the caller's group.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]

@@ -93,6 +93,8 @@ pub struct Agent {
     pub arch: String,
     /// The cluster this agent serves (`State::cluster_id`), on every container's labels.
     pub cluster_id: String,
+    /// Task status reports, sent together when they queue.
+    pub reporter: flotilla_client::report::Reporter,
 }
 
 struct Running {
@@ -113,7 +115,8 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         .with_context(|| format!("cannot create {}", cfg.work_dir.display()))?;
     let servers = Arc::new(Servers::new(&cfg.servers, cfg.token.clone()));
     let Some(cluster_id) = cluster_id(&cfg, &arch, &servers, &mut shutdown).await else { return Ok(()) };
-    let agent = Arc::new(Agent { cfg, servers, docker, arch, cluster_id });
+    let reporter = servers::reporter(servers.clone(), cfg.id.clone());
+    let agent = Arc::new(Agent { cfg, servers, docker, arch, cluster_id, reporter });
 
     // What a previous life of this agent left: containers (killed) and local files. Only
     // containers labeled exactly with this cluster and this executor are ours; no task

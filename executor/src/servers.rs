@@ -4,9 +4,12 @@
 //! next server and retries with backoff, for a bounded time; a 4xx is an answer.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use flotilla_client::report::Reporter;
+use flotilla_client::types::TaskReport;
 use flotilla_client::{Client, ClientError};
 
 pub struct Servers {
@@ -53,6 +56,124 @@ impl Servers {
                 }
                 other => return other,
             }
+        }
+    }
+}
+
+/// The agent's status reports, sent together when they queue ([`Reporter`]), through
+/// [`Servers::call`]. A request some of whose reports were answered with a 5xx (the leader
+/// changed under them) is sent again whole: a report repeated is accepted. A server that
+/// does not take reports together (405: an older release, during a rolling upgrade) gets
+/// them one by one from then on.
+pub fn reporter(servers: Arc<Servers>, executor: String) -> Reporter {
+    let alone = Arc::new(AtomicBool::new(false));
+    Reporter::start(move |reports: Vec<TaskReport>| {
+        let (servers, executor, alone) = (servers.clone(), executor.clone(), alone.clone());
+        async move {
+            let (executor, reports) = (&executor, &reports);
+            if !alone.load(Ordering::Relaxed) {
+                let together = servers
+                    .call("status reports", |c| async move {
+                        let outcomes = c.executor_task_statuses(executor, reports).await?;
+                        let unanswered = outcomes
+                            .iter()
+                            .find_map(|o| o.as_ref().err().filter(|e| e.status().is_none_or(|s| s >= 500)));
+                        match unanswered {
+                            Some(e) => Err(e.clone()),
+                            None => Ok(outcomes),
+                        }
+                    })
+                    .await;
+                match together {
+                    Err(ClientError::Api { status: 405, .. }) => alone.store(true, Ordering::Relaxed),
+                    other => return other,
+                }
+            }
+            let alone = reports.iter().map(|r| {
+                servers.call("status report", move |c| async move {
+                    c.executor_task_status(executor, &r.id, &r.status).await
+                })
+            });
+            Ok(futures::future::join_all(alone).await)
+        }
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Mutex;
+
+    use flotilla_store::executor::ExecutorTaskStatus;
+    use flotilla_store::run::Phase;
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, AsyncWriteExt, BufReader};
+
+    use super::*;
+
+    /// A server of an older release over real TCP: reports one by one (204), and 405 for
+    /// reports sent together, the request lines it got recorded.
+    async fn older_server(lines: Arc<Mutex<Vec<String>>>) -> String {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        tokio::spawn(async move {
+            while let Ok((conn, _)) = listener.accept().await {
+                let lines = lines.clone();
+                tokio::spawn(async move {
+                    let mut conn = BufReader::new(conn);
+                    loop {
+                        let mut head = Vec::new();
+                        let mut length = 0;
+                        loop {
+                            let mut line = String::new();
+                            if conn.read_line(&mut line).await.unwrap_or(0) == 0 {
+                                return;
+                            }
+                            if let Some(v) = line.to_ascii_lowercase().strip_prefix("content-length:") {
+                                length = v.trim().parse().unwrap();
+                            }
+                            if line == "\r\n" {
+                                break;
+                            }
+                            head.push(line.trim_end().to_string());
+                        }
+                        conn.read_exact(&mut vec![0; length]).await.unwrap();
+                        let request = head[0].clone();
+                        lines.lock().unwrap().push(request.clone());
+                        let answer = if request.starts_with("PUT /api/v1/executor/e1/tasks ") {
+                            let body = r#"{"code":"method_not_allowed","message":"GET only"}"#;
+                            format!(
+                                "HTTP/1.1 405 Method Not Allowed\r\nallow: GET\r\ncontent-type: application/json\r\ncontent-length: {}\r\n\r\n{body}",
+                                body.len()
+                            )
+                        } else {
+                            "HTTP/1.1 204 No Content\r\n\r\n".to_string()
+                        };
+                        conn.get_mut().write_all(answer.as_bytes()).await.unwrap();
+                    }
+                });
+            }
+        });
+        format!("http://{addr}")
+    }
+
+    #[tokio::test]
+    async fn an_older_server_gets_the_reports_one_by_one_after_its_405() {
+        let lines: Arc<Mutex<Vec<String>>> = Arc::default();
+        let url = older_server(lines.clone()).await;
+        let reporter = reporter(Arc::new(Servers::new(&[url], None)), "e1".into());
+        let status = ExecutorTaskStatus { phase: Phase::Running, ..ExecutorTaskStatus::new(1) };
+        let first = futures::future::join_all((0..3).map(|i| {
+            let (reporter, status) = (reporter.clone(), status.clone());
+            async move { reporter.report(&format!("r.t{i}"), &status).await }
+        }))
+        .await;
+        assert!(first.iter().all(|r| r.is_ok()), "{first:?}");
+        reporter.report("r.t9", &status).await.unwrap();
+        let lines = lines.lock().unwrap().clone();
+        let together = lines.iter().filter(|l| l.starts_with("PUT /api/v1/executor/e1/tasks ")).count();
+        assert_eq!(together, 1, "asked together once, then one by one: {lines:?}");
+        for t in ["r.t0", "r.t1", "r.t2", "r.t9"] {
+            let line = format!("PUT /api/v1/executor/e1/tasks/{t} HTTP/1.1");
+            assert_eq!(lines.iter().filter(|l| **l == line).count(), 1, "{t}: {lines:?}");
         }
     }
 }

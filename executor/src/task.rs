@@ -241,13 +241,7 @@ async fn fail_setup(
 
 /// Reports a status; a task the server no longer has (deleted once final) is fine.
 pub async fn report(agent: &Agent, id: &str, status: &ExecutorTaskStatus) {
-    let r = agent
-        .servers
-        .call("status report", |c| {
-            let (exec, id) = (agent.cfg.id.clone(), id.to_string());
-            async move { c.executor_task_status(&exec, &id, status).await }
-        })
-        .await;
+    let r = agent.reporter.report(id, status).await;
     match r {
         Ok(()) => {}
         Err(ClientError::Api { status: 404, .. }) => {}

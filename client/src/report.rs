@@ -1,0 +1,197 @@
+//! An executor's task status reports, sent together when they queue: a report that finds
+//! none on its way leaves at once, alone; those that arrive while one request is out go in
+//! the next request, together (`PUT /api/v1/executor/{id}/tasks`, at most
+//! [`MAX_TASK_REPORTS`]). Under load, one request carries many reports instead of one
+//! request each (issue 24: the executors' reports were a request per task transition).
+//!
+//! One request is out at a time, so reports leave in the order they were made; two reports
+//! of one task that queue together go as the newer one (a report is the task's whole
+//! status), and both callers get its outcome. Each caller gets its own report's outcome, as
+//! the report alone would have been answered.
+
+use std::collections::HashMap;
+use std::future::Future;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::types::{ExecutorTaskStatus, TaskReport, MAX_TASK_REPORTS};
+use crate::ClientError;
+
+type Outcome = Result<(), ClientError>;
+
+struct Queued {
+    report: TaskReport,
+    reply: oneshot::Sender<Outcome>,
+}
+
+/// Sends an executor's reports through `send` (one request of reports → their outcomes in
+/// order, or the request's own error for all of them). Cloned, it feeds the same queue; the
+/// loop ends when every clone is dropped.
+#[derive(Clone)]
+pub struct Reporter {
+    queue: mpsc::UnboundedSender<Queued>,
+}
+
+impl Reporter {
+    pub fn start<S, F>(send: S) -> Reporter
+    where
+        S: Fn(Vec<TaskReport>) -> F + Send + 'static,
+        F: Future<Output = Result<Vec<Outcome>, ClientError>> + Send + 'static,
+    {
+        let (queue, rx) = mpsc::unbounded_channel();
+        tokio::spawn(send_loop(rx, send));
+        Reporter { queue }
+    }
+
+    /// Reports `status` of task `id` and waits for its outcome.
+    pub async fn report(&self, id: &str, status: &ExecutorTaskStatus) -> Outcome {
+        let (reply, rx) = oneshot::channel();
+        let report = TaskReport { id: id.to_string(), status: status.clone() };
+        let gone = || ClientError::Refused("the executor's reporter has stopped".into());
+        self.queue.send(Queued { report, reply }).map_err(|_| gone())?;
+        rx.await.map_err(|_| gone())?
+    }
+}
+
+async fn send_loop<S, F>(mut rx: mpsc::UnboundedReceiver<Queued>, send: S)
+where
+    S: Fn(Vec<TaskReport>) -> F,
+    F: Future<Output = Result<Vec<Outcome>, ClientError>>,
+{
+    while let Some(first) = rx.recv().await {
+        let mut queued = vec![first];
+        while queued.len() < MAX_TASK_REPORTS {
+            match rx.try_recv() {
+                Ok(q) => queued.push(q),
+                Err(_) => break,
+            }
+        }
+        let (reports, waiting) = together(queued);
+        let outcomes = match send(reports).await {
+            Ok(outcomes) if outcomes.len() == waiting.len() => outcomes,
+            Ok(outcomes) => {
+                let e = ClientError::Refused(format!(
+                    "{} outcomes for {} reports",
+                    outcomes.len(),
+                    waiting.len()
+                ));
+                waiting.iter().map(|_| Err(e.clone())).collect()
+            }
+            Err(e) => waiting.iter().map(|_| Err(e.clone())).collect(),
+        };
+        for (replies, outcome) in waiting.into_iter().zip(outcomes) {
+            for reply in replies {
+                let _ = reply.send(outcome.clone());
+            }
+        }
+    }
+}
+
+/// The reports to send, one per task (the newest of each, where the oldest stood), and
+/// for each the callers waiting for its outcome.
+fn together(queued: Vec<Queued>) -> (Vec<TaskReport>, Vec<Vec<oneshot::Sender<Outcome>>>) {
+    let mut at: HashMap<String, usize> = HashMap::new();
+    let (mut reports, mut waiting): (Vec<TaskReport>, Vec<Vec<_>>) = (Vec::new(), Vec::new());
+    for Queued { report, reply } in queued {
+        match at.get(&report.id) {
+            Some(&i) => {
+                reports[i] = report;
+                waiting[i].push(reply);
+            }
+            None => {
+                at.insert(report.id.clone(), reports.len());
+                reports.push(report);
+                waiting.push(vec![reply]);
+            }
+        }
+    }
+    (reports, waiting)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use flotilla_store::run::Phase;
+
+    use super::*;
+
+    fn status(phase: Phase) -> ExecutorTaskStatus {
+        ExecutorTaskStatus { phase, ..ExecutorTaskStatus::new(1) }
+    }
+
+    /// A fake server (pure logic: the queue's rules): records each request, holds the first
+    /// one until released, refuses task "gone" with a 404.
+    #[tokio::test]
+    async fn reports_that_queue_go_together_in_order_each_caller_gets_its_own_outcome() {
+        let sent: Arc<Mutex<Vec<Vec<TaskReport>>>> = Arc::default();
+        let (release, held) = tokio::sync::watch::channel(false);
+        let reporter = {
+            let sent = sent.clone();
+            Reporter::start(move |reports: Vec<TaskReport>| {
+                let (sent, mut held) = (sent.clone(), held.clone());
+                async move {
+                    let first = {
+                        let mut sent = sent.lock().unwrap();
+                        sent.push(reports.clone());
+                        sent.len() == 1
+                    };
+                    if first {
+                        held.wait_for(|r| *r).await.unwrap();
+                    }
+                    Ok(reports
+                        .iter()
+                        .map(|r| match r.id.as_str() {
+                            "gone" => Err(ClientError::Api {
+                                status: 404,
+                                code: "not_found".into(),
+                                message: "gone".into(),
+                            }),
+                            _ => Ok(()),
+                        })
+                        .collect())
+                }
+            })
+        };
+        let report = |id: &'static str, phase| {
+            let reporter = reporter.clone();
+            tokio::spawn(async move { reporter.report(id, &status(phase)).await })
+        };
+        let alone = report("a", Phase::Running);
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        // While the first request is out: b twice (the newer one goes), a gone task, c.
+        let queued = vec![
+            report("b", Phase::Running),
+            report("gone", Phase::Running),
+            report("b", Phase::Success),
+            report("c", Phase::Failed),
+        ];
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        release.send(true).unwrap();
+        assert!(alone.await.unwrap().is_ok());
+        let outcomes: Vec<Outcome> =
+            futures::future::join_all(queued).await.into_iter().map(|r| r.unwrap()).collect();
+        assert!(outcomes[0].is_ok() && outcomes[2].is_ok() && outcomes[3].is_ok(), "{outcomes:?}");
+        assert!(matches!(outcomes[1], Err(ClientError::Api { status: 404, .. })), "{outcomes:?}");
+        let sent = sent.lock().unwrap().clone();
+        let shape: Vec<Vec<(&str, Phase)>> =
+            sent.iter().map(|r| r.iter().map(|r| (r.id.as_str(), r.status.phase)).collect()).collect();
+        assert_eq!(
+            shape,
+            vec![
+                vec![("a", Phase::Running)],
+                vec![("b", Phase::Success), ("gone", Phase::Running), ("c", Phase::Failed)],
+            ]
+        );
+    }
+
+    #[tokio::test]
+    async fn a_failed_request_is_every_report_s_outcome() {
+        let reporter = Reporter::start(|_reports: Vec<TaskReport>| async {
+            Err(ClientError::Transport { url: "u".into(), message: "refused".into() })
+        });
+        let r = reporter.report("a", &status(Phase::Running)).await;
+        assert!(matches!(r, Err(ClientError::Transport { .. })), "{r:?}");
+    }
+}
