@@ -482,6 +482,7 @@ async fn reports_sent_together_are_each_answered_as_alone() {
             break tasks;
         }
         assert!(Instant::now() < deadline, "the tasks were not handed out: {}", tasks.len());
+        tokio::time::sleep(Duration::from_millis(50)).await;
     };
     let report = |i: usize, phase| TaskReport {
         id: tasks[i].id.clone(),
@@ -498,7 +499,12 @@ async fn reports_sent_together_are_each_answered_as_alone() {
     let outcomes = exec
         .executor_task_statuses(
             "e1",
-            &[report(0, Phase::Running), report(1, Phase::Failed), report(0, Phase::Success)],
+            &[
+                report(2, Phase::Running),
+                report(0, Phase::Running),
+                report(1, Phase::Failed),
+                report(0, Phase::Success),
+            ],
         )
         .await;
     assert_eq!(outcomes.unwrap_err().status(), Some(400), "a task reported twice");
@@ -518,9 +524,10 @@ async fn reports_sent_together_are_each_answered_as_alone() {
         matches!(again[0], Ok(()) | Err(flotilla_api::ClientError::Api { status: 404, .. })),
         "the same final status again: {again:?}"
     );
-    let many: Vec<TaskReport> = (0..=MAX_TASK_REPORTS)
+    let mut many: Vec<TaskReport> = (1..=MAX_TASK_REPORTS)
         .map(|i| TaskReport { id: format!("x.{i}"), ..report(2, Phase::Running) })
         .collect();
+    many.push(report(2, Phase::Running));
     assert_eq!(exec.executor_task_statuses("e1", &many).await.unwrap_err().status(), Some(400));
     // What the leader holds: the accepted reports, nothing of the refused ones.
     let held = c.client(leader).executor_tasks("e1", 0, 0).await.unwrap().tasks;
@@ -539,9 +546,11 @@ async fn reports_sent_together_are_each_answered_as_alone() {
         assert!(Instant::now() < deadline, "the run has t00 {t0:?}, t01 {t1:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
+    // Task 2 was in both refused requests: nothing of them was written.
     assert_eq!(phase(2), Some(Phase::Notstarted));
 
-    // Through the reporter: every other task at once; each caller gets its own outcome.
+    // Through the reporter: every other task at once, with an unknown task and a final
+    // status changed among them; each caller gets its own outcome.
     let reporter = {
         let exec = exec.clone();
         Reporter::start(move |reports: Vec<TaskReport>| {
@@ -549,13 +558,23 @@ async fn reports_sent_together_are_each_answered_as_alone() {
             async move { exec.executor_task_statuses("e1", &reports).await }
         })
     };
-    let outcomes = futures::future::join_all((2..40).map(|i| {
-        let (reporter, r) =
-            (reporter.clone(), report(i, if i % 2 == 0 { Phase::Success } else { Phase::Running }));
+    let mut reports: Vec<TaskReport> =
+        (2..40).map(|i| report(i, if i % 2 == 0 { Phase::Success } else { Phase::Running })).collect();
+    reports.insert(7, TaskReport { id: "nope.t99".into(), ..report(2, Phase::Running) });
+    reports.insert(20, report(1, Phase::Running));
+    let outcomes = futures::future::join_all(reports.iter().map(|r| {
+        let (reporter, r) = (reporter.clone(), r.clone());
         async move { reporter.report(&r.id, &r.status).await }
     }))
     .await;
-    assert!(outcomes.iter().all(|o| o.is_ok()), "{outcomes:?}");
+    for (i, (r, o)) in reports.iter().zip(&outcomes).enumerate() {
+        let status = o.as_ref().err().and_then(|e| e.status());
+        match r.id.as_str() {
+            "nope.t99" => assert_eq!(status, Some(404), "report {i}"),
+            id if id == tasks[1].id => assert!(matches!(status, Some(409 | 404)), "report {i}: {o:?}"),
+            _ => assert!(o.is_ok(), "report {i} ({}): {o:?}", r.id),
+        }
+    }
     let held = c.client(leader).executor_tasks("e1", 0, 0).await.unwrap().tasks;
     for (i, task) in tasks.iter().enumerate().skip(2) {
         let p = held.iter().find(|t| t.id == task.id).map(|t| t.status.phase);

@@ -491,10 +491,16 @@ impl Client {
         let path = format!("/api/v1/executor/{}/tasks", Self::seg(id));
         let body = TaskReports { reports: reports.to_vec() };
         let answer: TaskReportOutcomes = self.with_body(reqwest::Method::PUT, &path, &body).await?;
-        if answer.outcomes.len() != reports.len() {
+        let matched = answer.outcomes.len() == reports.len()
+            && answer.outcomes.iter().zip(reports).all(|(o, r)| o.id == r.id);
+        if !matched {
             return Err(ClientError::Transport {
                 url: format!("{}{path}", self.base),
-                message: format!("{} outcomes for {} reports", answer.outcomes.len(), reports.len()),
+                message: format!(
+                    "the {} outcomes do not answer the {} reports",
+                    answer.outcomes.len(),
+                    reports.len()
+                ),
             });
         }
         Ok(answer

@@ -7,20 +7,29 @@
 //! One request is out at a time, so reports leave in the order they were made; two reports
 //! of one task that queue together go as the newer one (a report is the task's whole
 //! status), and both callers get its outcome. Each caller gets its own report's outcome, as
-//! the report alone would have been answered.
+//! the report alone would have been answered. A request stays under [`BATCH_BYTES`] of
+//! JSON (a report bigger than that goes alone), so it never meets the server's body limits.
 
 use std::collections::HashMap;
 use std::future::Future;
 
+use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::types::{ExecutorTaskStatus, TaskReport, MAX_TASK_REPORTS};
 use crate::ClientError;
 
+/// The JSON one request of reports carries at most (unless one report alone is bigger):
+/// under the size from which a server makes a body wait for a large-body permit
+/// (`flotilla_store::limits::LARGE_BODY_BYTES`), far under its API body limit.
+pub const BATCH_BYTES: usize = 60 * 1024;
+
 type Outcome = Result<(), ClientError>;
 
 struct Queued {
     report: TaskReport,
+    /// Its JSON's length.
+    bytes: usize,
     reply: oneshot::Sender<Outcome>,
 }
 
@@ -47,8 +56,9 @@ impl Reporter {
     pub async fn report(&self, id: &str, status: &ExecutorTaskStatus) -> Outcome {
         let (reply, rx) = oneshot::channel();
         let report = TaskReport { id: id.to_string(), status: status.clone() };
+        let bytes = json_len(&report);
         let gone = || ClientError::Refused("the executor's reporter has stopped".into());
-        self.queue.send(Queued { report, reply }).map_err(|_| gone())?;
+        self.queue.send(Queued { report, bytes, reply }).map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
     }
 }
@@ -58,18 +68,36 @@ where
     S: Fn(Vec<TaskReport>) -> F,
     F: Future<Output = Result<Vec<Outcome>, ClientError>>,
 {
-    while let Some(first) = rx.recv().await {
+    let mut next: Option<Queued> = None;
+    loop {
+        let first = match next.take() {
+            Some(q) => q,
+            None => match rx.recv().await {
+                Some(q) => q,
+                None => return,
+            },
+        };
+        let mut bytes = first.bytes;
         let mut queued = vec![first];
         while queued.len() < MAX_TASK_REPORTS {
             match rx.try_recv() {
-                Ok(q) => queued.push(q),
+                Ok(q) if bytes + q.bytes > BATCH_BYTES => {
+                    next = Some(q); // the first of the next request
+                    break;
+                }
+                Ok(q) => {
+                    bytes += q.bytes;
+                    queued.push(q);
+                }
                 Err(_) => break,
             }
         }
         let (reports, waiting) = together(queued);
-        let outcomes = match send(reports).await {
-            Ok(outcomes) if outcomes.len() == waiting.len() => outcomes,
-            Ok(outcomes) => {
+        // A sender that panics fails its request's reports, not the reporter.
+        let sent = std::panic::AssertUnwindSafe(send(reports)).catch_unwind().await;
+        let outcomes = match sent {
+            Ok(Ok(outcomes)) if outcomes.len() == waiting.len() => outcomes,
+            Ok(Ok(outcomes)) => {
                 let e = ClientError::Refused(format!(
                     "{} outcomes for {} reports",
                     outcomes.len(),
@@ -77,7 +105,11 @@ where
                 ));
                 waiting.iter().map(|_| Err(e.clone())).collect()
             }
-            Err(e) => waiting.iter().map(|_| Err(e.clone())).collect(),
+            Ok(Err(e)) => waiting.iter().map(|_| Err(e.clone())).collect(),
+            Err(_) => {
+                let e = ClientError::Refused("sending the reports failed (a panic)".into());
+                waiting.iter().map(|_| Err(e.clone())).collect()
+            }
         };
         for (replies, outcome) in waiting.into_iter().zip(outcomes) {
             for reply in replies {
@@ -87,12 +119,28 @@ where
     }
 }
 
+/// The length of `report` as JSON, counted as it is written out.
+fn json_len(report: &TaskReport) -> usize {
+    struct Count(usize);
+    impl std::io::Write for Count {
+        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
+            self.0 += bytes.len();
+            Ok(bytes.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+    let mut count = Count(0);
+    serde_json::to_writer(&mut count, report).map_or(BATCH_BYTES, |_| count.0 + 1)
+}
+
 /// The reports to send, one per task (the newest of each, where the oldest stood), and
 /// for each the callers waiting for its outcome.
 fn together(queued: Vec<Queued>) -> (Vec<TaskReport>, Vec<Vec<oneshot::Sender<Outcome>>>) {
     let mut at: HashMap<String, usize> = HashMap::new();
     let (mut reports, mut waiting): (Vec<TaskReport>, Vec<Vec<_>>) = (Vec::new(), Vec::new());
-    for Queued { report, reply } in queued {
+    for Queued { report, reply, .. } in queued {
         match at.get(&report.id) {
             Some(&i) => {
                 reports[i] = report;
@@ -184,6 +232,75 @@ mod tests {
                 vec![("b", Phase::Success), ("gone", Phase::Running), ("c", Phase::Failed)],
             ]
         );
+    }
+
+    /// Big reports (long errors) are sent in requests of at most [`BATCH_BYTES`], in order.
+    #[tokio::test]
+    async fn requests_stay_under_the_byte_budget() {
+        type Requests = Arc<Mutex<Vec<(usize, Vec<String>)>>>;
+        let sent: Requests = Arc::default();
+        let (release, held) = tokio::sync::watch::channel(false);
+        let reporter = {
+            let sent = sent.clone();
+            Reporter::start(move |reports: Vec<TaskReport>| {
+                let (sent, mut held) = (sent.clone(), held.clone());
+                async move {
+                    let bytes = serde_json::to_vec(&crate::types::TaskReports { reports: reports.clone() })
+                        .unwrap()
+                        .len();
+                    let first = {
+                        let mut sent = sent.lock().unwrap();
+                        sent.push((bytes, reports.iter().map(|r| r.id.clone()).collect()));
+                        sent.len() == 1
+                    };
+                    if first {
+                        held.wait_for(|r| *r).await.unwrap();
+                    }
+                    Ok(reports.iter().map(|_| Ok(())).collect())
+                }
+            })
+        };
+        let big = ExecutorTaskStatus { error: Some("e".repeat(20_000)), ..status(Phase::Failed) };
+        let report = |id: String| {
+            let (reporter, big) = (reporter.clone(), big.clone());
+            tokio::spawn(async move { reporter.report(&id, &big).await })
+        };
+        let first = report("first".into());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        let queued: Vec<_> = (0..10).map(|i| report(format!("t{i}"))).collect();
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        release.send(true).unwrap();
+        first.await.unwrap().unwrap();
+        for q in queued {
+            q.await.unwrap().unwrap();
+        }
+        let sent = sent.lock().unwrap().clone();
+        assert!(sent.len() >= 4, "10 reports of 20 KB in requests of at most 60 KB: {}", sent.len());
+        assert!(sent.iter().all(|(bytes, _)| *bytes <= BATCH_BYTES + 1024), "{sent:?}");
+        let order: Vec<String> = sent.iter().flat_map(|(_, ids)| ids.clone()).collect();
+        let expected: Vec<String> =
+            std::iter::once("first".to_string()).chain((0..10).map(|i| format!("t{i}"))).collect();
+        assert_eq!(order, expected);
+    }
+
+    #[tokio::test]
+    async fn a_sender_that_panics_fails_its_request_and_the_reporter_goes_on() {
+        let calls = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let reporter = {
+            let calls = calls.clone();
+            Reporter::start(move |reports: Vec<TaskReport>| {
+                let calls = calls.clone();
+                async move {
+                    if calls.fetch_add(1, std::sync::atomic::Ordering::Relaxed) == 0 {
+                        panic!("the first request's sender panics");
+                    }
+                    Ok(reports.iter().map(|_| Ok(())).collect())
+                }
+            })
+        };
+        let r = reporter.report("a", &status(Phase::Running)).await;
+        assert!(matches!(r, Err(ClientError::Refused(_))), "{r:?}");
+        reporter.report("a", &status(Phase::Success)).await.unwrap();
     }
 
     #[tokio::test]

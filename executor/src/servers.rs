@@ -4,8 +4,8 @@
 //! next server and retries with backoff, for a bounded time; a 4xx is an answer.
 
 use std::future::Future;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flotilla_client::report::Reporter;
@@ -61,31 +61,25 @@ impl Servers {
 }
 
 /// The agent's status reports, sent together when they queue ([`Reporter`]), through
-/// [`Servers::call`]. A request some of whose reports were answered with a 5xx (the leader
-/// changed under them) is sent again whole: a report repeated is accepted. A server that
-/// does not take reports together (405: an older release, during a rolling upgrade) gets
-/// them one by one from then on.
+/// [`Servers::call`]. The reports of a request answered with a 5xx (the leader changed
+/// under them) are sent again, alone of the others: a report repeated is accepted, and
+/// the others keep their answers. A server that does not take reports together (405: an
+/// older release, during a rolling upgrade) gets them one by one for [`ALONE_FOR`], then
+/// the request is tried again.
 pub fn reporter(servers: Arc<Servers>, executor: String) -> Reporter {
-    let alone = Arc::new(AtomicBool::new(false));
+    let alone_until: Arc<Mutex<Option<Instant>>> = Arc::default();
     Reporter::start(move |reports: Vec<TaskReport>| {
-        let (servers, executor, alone) = (servers.clone(), executor.clone(), alone.clone());
+        let (servers, executor, alone_until) = (servers.clone(), executor.clone(), alone_until.clone());
         async move {
             let (executor, reports) = (&executor, &reports);
-            if !alone.load(Ordering::Relaxed) {
-                let together = servers
-                    .call("status reports", |c| async move {
-                        let outcomes = c.executor_task_statuses(executor, reports).await?;
-                        let unanswered = outcomes
-                            .iter()
-                            .find_map(|o| o.as_ref().err().filter(|e| e.status().is_none_or(|s| s >= 500)));
-                        match unanswered {
-                            Some(e) => Err(e.clone()),
-                            None => Ok(outcomes),
-                        }
-                    })
-                    .await;
-                match together {
-                    Err(ClientError::Api { status: 405, .. }) => alone.store(true, Ordering::Relaxed),
+            let alone =
+                alone_until.lock().unwrap_or_else(|e| e.into_inner()).is_some_and(|t| Instant::now() < t);
+            if !alone {
+                match together(&servers, executor, reports).await {
+                    Err(ClientError::Api { status: 405, .. }) => {
+                        *alone_until.lock().unwrap_or_else(|e| e.into_inner()) =
+                            Some(Instant::now() + ALONE_FOR);
+                    }
                     other => return other,
                 }
             }
@@ -97,6 +91,50 @@ pub fn reporter(servers: Arc<Servers>, executor: String) -> Reporter {
             Ok(futures::future::join_all(alone).await)
         }
     })
+}
+
+/// How long an executor sends its reports one by one after a server did not take them
+/// together.
+const ALONE_FOR: Duration = Duration::from_secs(300);
+
+/// One request of `reports`, then again the reports answered with a 5xx (moving on to the
+/// next server, as [`Servers::call`] does) until each has an answer or the patience ends.
+async fn together(
+    servers: &Servers,
+    executor: &str,
+    reports: &[TaskReport],
+) -> Result<Vec<Result<(), ClientError>>, ClientError> {
+    let outcomes: Mutex<Vec<Option<Result<(), ClientError>>>> = Mutex::new(vec![None; reports.len()]);
+    let retryable = |e: &ClientError| e.status().is_none_or(|s| s >= 500);
+    let last = servers
+        .call("status reports", |c| {
+            let outcomes = &outcomes;
+            async move {
+                let left: Vec<usize> = {
+                    let outcomes = outcomes.lock().unwrap_or_else(|e| e.into_inner());
+                    (0..reports.len()).filter(|i| outcomes[*i].is_none()).collect()
+                };
+                let sent: Vec<TaskReport> = left.iter().map(|i| reports[*i].clone()).collect();
+                let answers = c.executor_task_statuses(executor, &sent).await?;
+                let mut outcomes = outcomes.lock().unwrap_or_else(|e| e.into_inner());
+                let mut unanswered = None;
+                for (i, answer) in left.into_iter().zip(answers) {
+                    match answer {
+                        Err(e) if retryable(&e) => unanswered = Some(e),
+                        answer => outcomes[i] = Some(answer),
+                    }
+                }
+                unanswered.map_or(Ok(()), Err)
+            }
+        })
+        .await;
+    let outcomes = outcomes.into_inner().unwrap_or_else(|e| e.into_inner());
+    match last {
+        // Not one answer (a 405 among them): the request's own error.
+        Err(e) if outcomes.iter().all(Option::is_none) => Err(e),
+        // The reports still unanswered when the patience ended get the last error.
+        last => Ok(outcomes.into_iter().map(|o| o.unwrap_or_else(|| last.clone())).collect()),
+    }
 }
 
 #[cfg(test)]

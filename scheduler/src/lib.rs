@@ -219,10 +219,11 @@ const PATCH_RUN_FORMAT: u32 = 2;
 /// The command that proposes `patch`: as is when `patches` (every member reads them),
 /// else as the whole update it stands for.
 fn run_command(state: &flotilla_store::State, patch: RunPatch, patches: bool) -> Command {
-    match state.runs.get(&patch.run_id).filter(|_| !patches) {
-        Some(cur) => Command::UpdateRun(Box::new(patch.into_update(cur))),
-        None => Command::PatchRun(Box::new(patch)),
+    if patches {
+        return Command::PatchRun(Box::new(patch));
     }
+    let cur = state.runs.get(&patch.run_id).expect("a run is decided from the view it is proposed from");
+    Command::UpdateRun(Box::new(patch.into_update(cur)))
 }
 
 /// For the scheduler's tests: applies `patch` at `index` as the loop proposes it, checking
