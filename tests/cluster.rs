@@ -362,24 +362,31 @@ async fn wait_maintenance_views(c: &Cluster, via: u64, on: bool) -> flotilla_api
     }
 }
 
-/// Scheduler decisions travel as patches of the run once every member reads them (all run
-/// this release here), and every node makes the same run of them as the leader.
-#[tokio::test(flavor = "multi_thread")]
-async fn run_updates_travel_as_patches_and_every_node_holds_the_same_run() {
+/// A three-node cluster with executor `e1` registered through a follower (its reports
+/// are forwarded), and a run of `tasks` one-step tasks `t00`, `t01`...: the cluster, its
+/// leader, the executor's client, the run's id.
+async fn follower_executor_and_run(tasks: usize) -> (Cluster, u64, flotilla_api::Client, String) {
     use flotilla_api::types::{ExecutorInfo, RunCreate};
-    use flotilla_store::run::{Phase, RunPhase, RunResult};
     let c = Cluster::bootstrap(3, &[]).await;
     let leader = c.wait_for_leader().await;
-    // The executor talks to a follower: its reports are forwarded.
     let exec = c.client((1..=3).find(|id| *id != leader).unwrap());
     let info: ExecutorInfo = serde_json::from_value(serde_json::json!({"archs": ["amd64"]})).unwrap();
     exec.executor_heartbeat("e1", &info).await.unwrap();
     let create: RunCreate = serde_json::from_value(serde_json::json!({
-        "name": "patches", "group": "/p",
-        "tasks": (0..5).map(|i| serde_json::json!({"name": format!("t{i}"), "image": "busybox", "steps": [{"run": {"command": "true"}}]})).collect::<Vec<_>>()
+        "name": "load", "group": "/load",
+        "tasks": (0..tasks).map(|i| serde_json::json!({"name": format!("t{i:02}"), "image": "busybox", "steps": [{"run": {"command": "true"}}]})).collect::<Vec<_>>()
     }))
     .unwrap();
     let id = c.client(leader).run_create(&create).await.unwrap().id;
+    (c, leader, exec, id)
+}
+
+/// Scheduler decisions travel as patches of the run once every member reads them (all run
+/// this release here), and every node makes the same run of them as the leader.
+#[tokio::test(flavor = "multi_thread")]
+async fn run_updates_travel_as_patches_and_every_node_holds_the_same_run() {
+    use flotilla_store::run::{Phase, RunPhase, RunResult};
+    let (c, leader, exec, id) = follower_executor_and_run(5).await;
     let deadline = Instant::now() + Duration::from_secs(60);
     let mut since = 0;
     loop {
@@ -462,19 +469,9 @@ async fn writes_a_follower_forwards_together_each_get_their_own_answer() {
 #[tokio::test(flavor = "multi_thread")]
 async fn reports_sent_together_are_each_answered_as_alone() {
     use flotilla_api::report::Reporter;
-    use flotilla_api::types::{ExecutorInfo, RunCreate, TaskReport, MAX_TASK_REPORTS};
+    use flotilla_api::types::{TaskReport, MAX_TASK_REPORTS};
     use flotilla_store::run::{Phase, TaskStatus};
-    let c = Cluster::bootstrap(3, &[]).await;
-    let leader = c.wait_for_leader().await;
-    let exec = c.client((1..=3).find(|id| *id != leader).unwrap());
-    let info: ExecutorInfo = serde_json::from_value(serde_json::json!({"archs": ["amd64"]})).unwrap();
-    exec.executor_heartbeat("e1", &info).await.unwrap();
-    let create: RunCreate = serde_json::from_value(serde_json::json!({
-        "name": "reports", "group": "/r",
-        "tasks": (0..40).map(|i| serde_json::json!({"name": format!("t{i:02}"), "image": "busybox", "steps": [{"run": {"command": "true"}}]})).collect::<Vec<_>>()
-    }))
-    .unwrap();
-    c.client(leader).run_create(&create).await.unwrap();
+    let (c, leader, exec, _) = follower_executor_and_run(40).await;
     let deadline = Instant::now() + Duration::from_secs(30);
     let tasks = loop {
         let tasks = exec.executor_tasks("e1", 0, 500).await.unwrap().tasks;

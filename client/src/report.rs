@@ -119,19 +119,9 @@ where
     }
 }
 
-/// The length of `report` as JSON, counted as it is written out.
+/// The length of `report` as JSON (and a comma), counted as it is written out.
 fn json_len(report: &TaskReport) -> usize {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0 += bytes.len();
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
+    let mut count = flotilla_store::count::ByteCount::default();
     serde_json::to_writer(&mut count, report).map_or(BATCH_BYTES, |_| count.0 + 1)
 }
 
@@ -169,39 +159,45 @@ mod tests {
         ExecutorTaskStatus { phase, ..ExecutorTaskStatus::new(1) }
     }
 
-    /// A fake server (pure logic: the queue's rules): records each request, holds the first
-    /// one until released, refuses task "gone" with a 404.
+    type Requests = Arc<Mutex<Vec<Vec<TaskReport>>>>;
+
+    /// A reporter over a fake server (pure logic: the queue's rules) that records each
+    /// request, holds the first one until `release` turns true, and refuses task "gone"
+    /// with a 404.
+    fn held_reporter() -> (Reporter, Requests, tokio::sync::watch::Sender<bool>) {
+        let sent: Requests = Arc::default();
+        let (release, held) = tokio::sync::watch::channel(false);
+        let recorded = sent.clone();
+        let reporter = Reporter::start(move |reports: Vec<TaskReport>| {
+            let (sent, mut held) = (recorded.clone(), held.clone());
+            async move {
+                let first = {
+                    let mut sent = sent.lock().unwrap();
+                    sent.push(reports.clone());
+                    sent.len() == 1
+                };
+                if first {
+                    held.wait_for(|r| *r).await.unwrap();
+                }
+                Ok(reports
+                    .iter()
+                    .map(|r| match r.id.as_str() {
+                        "gone" => Err(ClientError::Api {
+                            status: 404,
+                            code: "not_found".into(),
+                            message: "gone".into(),
+                        }),
+                        _ => Ok(()),
+                    })
+                    .collect())
+            }
+        });
+        (reporter, sent, release)
+    }
+
     #[tokio::test]
     async fn reports_that_queue_go_together_in_order_each_caller_gets_its_own_outcome() {
-        let sent: Arc<Mutex<Vec<Vec<TaskReport>>>> = Arc::default();
-        let (release, held) = tokio::sync::watch::channel(false);
-        let reporter = {
-            let sent = sent.clone();
-            Reporter::start(move |reports: Vec<TaskReport>| {
-                let (sent, mut held) = (sent.clone(), held.clone());
-                async move {
-                    let first = {
-                        let mut sent = sent.lock().unwrap();
-                        sent.push(reports.clone());
-                        sent.len() == 1
-                    };
-                    if first {
-                        held.wait_for(|r| *r).await.unwrap();
-                    }
-                    Ok(reports
-                        .iter()
-                        .map(|r| match r.id.as_str() {
-                            "gone" => Err(ClientError::Api {
-                                status: 404,
-                                code: "not_found".into(),
-                                message: "gone".into(),
-                            }),
-                            _ => Ok(()),
-                        })
-                        .collect())
-                }
-            })
-        };
+        let (reporter, sent, release) = held_reporter();
         let report = |id: &'static str, phase| {
             let reporter = reporter.clone();
             tokio::spawn(async move { reporter.report(id, &status(phase)).await })
@@ -237,29 +233,7 @@ mod tests {
     /// Big reports (long errors) are sent in requests of at most [`BATCH_BYTES`], in order.
     #[tokio::test]
     async fn requests_stay_under_the_byte_budget() {
-        type Requests = Arc<Mutex<Vec<(usize, Vec<String>)>>>;
-        let sent: Requests = Arc::default();
-        let (release, held) = tokio::sync::watch::channel(false);
-        let reporter = {
-            let sent = sent.clone();
-            Reporter::start(move |reports: Vec<TaskReport>| {
-                let (sent, mut held) = (sent.clone(), held.clone());
-                async move {
-                    let bytes = serde_json::to_vec(&crate::types::TaskReports { reports: reports.clone() })
-                        .unwrap()
-                        .len();
-                    let first = {
-                        let mut sent = sent.lock().unwrap();
-                        sent.push((bytes, reports.iter().map(|r| r.id.clone()).collect()));
-                        sent.len() == 1
-                    };
-                    if first {
-                        held.wait_for(|r| *r).await.unwrap();
-                    }
-                    Ok(reports.iter().map(|_| Ok(())).collect())
-                }
-            })
-        };
+        let (reporter, sent, release) = held_reporter();
         let big = ExecutorTaskStatus { error: Some("e".repeat(20_000)), ..status(Phase::Failed) };
         let report = |id: String| {
             let (reporter, big) = (reporter.clone(), big.clone());
@@ -276,8 +250,12 @@ mod tests {
         }
         let sent = sent.lock().unwrap().clone();
         assert!(sent.len() >= 4, "10 reports of 20 KB in requests of at most 60 KB: {}", sent.len());
-        assert!(sent.iter().all(|(bytes, _)| *bytes <= BATCH_BYTES + 1024), "{sent:?}");
-        let order: Vec<String> = sent.iter().flat_map(|(_, ids)| ids.clone()).collect();
+        for reports in &sent {
+            let bytes =
+                serde_json::to_vec(&crate::types::TaskReports { reports: reports.clone() }).unwrap().len();
+            assert!(bytes <= BATCH_BYTES + 64, "a request of {bytes} bytes");
+        }
+        let order: Vec<&str> = sent.iter().flatten().map(|r| r.id.as_str()).collect();
         let expected: Vec<String> =
             std::iter::once("first".to_string()).chain((0..10).map(|i| format!("t{i}"))).collect();
         assert_eq!(order, expected);

@@ -11,17 +11,7 @@ pub(crate) fn encode<T: Serialize>(v: &T) -> Result<Vec<u8>, rmp_serde::encode::
 
 /// The length of `v`'s encoding, counted as it is written out, never held.
 pub(crate) fn encoded_len<T: Serialize>(v: &T) -> Result<usize, rmp_serde::encode::Error> {
-    struct Count(usize);
-    impl std::io::Write for Count {
-        fn write(&mut self, bytes: &[u8]) -> std::io::Result<usize> {
-            self.0 += bytes.len();
-            Ok(bytes.len())
-        }
-        fn flush(&mut self) -> std::io::Result<()> {
-            Ok(())
-        }
-    }
-    let mut count = Count(0);
+    let mut count = flotilla_store::count::ByteCount::default();
     rmp_serde::encode::write_named(&mut count, v)?;
     Ok(count.0)
 }

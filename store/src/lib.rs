@@ -13,6 +13,7 @@
 mod apply;
 pub mod archive;
 pub mod command;
+pub mod count;
 pub mod defaults;
 pub mod event;
 pub mod executor;
