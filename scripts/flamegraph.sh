@@ -10,9 +10,9 @@ cd "$(dirname "$0")/.."
 export CARGO_TARGET_DIR="${CARGO_TARGET_DIR:-$HOME/.cache/flotilla-target}"
 what="${1:-}"; out="${2:-docs/flamegraph-$what.svg}"
 case "$what" in
-  writes) args=(--only kv --clients 64); export FLOTILLA_BENCH_KV_WRITES_ONLY=1; secs=10
+  writes) args=(--only kv --clients 64); export FLOTILLA_BENCH_KV_WRITES_ONLY=1; wait=1.5; secs=10
           title="flotilla: 3 server processes under 64 clients of durable kv writes";;
-  scheduler) args=(--only scheduler); secs=2
+  scheduler) args=(--only scheduler); wait=0.8; secs=2
           title="flotilla: 3 server processes under the scheduler benchmark (simulated executors)";;
   *) echo "usage: scripts/flamegraph.sh writes|scheduler [OUT.svg]" >&2; exit 2;;
 esac
@@ -35,7 +35,7 @@ for _ in $(seq 1 600); do
   sleep 0.05
 done
 [ -n "$pids" ] || { cat "$work/bench.log" >&2; echo "error: no benchmark servers appeared" >&2; exit 1; }
-sleep 1.5 # bootstrap and the first writes
+sleep "$wait" # bootstrap and the first writes (the scheduler's three-node phase lasts ~1-2 s)
 echo "== perf on server processes $pids for $secs s"
 # perf stops early (non-zero) if the load ends first: what it recorded is kept.
 perf record -q -F 199 --call-graph dwarf,16384 -p "$pids" -o "$work/perf.data" -- sleep "$secs" 2>/dev/null || true
