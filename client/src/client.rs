@@ -107,9 +107,19 @@ pub fn new_idempotency_key() -> String {
     format!("flotilla-{nanos:x}-{:x}-{:016x}", std::process::id(), h.finish())
 }
 
+/// `base` (a server URL without a trailing `/`) parsed, if it is only a scheme and an
+/// authority: an absolute path joined to it then makes the same URL as appending it.
+fn base_url(base: &str) -> Option<reqwest::Url> {
+    reqwest::Url::parse(base).ok().filter(|u| u.path() == "/" && u.query().is_none() && !base.ends_with('/'))
+}
+
 #[derive(Clone)]
 pub struct Client {
     base: String,
+    /// `base` parsed once, when it has no path of its own: a request's URL is then joined
+    /// to it (only the path is parsed) instead of parsing the whole URL, host and IDNA
+    /// mapping included, for every request.
+    base_url: Option<reqwest::Url>,
     token: Option<String>,
     http: reqwest::Client,
     /// Every server given (`--server a,b,c`); `base` is the one requests go to, and the
@@ -136,7 +146,7 @@ impl Client {
         if servers.is_empty() {
             servers.push(base.trim().trim_end_matches('/').to_string());
         }
-        Client { base: servers[0].clone(), token, http, servers }
+        Client { base_url: base_url(&servers[0]), base: servers[0].clone(), token, http, servers }
     }
 
     /// Every server this client was given, in order.
@@ -146,7 +156,8 @@ impl Client {
 
     /// The same client (token, connection pool, server list) sending to `server`.
     pub fn at(&self, server: &str) -> Client {
-        Client { base: server.trim_end_matches('/').to_string(), ..self.clone() }
+        let base = server.trim_end_matches('/').to_string();
+        Client { base_url: base_url(&base), base, ..self.clone() }
     }
 
     pub fn base(&self) -> &str {
@@ -161,7 +172,12 @@ impl Client {
     ) -> Result<Option<T>, ClientError> {
         check_path(path)?;
         let url = format!("{}{}", self.base, path);
-        let mut req = self.http.request(method, &url);
+        // `//host/...` would join as another authority: such a path is appended, as before.
+        let joinable = path.starts_with('/') && !path.starts_with("//");
+        let mut req = match self.base_url.as_ref().filter(|_| joinable).and_then(|b| b.join(path).ok()) {
+            Some(joined) => self.http.request(method, joined),
+            None => self.http.request(method, &url),
+        };
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
         }
@@ -848,5 +864,37 @@ impl EventStream {
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Client;
+
+    #[test]
+    fn a_request_url_joined_to_the_parsed_base_is_the_appended_one() {
+        let paths = [
+            "/api/v1/kv/bench%2F1%2F2",
+            "/api/v1/kv/a%20b?prev_revision=7",
+            "/api/v1/runs/r-1/tasks/build/logs?step=0&follow=true",
+            "/healthz",
+        ];
+        for base in
+            ["http://127.0.0.1:7001", "http://127.0.0.1:7001/", "https://[::1]:8443", "http://Node-A:80"]
+        {
+            let c = Client::new(base, None);
+            let joined = c.base_url.as_ref().expect("a bare server URL is parsed once");
+            for path in paths {
+                let appended = reqwest::Url::parse(&format!("{}{path}", c.base)).unwrap();
+                assert_eq!(joined.join(path).unwrap(), appended, "{base} + {path}");
+            }
+        }
+        for base in ["http://127.0.0.1:7001/prefix", "not a url"] {
+            assert!(Client::new(base, None).base_url.is_none(), "{base}: appended as before");
+        }
+        let other = Client::new("http://127.0.0.1:7001", None).base_url.unwrap().join("//evil:1/x").unwrap();
+        assert_eq!(other.host_str(), Some("evil"), "why send() appends a path that starts with //");
+        let moved = Client::new("http://a:1", None).at("http://b:2/");
+        assert_eq!(moved.base_url.unwrap().as_str(), "http://b:2/");
     }
 }
