@@ -4,6 +4,12 @@
 //! reused across heartbeats and appends). Every request carries the cluster token. Transport
 //! failures are reported to openraft as `Unreachable`, so it backs off instead of spinning
 //! on a dead peer.
+//!
+//! An entry is encoded once: the leader writes an append from the bytes its log holds for
+//! each entry ([`EntryBytes`]), byte for byte what encoding the request whole gives, and a
+//! follower hands the bytes it received to its log, which writes them as the records
+//! ([`decode_append`], `LogStore::offer_encoded`), instead of encoding each entry again per
+//! follower and on every follower.
 
 use std::time::Duration;
 
@@ -17,6 +23,7 @@ use serde::de::DeserializeOwned;
 use serde::Serialize;
 
 use crate::codec::{decode, encode};
+use crate::log_store::EntryBytes;
 use crate::{Node, NodeId, TypeConfig};
 
 /// Paths of the node-to-node routes, relative to a node's address.
@@ -116,8 +123,22 @@ impl PeerClient {
         body: &Req,
         timeout: Duration,
     ) -> Result<Resp, TransportError> {
+        let bytes = encode(body).map_err(|e| TransportError::Failed {
+            addr: addr.to_string(),
+            message: format!("encode: {e}"),
+        })?;
+        self.call_encoded(addr, path, bytes, timeout).await
+    }
+
+    /// [`PeerClient::call`] with the body already encoded.
+    pub async fn call_encoded<Resp: DeserializeOwned>(
+        &self,
+        addr: &str,
+        path: &str,
+        bytes: Vec<u8>,
+        timeout: Duration,
+    ) -> Result<Resp, TransportError> {
         let failed = |message: String| TransportError::Failed { addr: addr.to_string(), message };
-        let bytes = encode(body).map_err(|e| failed(format!("encode: {e}")))?;
         let url = self.url(addr, path).map_err(|e| failed(format!("{addr}: not a URL: {e}")))?;
         let mut req = self.http.post(url).header("content-type", MSGPACK).body(bytes).timeout(timeout);
         if let Some(t) = &self.token {
@@ -146,13 +167,20 @@ impl PeerClient {
 /// Builds one [`PeerNetwork`] per replication target.
 pub struct NetworkFactory {
     pub client: PeerClient,
+    /// The log's recent entries, encoded: appends are written from them.
+    pub entries: Option<EntryBytes>,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
     type Network = PeerNetwork;
 
     async fn new_client(&mut self, target: NodeId, node: &Node) -> Self::Network {
-        PeerNetwork { client: self.client.clone(), target, addr: node.addr.clone() }
+        PeerNetwork {
+            client: self.client.clone(),
+            target,
+            addr: node.addr.clone(),
+            entries: self.entries.clone(),
+        }
     }
 }
 
@@ -160,6 +188,7 @@ pub struct PeerNetwork {
     client: PeerClient,
     target: NodeId,
     addr: String,
+    entries: Option<EntryBytes>,
 }
 
 impl PeerNetwork {
@@ -174,11 +203,27 @@ impl PeerNetwork {
         Resp: DeserializeOwned,
         E: std::error::Error + DeserializeOwned,
     {
+        let body = encode(req).map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.rpc_encoded(path, body, option).await
+    }
+
+    async fn rpc_encoded<Resp, E>(
+        &self,
+        path: &str,
+        body: Vec<u8>,
+        option: &RPCOption,
+    ) -> Result<Resp, RPCError<NodeId, Node, RaftError<NodeId, E>>>
+    where
+        Resp: DeserializeOwned,
+        E: std::error::Error + DeserializeOwned,
+    {
         let result: Result<Resp, RaftError<NodeId, E>> =
-            self.client.call(&self.addr, path, req, option.hard_ttl()).await.map_err(|e| match e {
-                TransportError::Connect { .. } => RPCError::Unreachable(Unreachable::new(&e)),
-                TransportError::Failed { .. } => RPCError::Network(NetworkError::new(&e)),
-            })?;
+            self.client.call_encoded(&self.addr, path, body, option.hard_ttl()).await.map_err(
+                |e| match e {
+                    TransportError::Connect { .. } => RPCError::Unreachable(Unreachable::new(&e)),
+                    TransportError::Failed { .. } => RPCError::Network(NetworkError::new(&e)),
+                },
+            )?;
         result.map_err(|e| {
             RPCError::RemoteError(RemoteError::new_with_node(self.target, Node::new(&self.addr), e))
         })
@@ -191,7 +236,14 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        self.rpc(paths::APPEND, &rpc, &option).await
+        let encoded =
+            self.entries.as_ref().filter(|_| !rpc.entries.is_empty()).and_then(|e| e.get(&rpc.entries));
+        let body = match encoded {
+            Some(entries) => encode_append(&rpc, &entries),
+            None => encode(&rpc),
+        }
+        .map_err(|e| RPCError::Network(NetworkError::new(&e)))?;
+        self.rpc_encoded(paths::APPEND, body, &option).await
     }
 
     async fn install_snapshot(
@@ -214,6 +266,85 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
     }
 }
 
+/// An append encoded as [`encode`] would encode it (a map of its named fields, in their
+/// order), its entries written from their encodings (`entries[i]` is `rpc.entries[i]`'s).
+fn encode_append(
+    rpc: &AppendEntriesRequest<TypeConfig>,
+    entries: &[bytes::Bytes],
+) -> Result<Vec<u8>, rmp_serde::encode::Error> {
+    use rmp::encode::{write_array_len, write_map_len, write_str};
+    fn field<T: Serialize>(out: &mut Vec<u8>, name: &str, value: &T) -> Result<(), rmp_serde::encode::Error> {
+        write_str(out, name)?;
+        rmp_serde::encode::write_named(out, value)
+    }
+    let mut out = Vec::with_capacity(96 + entries.iter().map(|e| e.len()).sum::<usize>());
+    write_map_len(&mut out, 4)?;
+    field(&mut out, "vote", &rpc.vote)?;
+    field(&mut out, "prev_log_id", &rpc.prev_log_id)?;
+    write_str(&mut out, "entries")?;
+    write_array_len(&mut out, entries.len() as u32)?;
+    for e in entries {
+        out.extend_from_slice(e);
+    }
+    field(&mut out, "leader_commit", &rpc.leader_commit)?;
+    Ok(out)
+}
+
+/// An append decoded, with each entry's bytes as the sender encoded it (`None` for a body
+/// not laid out as [`encode_append`] writes it: it is decoded whole, as before).
+pub(crate) fn decode_append(
+    body: &[u8],
+) -> Result<(AppendEntriesRequest<TypeConfig>, Option<Vec<bytes::Bytes>>), rmp_serde::decode::Error> {
+    match decode_append_fields(body) {
+        Some(decoded) => Ok(decoded),
+        None => decode(body).map(|rpc| (rpc, None)),
+    }
+}
+
+fn decode_append_fields(
+    body: &[u8],
+) -> Option<(AppendEntriesRequest<TypeConfig>, Option<Vec<bytes::Bytes>>)> {
+    use rmp::decode::{read_array_len, read_map_len, read_str_len};
+    fn value<T: DeserializeOwned>(rd: &mut &[u8]) -> Option<T> {
+        T::deserialize(&mut rmp_serde::Deserializer::new(rd)).ok()
+    }
+    let mut rd = body;
+    let (mut vote, mut prev_log_id, mut leader_commit, mut entries) = (None, None, None, None);
+    for _ in 0..read_map_len(&mut rd).ok()? {
+        let len = read_str_len(&mut rd).ok()? as usize;
+        let name = rd.get(..len)?;
+        rd = &rd[len..];
+        match name {
+            b"vote" => vote = Some(value(&mut rd)?),
+            b"prev_log_id" => prev_log_id = Some(value(&mut rd)?),
+            b"leader_commit" => leader_commit = Some(value(&mut rd)?),
+            b"entries" => {
+                let n = read_array_len(&mut rd).ok()? as usize;
+                let (mut decoded, mut encoded) =
+                    (Vec::with_capacity(n.min(4096)), Vec::with_capacity(n.min(4096)));
+                for _ in 0..n {
+                    let start = rd;
+                    decoded.push(value::<crate::Entry>(&mut rd)?);
+                    encoded.push(bytes::Bytes::copy_from_slice(&start[..start.len() - rd.len()]));
+                }
+                entries = Some((decoded, encoded));
+            }
+            _ => return None,
+        }
+    }
+    let (entries, encoded) = entries?;
+    if !rd.is_empty() {
+        return None;
+    }
+    let rpc = AppendEntriesRequest {
+        vote: vote?,
+        prev_log_id: prev_log_id?,
+        entries,
+        leader_commit: leader_commit?,
+    };
+    Some((rpc, Some(encoded)))
+}
+
 #[cfg(test)]
 mod tests {
     use super::PeerClient;
@@ -230,6 +361,72 @@ mod tests {
             }
         }
         assert!(c.url("not a url", super::paths::APPEND).is_err());
+    }
+
+    /// An append written from its entries' encodings is byte for byte what encoding the
+    /// request gives (what older nodes send, and what every node decodes).
+    #[test]
+    fn an_append_written_from_encoded_entries_is_the_encoded_append() {
+        use super::{encode, encode_append, AppendEntriesRequest};
+        use crate::{Entry, Node, TypeConfig};
+        use openraft::{CommittedLeaderId, EntryPayload, LogId, Membership, Vote};
+        use std::collections::{BTreeMap, BTreeSet};
+        use std::sync::Arc;
+        let at = |term, index| LogId::new(CommittedLeaderId::new(term, 1), index);
+        let members = BTreeMap::from([(1, Node::new("http://127.0.0.1:7001")), (2, Node::new("http://b:2"))]);
+        let entries = vec![
+            Entry { log_id: at(3, 7), payload: EntryPayload::Blank },
+            Entry {
+                log_id: at(3, 8),
+                payload: EntryPayload::Normal(Arc::new(flotilla_store::command::Command::KvPut {
+                    key: "k/ü".into(),
+                    value: "v".repeat(70_000),
+                    prev_revision: Some(2),
+                })),
+            },
+            Entry {
+                log_id: at(3, 9),
+                payload: EntryPayload::Membership(Membership::new(vec![BTreeSet::from([1, 2])], members)),
+            },
+        ];
+        let many: Vec<Entry> =
+            (10..80).map(|i| Entry { log_id: at(3, i), payload: EntryPayload::Blank }).collect();
+        for (vote, prev, commit, entries) in [
+            (Vote::new_committed(3, 1), Some(at(2, 6)), Some(at(2, 5)), entries.clone()),
+            (Vote::new(4, 2), None, None, entries[1..2].to_vec()),
+            (Vote::new_committed(3, 1), Some(at(3, 9)), Some(at(3, 9)), many),
+            (Vote::new_committed(3, 1), Some(at(3, 9)), None, Vec::new()),
+        ] {
+            let rpc = AppendEntriesRequest::<TypeConfig> {
+                vote,
+                prev_log_id: prev,
+                entries,
+                leader_commit: commit,
+            };
+            let encoded: Vec<bytes::Bytes> = rpc.entries.iter().map(|e| encode(e).unwrap().into()).collect();
+            let body = encode_append(&rpc, &encoded).unwrap();
+            assert_eq!(body, encode(&rpc).unwrap());
+            // The receiving end gets the same request back, and each entry's own bytes.
+            let (back, raw) = super::decode_append(&body).unwrap();
+            assert_eq!(encode(&back).unwrap(), body);
+            assert_eq!(raw.expect("laid out as written"), encoded);
+        }
+        // Another layout (an array, as an unnamed encoding would be) is decoded whole, and
+        // a malformed body is refused as before.
+        let rpc = AppendEntriesRequest::<TypeConfig> {
+            vote: Vote::new_committed(3, 1),
+            prev_log_id: None,
+            entries: entries.clone(),
+            leader_commit: None,
+        };
+        let unnamed = rmp_serde::to_vec(&rpc).unwrap();
+        let (back, raw) = super::decode_append(&unnamed).unwrap();
+        assert!(raw.is_none());
+        assert_eq!(encode(&back).unwrap(), encode(&rpc).unwrap());
+        let body = encode(&rpc).unwrap();
+        for cut in [1, body.len() / 2, body.len() - 1] {
+            assert!(super::decode_append(&body[..cut]).is_err(), "cut at {cut}");
+        }
     }
 
     #[test]

@@ -123,7 +123,7 @@ pub struct RaftNode {
     pub state: SharedState,
     pub(crate) peers: PeerClient,
     db: sled::Db,
-    log: LogStore,
+    pub(crate) log: LogStore,
     sm: StateMachineStore,
     batcher: Batcher,
     forwarder: crate::forward::Forwarder,
@@ -183,7 +183,7 @@ impl RaftNode {
         .map_err(|e| StartError::Config(e.to_string()))?;
 
         let peers = PeerClient::new(cfg.cluster_token.clone());
-        let network = NetworkFactory { client: peers.clone() };
+        let network = NetworkFactory { client: peers.clone(), entries: Some(log.entry_bytes()) };
         let raft = Raft::new(cfg.id, Arc::new(raft_config), network, log.clone(), sm.clone())
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;

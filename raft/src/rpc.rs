@@ -27,7 +27,11 @@ pub async fn handle(node: &RaftNode, kind: RpcKind, body: &[u8]) -> Result<Vec<u
     let encoded = match kind {
         RpcKind::Append => {
             node.contact.heard_from_leader();
-            encode(&node.raft.append_entries(decode(body).map_err(bad)?).await)
+            let (req, encoded) = crate::network::decode_append(body).map_err(bad)?;
+            if let Some(encoded) = encoded.filter(|e| !e.is_empty()) {
+                node.log.offer_encoded(&req.entries, encoded);
+            }
+            encode(&node.raft.append_entries(req).await)
         }
         RpcKind::Vote => {
             let req: VoteRequest<NodeId> = decode(body).map_err(bad)?;
