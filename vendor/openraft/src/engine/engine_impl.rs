@@ -155,7 +155,14 @@ where C: RaftTypeConfig
         );
 
         // Previously it is a leader. restore it as leader at once
-        if self.state.is_leader(&self.config.id) {
+        //
+        // flotilla: never. With the leader sending entries before its own fsync (see
+        // `RaftCore`'s `AppendInputEntries`), a leader that loses power can come back
+        // without entries its followers hold; leading again in the same term, it would
+        // write other entries under the same log ids (term, leader, index), which the
+        // followers would take for the ones they have. It starts as a follower and leads
+        // again only by winning an election, in a new term, as etcd's raft does.
+        if false && self.state.is_leader(&self.config.id) {
             self.vote_handler().update_internal_server_state();
 
             let mut rh = self.replication_handler();
