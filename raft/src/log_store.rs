@@ -631,7 +631,6 @@ impl LogStore {
         self.wal.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Number of entries currently kept in the log (for metrics and tests).
     /// Entries about to be appended (a leader's append, `encoded[i]` being the leader's
     /// encoding of `entries[i]`, consecutive): their records are written from these bytes.
     /// Only the last offer is kept. An entry is named by its log id, which no other entry
@@ -651,6 +650,7 @@ impl LogStore {
         EntryBytes(self.wal.clone())
     }
 
+    /// Number of entries currently kept in the log (for metrics and tests).
     pub fn entry_count(&self) -> usize {
         self.lock().slots.len()
     }
