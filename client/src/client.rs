@@ -171,12 +171,13 @@ impl Client {
         body: Option<&impl Serialize>,
     ) -> Result<Option<T>, ClientError> {
         check_path(path)?;
-        let url = format!("{}{}", self.base, path);
-        // `//host/...` would join as another authority: such a path is appended, as before.
+        // The URL as text only for an error: the request goes to `base_url` joined with
+        // the path. `//host/...` would join as another authority: such a path is appended.
+        let url = || format!("{}{}", self.base, path);
         let joinable = path.starts_with('/') && !path.starts_with("//");
         let mut req = match self.base_url.as_ref().filter(|_| joinable).and_then(|b| b.join(path).ok()) {
             Some(joined) => self.http.request(method, joined),
-            None => self.http.request(method, &url),
+            None => self.http.request(method, url()),
         };
         if let Some(t) = &self.token {
             req = req.bearer_auth(t);
@@ -184,8 +185,7 @@ impl Client {
         if let Some(b) = body {
             req = req.json(b);
         }
-        let transport =
-            |e: reqwest::Error| ClientError::Transport { url: url.clone(), message: describe(&e) };
+        let transport = |e: reqwest::Error| ClientError::Transport { url: url(), message: describe(&e) };
         let resp = req.send().await.map_err(transport)?;
         let status = resp.status().as_u16();
         let bytes = resp.bytes().await.map_err(transport)?;
@@ -202,10 +202,9 @@ impl Client {
         if status == 204 || bytes.is_empty() {
             return Ok(None);
         }
-        serde_json::from_slice(&bytes).map(Some).map_err(|e| ClientError::Transport {
-            url: url.clone(),
-            message: format!("unreadable answer: {e}"),
-        })
+        serde_json::from_slice(&bytes)
+            .map(Some)
+            .map_err(|e| ClientError::Transport { url: url(), message: format!("unreadable answer: {e}") })
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {

@@ -589,12 +589,18 @@ impl Wal {
     }
 }
 
+/// The encoded entry a slot points to (its record's payload, after the header and the
+/// log id's index).
+fn read_payload(slot: &Slot) -> io::Result<Vec<u8>> {
+    let mut buf = vec![0; slot.len as usize];
+    slot.file.read_exact_at(&mut buf, slot.offset + HEADER as u64 + 9)?;
+    Ok(buf)
+}
+
 /// The entry a slot points to, checked to be entry `index` (a read racing a truncation
 /// must fail, not return another entry).
 fn read_entry(slot: &Slot, index: u64) -> io::Result<Entry> {
-    let mut buf = vec![0; slot.len as usize];
-    slot.file.read_exact_at(&mut buf, slot.offset + HEADER as u64 + 9)?;
-    let entry: Entry = decode(&buf).map_err(|e| invalid(format!("entry {index}: {e}")))?;
+    let entry: Entry = decode(&read_payload(slot)?).map_err(|e| invalid(format!("entry {index}: {e}")))?;
     if entry.log_id.index != index {
         return Err(invalid(format!("entry {index} expected, entry {} read", entry.log_id.index)));
     }
@@ -1034,17 +1040,11 @@ mod tests {
         let bytes = store.entry_bytes();
         let wanted: Vec<Entry> = (3..=5).map(|i| put(1, i)).collect();
         let got = bytes.get(&wanted).expect("recent entries");
-        let records: Vec<Vec<u8>> = {
+        let record = |index: u64| {
             let wal = store.lock();
-            (3..=5)
-                .map(|i| {
-                    let slot = wal.slots[(i - wal.first) as usize].clone().unwrap();
-                    let mut buf = vec![0; slot.len as usize];
-                    slot.file.read_exact_at(&mut buf, slot.offset + HEADER as u64 + 9).unwrap();
-                    buf
-                })
-                .collect()
+            read_payload(wal.slots[(index - wal.first) as usize].as_ref().unwrap()).unwrap()
         };
+        let records: Vec<Vec<u8>> = (3..=5).map(record).collect();
         assert_eq!(got.iter().map(|b| b.to_vec()).collect::<Vec<_>>(), records);
         assert_eq!(got[0].to_vec(), encode(&wanted[0]).unwrap());
         assert!(bytes.get(&[put(2, 4)]).is_none(), "another term's entry at the same index");
@@ -1058,13 +1058,6 @@ mod tests {
         // A follower writes the records of a leader's append from the leader's bytes (here
         // another encoding of the same entries, the unnamed one, to tell them apart), each
         // only for the entry it was offered for.
-        let record = |index: u64| {
-            let wal = store.lock();
-            let slot = wal.slots[(index - wal.first) as usize].clone().unwrap();
-            let mut buf = vec![0; slot.len as usize];
-            slot.file.read_exact_at(&mut buf, slot.offset + HEADER as u64 + 9).unwrap();
-            buf
-        };
         let offered: Vec<Entry> = (6..=8).map(|i| put(2, i)).collect();
         let theirs: Vec<Bytes> = offered.iter().map(|e| rmp_serde::to_vec(e).unwrap().into()).collect();
         store.offer_encoded(&offered, theirs.clone());
