@@ -642,7 +642,8 @@ impl LogStore {
     /// Only the last offer is kept. An entry is named by its log id, which no other entry
     /// shares, so bytes of the same id are the same entry's.
     pub fn offer_encoded(&self, entries: &[Entry], encoded: Vec<Bytes>) {
-        let consecutive = entries.windows(2).all(|w| w[0].log_id.index + 1 == w[1].log_id.index);
+        let consecutive =
+            entries.windows(2).all(|w| w[0].log_id.index.checked_add(1) == Some(w[1].log_id.index));
         let offered = if consecutive && entries.len() == encoded.len() {
             entries.iter().map(|e| e.log_id).zip(encoded).collect()
         } else {

@@ -318,3 +318,62 @@ async fn a_restarted_leader_leads_again_only_in_a_new_term() {
     assert!(now > term, "node 1 leads again in term {now}, its term before the restart was {term}");
     again.shutdown().await.expect("shutdown");
 }
+
+/// A leader restarted where it cannot win an election (its only other voter is down) stays
+/// a follower (or a candidate) until it wins one: openraft's tick made it leader again in
+/// its old term (`leader_step_down` re-deriving the state from the saved vote). And it says
+/// so: its metrics name no leader and a write is told that no leader is known — not that it
+/// leads, which would have flotilla's node act as the leader (schedule, take executors' log
+/// chunks, wait on writes that cannot commit). vendor/README.md.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_restarted_leader_names_no_leader_until_it_wins_an_election() {
+    let dirs = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+    let peers: Peers = Arc::default();
+    let (leader, _) = start(1, dirs.0.path(), &peers).await;
+    let (other, _) = start(2, dirs.1.path(), &peers).await;
+    leader.initialize(BTreeMap::from([(1, Node::new("one"))])).await.expect("initialize");
+    leader.wait(Some(Duration::from_secs(10))).current_leader(1, "node 1 leads").await.expect("a leader");
+    leader.add_learner(2, Node::new("two"), true).await.expect("add node 2");
+    leader.change_membership([1, 2], false).await.expect("node 2 votes");
+    let put = Command::KvPut { key: "k".into(), value: "v".into(), prev_revision: None };
+    leader.client_write(Arc::new(put.clone())).await.expect("a write");
+    let term = leader.metrics().borrow().current_term;
+    for raft in [leader, other] {
+        raft.shutdown().await.expect("shutdown");
+    }
+    peers.lock().unwrap().clear();
+
+    let (again, _) = start(1, dirs.0.path(), &peers).await;
+    // Unpatched, it led again ~100 ms after start-up (a few ticks).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let m = again.metrics().borrow().clone();
+    assert_ne!(
+        m.state,
+        openraft::ServerState::Leader,
+        "node 1 leads without node 2's vote: term {} (was {term}), {:?}",
+        m.current_term,
+        m.membership_config
+    );
+    assert_eq!(m.current_leader, None, "node 1 names a leader while it is a {:?}", m.state);
+    match again.client_write(Arc::new(put.clone())).await {
+        Err(RaftError::APIError(openraft::error::ClientWriteError::ForwardToLeader(f))) => {
+            assert_eq!(f.leader_id, None, "a write is sent on to {:?}", f.leader_id)
+        }
+        other => panic!("a write without a leader: {other:?}"),
+    }
+
+    let (other, _) = start(2, dirs.1.path(), &peers).await;
+    let m = again
+        .wait(Some(Duration::from_secs(10)))
+        .metrics(|m| m.current_leader.is_some(), "a leader once node 2 is back")
+        .await
+        .expect("a leader");
+    assert!(
+        m.current_term > term,
+        "a leader in term {}, the term before the restart was {term}",
+        m.current_term
+    );
+    for raft in [again, other] {
+        raft.shutdown().await.expect("shutdown");
+    }
+}

@@ -684,7 +684,15 @@ where
         }
 
         // Safe unwrap(): vote that is committed has to already have voted for some node.
-        Some(vote.leader_id().voted_for().unwrap())
+        let id = vote.leader_id().voted_for().unwrap();
+
+        // flotilla: a node restarted on a committed vote for itself starts as a follower
+        // (`Engine::startup`): until it wins an election it leads nothing, and naming
+        // itself would make it act as the leader it is not.
+        if id == self.id && self.engine.state.server_state != ServerState::Leader {
+            return None;
+        }
+        Some(id)
     }
 
     /// Retrieves the most recent timestamp that is acknowledged by a quorum.

@@ -533,6 +533,14 @@ where C: RaftTypeConfig
     pub(crate) fn leader_step_down(&mut self) {
         tracing::debug!("leader_step_down: node_id:{}", self.config.id);
 
+        // flotilla: only a node that leads steps down. `RaftCore` calls this on every tick
+        // once the effective membership is applied, leading or not; on a node restarted on a
+        // committed vote for itself (a follower: `startup`), `update_internal_server_state`
+        // below would make it leader again in its old term, which `startup` refuses to do.
+        if self.leader.is_none() {
+            return;
+        }
+
         // Step down:
         // Keep acting as leader until a membership without this node is committed.
         let em = &self.state.membership_state.effective();
@@ -772,10 +780,20 @@ where C: RaftTypeConfig
     }
 
     pub(crate) fn leader_handler(&mut self) -> Result<LeaderHandler<'_, C>, ForwardToLeader<C::NodeId, C::Node>> {
+        // flotilla: never forward to this node itself (a node restarted on a committed vote
+        // for itself is a follower until it wins an election: `Engine::startup`).
+        let me = self.config.id.clone();
+        let forward = |to: ForwardToLeader<C::NodeId, C::Node>| {
+            if to.leader_id.as_ref() == Some(&me) {
+                ForwardToLeader::empty()
+            } else {
+                to
+            }
+        };
         let leader = match self.leader.as_mut() {
             None => {
                 tracing::debug!("this node is NOT a leader: {:?}", self.state.server_state);
-                return Err(self.state.forward_to_leader());
+                return Err(forward(self.state.forward_to_leader()));
             }
             Some(x) => x,
         };
@@ -786,7 +804,7 @@ where C: RaftTypeConfig
         // Note that leading state is separated from local RaftState(which is used by the `Acceptor` part),
         // and do not consider the vote in the local RaftState.
         if !leader.vote.is_committed() {
-            return Err(self.state.forward_to_leader());
+            return Err(forward(self.state.forward_to_leader()));
         }
 
         Ok(LeaderHandler {
