@@ -168,7 +168,7 @@ impl PeerClient {
 pub struct NetworkFactory {
     pub client: PeerClient,
     /// The log's recent entries, encoded: appends are written from them.
-    pub entries: Option<EntryBytes>,
+    pub entries: EntryBytes,
 }
 
 impl RaftNetworkFactory<TypeConfig> for NetworkFactory {
@@ -188,7 +188,7 @@ pub struct PeerNetwork {
     client: PeerClient,
     target: NodeId,
     addr: String,
-    entries: Option<EntryBytes>,
+    entries: EntryBytes,
 }
 
 impl PeerNetwork {
@@ -236,8 +236,7 @@ impl RaftNetwork<TypeConfig> for PeerNetwork {
         rpc: AppendEntriesRequest<TypeConfig>,
         option: RPCOption,
     ) -> Result<AppendEntriesResponse<NodeId>, RPCError<NodeId, Node, RaftError<NodeId>>> {
-        let encoded =
-            self.entries.as_ref().filter(|_| !rpc.entries.is_empty()).and_then(|e| e.get(&rpc.entries));
+        let encoded = Some(&rpc.entries).filter(|e| !e.is_empty()).and_then(|e| self.entries.get(e));
         let body = match encoded {
             Some(entries) => encode_append(&rpc, &entries),
             None => encode(&rpc),

@@ -183,7 +183,7 @@ impl RaftNode {
         .map_err(|e| StartError::Config(e.to_string()))?;
 
         let peers = PeerClient::new(cfg.cluster_token.clone());
-        let network = NetworkFactory { client: peers.clone(), entries: Some(log.entry_bytes()) };
+        let network = NetworkFactory { client: peers.clone(), entries: log.entry_bytes() };
         let raft = Raft::new(cfg.id, Arc::new(raft_config), network, log.clone(), sm.clone())
             .await
             .map_err(|e| StartError::Raft(e.to_string()))?;
