@@ -8,8 +8,11 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::http::{bearer, header, Answer, Base, HeaderName, HeaderValue, Http};
 use crate::types::*;
+use bytes::Bytes;
 use flotilla_store::limits::{CLIENT_RETRY_BACKOFF_MS, CLIENT_RETRY_BUDGET_MS};
+use http::{HeaderMap, Method};
 
 /// Characters escaped in a user-supplied path segment (a key, run id, task name, executor
 /// id). `/` is escaped, so a key with slashes stays one segment, and `\`, which URL
@@ -59,22 +62,7 @@ pub enum ClientError {
     Refused(String),
 }
 
-/// A transport error with its causes (reqwest's own message stops at "error sending
-/// request"; the reason — refused, timed out, a certificate the CA does not sign — is in
-/// its sources).
-pub fn describe(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut out = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let text = s.to_string();
-        if !out.contains(&text) {
-            out.push_str(": ");
-            out.push_str(&text);
-        }
-        source = s.source();
-    }
-    out
-}
+pub use crate::http::describe;
 
 impl ClientError {
     pub fn status(&self) -> Option<u16> {
@@ -107,21 +95,20 @@ pub fn new_idempotency_key() -> String {
     format!("flotilla-{nanos:x}-{:x}-{:016x}", std::process::id(), h.finish())
 }
 
-/// `base` (a server URL without a trailing `/`) parsed, if it is only a scheme and an
-/// authority: an absolute path joined to it then makes the same URL as appending it.
-fn base_url(base: &str) -> Option<reqwest::Url> {
-    reqwest::Url::parse(base).ok().filter(|u| u.path() == "/" && u.query().is_none() && !base.ends_with('/'))
-}
+/// The time a request and its answer get, and the connect timeout.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 
 #[derive(Clone)]
 pub struct Client {
     base: String,
-    /// `base` parsed once, when it has no path of its own: a request's URL is then joined
-    /// to it (only the path is parsed) instead of parsing the whole URL, host and IDNA
-    /// mapping included, for every request.
-    base_url: Option<reqwest::Url>,
+    /// `base` parsed once (a request's URI is it plus the path), or why it is no URL.
+    target: Result<Base, String>,
     token: Option<String>,
-    http: reqwest::Client,
+    /// `Authorization: Bearer <token>`, made once (and marked sensitive), or why the
+    /// token cannot be sent.
+    auth: Result<Option<HeaderValue>, String>,
+    http: Http,
     /// Every server given (`--server a,b,c`); `base` is the one requests go to, and the
     /// calls that retry ([`Client::run_create`]) move along this list.
     servers: Vec<String>,
@@ -131,13 +118,8 @@ impl Client {
     /// A client of `base`: one server URL, or several separated by commas (requests go to
     /// the first; the retrying calls move to the next on transport errors and 503).
     pub fn new(base: &str, token: Option<String>) -> Self {
-        let http = crate::tls::client_builder()
-            .connect_timeout(Duration::from_secs(2))
-            .timeout(Duration::from_secs(60))
-            // Servers close idle connections after HEADER_READ_TIMEOUT_MS: let go first.
-            .pool_idle_timeout(Duration::from_secs(15))
-            .build()
-            .expect("static client settings");
+        // Servers close idle connections after HEADER_READ_TIMEOUT_MS: let go first.
+        let http = Http::new(CONNECT_TIMEOUT, Duration::from_secs(15), usize::MAX);
         let mut servers: Vec<String> = base
             .split(',')
             .map(|s| s.trim().trim_end_matches('/').to_string())
@@ -146,7 +128,8 @@ impl Client {
         if servers.is_empty() {
             servers.push(base.trim().trim_end_matches('/').to_string());
         }
-        Client { base_url: base_url(&servers[0]), base: servers[0].clone(), token, http, servers }
+        let auth = token.as_deref().map(bearer).transpose();
+        Client { target: Base::parse(&servers[0]), base: servers[0].clone(), token, auth, http, servers }
     }
 
     /// Every server this client was given, in order.
@@ -157,70 +140,95 @@ impl Client {
     /// The same client (token, connection pool, server list) sending to `server`.
     pub fn at(&self, server: &str) -> Client {
         let base = server.trim_end_matches('/').to_string();
-        Client { base_url: base_url(&base), base, ..self.clone() }
+        Client { target: Base::parse(&base), base, ..self.clone() }
     }
 
     pub fn base(&self) -> &str {
         &self.base
     }
 
-    async fn send<T: DeserializeOwned>(
+    /// Sends one request with a small body (`json`) and reads its answer whole; a token
+    /// goes along when this client has one. Errors name the URL.
+    async fn exchange(
         &self,
-        method: reqwest::Method,
+        method: Method,
         path: &str,
-        body: Option<&impl Serialize>,
-    ) -> Result<Option<T>, ClientError> {
+        json: Option<Vec<u8>>,
+        extra: Option<(HeaderName, HeaderValue)>,
+    ) -> Result<Answer, ClientError> {
         check_path(path)?;
-        // The URL as text only for an error: the request goes to `base_url` joined with
-        // the path. `//host/...` would join as another authority: such a path is appended.
+        // The URL as text only for an error.
         let url = || format!("{}{}", self.base, path);
-        let joinable = path.starts_with('/') && !path.starts_with("//");
-        let mut req = match self.base_url.as_ref().filter(|_| joinable).and_then(|b| b.join(path).ok()) {
-            Some(joined) => self.http.request(method, joined),
-            None => self.http.request(method, url()),
-        };
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
+        let transport = |message: String| ClientError::Transport { url: url(), message };
+        let uri = self.target.as_ref().map_err(|e| transport(e.clone()))?.uri(path).map_err(transport)?;
+        let mut headers = HeaderMap::new();
+        match &self.auth {
+            Ok(Some(auth)) => {
+                headers.insert(header::AUTHORIZATION, auth.clone());
+            }
+            Ok(None) => {}
+            Err(e) => return Err(ClientError::Refused(e.clone())),
         }
-        if let Some(b) = body {
-            req = req.json(b);
+        if json.is_some() {
+            headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
-        let transport = |e: reqwest::Error| ClientError::Transport { url: url(), message: describe(&e) };
-        let resp = req.send().await.map_err(transport)?;
-        let status = resp.status().as_u16();
-        let bytes = resp.bytes().await.map_err(transport)?;
-        if !(200..300).contains(&status) {
-            return Err(match serde_json::from_slice::<ErrorBody>(&bytes) {
-                Ok(e) => ClientError::Api { status, code: e.code, message: e.message },
+        if let Some((name, value)) = extra {
+            headers.insert(name, value);
+        }
+        let body = json.map(Bytes::from).unwrap_or_default();
+        let answer = self
+            .http
+            .send(method, uri, headers, body, REQUEST_TIMEOUT)
+            .await
+            .map_err(|e| transport(e.to_string()))?;
+        if !(200..300).contains(&answer.status) {
+            let bytes = &answer.body;
+            return Err(match serde_json::from_slice::<ErrorBody>(bytes) {
+                Ok(e) => ClientError::Api { status: answer.status, code: e.code, message: e.message },
                 Err(_) => ClientError::Api {
-                    status,
+                    status: answer.status,
                     code: "unknown".into(),
-                    message: String::from_utf8_lossy(&bytes).chars().take(300).collect(),
+                    message: String::from_utf8_lossy(bytes).chars().take(300).collect(),
                 },
             });
         }
-        if status == 204 || bytes.is_empty() {
+        Ok(answer)
+    }
+
+    async fn send<T: DeserializeOwned>(
+        &self,
+        method: Method,
+        path: &str,
+        body: Option<&impl Serialize>,
+    ) -> Result<Option<T>, ClientError> {
+        let json = body
+            .map(serde_json::to_vec)
+            .transpose()
+            .map_err(|e| ClientError::Refused(format!("cannot encode the request: {e}")))?;
+        let answer = self.exchange(method, path, json, None).await?;
+        if answer.status == 204 || answer.body.is_empty() {
             return Ok(None);
         }
-        serde_json::from_slice(&bytes)
-            .map(Some)
-            .map_err(|e| ClientError::Transport { url: url(), message: format!("unreadable answer: {e}") })
+        serde_json::from_slice(&answer.body).map(Some).map_err(|e| ClientError::Transport {
+            url: format!("{}{}", self.base, path),
+            message: format!("unreadable answer: {e}"),
+        })
     }
 
     async fn get<T: DeserializeOwned>(&self, path: &str) -> Result<T, ClientError> {
-        self.send::<T>(reqwest::Method::GET, path, None::<&()>).await?.ok_or_else(|| self.empty(path))
+        self.send::<T>(Method::GET, path, None::<&()>).await?.ok_or_else(|| self.empty(path))
     }
 
     async fn with_body<T: DeserializeOwned>(
         &self,
-        method: reqwest::Method,
+        method: Method,
         path: &str,
         body: &impl Serialize,
     ) -> Result<T, ClientError> {
         self.send::<T>(method, path, Some(body)).await?.ok_or_else(|| self.empty(path))
     }
 
-    async fn no_content(&self, method: reqwest::Method, path: &str) -> Result<(), ClientError> {
+    async fn no_content(&self, method: Method, path: &str) -> Result<(), ClientError> {
         self.send::<serde_json::Value>(method, path, None::<&()>).await.map(|_| ())
     }
 
@@ -252,8 +260,7 @@ impl Client {
         if let Some(p) = prev_revision {
             path.push_str(&format!("?prev_revision={p}"));
         }
-        let r: Revision =
-            self.with_body(reqwest::Method::PUT, &path, &KvPutRequest { value: value.into() }).await?;
+        let r: Revision = self.with_body(Method::PUT, &path, &KvPutRequest { value: value.into() }).await?;
         Ok(r.revision)
     }
 
@@ -270,7 +277,7 @@ impl Client {
         if let Some(p) = prev_revision {
             path.push_str(&format!("?prev_revision={p}"));
         }
-        self.no_content(reqwest::Method::DELETE, &path).await
+        self.no_content(Method::DELETE, &path).await
     }
 
     pub async fn kv_list(
@@ -296,7 +303,7 @@ impl Client {
     }
 
     pub async fn set_maintenance(&self, enabled: bool) -> Result<(), ClientError> {
-        let method = if enabled { reqwest::Method::PUT } else { reqwest::Method::DELETE };
+        let method = if enabled { Method::PUT } else { Method::DELETE };
         self.no_content(method, "/api/v1/maintenance").await
     }
 
@@ -306,29 +313,24 @@ impl Client {
 
     pub async fn cluster_init(&self, nodes: &[(u64, String)]) -> Result<ClusterStatus, ClientError> {
         let body = InitRequest { nodes: nodes.iter().map(|(id, a)| (id.to_string(), a.clone())).collect() };
-        self.with_body(reqwest::Method::POST, "/api/v1/cluster/init", &body).await
+        self.with_body(Method::POST, "/api/v1/cluster/init", &body).await
     }
 
     pub async fn add_learner(&self, id: u64, addr: &str) -> Result<ClusterStatus, ClientError> {
-        self.with_body(
-            reqwest::Method::POST,
-            "/api/v1/cluster/learners",
-            &AddLearnerRequest { id, addr: addr.into() },
-        )
-        .await
-    }
-
-    pub async fn set_voters(&self, ids: &[u64]) -> Result<ClusterStatus, ClientError> {
-        self.with_body(reqwest::Method::POST, "/api/v1/cluster/voters", &VotersRequest { ids: ids.to_vec() })
+        self.with_body(Method::POST, "/api/v1/cluster/learners", &AddLearnerRequest { id, addr: addr.into() })
             .await
     }
 
+    pub async fn set_voters(&self, ids: &[u64]) -> Result<ClusterStatus, ClientError> {
+        self.with_body(Method::POST, "/api/v1/cluster/voters", &VotersRequest { ids: ids.to_vec() }).await
+    }
+
     pub async fn remove_node(&self, id: u64) -> Result<(), ClientError> {
-        self.no_content(reqwest::Method::DELETE, &format!("/api/v1/cluster/nodes/{id}")).await
+        self.no_content(Method::DELETE, &format!("/api/v1/cluster/nodes/{id}")).await
     }
 
     async fn put_no_content(&self, path: &str, body: &impl Serialize) -> Result<(), ClientError> {
-        self.send::<serde_json::Value>(reqwest::Method::PUT, path, Some(body)).await.map(|_| ())
+        self.send::<serde_json::Value>(Method::PUT, path, Some(body)).await.map(|_| ())
     }
 
     fn seg(s: &str) -> String {
@@ -354,26 +356,17 @@ impl Client {
         create: &RunCreate,
         key: &str,
     ) -> Result<(Run, bool), ClientError> {
-        let url = format!("{}/api/v1/runs", self.base);
-        let mut req = self.http.post(&url).header("idempotency-key", key).json(create);
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
-        let transport =
-            |e: reqwest::Error| ClientError::Transport { url: url.clone(), message: describe(&e) };
-        let resp = req.send().await.map_err(transport)?;
-        let status = resp.status().as_u16();
-        let replayed = resp.headers().get("idempotent-replayed").is_some_and(|v| v.as_bytes() == b"true");
-        let bytes = resp.bytes().await.map_err(transport)?;
-        if !(200..300).contains(&status) {
-            let e: ErrorBody = serde_json::from_slice(&bytes).unwrap_or(ErrorBody {
-                code: "unknown".into(),
-                message: String::from_utf8_lossy(&bytes).chars().take(300).collect(),
-            });
-            return Err(ClientError::Api { status, code: e.code, message: e.message });
-        }
-        let run = serde_json::from_slice(&bytes).map_err(|e| ClientError::Transport {
-            url: url.clone(),
+        let path = "/api/v1/runs";
+        let json = serde_json::to_vec(create)
+            .map_err(|e| ClientError::Refused(format!("cannot encode the request: {e}")))?;
+        let key = HeaderValue::try_from(key)
+            .map_err(|_| ClientError::Refused(format!("{key:?} cannot be an Idempotency-Key")))?;
+        let answer = self
+            .exchange(Method::POST, path, Some(json), Some((HeaderName::from_static("idempotency-key"), key)))
+            .await?;
+        let replayed = answer.headers.get("idempotent-replayed").is_some_and(|v| v.as_bytes() == b"true");
+        let run = serde_json::from_slice(&answer.body).map_err(|e| ClientError::Transport {
+            url: format!("{}{path}", self.base),
             message: format!("unreadable answer: {e}"),
         })?;
         Ok((run, replayed))
@@ -415,7 +408,7 @@ impl Client {
     ) -> Result<Run, ClientError> {
         let path = format!("/api/v1/runs/{}/actions", Self::seg(id));
         let body = RestartRequest { action: "restart".into(), from_start, environment };
-        self.with_body(reqwest::Method::PUT, &path, &body).await
+        self.with_body(Method::PUT, &path, &body).await
     }
 
     pub async fn run_get(&self, id: &str) -> Result<Run, ClientError> {
@@ -468,7 +461,7 @@ impl Client {
     }
 
     pub async fn executor_delete(&self, id: &str) -> Result<(), ClientError> {
-        self.no_content(reqwest::Method::DELETE, &format!("/api/v1/executors/{}", Self::seg(id))).await
+        self.no_content(Method::DELETE, &format!("/api/v1/executors/{}", Self::seg(id))).await
     }
 
     /// Registers the executor or records its heartbeat.
@@ -505,7 +498,7 @@ impl Client {
     ) -> Result<Vec<Result<(), ClientError>>, ClientError> {
         let path = format!("/api/v1/executor/{}/tasks", Self::seg(id));
         let body = TaskReports { reports: reports.to_vec() };
-        let answer: TaskReportOutcomes = self.with_body(reqwest::Method::PUT, &path, &body).await?;
+        let answer: TaskReportOutcomes = self.with_body(Method::PUT, &path, &body).await?;
         let matched = answer.outcomes.len() == reports.len()
             && answer.outcomes.iter().zip(reports).all(|(o, r)| o.id == r.id);
         if !matched {
@@ -538,7 +531,7 @@ impl Client {
             path.push_str(&format!("?{}", serde_urlencoded::to_string([("group", g)]).unwrap_or_default()));
         }
         let url = format!("{}{}", self.base, path);
-        let resp = self.open(reqwest::Method::GET, &path, None, None).await?;
+        let resp = self.open(Method::GET, &path, None, None).await?;
         Ok(EventStream { resp, buf: Vec::new(), url })
     }
 
@@ -546,7 +539,7 @@ impl Client {
     /// timeout. A non-2xx answer becomes the server's error.
     async fn open(
         &self,
-        method: reqwest::Method,
+        method: Method,
         path: &str,
         body: Option<reqwest::Body>,
         size: Option<u64>,
@@ -584,7 +577,7 @@ impl Client {
 
     /// Deletes a finished run (live or archived).
     pub async fn run_delete(&self, id: &str) -> Result<(), ClientError> {
-        self.no_content(reqwest::Method::DELETE, &format!("/api/v1/runs/{}", Self::seg(id))).await
+        self.no_content(Method::DELETE, &format!("/api/v1/runs/{}", Self::seg(id))).await
     }
 
     /// The archive's state: `{generation, files, runs, bytes, runs_in_state}`.
@@ -594,7 +587,7 @@ impl Client {
 
     /// Dumps the full run index to the object storage now: `{key, runs, bytes}`.
     pub async fn archive_dump_index(&self) -> Result<serde_json::Value, ClientError> {
-        self.with_body(reqwest::Method::POST, "/api/v1/archive/index", &serde_json::json!({})).await
+        self.with_body(Method::POST, "/api/v1/archive/index", &serde_json::json!({})).await
     }
 
     /// The export of the whole replicated state (versioned, checksummed).
@@ -602,13 +595,13 @@ impl Client {
         let path = "/api/v1/export";
         Ok(Download {
             url: format!("{}{path}", self.base),
-            resp: self.open(reqwest::Method::GET, path, None, None).await?,
+            resp: self.open(Method::GET, path, None, None).await?,
         })
     }
 
     /// Replaces the whole state with an export (the cluster must be in maintenance).
     pub async fn import(&self, export: bytes::Bytes) -> Result<(), ClientError> {
-        self.open(reqwest::Method::POST, "/api/v1/import", Some(export.into()), None).await.map(|_| ())
+        self.open(Method::POST, "/api/v1/import", Some(export.into()), None).await.map(|_| ())
     }
 
     /// The registered executors of executor `id`'s group.
@@ -635,7 +628,7 @@ impl Client {
         let path = format!("/api/v1/runs/{}/tasks/{}/logs?{q}", Self::seg(id), Self::seg(task));
         Ok(Download {
             url: format!("{}{path}", self.base),
-            resp: self.open(reqwest::Method::GET, &path, None, None).await?,
+            resp: self.open(Method::GET, &path, None, None).await?,
         })
     }
 
@@ -655,7 +648,7 @@ impl Client {
         let path = format!("/api/v1/runs/{}/tasks/{}/logs?{q}", Self::seg(id), Self::seg(task));
         Ok(Download {
             url: format!("{}{path}", self.base),
-            resp: self.open(reqwest::Method::GET, &path, None, None).await?,
+            resp: self.open(Method::GET, &path, None, None).await?,
         })
     }
 
@@ -672,7 +665,7 @@ impl Client {
         }
         Ok(Download {
             url: format!("{}{path_q}", self.base),
-            resp: self.open(reqwest::Method::GET, &path_q, None, None).await?,
+            resp: self.open(Method::GET, &path_q, None, None).await?,
         })
     }
 
@@ -697,7 +690,7 @@ impl Client {
             Self::seg(task_id),
             Self::seg(step)
         );
-        let resp = self.open(reqwest::Method::POST, &path, Some(data.into()), None).await?;
+        let resp = self.open(Method::POST, &path, Some(data.into()), None).await?;
         Self::read_json(&path, resp).await
     }
 
@@ -717,7 +710,7 @@ impl Client {
         size: Option<u64>,
     ) -> Result<Stored, ClientError> {
         let path = format!("/api/v1/executor/{}/tasks/{}/archives/{step}", Self::seg(id), Self::seg(task_id));
-        let resp = self.open(reqwest::Method::PUT, &path, Some(body), size).await?;
+        let resp = self.open(Method::PUT, &path, Some(body), size).await?;
         Self::read_json(&path, resp).await
     }
 
@@ -730,7 +723,7 @@ impl Client {
         let path = format!("/api/v1/executor/{}/archives/{}/{step}", Self::seg(id), Self::seg(task_id));
         Ok(Download {
             url: format!("{}{path}", self.base),
-            resp: self.open(reqwest::Method::GET, &path, None, None).await?,
+            resp: self.open(Method::GET, &path, None, None).await?,
         })
     }
 
@@ -755,7 +748,7 @@ impl Client {
         let path = format!("/api/v1/executor/{}/caches?{q}", Self::seg(id));
         Ok(Download {
             url: format!("{}{path}", self.base),
-            resp: self.open(reqwest::Method::GET, &path, None, None).await?,
+            resp: self.open(Method::GET, &path, None, None).await?,
         })
     }
 
@@ -770,7 +763,7 @@ impl Client {
     ) -> Result<Stored, ClientError> {
         let q = serde_urlencoded::to_string([("group", group), ("key", key)]).unwrap_or_default();
         let path = format!("/api/v1/executor/{}/caches?{q}", Self::seg(id));
-        let resp = self.open(reqwest::Method::PUT, &path, Some(body), size).await?;
+        let resp = self.open(Method::PUT, &path, Some(body), size).await?;
         Self::read_json(&path, resp).await
     }
 }
@@ -871,29 +864,29 @@ mod tests {
     use super::Client;
 
     #[test]
-    fn a_request_url_joined_to_the_parsed_base_is_the_appended_one() {
+    fn a_request_goes_to_the_base_with_its_path_verbatim() {
         let paths = [
             "/api/v1/kv/bench%2F1%2F2",
             "/api/v1/kv/a%20b?prev_revision=7",
             "/api/v1/runs/r-1/tasks/build/logs?step=0&follow=true",
             "/healthz",
+            // Appended, never taken for another authority.
+            "//evil:1/x",
         ];
         for base in
             ["http://127.0.0.1:7001", "http://127.0.0.1:7001/", "https://[::1]:8443", "http://Node-A:80"]
         {
             let c = Client::new(base, None);
-            let joined = c.base_url.as_ref().expect("a bare server URL is parsed once");
+            let target = c.target.as_ref().expect("a server URL is parsed once");
             for path in paths {
-                let appended = reqwest::Url::parse(&format!("{}{path}", c.base)).unwrap();
-                assert_eq!(joined.join(path).unwrap(), appended, "{base} + {path}");
+                let uri = target.uri(path).unwrap();
+                assert_eq!(uri.to_string(), format!("{}{path}", c.base), "{base} + {path}");
             }
         }
-        for base in ["http://127.0.0.1:7001/prefix", "not a url"] {
-            assert!(Client::new(base, None).base_url.is_none(), "{base}: appended as before");
-        }
-        let other = Client::new("http://127.0.0.1:7001", None).base_url.unwrap().join("//evil:1/x").unwrap();
-        assert_eq!(other.host_str(), Some("evil"), "why send() appends a path that starts with //");
+        let c = Client::new("http://127.0.0.1:7001/prefix", None);
+        assert_eq!(c.target.unwrap().uri("/healthz").unwrap(), "http://127.0.0.1:7001/prefix/healthz");
+        assert!(Client::new("not a url", None).target.is_err());
         let moved = Client::new("http://a:1", None).at("http://b:2/");
-        assert_eq!(moved.base_url.unwrap().as_str(), "http://b:2/");
+        assert_eq!(moved.target.unwrap().uri("/x").unwrap(), "http://b:2/x");
     }
 }

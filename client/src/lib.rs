@@ -1,5 +1,5 @@
 //! What a process needs to talk to flotilla servers without being one: the typed HTTP
-//! client ([`client`]), the JSON shapes of the public API ([`types`]), the process's TLS
+//! client ([`client`], over [`http`]), the JSON shapes of the public API ([`types`]), the process's TLS
 //! client settings ([`tls`]) and the TLS of a plain listener ([`server_tls`]: a node's, or
 //! an executor's health port). The CLI, the executor, the tests and the server's own
 //! forwarding all use it.
@@ -11,6 +11,7 @@
 //! handler answers) stays in `flotilla-api`.
 
 pub mod client;
+pub mod http;
 pub mod report;
 pub mod server_tls;
 pub mod tls;

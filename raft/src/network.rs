@@ -1,7 +1,7 @@
 //! Node-to-node transport: Raft RPCs and leader requests over HTTP, bodies in msgpack.
 //!
-//! One pooled `reqwest::Client` per node carries everything (keep-alive connections are
-//! reused across heartbeats and appends). Every request carries the cluster token. Transport
+//! One pooled client per node ([`flotilla_client::http::Http`]) carries everything
+//! (keep-alive connections are reused across heartbeats and appends). Every request carries the cluster token. Transport
 //! failures are reported to openraft as `Unreachable`, so it backs off instead of spinning
 //! on a dead peer.
 //!
@@ -21,6 +21,8 @@ use openraft::raft::{
 };
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+
+use flotilla_client::http::{bearer, header, Base, HeaderMap, HeaderValue, Http, HttpError, Method, Uri};
 
 use crate::codec::{decode, encode};
 use crate::log_store::EntryBytes;
@@ -54,8 +56,8 @@ pub const LOG_FORMAT: u32 = 3;
 #[derive(Debug, thiserror::Error)]
 pub enum TransportError {
     /// The request never reached the peer (connection refused, no route): safe to retry.
-    #[error("cannot connect to {addr}: {source}")]
-    Connect { addr: String, source: reqwest::Error },
+    #[error("cannot connect to {addr}: {message}")]
+    Connect { addr: String, message: String },
     /// The request may or may not have reached the peer.
     #[error("request to {addr} failed: {message}")]
     Failed { addr: String, message: String },
@@ -64,26 +66,21 @@ pub enum TransportError {
 /// The pooled HTTP client every node uses to reach its peers.
 #[derive(Clone)]
 pub struct PeerClient {
-    http: reqwest::Client,
-    token: Option<String>,
+    http: Http,
+    /// `Authorization: Bearer <cluster token>`, made once, or why it cannot be sent.
+    auth: Result<Option<HeaderValue>, String>,
     /// The log format each peer (by address) named in its last answer.
     formats: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
-    /// Each peer's address parsed once (with a trailing `/`, so that a route joins under
-    /// it): parsing the whole URL, host and IDNA mapping included, for every append was
-    /// ~3 % of a leader's CPU under load.
-    bases: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, reqwest::Url>>>,
+    /// Each peer's address parsed once: parsing the whole URL, host and IDNA mapping
+    /// included, for every append was ~3 % of a leader's CPU under load.
+    bases: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Base>>>,
 }
 
 impl PeerClient {
     pub fn new(token: Option<String>) -> Self {
-        let http = crate::tls::client_builder()
-            .pool_idle_timeout(Duration::from_secs(60))
-            .pool_max_idle_per_host(32)
-            .tcp_nodelay(true)
-            .connect_timeout(Duration::from_millis(500))
-            .build()
-            .expect("the HTTP client builds with static settings");
-        PeerClient { http, token, formats: Default::default(), bases: Default::default() }
+        let http = Http::new(Duration::from_millis(500), Duration::from_secs(60), 32);
+        let auth = token.as_deref().map(bearer).transpose();
+        PeerClient { http, auth, formats: Default::default(), bases: Default::default() }
     }
 
     fn heard(&self, addr: &str, format: u32) {
@@ -101,18 +98,17 @@ impl PeerClient {
     }
 
     /// `addr/path`, `path` being relative (a route of [`paths`]).
-    fn url(&self, addr: &str, path: &str) -> Result<reqwest::Url, String> {
+    fn url(&self, addr: &str, path: &str) -> Result<Uri, String> {
         let base = self.bases.lock().unwrap_or_else(|e| e.into_inner()).get(addr).cloned();
         let base = match base {
             Some(b) => b,
             None => {
-                let b = reqwest::Url::parse(&format!("{}/", addr.trim_end_matches('/')))
-                    .map_err(|e| e.to_string())?;
+                let b = Base::parse(addr)?;
                 self.bases.lock().unwrap_or_else(|e| e.into_inner()).insert(addr.to_string(), b.clone());
                 b
             }
         };
-        base.join(path).map_err(|e| e.to_string())
+        base.uri(&format!("/{path}"))
     }
 
     /// POSTs `body` as msgpack to `addr/path` and decodes the msgpack answer.
@@ -139,25 +135,28 @@ impl PeerClient {
         timeout: Duration,
     ) -> Result<Resp, TransportError> {
         let failed = |message: String| TransportError::Failed { addr: addr.to_string(), message };
-        let url = self.url(addr, path).map_err(|e| failed(format!("{addr}: not a URL: {e}")))?;
-        let mut req = self.http.post(url).header("content-type", MSGPACK).body(bytes).timeout(timeout);
-        if let Some(t) = &self.token {
-            req = req.bearer_auth(t);
-        }
-        let resp = req.send().await.map_err(|e| {
-            if e.is_connect() {
-                TransportError::Connect { addr: addr.to_string(), source: e }
-            } else {
-                failed(e.to_string())
+        let uri = self.url(addr, path).map_err(|e| failed(format!("{addr}: not a URL: {e}")))?;
+        let mut headers = HeaderMap::new();
+        headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(MSGPACK));
+        match &self.auth {
+            Ok(Some(auth)) => {
+                headers.insert(header::AUTHORIZATION, auth.clone());
             }
-        })?;
-        let status = resp.status();
+            Ok(None) => {}
+            Err(e) => return Err(failed(e.clone())),
+        }
+        let answer =
+            self.http.send(Method::POST, uri, headers, bytes.into(), timeout).await.map_err(|e| match e {
+                HttpError::Connect(message) => TransportError::Connect { addr: addr.to_string(), message },
+                e => failed(e.to_string()),
+            })?;
         let format =
-            resp.headers().get(LOG_FORMAT_HEADER).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(1);
+            answer.headers.get(LOG_FORMAT_HEADER).and_then(|v| v.to_str().ok()?.parse().ok()).unwrap_or(1);
         self.heard(addr, format);
-        let body = resp.bytes().await.map_err(|e| failed(e.to_string()))?;
-        if !status.is_success() {
+        let body = answer.body;
+        if !(200..300).contains(&answer.status) {
             let text = String::from_utf8_lossy(&body);
+            let status = answer.status;
             return Err(failed(format!("HTTP {status}: {}", text.chars().take(300).collect::<String>())));
         }
         decode(&body).map_err(|e| failed(format!("decode: {e}")))
@@ -349,14 +348,17 @@ mod tests {
     use super::PeerClient;
 
     #[test]
-    fn a_route_joins_under_the_peer_address_as_appending_it_would() {
+    fn a_route_goes_under_the_peer_address_as_appending_it_would() {
         let c = PeerClient::new(None);
         for addr in ["http://127.0.0.1:7001", "http://127.0.0.1:7001/", "https://node-b.example:443/base"] {
             for path in [super::paths::APPEND, super::paths::LEADER] {
-                let appended = format!("{}/{}", addr.trim_end_matches('/'), path);
-                let want = reqwest::Url::parse(&appended).unwrap();
-                assert_eq!(c.url(addr, path).unwrap(), want, "{addr} + {path}");
-                assert_eq!(c.url(addr, path).unwrap(), want, "{addr} + {path}: from the cached base");
+                let want = format!("{}/{}", addr.trim_end_matches('/'), path);
+                assert_eq!(c.url(addr, path).unwrap().to_string(), want, "{addr} + {path}");
+                assert_eq!(
+                    c.url(addr, path).unwrap().to_string(),
+                    want,
+                    "{addr} + {path}: from the cached base"
+                );
             }
         }
         assert!(c.url("not a url", super::paths::APPEND).is_err());
