@@ -113,8 +113,7 @@ fn build(
     }
 }
 
-/// A `reqwest` client builder with this process's TLS settings, connecting directly (no
-/// proxy from the environment: see [`crate::http`]).
+/// A `reqwest` client builder with this process's TLS settings.
 pub fn client_builder() -> reqwest::ClientBuilder {
-    reqwest::Client::builder().no_proxy().use_preconfigured_tls((*client_config()).clone())
+    reqwest::Client::builder().use_preconfigured_tls((*client_config()).clone())
 }
