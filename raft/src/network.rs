@@ -1,9 +1,9 @@
 //! Node-to-node transport: Raft RPCs and leader requests over HTTP, bodies in msgpack.
 //!
 //! One pooled client per node ([`flotilla_client::http::Http`]) carries everything
-//! (keep-alive connections are reused across heartbeats and appends). Every request carries the cluster token. Transport
-//! failures are reported to openraft as `Unreachable`, so it backs off instead of spinning
-//! on a dead peer.
+//! (keep-alive connections are reused across heartbeats and appends). Every request
+//! carries the cluster token. Transport failures are reported to openraft as
+//! `Unreachable`, so it backs off instead of spinning on a dead peer.
 //!
 //! An entry is encoded once: the leader writes an append from the bytes its log holds for
 //! each entry ([`EntryBytes`]), byte for byte what encoding the request whole gives, and a
@@ -71,8 +71,8 @@ pub struct PeerClient {
     auth: Result<Option<HeaderValue>, String>,
     /// The log format each peer (by address) named in its last answer.
     formats: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
-    /// Each peer's address parsed once: parsing the whole URL, host and IDNA mapping
-    /// included, for every append was ~3 % of a leader's CPU under load.
+    /// Each peer's address parsed once (parsing it for every append, as a URL with IDNA
+    /// mapping of the host, was ~3 % of a leader's CPU under load).
     bases: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, Base>>>,
 }
 
