@@ -70,16 +70,47 @@ async fn fill(c: &Cluster, n: usize) -> (Instant, Vec<Instant>) {
 }
 
 /// Writes enough log entries to make every node build a new snapshot (every 5,000
-/// entries): one write at a time, so that the leader does not batch them into fewer.
+/// entries): one write at a time, so that the leader does not batch them into fewer. A
+/// write refused in an election (503) is sent again, to the new leader (bounded).
 async fn force_snapshot(c: &Cluster) {
-    let client = c.client(c.wait_for_leader().await);
+    let mut client = c.client(c.wait_for_leader().await);
     for i in 0..5_100 {
-        client.kv_put(&format!("tick/{i}"), "x", None).await.unwrap();
+        let mut attempt = 0;
+        while let Err(e) = client.kv_put(&format!("tick/{i}"), "x", None).await {
+            attempt += 1;
+            assert!(attempt < 20, "tick/{i} not written after {attempt} attempts: {e}");
+            eprintln!("growth: tick/{i}: {e}; again");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            client = c.client(c.wait_for_leader().await);
+        }
     }
     tokio::time::sleep(Duration::from_secs(2)).await;
 }
 
+/// While the cluster grows, a linearizable read to the leader every 20 ms: the slowest
+/// answer, in ms. A node whose runtime stalls (a snapshot of a large state encoded while
+/// writers and readers wait for its lock) shows here long before it loses an election.
+fn probe_reads(c: &Cluster, leader: u64) -> (tokio::sync::oneshot::Sender<()>, tokio::task::JoinHandle<f64>) {
+    let client = c.client(leader);
+    let (stop, mut stopped) = tokio::sync::oneshot::channel();
+    let probe = tokio::spawn(async move {
+        let mut slowest = Duration::ZERO;
+        while stopped.try_recv().is_err() {
+            let t = Instant::now();
+            // Absent is an answer too; a refusal (an election) counts with its time.
+            let _ = client.kv_get("growth/probe", false).await;
+            slowest = slowest.max(t.elapsed());
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        slowest.as_secs_f64() * 1e3
+    });
+    (stop, probe)
+}
+
 struct Figures {
+    read_max_ms: f64,
+    /// Raft terms begun while the cluster grew: elections (none is expected).
+    elections: u64,
     first_per_s: f64,
     last_per_s: f64,
     log_entries: u64,
@@ -107,6 +138,9 @@ async fn measure(n: usize, archive: bool) -> Figures {
         &ost_url,
     ];
     let c = Cluster::bootstrap(3, &args).await;
+    let first = c.wait_for_leader().await;
+    let term = metric(&c.url(first), "flotilla_raft_term").await;
+    let (stop_probe, probe) = probe_reads(&c, first);
     let (start, done) = fill(&c, n).await;
     let chunk = n / 10;
     let first_per_s = chunk as f64 / (done[chunk - 1] - start).as_secs_f64();
@@ -129,9 +163,13 @@ async fn measure(n: usize, archive: bool) -> Figures {
     assert_eq!(dump["runs"].as_u64(), Some(n as u64), "every run is in the index: {dump}");
     let index_bytes = dump["bytes"].as_u64().expect("dump size");
     force_snapshot(&c).await;
+    let _ = stop_probe.send(());
+    let read_max_ms = probe.await.unwrap();
     c.wait_caught_up().await;
     let leader = c.wait_for_leader().await;
     let mut f = Figures {
+        read_max_ms,
+        elections: metric(&c.url(leader), "flotilla_raft_term").await - term,
         index_bytes,
         index_s,
         first_per_s,
@@ -155,8 +193,10 @@ pub async fn run(quick: bool) -> Vec<Row> {
     let b = measure(n, false).await;
     let chunk = n / 10;
     println!(
-        "{:<26} {:>12} {:>12} {:>12} {:>14} {:>26} {:>22}",
+        "{:<26} {:>10} {:>12} {:>12} {:>12} {:>12} {:>14} {:>26} {:>22}",
         "",
+        "elections",
+        "read max ms",
         "first runs/s",
         "last runs/s",
         "log entries",
@@ -166,7 +206,9 @@ pub async fn run(quick: bool) -> Vec<Row> {
     );
     for (name, f) in [("kept in Raft (baseline)", &b), ("archived to the ost", &a)] {
         println!(
-            "{name:<26} {:>12.0} {:>12.0} {:>12} {:>14} {:>26} {:>22}",
+            "{name:<26} {:>10} {:>12.1} {:>12.0} {:>12.0} {:>12} {:>14} {:>26} {:>22}",
+            f.elections,
+            f.read_max_ms,
             f.first_per_s,
             f.last_per_s,
             f.log_entries,
@@ -234,6 +276,8 @@ pub async fn run(quick: bool) -> Vec<Row> {
         false,
     ));
     rows.push(Row::new("growth_index_dump_s", "s", a.index_s, base, b.index_s, false));
+    rows.push(Row::new("growth_read_max_ms", "ms", a.read_max_ms, base, b.read_max_ms, false));
+    rows.push(Row::new("growth_elections", "terms", a.elections as f64, base, b.elections as f64, false));
     rows
 }
 

@@ -271,28 +271,80 @@ async fn sync_store(dir: &Arc<std::path::PathBuf>) -> std::io::Result<()> {
         .map_err(std::io::Error::other)?
 }
 
-impl RaftSnapshotBuilder<TypeConfig> for StateMachineStore {
-    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
-        let (data, last_applied, last_membership) = {
-            let sm = self.inner.read().unwrap_or_else(|p| p.into_inner());
+/// A snapshot being built: the state as encoded when openraft asked for a builder, and the
+/// store to persist it in.
+pub struct SnapshotBuilder {
+    store: StateMachineStore,
+    /// Taken by the first `build_snapshot`; a second one (openraft makes none) takes anew.
+    taken: Option<Result<Taken, StorageError<NodeId>>>,
+}
+
+/// The state encoded at one applied log id.
+struct Taken {
+    data: Vec<u8>,
+    last_applied: Option<LogId<NodeId>>,
+    last_membership: StoredMembership<NodeId, Node>,
+    encode_ms: u128,
+}
+
+impl StateMachineStore {
+    /// Encodes the state for a snapshot. Called from openraft's state machine task, which
+    /// waits here: no entry is applied meanwhile, so the read lock taken on a blocking
+    /// thread never has a writer queued behind it. (Encoding from the spawned builder task
+    /// instead, as before, held the read lock while `apply` waited for the write lock on a
+    /// runtime worker, and std's lock then held every later reader — each API request —
+    /// behind that writer: with a large state both runtime workers could block for the
+    /// whole encoding, long enough for the followers to start an election.)
+    async fn take(&self) -> Result<Taken, StorageError<NodeId>> {
+        let inner = self.inner.clone();
+        tokio::task::spawn_blocking(move || {
+            let started = std::time::Instant::now();
+            let sm = inner.read().unwrap_or_else(|p| p.into_inner());
             let data = encode(&sm.state).map_err(|e| sm_err(ErrorVerb::Read, e))?;
-            (data, sm.last_applied, sm.last_membership.clone())
+            let encode_ms = started.elapsed().as_millis();
+            Ok(Taken {
+                data,
+                last_applied: sm.last_applied,
+                last_membership: sm.last_membership.clone(),
+                encode_ms,
+            })
+        })
+        .await
+        .map_err(|e| sm_err(ErrorVerb::Read, e))?
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for SnapshotBuilder {
+    async fn build_snapshot(&mut self) -> Result<Snapshot<TypeConfig>, StorageError<NodeId>> {
+        let taken = match self.taken.take() {
+            Some(taken) => taken?,
+            None => self.store.take().await?,
         };
-        let seq = self.snapshot_seq.fetch_add(1, Ordering::Relaxed);
-        let snapshot_id = match last_applied {
+        let seq = self.store.snapshot_seq.fetch_add(1, Ordering::Relaxed);
+        let snapshot_id = match taken.last_applied {
             Some(l) => format!("{}-{}-{}", l.leader_id, l.index, seq),
             None => format!("none-{seq}"),
         };
-        let meta = SnapshotMeta { last_log_id: last_applied, last_membership, snapshot_id };
-        if self.persist_snapshot(&meta, &data).await? {
-            tracing::info!(last_log_id = ?meta.last_log_id, size_bytes = data.len(), "snapshot built");
+        let meta = SnapshotMeta {
+            last_log_id: taken.last_applied,
+            last_membership: taken.last_membership,
+            snapshot_id,
+        };
+        let data = taken.data;
+        if self.store.persist_snapshot(&meta, &data).await? {
+            tracing::info!(
+                last_log_id = ?meta.last_log_id,
+                size_bytes = data.len(),
+                encode_ms = taken.encode_ms as u64,
+                "snapshot built"
+            );
         }
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachineStore {
-    type SnapshotBuilder = StateMachineStore;
+    type SnapshotBuilder = SnapshotBuilder;
 
     async fn applied_state(
         &mut self,
@@ -348,7 +400,7 @@ impl RaftStateMachine<TypeConfig> for StateMachineStore {
     }
 
     async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
-        self.clone()
+        SnapshotBuilder { store: self.clone(), taken: Some(self.take().await) }
     }
 
     async fn begin_receiving_snapshot(&mut self) -> Result<Box<Cursor<Vec<u8>>>, StorageError<NodeId>> {
@@ -425,6 +477,33 @@ mod tests {
         let store = StateMachineStore::open(&db).unwrap();
         assert_eq!(last_on_disk(&db), Some(1200));
         assert!(!store.persist_snapshot(&meta(1100), &data).await.unwrap(), "known after a restart too");
+    }
+
+    /// A builder holds the state as it was when openraft asked for it (the state machine
+    /// task waits meanwhile): entries applied before it builds are not in its snapshot, and
+    /// its metadata names the last entry that is.
+    #[tokio::test]
+    async fn a_snapshot_holds_the_state_at_the_builders_request() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().path(dir.path()).open().unwrap();
+        let mut store = StateMachineStore::open(&db).unwrap();
+        let put = |index: u64| Entry {
+            log_id: LogId::new(openraft::CommittedLeaderId::new(1, 1), index),
+            payload: EntryPayload::Normal(Arc::new(flotilla_store::command::Command::KvPut {
+                key: format!("k{index}"),
+                value: "v".into(),
+                prev_revision: None,
+            })),
+        };
+        store.apply((1..=100).map(put)).await.unwrap();
+        let mut builder = store.get_snapshot_builder().await;
+        store.apply((101..=110).map(put)).await.unwrap();
+        let snapshot = builder.build_snapshot().await.unwrap();
+        assert_eq!(snapshot.meta.last_log_id.map(|l| l.index), Some(100));
+        let state: State = decode(snapshot.snapshot.get_ref()).unwrap();
+        assert_eq!(state.kv.len(), 100, "no entry applied after the request is in it");
+        assert!(state.kv.contains_key("k100") && !state.kv.contains_key("k101"));
+        assert_eq!(store.shared().read().state.kv.len(), 110, "the live state went on");
     }
 
     #[test]
