@@ -8,11 +8,11 @@ use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::http::{bearer, header, Answer, Base, HeaderName, HeaderValue, Http};
+use crate::http::{header, Answer, Auth, Base, HeaderName, HeaderValue, Http};
 use crate::types::*;
 use bytes::Bytes;
 use flotilla_store::limits::{CLIENT_RETRY_BACKOFF_MS, CLIENT_RETRY_BUDGET_MS};
-use http::{HeaderMap, Method};
+use http::Method;
 
 /// Characters escaped in a user-supplied path segment (a key, run id, task name, executor
 /// id). `/` is escaped, so a key with slashes stays one segment, and `\`, which URL
@@ -47,6 +47,19 @@ fn check_path(path: &str) -> Result<(), ClientError> {
         }
     }
     Ok(())
+}
+
+/// The error a refusal's body describes: the server's `{code, message}`, or the start of
+/// whatever else answered (a proxy's page).
+fn api_error(status: u16, body: &[u8]) -> ClientError {
+    match serde_json::from_slice::<ErrorBody>(body) {
+        Ok(e) => ClientError::Api { status, code: e.code, message: e.message },
+        Err(_) => ClientError::Api {
+            status,
+            code: "unknown".into(),
+            message: String::from_utf8_lossy(body).chars().take(300).collect(),
+        },
+    }
 }
 
 #[derive(Clone, Debug, thiserror::Error)]
@@ -107,7 +120,7 @@ pub struct Client {
     token: Option<String>,
     /// `Authorization: Bearer <token>`, made once (and marked sensitive), or why the
     /// token cannot be sent.
-    auth: Result<Option<HeaderValue>, String>,
+    auth: Auth,
     http: Http,
     /// Every server given (`--server a,b,c`); `base` is the one requests go to, and the
     /// calls that retry ([`Client::run_create`]) move along this list.
@@ -128,7 +141,7 @@ impl Client {
         if servers.is_empty() {
             servers.push(base.trim().trim_end_matches('/').to_string());
         }
-        let auth = token.as_deref().map(bearer).transpose();
+        let auth = Auth::new(token.as_deref());
         Client { target: Base::parse(&servers[0]), base: servers[0].clone(), token, auth, http, servers }
     }
 
@@ -161,14 +174,7 @@ impl Client {
         let url = || format!("{}{}", self.base, path);
         let transport = |message: String| ClientError::Transport { url: url(), message };
         let uri = self.target.as_ref().map_err(|e| transport(e.clone()))?.uri(path).map_err(transport)?;
-        let mut headers = HeaderMap::new();
-        match &self.auth {
-            Ok(Some(auth)) => {
-                headers.insert(header::AUTHORIZATION, auth.clone());
-            }
-            Ok(None) => {}
-            Err(e) => return Err(ClientError::Refused(e.clone())),
-        }
+        let mut headers = self.auth.headers().map_err(ClientError::Refused)?;
         if json.is_some() {
             headers.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         }
@@ -182,15 +188,7 @@ impl Client {
             .await
             .map_err(|e| transport(e.to_string()))?;
         if !(200..300).contains(&answer.status) {
-            let bytes = &answer.body;
-            return Err(match serde_json::from_slice::<ErrorBody>(bytes) {
-                Ok(e) => ClientError::Api { status: answer.status, code: e.code, message: e.message },
-                Err(_) => ClientError::Api {
-                    status: answer.status,
-                    code: "unknown".into(),
-                    message: String::from_utf8_lossy(bytes).chars().take(300).collect(),
-                },
-            });
+            return Err(api_error(answer.status, &answer.body));
         }
         Ok(answer)
     }
@@ -565,12 +563,7 @@ impl Client {
         let resp = req.send().await.map_err(transport)?;
         let status = resp.status().as_u16();
         if !(200..300).contains(&status) {
-            let bytes = resp.bytes().await.unwrap_or_default();
-            let e: ErrorBody = serde_json::from_slice(&bytes).unwrap_or(ErrorBody {
-                code: "unknown".into(),
-                message: String::from_utf8_lossy(&bytes).into(),
-            });
-            return Err(ClientError::Api { status, code: e.code, message: e.message });
+            return Err(api_error(status, &resp.bytes().await.unwrap_or_default()));
         }
         Ok(resp)
     }

@@ -203,8 +203,27 @@ async fn send_reqwest(
     Ok(Answer { status, headers, body })
 }
 
-/// The `Authorization` header of a bearer token, marked sensitive (never printed).
-pub fn bearer(token: &str) -> Result<HeaderValue, String> {
+/// The `Authorization` header of a bearer token, made once and marked sensitive (never
+/// printed), or why the token cannot be sent.
+#[derive(Clone, Debug)]
+pub struct Auth(Result<Option<HeaderValue>, String>);
+
+impl Auth {
+    pub fn new(token: Option<&str>) -> Auth {
+        Auth(token.map(bearer).transpose())
+    }
+
+    /// The headers of a request: the token's, when there is one.
+    pub fn headers(&self) -> Result<HeaderMap, String> {
+        let mut headers = HeaderMap::new();
+        if let Some(auth) = self.0.clone()? {
+            headers.insert(header::AUTHORIZATION, auth);
+        }
+        Ok(headers)
+    }
+}
+
+fn bearer(token: &str) -> Result<HeaderValue, String> {
     let mut v = HeaderValue::try_from(format!("Bearer {token}"))
         .map_err(|_| "the token holds characters an HTTP header cannot carry".to_string())?;
     v.set_sensitive(true);

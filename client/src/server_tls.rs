@@ -49,7 +49,8 @@ fn provider() -> Arc<rustls::crypto::CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
 }
 
-fn read_certs(path: &Path, flag: &str) -> Result<Vec<CertificateDer<'static>>, String> {
+/// The PEM certificates of `path` (given as `flag`), each valid now; at least one.
+pub(crate) fn read_certs(path: &Path, flag: &str) -> Result<Vec<CertificateDer<'static>>, String> {
     let bytes = std::fs::read(path).map_err(|e| format!("cannot read {flag} {}: {e}", path.display()))?;
     let certs: Vec<_> = CertificateDer::pem_slice_iter(&bytes)
         .collect::<Result<_, _>>()
@@ -61,6 +62,13 @@ fn read_certs(path: &Path, flag: &str) -> Result<Vec<CertificateDer<'static>>, S
         check_validity(c).map_err(|e| format!("{flag} {}: {e}", path.display()))?;
     }
     Ok(certs)
+}
+
+/// The PEM private key of `path` (given as `flag`).
+pub(crate) fn read_key(path: &Path, flag: &str) -> Result<PrivateKeyDer<'static>, String> {
+    let bytes = std::fs::read(path).map_err(|e| format!("cannot read {flag} {}: {e}", path.display()))?;
+    PrivateKeyDer::from_pem_slice(&bytes)
+        .map_err(|e| format!("{flag} {}: no PEM private key: {e}", path.display()))
 }
 
 /// Refuses a certificate that is not valid now (expired, or not yet valid).
@@ -91,10 +99,7 @@ impl ServerTls {
             _ => return Err("--tls-cert and --tls-key go together".into()),
         };
         let certs = read_certs(cert, "--tls-cert")?;
-        let key_bytes =
-            std::fs::read(key).map_err(|e| format!("cannot read --tls-key {}: {e}", key.display()))?;
-        let key_der = PrivateKeyDer::from_pem_slice(&key_bytes)
-            .map_err(|e| format!("--tls-key {}: no PEM private key: {e}", key.display()))?;
+        let key_der = read_key(key, "--tls-key")?;
         let builder = rustls::ServerConfig::builder_with_provider(provider())
             .with_safe_default_protocol_versions()
             .map_err(|e| format!("TLS settings: {e}"))?;

@@ -11,106 +11,68 @@
 use std::path::Path;
 use std::sync::{Arc, OnceLock};
 
-use rustls::pki_types::pem::PemObject;
-use rustls::pki_types::{CertificateDer, PrivateKeyDer};
+use crate::server_tls::{read_certs, read_key};
 
-struct ClientTls {
-    roots: Vec<CertificateDer<'static>>,
-    identity: Option<(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
-}
-
-static CLIENT: OnceLock<ClientTls> = OnceLock::new();
-/// The rustls settings, built once: before [`configure`] (the system's roots only) and
-/// after it.
+/// The rustls settings: before [`configure`] (the system's roots only) and as it set them.
 static UNCONFIGURED: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
 static CONFIGURED: OnceLock<Arc<rustls::ClientConfig>> = OnceLock::new();
 
 /// Sets this process's TLS client settings: extra trusted CAs (PEM bundle) and a client
 /// certificate with its key (PEM) for servers that demand one. Call once, before any
-/// client is built; a second call is an error.
+/// client is built; a second call is an error. The settings are built here, so a key that
+/// does not match its certificate is refused now, not at the first handshake.
 pub fn configure(ca: Option<&Path>, identity: Option<(&Path, &Path)>) -> Result<(), String> {
-    let mut roots = Vec::new();
+    let mut roots = native_roots();
     if let Some(ca) = ca {
-        let pem = std::fs::read(ca).map_err(|e| format!("cannot read --tls-ca {}: {e}", ca.display()))?;
-        roots = CertificateDer::pem_slice_iter(&pem)
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| format!("--tls-ca {}: not a PEM certificate bundle: {e}", ca.display()))?;
-        if roots.is_empty() {
-            return Err(format!("--tls-ca {}: no certificate in the file", ca.display()));
+        for cert in read_certs(ca, "--tls-ca")? {
+            roots.add(cert).map_err(|e| format!("--tls-ca {}: {e}", ca.display()))?;
         }
     }
-    let identity = match identity {
-        None => None,
-        Some((cert, key_path)) => {
-            let bad = |e: String| {
-                format!(
-                    "--tls-cert {} / --tls-key {}: not a certificate and key: {e}",
-                    cert.display(),
-                    key_path.display()
-                )
-            };
-            let pem =
-                std::fs::read(cert).map_err(|e| format!("cannot read --tls-cert {}: {e}", cert.display()))?;
-            let certs = CertificateDer::pem_slice_iter(&pem)
-                .collect::<Result<Vec<_>, _>>()
-                .map_err(|e| bad(e.to_string()))?;
-            if certs.is_empty() {
-                return Err(bad("no certificate in --tls-cert".into()));
-            }
-            let pem = std::fs::read(key_path)
-                .map_err(|e| format!("cannot read --tls-key {}: {e}", key_path.display()))?;
-            let key = PrivateKeyDer::from_pem_slice(&pem).map_err(|e| bad(e.to_string()))?;
-            // Checked now (the key matches the certificate), not at the first handshake.
-            build(&[], Some(&(certs.clone(), key.clone_key()))).map_err(|e| {
+    let builder = builder(roots)?;
+    let config = match identity {
+        None => builder.with_no_client_auth(),
+        Some((cert, key)) => builder
+            .with_client_auth_cert(read_certs(cert, "--tls-cert")?, read_key(key, "--tls-key")?)
+            .map_err(|e| {
                 format!(
                     "--tls-cert {} and --tls-key {} do not go together: {e}",
                     cert.display(),
-                    key_path.display()
+                    key.display()
                 )
-            })?;
-            Some((certs, key))
-        }
+            })?,
     };
-    CLIENT
-        .set(ClientTls { roots, identity })
-        .map_err(|_| "the TLS client settings are already set".to_string())
+    CONFIGURED.set(Arc::new(config)).map_err(|_| "the TLS client settings are already set".to_string())
 }
 
 /// This process's rustls client settings: the system's roots, `--tls-ca`'s certificates
 /// and the client identity given to [`configure`] (none before it is called).
 pub fn client_config() -> Arc<rustls::ClientConfig> {
-    match CLIENT.get() {
-        None => UNCONFIGURED.get_or_init(|| Arc::new(build(&[], None).expect("TLS settings without files"))),
-        Some(tls) => CONFIGURED.get_or_init(|| {
-            Arc::new(build(&tls.roots, tls.identity.as_ref()).expect("TLS settings checked by configure"))
-        }),
+    match CONFIGURED.get() {
+        Some(config) => config.clone(),
+        None => UNCONFIGURED
+            .get_or_init(|| {
+                Arc::new(builder(native_roots()).expect("TLS settings without files").with_no_client_auth())
+            })
+            .clone(),
     }
-    .clone()
 }
 
-fn build(
-    extra_roots: &[CertificateDer<'static>],
-    identity: Option<&(Vec<CertificateDer<'static>>, PrivateKeyDer<'static>)>,
-) -> Result<rustls::ClientConfig, String> {
+/// The system's roots, as far as they load (a broken one is skipped, as reqwest does).
+fn native_roots() -> rustls::RootCertStore {
     let mut roots = rustls::RootCertStore::empty();
-    // The system's roots, as far as they load (a broken one is skipped, as reqwest does).
     for cert in rustls_native_certs::load_native_certs().certs {
         let _ = roots.add(cert);
     }
-    for cert in extra_roots {
-        roots.add(cert.clone()).map_err(|e| format!("--tls-ca: {e}"))?;
-    }
-    let builder =
-        rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
-            .with_safe_default_protocol_versions()
-            .map_err(|e| format!("TLS settings: {e}"))?
-            .with_root_certificates(roots);
-    match identity {
-        None => Ok(builder.with_no_client_auth()),
-        Some((certs, key)) => {
-            builder.with_client_auth_cert(certs.clone(), key.clone_key()).map_err(|e| e.to_string())
-        }
-    }
+    roots
+}
+
+fn builder(
+    roots: rustls::RootCertStore,
+) -> Result<rustls::ConfigBuilder<rustls::ClientConfig, rustls::client::WantsClientCert>, String> {
+    Ok(rustls::ClientConfig::builder_with_provider(Arc::new(rustls::crypto::ring::default_provider()))
+        .with_safe_default_protocol_versions()
+        .map_err(|e| format!("TLS settings: {e}"))?
+        .with_root_certificates(roots))
 }
 
 /// A `reqwest` client builder with this process's TLS settings.

@@ -22,7 +22,7 @@ use openraft::raft::{
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use flotilla_client::http::{bearer, header, Base, HeaderMap, HeaderValue, Http, HttpError, Method, Uri};
+use flotilla_client::http::{header, Auth, Base, HeaderValue, Http, HttpError, Method, Uri};
 
 use crate::codec::{decode, encode};
 use crate::log_store::EntryBytes;
@@ -68,7 +68,7 @@ pub enum TransportError {
 pub struct PeerClient {
     http: Http,
     /// `Authorization: Bearer <cluster token>`, made once, or why it cannot be sent.
-    auth: Result<Option<HeaderValue>, String>,
+    auth: Auth,
     /// The log format each peer (by address) named in its last answer.
     formats: std::sync::Arc<std::sync::Mutex<std::collections::HashMap<String, u32>>>,
     /// Each peer's address parsed once (parsing it for every append, as a URL with IDNA
@@ -79,7 +79,7 @@ pub struct PeerClient {
 impl PeerClient {
     pub fn new(token: Option<String>) -> Self {
         let http = Http::new(Duration::from_millis(500), Duration::from_secs(60), 32);
-        let auth = token.as_deref().map(bearer).transpose();
+        let auth = Auth::new(token.as_deref());
         PeerClient { http, auth, formats: Default::default(), bases: Default::default() }
     }
 
@@ -136,15 +136,8 @@ impl PeerClient {
     ) -> Result<Resp, TransportError> {
         let failed = |message: String| TransportError::Failed { addr: addr.to_string(), message };
         let uri = self.url(addr, path).map_err(|e| failed(format!("{addr}: not a URL: {e}")))?;
-        let mut headers = HeaderMap::new();
+        let mut headers = self.auth.headers().map_err(failed)?;
         headers.insert(header::CONTENT_TYPE, HeaderValue::from_static(MSGPACK));
-        match &self.auth {
-            Ok(Some(auth)) => {
-                headers.insert(header::AUTHORIZATION, auth.clone());
-            }
-            Ok(None) => {}
-            Err(e) => return Err(failed(e.clone())),
-        }
         let answer =
             self.http.send(Method::POST, uri, headers, bytes.into(), timeout).await.map_err(|e| match e {
                 HttpError::Connect(message) => TransportError::Connect { addr: addr.to_string(), message },
