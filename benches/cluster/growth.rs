@@ -95,7 +95,8 @@ fn probe_reads(c: &Cluster, leader: u64) -> (tokio::sync::oneshot::Sender<()>, t
     let (stop, mut stopped) = tokio::sync::oneshot::channel();
     let probe = tokio::spawn(async move {
         let mut slowest = Duration::ZERO;
-        while stopped.try_recv().is_err() {
+        // Until told to stop, or until the teller is gone (a failed measurement).
+        while matches!(stopped.try_recv(), Err(tokio::sync::oneshot::error::TryRecvError::Empty)) {
             let t = Instant::now();
             // Absent is an answer too; a refusal (an election) counts with its time.
             let _ = client.kv_get("growth/probe", false).await;
