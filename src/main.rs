@@ -295,6 +295,15 @@ enum Cmd {
         /// (no new task starts meanwhile); then the executor exits 0.
         #[arg(long, env = "FLOTILLA_DRAIN_TIMEOUT_S", default_value_t = flotilla_executor::DEFAULT_DRAIN_TIMEOUT_S)]
         drain_timeout_s: u64,
+        /// Keep started containers of IMAGE ready for tasks (repeatable, or comma
+        /// separated): a task whose pod is one plain container of it starts without
+        /// Docker's create and start. Missing images are pulled without credentials.
+        #[arg(long = "warm-image", env = "FLOTILLA_WARM_IMAGES", value_delimiter = ',')]
+        warm_images: Vec<String>,
+        /// How many containers each --warm-image keeps ready.
+        #[arg(long, env = "FLOTILLA_WARM_PER_IMAGE", default_value_t = 1,
+              value_parser = clap::value_parser!(u16).range(1..=flotilla_executor::warm::MAX_PER_IMAGE as i64))]
+        warm_per_image: u16,
         #[command(flatten)]
         tls: TlsArgs,
     },
@@ -636,6 +645,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             token_file,
             pull_timeout_s,
             drain_timeout_s,
+            warm_images,
+            warm_per_image,
             tls,
         } => {
             init_logging(cli.log_format);
@@ -661,6 +672,8 @@ async fn run(cli: Cli) -> Result<(), Failure> {
             cfg.pull_timeout = std::time::Duration::from_secs(pull_timeout_s);
             cfg.drain_timeout = std::time::Duration::from_secs(drain_timeout_s);
             cfg.tls = executor_tls;
+            cfg.warm_images = warm_images;
+            cfg.warm_per_image = usize::from(warm_per_image);
             let (tx, rx) = tokio::sync::watch::channel(false);
             tokio::spawn(async move {
                 shutdown_signal().await;

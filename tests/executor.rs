@@ -14,7 +14,7 @@ use serde_json::json;
 
 async fn create(c: &Client, mut body: serde_json::Value) -> Run {
     for t in body["tasks"].as_array_mut().unwrap() {
-        if t.get("image").is_none() {
+        if t.get("image").is_none() && t.get("containers").is_none() {
             t["image"] = json!(IMAGE);
         }
     }
@@ -322,4 +322,111 @@ async fn a_task_running_through_a_leader_failover_succeeds_with_its_whole_log() 
     let want: String = (1..=8).map(|i| format!("tick {i}\n")).collect();
     assert_eq!(text, want, "the whole log, once, after the failover");
     assert_no_containers(&exec);
+}
+
+/// Running warm containers of executor `id`, by id (12 characters, as `docker ps` gives).
+fn running_warm(id: &str) -> Vec<String> {
+    let out = std::process::Command::new("docker")
+        .args(["ps", "-q", "--filter", &format!("label=flotilla.executor={id}")])
+        .args(["--filter", "label=flotilla.warm=true", "--filter", "status=running"])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect()
+}
+
+fn docker(args: &[&str]) {
+    let out = std::process::Command::new("docker").args(args).output().expect("docker");
+    assert!(out.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_warm_container_runs_a_plain_task_as_a_cold_one_would_and_a_moved_tag_starts_cold() {
+    require_docker_image();
+    // A tag of this test's own, moved to another image half way.
+    let image = "flotilla-warm-test:v";
+    docker(&["tag", IMAGE, image]);
+    let cluster = Cluster::bootstrap(1, &[]).await;
+    let mut exec = ExecutorProc::start(&cluster, "warm-exec", &["--warm-image", image]);
+    let c = cluster.client(1);
+    // The executor's only container is the `made`-th warm one it readied (Docker shows a
+    // container running a moment before the executor hears that it started).
+    let one_warm = async |made: usize| {
+        let mut ready = Vec::new();
+        wait_until("one warm container", Duration::from_secs(30), async || {
+            ready = running_warm("warm-exec");
+            let log = std::fs::read_to_string(&exec.log).unwrap_or_default();
+            ready.len() == 1
+                && containers_with_label("flotilla.executor", "warm-exec").len() == 1
+                && log.matches("warm container ready").count() == made
+        })
+        .await;
+        ready.remove(0)
+    };
+    let first = one_warm(1).await;
+
+    // A plain task takes it: container 0's environment under the task's under the step's,
+    // the default directory and user, and one container for all the steps.
+    let plain = json!({"name": "plain", "environment": {"T": "task", "S": "task"},
+    "containers": [{"image": image, "environment": {"C": "container", "T": "container"}}],
+    "steps": [
+        {"run": {"command": "echo \"$C $T $S\"; pwd; id -u; echo kept > f", "environment": {"S": "step"}}},
+        {"run": {"command": "cat f"}}
+    ]});
+    let run = create(&c, json!({"name": "warm", "group": "/warm", "tasks": [plain]})).await;
+    let done = wait_final(&c, &run.id, &exec).await;
+    assert_eq!(done.result, RunResult::Success, "{done:#?}");
+    let setup = log(&c, &run.id, "plain", "setup").await;
+    assert!(setup.contains(&format!("({first}) started, warm")), "{setup}");
+    let out = log(&c, &run.id, "plain", "0").await;
+    assert!(out.contains("container task step\n/work\n0\n"), "{out}");
+    assert!(log(&c, &run.id, "plain", "1").await.contains("kept"));
+    // Used once, removed, replaced.
+    let second = one_warm(2).await;
+    assert_ne!(second, first);
+
+    // A pod with a volume starts cold and leaves the warm one alone.
+    let run = create(
+        &c,
+        json!({"name": "cold", "group": "/warm", "tasks": [{"name": "vol",
+        "containers": [{"image": image, "volumes": [{"path": "/scratch", "tmpfs": {}}]}],
+        "steps": [{"run": {"command": "touch /scratch/x"}}]}]}),
+    )
+    .await;
+    let done = wait_final(&c, &run.id, &exec).await;
+    assert_eq!(done.result, RunResult::Success, "{done:#?}");
+    let setup = log(&c, &run.id, "vol", "setup").await;
+    assert!(setup.contains("started") && !setup.contains("started, warm"), "{setup}");
+    assert_eq!(one_warm(2).await, second);
+
+    // The tag moves to a new image: the warm container of the old one is not used (the
+    // task starts cold, in the new image), and a warm one of the new image replaces it.
+    docker(&["run", "--name", "flotilla-warm-test-commit", IMAGE, "touch", "/marker"]);
+    docker(&["commit", "flotilla-warm-test-commit", image]);
+    docker(&["rm", "flotilla-warm-test-commit"]);
+    let run = create(
+        &c,
+        json!({"name": "moved", "group": "/warm", "tasks": [{"name": "new",
+        "image": image, "steps": [{"run": {"command": "test -e /marker"}}]}]}),
+    )
+    .await;
+    let done = wait_final(&c, &run.id, &exec).await;
+    assert_eq!(done.result, RunResult::Success, "{done:#?}");
+    assert!(!log(&c, &run.id, "new", "setup").await.contains("started, warm"));
+    let third = one_warm(3).await;
+    assert_ne!(third, second, "the stale warm container was replaced");
+    let run = create(
+        &c,
+        json!({"name": "again", "group": "/warm", "tasks": [{"name": "new",
+        "image": image, "steps": [{"run": {"command": "test -e /marker"}}]}]}),
+    )
+    .await;
+    let done = wait_final(&c, &run.id, &exec).await;
+    assert_eq!(done.result, RunResult::Success, "{done:#?}");
+    assert!(log(&c, &run.id, "new", "setup").await.contains(&format!("({third}) started, warm")));
+
+    // A clean stop removes the warm containers too.
+    one_warm(4).await;
+    exec.terminate();
+    assert_no_containers(&exec);
+    docker(&["rmi", image]);
 }

@@ -10,6 +10,11 @@
 //! is measured the same way against its `docker` equivalent: a service container
 //! started detached, `docker run --rm --network container:SVC IMAGE true`, then
 //! `docker rm -f SVC`.
+//!
+//! Then the one-container task again with the executor keeping a warm container of the
+//! image (`--warm-image`, one ready): the container was started before the task existed,
+//! so the task's path has no create or start. Each measurement of either side starts once
+//! the used container is removed and its replacement is running.
 
 use std::process::Command;
 use std::time::{Duration, Instant};
@@ -30,7 +35,20 @@ pub async fn run(quick: bool) -> Vec<Row> {
     require_docker_image();
 
     let cluster = Cluster::bootstrap(3, &[]).await;
-    let _exec = ExecutorProc::start(&cluster, "bench-exec", &[]);
+    let mut exec = ExecutorProc::start(&cluster, "bench-exec", &[]);
+    // Ready for the next measurement: the executor has no container but its warm one (if
+    // any), running, and knows it ready (its `made`-th: one at start, one per warm run).
+    let log_path = exec.log.clone();
+    let settled = |warm: Option<usize>| {
+        let Some(made) = warm else {
+            return containers_with_label("flotilla.executor", "bench-exec").is_empty();
+        };
+        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
+        containers_with_label("flotilla.executor", "bench-exec").len() == 1
+            && running_warm("bench-exec") == 1
+            && log.matches("warm container ready").count() == made
+    };
+    let warm: std::cell::Cell<Option<usize>> = std::cell::Cell::new(None);
     let c = cluster.client(cluster.wait_for_leader().await);
     let create: RunCreate = serde_json::from_value(serde_json::json!({
         "name": "overhead", "group": "/bench",
@@ -46,7 +64,7 @@ pub async fn run(quick: bool) -> Vec<Row> {
     }))
     .unwrap();
     let flotilla_run = |create: &RunCreate| {
-        let (c, create) = (&c, create.clone());
+        let (c, create, settled, warm) = (&c, create.clone(), &settled, &warm);
         async move {
             let t = Instant::now();
             let run = c.run_create(&create).await.unwrap();
@@ -60,8 +78,11 @@ pub async fn run(quick: bool) -> Vec<Row> {
             };
             // The executor removes the container after reporting; wait for that (untimed), so
             // that the next measurement of either side does not share the engine with it.
+            if let Some(made) = warm.get() {
+                warm.set(Some(made + 1));
+            }
             let deadline = Instant::now() + Duration::from_secs(30);
-            while !containers_with_label("flotilla.executor", "bench-exec").is_empty() {
+            while !settled(warm.get()) {
                 assert!(Instant::now() < deadline, "the executor did not remove its container");
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
@@ -102,6 +123,23 @@ pub async fn run(quick: bool) -> Vec<Row> {
         docker2.push(docker_pod());
         flotilla2.push(flotilla_run(&pod).await);
     }
+    // The same executor again, keeping one container of the image warm.
+    exec.terminate();
+    exec.args = vec!["--warm-image".into(), IMAGE.into()];
+    exec.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !settled(Some(1)) {
+        assert!(Instant::now() < deadline, "no warm container");
+        tokio::time::sleep(Duration::from_millis(5)).await;
+    }
+    warm.set(Some(1));
+    flotilla_run(&create).await;
+    docker_run();
+    let (mut docker3, mut flotilla3) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        docker3.push(docker_run());
+        flotilla3.push(flotilla_run(&create).await);
+    }
     let (dp50, dmean, dmax) = stats(docker);
     let (fp50, fmean, fmax) = stats(flotilla);
     println!("== per-task overhead: one task, one `true` step, {n} runs each, sequential");
@@ -119,9 +157,28 @@ pub async fn run(quick: bool) -> Vec<Row> {
         "{:<40} {:>9.0} {:>9.0} {:>9.0}",
         "flotilla pod run (create → finished)", fp50_2, fmean_2, fmax_2
     );
+    let (dp50_3, dmean_3, dmax_3) = stats(docker3);
+    let (fp50_3, fmean_3, fmax_3) = stats(flotilla3);
+    println!("== per-task overhead with a warm container (--warm-image), {n} runs each");
+    println!("{:<40} {:>9.0} {:>9.0} {:>9.0}", "docker run --rm (baseline)", dp50_3, dmean_3, dmax_3);
+    println!(
+        "{:<40} {:>9.0} {:>9.0} {:>9.0}",
+        "flotilla run, warm (create → finished)", fp50_3, fmean_3, fmax_3
+    );
     vec![
         Row::new("task_overhead_p50", "ms", fp50, "docker run --rm", dp50, false),
         Row::new("task_overhead_mean", "ms", fmean, "docker run --rm", dmean, false),
         Row::new("pod_task_overhead_p50", "ms", fp50_2, "docker run, 2 containers", dp50_2, false),
+        Row::new("task_overhead_warm_p50", "ms", fp50_3, "docker run --rm", dp50_3, false),
     ]
+}
+
+/// Running warm containers of executor `id`.
+fn running_warm(id: &str) -> usize {
+    let out = Command::new("docker")
+        .args(["ps", "-q", "--filter", &format!("label=flotilla.executor={id}")])
+        .args(["--filter", "label=flotilla.warm=true", "--filter", "status=running"])
+        .output()
+        .expect("docker ps");
+    String::from_utf8_lossy(&out.stdout).split_whitespace().count()
 }

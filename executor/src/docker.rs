@@ -10,7 +10,7 @@ use bollard::models::{ContainerCreateBody, ExecConfig, HostConfig};
 use bollard::query_parameters::{
     CreateContainerOptionsBuilder, CreateImageOptionsBuilder, DownloadFromContainerOptionsBuilder,
     ListContainersOptionsBuilder, LogsOptionsBuilder, RemoveContainerOptionsBuilder,
-    UploadToContainerOptionsBuilder,
+    RenameContainerOptionsBuilder, UploadToContainerOptionsBuilder,
 };
 use bollard::Docker;
 use bytes::Bytes;
@@ -26,6 +26,10 @@ pub const LABEL_DYNAMIC: &str = "flotilla.dynamic";
 pub const LABEL_CLUSTER: &str = "flotilla.cluster";
 /// The container's name in its task's pod (`main`, `db`...).
 pub const LABEL_CONTAINER: &str = "flotilla.container";
+/// `true` on a warm container (`--warm-image`): started before any task asked for it; its
+/// `flotilla.task` label stays empty once a task takes it (labels cannot change), its name
+/// becomes the task's.
+pub const LABEL_WARM: &str = "flotilla.warm";
 
 #[derive(Debug, thiserror::Error)]
 #[error("{0}")]
@@ -105,10 +109,11 @@ impl Driver {
         Ok(go_arch(info.architecture.as_deref().unwrap_or("")))
     }
 
-    pub async fn image_present(&self, image: &str) -> Result<bool, DockerError> {
+    /// The id of `image` on this host (`sha256:...`), `None` if it is not here.
+    pub async fn image_id(&self, image: &str) -> Result<Option<String>, DockerError> {
         match self.docker.inspect_image(image).await {
-            Ok(_) => Ok(true),
-            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(false),
+            Ok(i) => Ok(Some(i.id.unwrap_or_default())),
+            Err(bollard::errors::Error::DockerResponseServerError { status_code: 404, .. }) => Ok(None),
             Err(e) => Err(err("inspect image", e)),
         }
     }
@@ -176,6 +181,12 @@ impl Driver {
             return Err(err("start container", e));
         }
         Ok(created.id)
+    }
+
+    /// Gives the container a new name.
+    pub async fn rename(&self, container: &str, name: &str) -> Result<(), DockerError> {
+        let opts = RenameContainerOptionsBuilder::new().name(name).build();
+        self.docker.rename_container(container, opts).await.map_err(|e| err("rename container", e))
     }
 
     /// Runs `spec` in the container, feeding its output to `sink`; returns the exit code.

@@ -8,7 +8,8 @@
 //! the containers it left behind (a crash), and it removes the containers of a dynamic
 //! sibling (same group, same Docker host) that the servers no longer know. A task the
 //! servers believe running but this agent does not know (it restarted) is reported
-//! failed: its container is gone.
+//! failed: its container is gone. With `--warm-image`, it keeps started containers ready
+//! for plain tasks of those images ([`warm`]).
 
 pub mod docker;
 pub mod logs;
@@ -17,6 +18,7 @@ pub mod restore;
 pub mod servers;
 pub mod tarball;
 pub mod task;
+pub mod warm;
 
 use anyhow::Context as _;
 use std::collections::{BTreeMap, BTreeSet};
@@ -56,6 +58,9 @@ pub struct Config {
     pub drain_timeout: Duration,
     /// HTTPS on the health listener (`--tls-cert`, `--tls-key`).
     pub tls: Option<flotilla_client::server_tls::ServerTls>,
+    /// Images kept warm ([`warm`]), `warm_per_image` started containers each.
+    pub warm_images: Vec<String>,
+    pub warm_per_image: usize,
 }
 
 /// Ten seconds: `docker stop`'s own grace period, long enough for a short step to end and
@@ -80,6 +85,8 @@ impl Config {
             pull_timeout: Duration::from_secs(60),
             drain_timeout: Duration::from_secs(DEFAULT_DRAIN_TIMEOUT_S),
             tls: None,
+            warm_images: Vec::new(),
+            warm_per_image: 1,
         }
     }
 }
@@ -95,6 +102,8 @@ pub struct Agent {
     pub cluster_id: String,
     /// Task status reports, sent together when they queue.
     pub reporter: flotilla_client::report::Reporter,
+    /// Started containers waiting for a task (`--warm-image`).
+    pub warm: warm::Pool,
 }
 
 struct Running {
@@ -116,7 +125,8 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     let servers = Arc::new(Servers::new(&cfg.servers, cfg.token.clone()));
     let Some(cluster_id) = cluster_id(&cfg, &arch, &servers, &mut shutdown).await else { return Ok(()) };
     let reporter = servers::reporter(servers.clone(), cfg.id.clone());
-    let agent = Arc::new(Agent { cfg, servers, docker, arch, cluster_id, reporter });
+    let warm = warm::Pool::new(cfg.warm_images.clone(), cfg.warm_per_image);
+    let agent = Arc::new(Agent { cfg, servers, docker, arch, cluster_id, reporter, warm });
 
     // What a previous life of this agent left: containers (killed) and local files. Only
     // containers labeled exactly with this cluster and this executor are ours; no task
@@ -164,6 +174,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         if last_heartbeat.elapsed() >= agent.cfg.heartbeat {
             heartbeat(&agent, running.len() as u32).await;
             last_heartbeat = tokio::time::Instant::now();
+            agent.warm.fill(&agent);
         }
         if last_sweep.elapsed() >= Duration::from_secs(10) {
             remove_lost_siblings(&agent).await;
@@ -273,6 +284,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     for (_, r) in running {
         let _ = tokio::time::timeout(Duration::from_secs(30), r.handle).await;
     }
+    agent.warm.close(&agent).await;
     Ok(())
 }
 

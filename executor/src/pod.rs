@@ -12,6 +12,7 @@
 
 use anyhow::Context as _;
 use std::collections::HashMap;
+use std::sync::Arc;
 
 use base64::Engine;
 use flotilla_store::executor::TaskData;
@@ -51,7 +52,7 @@ pub fn container_name(cluster: &str, executor: &str, task_id: &str, container: &
 }
 
 /// The labels of a container of ours.
-fn labels(agent: &Agent, task_id: &str, container: &str) -> HashMap<String, String> {
+pub(crate) fn labels(agent: &Agent, task_id: &str, container: &str) -> HashMap<String, String> {
     HashMap::from([
         (LABEL.to_string(), "true".to_string()),
         (LABEL_CLUSTER.to_string(), agent.cluster_id.clone()),
@@ -111,10 +112,15 @@ fn pull_auth(data: &TaskData, image: &str) -> anyhow::Result<Option<PullAuth>> {
 }
 
 /// Makes `image` present on this host, pulling it (with the task's credentials for its
-/// registry) if needed.
-async fn ensure_image(agent: &Agent, data: &TaskData, image: &str, log: &mut StepLog) -> anyhow::Result<()> {
-    if agent.docker.image_present(image).await? {
-        return Ok(());
+/// registry) if needed; its id if it was already here.
+async fn ensure_image(
+    agent: &Agent,
+    data: &TaskData,
+    image: &str,
+    log: &mut StepLog,
+) -> anyhow::Result<Option<String>> {
+    if let Some(id) = agent.docker.image_id(image).await? {
+        return Ok(Some(id));
     }
     let auth = pull_auth(data, image)?;
     let with = if auth.is_some() { " with the task's credentials for its registry" } else { "" };
@@ -123,7 +129,8 @@ async fn ensure_image(agent: &Agent, data: &TaskData, image: &str, log: &mut Ste
         .docker
         .pull(image, agent.cfg.pull_timeout, auth)
         .await
-        .with_context(|| format!("image {image:?} is not present on this host and cannot be pulled"))
+        .with_context(|| format!("image {image:?} is not present on this host and cannot be pulled"))?;
+    Ok(None)
 }
 
 /// Docker's tmpfs options for a container's volumes (mode 1777: any user may write).
@@ -149,7 +156,7 @@ fn env_of(base: &flotilla_store::run::StringMap) -> Vec<String> {
 /// receiver. On an error, what was created is left for the caller to remove (by label,
 /// [`remove_task_containers`]), as it is when the caller drops this future.
 pub async fn start(
-    agent: &Agent,
+    agent: &Arc<Agent>,
     task_id: &str,
     data: &TaskData,
     shell: &str,
@@ -170,19 +177,41 @@ pub async fn start(
     let name_of = |c: &ContainerConfig| c.name.clone().unwrap_or_else(|| "main".into());
     let images: Vec<&str> = containers.iter().map(|c| c.image.as_str()).collect();
     log.line(&format!("[flotilla] executor {}: image {}", agent.cfg.id, images.join(", ")));
+    let mut main_image_id = None;
     for (i, image) in images.iter().enumerate() {
         if !images[..i].contains(image) {
-            ensure_image(agent, data, image, log).await?;
+            let id = ensure_image(agent, data, image, log).await?;
+            if i == 0 {
+                main_image_id = id;
+            }
         }
     }
     // Whatever an earlier attempt of this very task left (found by our labels only).
     remove_task_containers(agent, task_id).await;
 
+    let main_name = name_of(main);
+    let docker_name = container_name(&agent.cluster_id, &agent.cfg.id, task_id, &main_name);
+    let warm = crate::warm::eligible(data, working_dir)
+        .zip(main_image_id)
+        .and_then(|(image, image_id)| agent.warm.take(agent, image, &image_id));
+    if let Some(id) = warm {
+        // Nothing awaited from the take to the return: a caller dropping this future
+        // cannot strand the container. The name is cosmetic: given in the background.
+        let docker = agent.docker.clone();
+        let (renamed, name) = (id.clone(), docker_name.clone());
+        tokio::spawn(async move {
+            if let Err(e) = docker.rename(&renamed, &name).await {
+                tracing::debug!(container = renamed, error = %e, "cannot name a warm container");
+            }
+        });
+        log.line(&format!("[flotilla] container {main_name} ({}) started, warm", short(&id)));
+        let (_, exits) = mpsc::unbounded_channel();
+        return Ok((Pod { main: id, services: Vec::new() }, exits));
+    }
+
     let services = &containers[1..];
     let mut env = main.environment.clone();
     env.extend(data.environment.clone());
-    let main_name = name_of(main);
-    let docker_name = container_name(&agent.cluster_id, &agent.cfg.id, task_id, &main_name);
     let spec = ContainerSpec {
         name: &docker_name,
         image: &main.image,

@@ -104,6 +104,10 @@ pub async fn run(
         }
     };
     let container = pod.main.clone();
+    // Container 0's environment with the task's over it, on every exec: what a container
+    // created for the task also holds, and all a warm one (crate::warm) gets.
+    let mut environment = data.containers.first().map(|c| c.environment.clone()).unwrap_or_default();
+    environment.extend(data.environment.clone());
     status.setup_step.phase = Phase::Success;
     status.setup_step.end_time = Some(now_ms());
     status.setup_step.log_phase = log.finish().await;
@@ -135,8 +139,14 @@ pub async fn run(
                 break;
             }
         };
-        let env =
-            StepEnv { agent: &agent, id: &id, container: &container, data: &data, working_dir: &working_dir };
+        let env = StepEnv {
+            agent: &agent,
+            id: &id,
+            container: &container,
+            data: &data,
+            working_dir: &working_dir,
+            environment: &environment,
+        };
         let result = tokio::select! {
             r = run_step(
                 &env,
@@ -286,6 +296,8 @@ struct StepEnv<'a> {
     container: &'a str,
     data: &'a TaskData,
     working_dir: &'a str,
+    /// Every step's environment before its own (container 0's, the task's over it).
+    environment: &'a flotilla_store::run::StringMap,
 }
 
 async fn run_step(
@@ -295,7 +307,7 @@ async fn run_step(
     log: &mut StepLog,
     exit_status: &mut Option<i32>,
 ) -> Outcome {
-    let StepEnv { agent, id, container, data, working_dir } = *env;
+    let StepEnv { agent, id, container, data, working_dir, environment } = *env;
     let result = match step {
         Step::Run(r) => {
             let shell = r.shell.as_deref().or(data.shell.as_deref()).unwrap_or(DEFAULT_SHELL).to_string();
@@ -304,7 +316,7 @@ async fn run_step(
                 .as_deref()
                 .map_or_else(|| working_dir.to_string(), |d| absolute(working_dir, d));
             let cmd = vec![shell, "-e".into(), "-c".into(), r.command.clone()];
-            let env = env_list(&data.environment, Some(&r.environment));
+            let env = env_list(environment, Some(&r.environment));
             match agent
                 .docker
                 .exec(
@@ -526,7 +538,7 @@ async fn save_cache(
     contents: &[SaveContent],
     log: &mut StepLog,
 ) -> anyhow::Result<()> {
-    let StepEnv { agent, id, container, data, working_dir } = *env;
+    let StepEnv { agent, id, container, data, working_dir, .. } = *env;
     let key = render_key(agent, container, data, working_dir, template).await?;
     let group = data.cache_group.clone();
     let found = agent
