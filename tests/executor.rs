@@ -340,7 +340,7 @@ fn docker(args: &[&str]) {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_warm_container_runs_a_plain_task_as_a_cold_one_would_and_a_moved_tag_starts_cold() {
+async fn a_warm_container_runs_a_plain_task_as_a_cold_one_would_and_dead_or_stale_ones_are_replaced() {
     require_docker_image();
     // A tag of this test's own, moved to another image half way.
     let image = "flotilla-warm-test:v";
@@ -362,7 +362,12 @@ async fn a_warm_container_runs_a_plain_task_as_a_cold_one_would_and_a_moved_tag_
         .await;
         ready.remove(0)
     };
-    let first = one_warm(1).await;
+    // One that dies while waiting (an OOM kill, a `docker kill`) is dropped and replaced at
+    // a heartbeat, not handed to a task.
+    let dead = one_warm(1).await;
+    docker(&["kill", &dead]);
+    let first = one_warm(2).await;
+    assert_ne!(first, dead);
 
     // A plain task takes it: container 0's environment under the task's under the step's,
     // the default directory and user, and one container for all the steps.
@@ -381,7 +386,7 @@ async fn a_warm_container_runs_a_plain_task_as_a_cold_one_would_and_a_moved_tag_
     assert!(out.contains("container task step\n/work\n0\n"), "{out}");
     assert!(log(&c, &run.id, "plain", "1").await.contains("kept"));
     // Used once, removed, replaced.
-    let second = one_warm(2).await;
+    let second = one_warm(3).await;
     assert_ne!(second, first);
 
     // A pod with a volume starts cold and leaves the warm one alone.
@@ -396,10 +401,11 @@ async fn a_warm_container_runs_a_plain_task_as_a_cold_one_would_and_a_moved_tag_
     assert_eq!(done.result, RunResult::Success, "{done:#?}");
     let setup = log(&c, &run.id, "vol", "setup").await;
     assert!(setup.contains("started") && !setup.contains("started, warm"), "{setup}");
-    assert_eq!(one_warm(2).await, second);
+    assert_eq!(one_warm(3).await, second);
 
     // The tag moves to a new image: the warm container of the old one is not used (the
     // task starts cold, in the new image), and a warm one of the new image replaces it.
+    let _ = std::process::Command::new("docker").args(["rm", "-f", "flotilla-warm-test-commit"]).output();
     docker(&["run", "--name", "flotilla-warm-test-commit", IMAGE, "touch", "/marker"]);
     docker(&["commit", "flotilla-warm-test-commit", image]);
     docker(&["rm", "flotilla-warm-test-commit"]);
@@ -412,7 +418,7 @@ async fn a_warm_container_runs_a_plain_task_as_a_cold_one_would_and_a_moved_tag_
     let done = wait_final(&c, &run.id, &exec).await;
     assert_eq!(done.result, RunResult::Success, "{done:#?}");
     assert!(!log(&c, &run.id, "new", "setup").await.contains("started, warm"));
-    let third = one_warm(3).await;
+    let third = one_warm(4).await;
     assert_ne!(third, second, "the stale warm container was replaced");
     let run = create(
         &c,
@@ -425,7 +431,7 @@ async fn a_warm_container_runs_a_plain_task_as_a_cold_one_would_and_a_moved_tag_
     assert!(log(&c, &run.id, "new", "setup").await.contains(&format!("({third}) started, warm")));
 
     // A clean stop removes the warm containers too.
-    one_warm(4).await;
+    one_warm(5).await;
     exec.terminate();
     assert_no_containers(&exec);
     docker(&["rmi", image]);

@@ -83,7 +83,10 @@ pub async fn run(quick: bool) -> Vec<Row> {
             }
             let deadline = Instant::now() + Duration::from_secs(30);
             while !settled(warm.get()) {
-                assert!(Instant::now() < deadline, "the executor did not remove its container");
+                assert!(
+                    Instant::now() < deadline,
+                    "the executor did not remove its container (or, warm, did not replace it)"
+                );
                 tokio::time::sleep(Duration::from_millis(5)).await;
             }
             elapsed

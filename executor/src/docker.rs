@@ -52,6 +52,7 @@ pub struct Ours {
     pub executor: String,
     pub task: String,
     pub dynamic: bool,
+    pub running: bool,
 }
 
 /// What to create for a task: its steps' container (kept alive by `keep_alive_shell`) or
@@ -291,6 +292,7 @@ impl Driver {
                     executor: labels.get(LABEL_EXECUTOR)?.clone(),
                     task: labels.get(LABEL_TASK).cloned().unwrap_or_default(),
                     dynamic: labels.get(LABEL_DYNAMIC).is_some_and(|v| v == "true"),
+                    running: c.state == Some(bollard::models::ContainerSummaryStateEnum::RUNNING),
                 })
             })
             .collect())

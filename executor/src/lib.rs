@@ -174,7 +174,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         if last_heartbeat.elapsed() >= agent.cfg.heartbeat {
             heartbeat(&agent, running.len() as u32).await;
             last_heartbeat = tokio::time::Instant::now();
-            agent.warm.fill(&agent);
+            agent.warm.tend(&agent).await;
         }
         if last_sweep.elapsed() >= Duration::from_secs(10) {
             remove_lost_siblings(&agent).await;
@@ -274,6 +274,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         // Ended before this poll: a task still not final at the next one is re-reported.
         since_ended = ended.keys().cloned().collect();
     }
+    agent.warm.close(&agent).await;
     drain(&agent, &mut running).await;
     if !running.is_empty() {
         tracing::info!(tasks = running.len(), "executor stopping; stopping its remaining tasks");
@@ -284,7 +285,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     for (_, r) in running {
         let _ = tokio::time::timeout(Duration::from_secs(30), r.handle).await;
     }
-    agent.warm.close(&agent).await;
+    agent.warm.settle().await;
     Ok(())
 }
 

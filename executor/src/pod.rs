@@ -191,7 +191,7 @@ pub async fn start(
 
     let main_name = name_of(main);
     let docker_name = container_name(&agent.cluster_id, &agent.cfg.id, task_id, &main_name);
-    let warm = crate::warm::eligible(data, working_dir)
+    let warm = crate::warm::eligible(data, shell, working_dir)
         .zip(main_image_id)
         .and_then(|(image, image_id)| agent.warm.take(agent, image, &image_id));
     if let Some(id) = warm {

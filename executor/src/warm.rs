@@ -12,9 +12,11 @@
 //! starts a replacement in the background. Only a container of the image's current id is
 //! taken: after the tag moved (a pull), the stale ones are removed and the task starts cold.
 //!
-//! Which tasks may take one ([`eligible`]): a pod of one container, of a warm image, not
-//! privileged, with no user or volumes of its own, in the default working directory.
-//! Every other task starts cold, as it always did.
+//! Which tasks may take one ([`eligible`]): a pod of one container named `main`, of a warm
+//! image, not privileged, with no user or volumes of its own, the default shell and
+//! working directory. Every other task starts cold, as it always did. A warm container
+//! found dead (an engine restart, a `docker rm`) is dropped at the next heartbeat and
+//! replaced.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -59,23 +61,32 @@ struct Warm {
     image_id: String,
 }
 
-/// `image` with Docker's implied `:latest` when it names no tag or digest, so that
-/// `--warm-image alpine` serves a task of `alpine:latest` and the other way round.
+/// `image` as Docker reads it, less Docker Hub's implied prefixes, with the implied
+/// `:latest` when it names no tag or digest: `--warm-image alpine` serves a task of
+/// `docker.io/library/alpine:latest` and the other way round.
 fn canonical(image: &str) -> String {
-    let last = image.rsplit('/').next().unwrap_or(image);
+    let short = ["docker.io/library/", "index.docker.io/library/", "docker.io/", "index.docker.io/"]
+        .iter()
+        .find_map(|p| image.strip_prefix(p))
+        .unwrap_or(image);
+    let last = short.rsplit('/').next().unwrap_or(short);
     if last.contains(':') || last.contains('@') {
-        image.to_string()
+        short.to_string()
     } else {
-        format!("{image}:latest")
+        format!("{short}:latest")
     }
 }
 
 /// The image of container 0 if the task may run in a warm container of it (see the module
 /// documentation), whatever images are warm.
-pub fn eligible<'a>(data: &'a TaskData, working_dir: &str) -> Option<&'a str> {
+pub fn eligible<'a>(data: &'a TaskData, shell: &str, working_dir: &str) -> Option<&'a str> {
     let [main] = data.containers.as_slice() else { return None };
-    let plain = !main.privileged && main.user.is_none() && main.volumes.is_empty();
-    (plain && working_dir == crate::task::DEFAULT_WORKING_DIR).then_some(main.image.as_str())
+    let plain = !main.privileged
+        && main.user.is_none()
+        && main.volumes.is_empty()
+        && main.name.as_deref().is_none_or(|n| n == "main");
+    let defaults = shell == crate::task::DEFAULT_SHELL && working_dir == crate::task::DEFAULT_WORKING_DIR;
+    (plain && defaults).then_some(main.image.as_str())
 }
 
 impl Pool {
@@ -141,8 +152,33 @@ impl Pool {
         }
     }
 
-    /// At shutdown: removes the ready containers and waits (bounded) for the creations
-    /// under way, which remove theirs.
+    /// At each heartbeat: drops (and removes) the ready containers that stopped running
+    /// (an engine restart, an OOM kill, a `docker rm`), then refills.
+    pub async fn tend(&self, agent: &Arc<Agent>) {
+        // Only what was ready before the listing is judged: a creation ending meanwhile
+        // may be listed as not yet running.
+        let judged: Vec<String> =
+            self.lock().ready.values().flat_map(|v| v.iter().map(|w| w.id.clone())).collect();
+        if !judged.is_empty() {
+            let labels = [
+                (crate::docker::LABEL_CLUSTER, agent.cluster_id.as_str()),
+                (crate::docker::LABEL_EXECUTOR, agent.cfg.id.as_str()),
+                (LABEL_WARM, "true"),
+            ];
+            let Ok(listed) = agent.docker.list(&labels).await else { return };
+            let alive: Vec<String> = listed.into_iter().filter(|c| c.running).map(|c| c.id).collect();
+            let dead: Vec<String> = judged.into_iter().filter(|id| !alive.contains(id)).collect();
+            if !dead.is_empty() {
+                self.lock().ready.values_mut().for_each(|v| v.retain(|w| !dead.contains(&w.id)));
+                tracing::warn!(containers = dead.len(), "warm containers stopped running; replacing them");
+                crate::pod::remove_all(agent, dead).await;
+            }
+        }
+        self.fill(agent);
+    }
+
+    /// At shutdown, before draining: removes the ready containers; the pool takes and
+    /// makes no more. [`Pool::settle`] waits for the creations under way.
     pub async fn close(&self, agent: &Agent) {
         let ids: Vec<String> = {
             let mut st = self.lock();
@@ -150,15 +186,15 @@ impl Pool {
             st.ready.drain().flat_map(|(_, v)| v.into_iter().map(|w| w.id)).collect()
         };
         crate::pod::remove_all(agent, ids).await;
+    }
+
+    /// After [`Pool::close`]: waits (bounded) for the creations under way, which remove
+    /// what they made.
+    pub async fn settle(&self) {
         let deadline = Instant::now() + Duration::from_secs(30);
         while self.lock().starting.values().any(|n| *n > 0) && Instant::now() < deadline {
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-    }
-
-    /// Warm containers ready now, all images.
-    pub fn ready(&self) -> usize {
-        self.lock().ready.values().map(Vec::len).sum()
     }
 }
 
@@ -172,16 +208,18 @@ async fn create(agent: Arc<Agent>, image: String) {
             Some(id) => id,
             None => {
                 agent.docker.pull(&image, agent.cfg.pull_timeout, None).await?;
-                agent.docker.image_id(&image).await?.unwrap_or_default()
+                let id = agent.docker.image_id(&image).await?;
+                id.ok_or_else(|| crate::docker::DockerError(format!("{image} is gone after its pull")))?
             }
         };
         let serial = pool.serial.fetch_add(1, Ordering::Relaxed);
         let name = format!("flotilla-{}-{}-warm-{serial}", agent.cluster_id, agent.cfg.id);
         let mut labels = crate::pod::labels(&agent, "", "main");
         labels.insert(LABEL_WARM.to_string(), "true".to_string());
+        // Created from the id just read: a tag moving meanwhile cannot mislabel it.
         let spec = ContainerSpec {
             name: &name,
-            image: &image,
+            image: &image_id,
             keep_alive_shell: Some(crate::task::DEFAULT_SHELL),
             entrypoint: None,
             cmd: None,
@@ -254,25 +292,32 @@ mod tests {
         assert_eq!(canonical("localhost:5000/team/app"), "localhost:5000/team/app:latest");
         assert_eq!(canonical("localhost:5000/app:v1"), "localhost:5000/app:v1");
         assert_eq!(canonical("app@sha256:abc"), "app@sha256:abc");
+        assert_eq!(canonical("docker.io/library/alpine"), "alpine:latest");
+        assert_eq!(canonical("docker.io/team/app:1"), "team/app:1");
     }
 
     #[test]
-    fn only_a_plain_lone_container_in_the_default_directory_may_be_warm() {
-        let wd = crate::task::DEFAULT_WORKING_DIR;
+    fn only_a_plain_lone_container_with_the_default_shell_and_directory_may_be_warm() {
+        let (sh, wd) = (crate::task::DEFAULT_SHELL, crate::task::DEFAULT_WORKING_DIR);
         let mut env = container("img");
         env.environment.insert("K".into(), "v".into());
-        assert_eq!(eligible(&data(vec![env]), wd), Some("img"), "its environment goes on the execs");
-        assert_eq!(eligible(&data(vec![container("img")]), "/elsewhere"), None);
-        assert_eq!(eligible(&data(vec![container("img"), container("svc")]), wd), None);
-        assert_eq!(eligible(&data(vec![]), wd), None);
+        env.name = Some("main".into());
+        assert_eq!(eligible(&data(vec![env]), sh, wd), Some("img"), "its environment goes on the execs");
+        assert_eq!(eligible(&data(vec![container("img")]), sh, "/elsewhere"), None);
+        assert_eq!(eligible(&data(vec![container("img")]), "/bin/bash", wd), None);
+        assert_eq!(eligible(&data(vec![container("img"), container("svc")]), sh, wd), None);
+        assert_eq!(eligible(&data(vec![]), sh, wd), None);
+        let mut c = container("img");
+        c.name = Some("build".into());
+        assert_eq!(eligible(&data(vec![c]), sh, wd), None, "its label would say main");
         let mut c = container("img");
         c.privileged = true;
-        assert_eq!(eligible(&data(vec![c]), wd), None);
+        assert_eq!(eligible(&data(vec![c]), sh, wd), None);
         let mut c = container("img");
         c.user = Some("1000".into());
-        assert_eq!(eligible(&data(vec![c]), wd), None);
+        assert_eq!(eligible(&data(vec![c]), sh, wd), None);
         let mut c = container("img");
         c.volumes.push(Volume { path: "/cache".into(), tmpfs: None });
-        assert_eq!(eligible(&data(vec![c]), wd), None);
+        assert_eq!(eligible(&data(vec![c]), sh, wd), None);
     }
 }
