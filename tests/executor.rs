@@ -409,26 +409,19 @@ async fn a_warm_container_runs_a_plain_task_as_a_cold_one_would_and_dead_or_stal
     docker(&["run", "--name", "flotilla-warm-test-commit", IMAGE, "touch", "/marker"]);
     docker(&["commit", "flotilla-warm-test-commit", image]);
     docker(&["rm", "flotilla-warm-test-commit"]);
-    let run = create(
-        &c,
-        json!({"name": "moved", "group": "/warm", "tasks": [{"name": "new",
-        "image": image, "steps": [{"run": {"command": "test -e /marker"}}]}]}),
-    )
-    .await;
-    let done = wait_final(&c, &run.id, &exec).await;
-    assert_eq!(done.result, RunResult::Success, "{done:#?}");
-    assert!(!log(&c, &run.id, "new", "setup").await.contains("started, warm"));
+    // A run of one task in the new image; its setup log.
+    let in_new_image = async |name: &str| {
+        let body = json!({"name": name, "group": "/warm", "tasks": [{"name": "new",
+            "image": image, "steps": [{"run": {"command": "test -e /marker"}}]}]});
+        let run = create(&c, body).await;
+        let done = wait_final(&c, &run.id, &exec).await;
+        assert_eq!(done.result, RunResult::Success, "{done:#?}");
+        log(&c, &run.id, "new", "setup").await
+    };
+    assert!(!in_new_image("moved").await.contains("started, warm"));
     let third = one_warm(4).await;
     assert_ne!(third, second, "the stale warm container was replaced");
-    let run = create(
-        &c,
-        json!({"name": "again", "group": "/warm", "tasks": [{"name": "new",
-        "image": image, "steps": [{"run": {"command": "test -e /marker"}}]}]}),
-    )
-    .await;
-    let done = wait_final(&c, &run.id, &exec).await;
-    assert_eq!(done.result, RunResult::Success, "{done:#?}");
-    assert!(log(&c, &run.id, "new", "setup").await.contains(&format!("({third}) started, warm")));
+    assert!(in_new_image("again").await.contains(&format!("({third}) started, warm")));
 
     // A clean stop removes the warm containers too.
     one_warm(5).await;

@@ -30,6 +30,23 @@ fn stats(mut v: Vec<Duration>) -> (f64, f64, f64) {
     (ms(v[v.len() / 2]), mean, ms(v[v.len() - 1]))
 }
 
+/// One warm-up each (executor registration, first connections, page cache), then `n` of
+/// each, alternating so that both see the same machine: (docker's, flotilla's).
+async fn alternate(
+    n: usize,
+    docker: impl Fn() -> Duration,
+    mut flotilla: impl AsyncFnMut() -> Duration,
+) -> (Vec<Duration>, Vec<Duration>) {
+    flotilla().await;
+    docker();
+    let (mut d, mut f) = (Vec::new(), Vec::new());
+    for _ in 0..n {
+        d.push(docker());
+        f.push(flotilla().await);
+    }
+    (d, f)
+}
+
 pub async fn run(quick: bool) -> Vec<Row> {
     let n = if quick { 5 } else { 20 };
     require_docker_image();
@@ -98,15 +115,7 @@ pub async fn run(quick: bool) -> Vec<Row> {
         assert!(ok, "docker run --rm {IMAGE} true failed");
         t.elapsed()
     };
-    // One warm-up each (executor registration, first connections, page cache), then the
-    // two alternate so that both see the same machine.
-    flotilla_run(&create).await;
-    docker_run();
-    let (mut docker, mut flotilla) = (Vec::new(), Vec::new());
-    for _ in 0..n {
-        docker.push(docker_run());
-        flotilla.push(flotilla_run(&create).await);
-    }
+    let (docker, flotilla) = alternate(n, docker_run, async || flotilla_run(&create).await).await;
     let docker_pod = || {
         let t = Instant::now();
         let svc = "flotilla-bench-pod-svc";
@@ -119,13 +128,7 @@ pub async fn run(quick: bool) -> Vec<Row> {
         docker(&["rm", "-f", svc]);
         t.elapsed()
     };
-    flotilla_run(&pod).await;
-    docker_pod();
-    let (mut docker2, mut flotilla2) = (Vec::new(), Vec::new());
-    for _ in 0..n {
-        docker2.push(docker_pod());
-        flotilla2.push(flotilla_run(&pod).await);
-    }
+    let (docker2, flotilla2) = alternate(n, docker_pod, async || flotilla_run(&pod).await).await;
     // The same executor again, keeping one container of the image warm.
     exec.terminate();
     exec.args = vec!["--warm-image".into(), IMAGE.into()];
@@ -136,13 +139,7 @@ pub async fn run(quick: bool) -> Vec<Row> {
         tokio::time::sleep(Duration::from_millis(5)).await;
     }
     warm.set(Some(1));
-    flotilla_run(&create).await;
-    docker_run();
-    let (mut docker3, mut flotilla3) = (Vec::new(), Vec::new());
-    for _ in 0..n {
-        docker3.push(docker_run());
-        flotilla3.push(flotilla_run(&create).await);
-    }
+    let (docker3, flotilla3) = alternate(n, docker_run, async || flotilla_run(&create).await).await;
     let (dp50, dmean, dmax) = stats(docker);
     let (fp50, fmean, fmax) = stats(flotilla);
     println!("== per-task overhead: one task, one `true` step, {n} runs each, sequential");
