@@ -174,7 +174,8 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         if last_heartbeat.elapsed() >= agent.cfg.heartbeat {
             heartbeat(&agent, running.len() as u32).await;
             last_heartbeat = tokio::time::Instant::now();
-            agent.warm.tend(&agent).await;
+            // Bounded: a stuck engine must not hold up the heartbeats and task polls.
+            let _ = tokio::time::timeout(Duration::from_secs(5), agent.warm.tend(&agent)).await;
         }
         if last_sweep.elapsed() >= Duration::from_secs(10) {
             remove_lost_siblings(&agent).await;
