@@ -298,7 +298,12 @@ enum Cmd {
         /// Keep started containers of IMAGE ready for tasks (repeatable, or comma
         /// separated): a task whose pod is one plain container of it starts without
         /// Docker's create and start. Missing images are pulled without credentials.
-        #[arg(long = "warm-image", env = "FLOTILLA_WARM_IMAGES", value_delimiter = ',')]
+        #[arg(
+            long = "warm-image",
+            value_name = "IMAGE",
+            env = "FLOTILLA_WARM_IMAGES",
+            value_delimiter = ','
+        )]
         warm_images: Vec<String>,
         /// How many containers each --warm-image keeps ready.
         #[arg(long, env = "FLOTILLA_WARM_PER_IMAGE", default_value_t = 1,
