@@ -6,7 +6,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{containers_with_label, require_docker_image, Cluster, ExecutorProc, IMAGE};
+use common::{
+    containers_with_label, require_docker_image, sole_warm_container, Cluster, ExecutorProc, IMAGE,
+};
 use flotilla_api::types::{Run, RunCreate};
 use flotilla_api::Client;
 use flotilla_store::run::{LogPhase, Phase, RunResult, TaskStatus};
@@ -324,16 +326,6 @@ async fn a_task_running_through_a_leader_failover_succeeds_with_its_whole_log() 
     assert_no_containers(&exec);
 }
 
-/// Running warm containers of executor `id`, by id (12 characters, as `docker ps` gives).
-fn running_warm(id: &str) -> Vec<String> {
-    let out = std::process::Command::new("docker")
-        .args(["ps", "-q", "--filter", &format!("label=flotilla.executor={id}")])
-        .args(["--filter", "label=flotilla.warm=true", "--filter", "status=running"])
-        .output()
-        .expect("docker ps");
-    String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect()
-}
-
 fn docker(args: &[&str]) {
     let out = std::process::Command::new("docker").args(args).output().expect("docker");
     assert!(out.status.success(), "docker {args:?}: {}", String::from_utf8_lossy(&out.stderr));
@@ -348,19 +340,15 @@ async fn a_warm_container_runs_a_plain_task_as_a_cold_one_would_and_dead_or_stal
     let cluster = Cluster::bootstrap(1, &[]).await;
     let mut exec = ExecutorProc::start(&cluster, "warm-exec", &["--warm-image", image]);
     let c = cluster.client(1);
-    // The executor's only container is the `made`-th warm one it readied (Docker shows a
-    // container running a moment before the executor hears that it started).
+    // The executor's only container is the `made`-th warm one it readied.
     let one_warm = async |made: usize| {
-        let mut ready = Vec::new();
+        let mut ready = None;
         wait_until("one warm container", Duration::from_secs(30), async || {
-            ready = running_warm("warm-exec");
-            let log = std::fs::read_to_string(&exec.log).unwrap_or_default();
-            ready.len() == 1
-                && containers_with_label("flotilla.executor", "warm-exec").len() == 1
-                && log.matches("warm container ready").count() == made
+            ready = sole_warm_container("warm-exec", &exec.log, made);
+            ready.is_some()
         })
         .await;
-        ready.remove(0)
+        ready.unwrap()
     };
     // One that dies while waiting (an OOM kill, a `docker kill`) is dropped and replaced at
     // a heartbeat, not handed to a task.

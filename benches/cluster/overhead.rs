@@ -54,16 +54,11 @@ pub async fn run(quick: bool) -> Vec<Row> {
     let cluster = Cluster::bootstrap(3, &[]).await;
     let mut exec = ExecutorProc::start(&cluster, "bench-exec", &[]);
     // Ready for the next measurement: the executor has no container but its warm one (if
-    // any), running, and knows it ready (its `made`-th: one at start, one per warm run).
+    // any), running, and known ready (its `made`-th: one at start, one per warm run).
     let log_path = exec.log.clone();
-    let settled = |warm: Option<usize>| {
-        let Some(made) = warm else {
-            return containers_with_label("flotilla.executor", "bench-exec").is_empty();
-        };
-        let log = std::fs::read_to_string(&log_path).unwrap_or_default();
-        containers_with_label("flotilla.executor", "bench-exec").len() == 1
-            && running_warm("bench-exec") == 1
-            && log.matches("warm container ready").count() == made
+    let settled = |warm: Option<usize>| match warm {
+        None => containers_with_label("flotilla.executor", "bench-exec").is_empty(),
+        Some(made) => sole_warm_container("bench-exec", &log_path, made).is_some(),
     };
     let warm: std::cell::Cell<Option<usize>> = std::cell::Cell::new(None);
     let c = cluster.client(cluster.wait_for_leader().await);
@@ -171,14 +166,4 @@ pub async fn run(quick: bool) -> Vec<Row> {
         Row::new("pod_task_overhead_p50", "ms", fp50_2, "docker run, 2 containers", dp50_2, false),
         Row::new("task_overhead_warm_p50", "ms", fp50_3, "docker run --rm", dp50_3, false),
     ]
-}
-
-/// Running warm containers of executor `id`.
-fn running_warm(id: &str) -> usize {
-    let out = Command::new("docker")
-        .args(["ps", "-q", "--filter", &format!("label=flotilla.executor={id}")])
-        .args(["--filter", "label=flotilla.warm=true", "--filter", "status=running"])
-        .output()
-        .expect("docker ps");
-    String::from_utf8_lossy(&out.stdout).split_whitespace().count()
 }

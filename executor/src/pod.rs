@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use base64::Engine;
 use flotilla_store::executor::TaskData;
-use flotilla_store::pod::{registry_of, ContainerConfig};
+use flotilla_store::pod::{registry_of, ContainerConfig, MAIN_CONTAINER};
 use tokio::sync::mpsc;
 
 use crate::docker::{
@@ -147,6 +147,15 @@ fn tmpfs_of(c: &ContainerConfig) -> anyhow::Result<HashMap<String, String>> {
     Ok(out)
 }
 
+/// What every step of the task sees before its own environment: container 0's, the
+/// task's over it. A container made for the task holds it; a warm one (crate::warm) gets
+/// it only through the execs, where it goes for every task.
+pub fn base_environment(data: &TaskData) -> flotilla_store::run::StringMap {
+    let mut env = data.containers.first().map(|c| c.environment.clone()).unwrap_or_default();
+    env.extend(data.environment.clone());
+    env
+}
+
 fn env_of(base: &flotilla_store::run::StringMap) -> Vec<String> {
     base.iter().map(|(k, v)| format!("{k}={v}")).collect()
 }
@@ -174,7 +183,7 @@ pub async fn start(
             ));
         }
     }
-    let name_of = |c: &ContainerConfig| c.name.clone().unwrap_or_else(|| "main".into());
+    let name_of = |c: &ContainerConfig| c.name.clone().unwrap_or_else(|| MAIN_CONTAINER.into());
     let images: Vec<&str> = containers.iter().map(|c| c.image.as_str()).collect();
     log.line(&format!("[flotilla] executor {}: image {}", agent.cfg.id, images.join(", ")));
     let mut main_image_id = None;
@@ -210,8 +219,6 @@ pub async fn start(
     }
 
     let services = &containers[1..];
-    let mut env = main.environment.clone();
-    env.extend(data.environment.clone());
     let spec = ContainerSpec {
         name: &docker_name,
         image: &main.image,
@@ -220,7 +227,7 @@ pub async fn start(
         cmd: None,
         working_dir: Some(working_dir),
         user: main.user.as_deref(),
-        env: env_of(&env),
+        env: env_of(&base_environment(data)),
         privileged: main.privileged,
         labels: labels(agent, task_id, &main_name),
         network_mode: None,

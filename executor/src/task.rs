@@ -104,10 +104,7 @@ pub async fn run(
         }
     };
     let container = pod.main.clone();
-    // Container 0's environment with the task's over it, on every exec: what a container
-    // created for the task also holds, and all a warm one (crate::warm) gets.
-    let mut environment = data.containers.first().map(|c| c.environment.clone()).unwrap_or_default();
-    environment.extend(data.environment.clone());
+    let environment = pod::base_environment(&data);
     status.setup_step.phase = Phase::Success;
     status.setup_step.end_time = Some(now_ms());
     status.setup_step.log_phase = log.finish().await;

@@ -24,6 +24,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use flotilla_store::executor::TaskData;
+use flotilla_store::pod::MAIN_CONTAINER;
 
 use crate::docker::{ContainerSpec, LABEL_WARM};
 use crate::Agent;
@@ -84,7 +85,7 @@ pub fn eligible<'a>(data: &'a TaskData, shell: &str, working_dir: &str) -> Optio
     let plain = !main.privileged
         && main.user.is_none()
         && main.volumes.is_empty()
-        && main.name.as_deref().is_none_or(|n| n == "main");
+        && main.name.as_deref().is_none_or(|n| n == MAIN_CONTAINER);
     let defaults = shell == crate::task::DEFAULT_SHELL && working_dir == crate::task::DEFAULT_WORKING_DIR;
     (plain && defaults).then_some(main.image.as_str())
 }
@@ -214,7 +215,7 @@ async fn create(agent: Arc<Agent>, image: String) {
         };
         let serial = pool.serial.fetch_add(1, Ordering::Relaxed);
         let name = format!("flotilla-{}-{}-warm-{serial}", agent.cluster_id, agent.cfg.id);
-        let mut labels = crate::pod::labels(&agent, "", "main");
+        let mut labels = crate::pod::labels(&agent, "", MAIN_CONTAINER);
         labels.insert(LABEL_WARM.to_string(), "true".to_string());
         // Created from the id just read: a tag moving meanwhile cannot mislabel it.
         let spec = ContainerSpec {

@@ -479,6 +479,23 @@ pub fn containers_with_label(key: &str, value: &str) -> Vec<String> {
     String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect()
 }
 
+/// The one warm container (`--warm-image`) of executor `executor`, by id (12 characters,
+/// as `docker ps` gives), once it is the executor's only container, running, and the
+/// `made`-th the executor logged ready (to `log`): Docker shows a container running a
+/// moment before the executor hears that it started.
+pub fn sole_warm_container(executor: &str, log: &std::path::Path, made: usize) -> Option<String> {
+    let out = Command::new("docker")
+        .args(["ps", "-q", "--filter", &format!("label=flotilla.executor={executor}")])
+        .args(["--filter", "label=flotilla.warm=true", "--filter", "status=running"])
+        .output()
+        .expect("docker ps");
+    let running: Vec<String> =
+        String::from_utf8_lossy(&out.stdout).split_whitespace().map(str::to_string).collect();
+    let [only] = running.as_slice() else { return None };
+    let logged = std::fs::read_to_string(log).unwrap_or_default().matches("warm container ready").count();
+    (logged == made && containers_with_label("flotilla.executor", executor).len() == 1).then(|| only.clone())
+}
+
 /// A `flotilla executor` process.
 pub struct ExecutorProc {
     pub id: String,
