@@ -604,6 +604,50 @@ async fn a_heartbeat_is_written_only_when_it_brings_something_new() {
 }
 
 #[tokio::test]
+async fn heartbeats_that_only_refresh_last_seen_are_written_together() {
+    // Executor timeout 3 s: a heartbeat with the recorded offer is written again once the
+    // record is 1 s old, and such refreshes go out as one entry.
+    let cluster = Cluster::bootstrap(3, &["--executor-timeout-ms", "3000"]).await;
+    let leader = cluster.wait_for_leader().await;
+    let c = cluster.client(leader);
+    let offer = info(&["amd64"], false, false);
+    let ids: Vec<String> = (0..24).map(|i| format!("e{i}")).collect();
+    for id in &ids {
+        c.executor_heartbeat(id, &offer).await.unwrap();
+    }
+    let seen = async || -> BTreeMap<String, u64> {
+        c.executors().await.unwrap().executors.into_iter().map(|e| (e.id, e.last_seen)).collect()
+    };
+    let first = seen().await;
+    assert_eq!(first.len(), ids.len());
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let entries_before = cluster.local_status(leader).await.last_log_index;
+    // One every 8 ms, a third through each node (two thirds forwarded by followers): too
+    // far apart for the leader's group commit to put them together (each write is done
+    // before the next arrives), close enough for one batch per node.
+    let beats = ids.iter().enumerate().map(|(i, id)| {
+        let node = cluster.client(1 + i as u64 % 3);
+        let offer = offer.clone();
+        async move {
+            tokio::time::sleep(Duration::from_millis(8 * i as u64)).await;
+            node.executor_heartbeat(id, &offer).await
+        }
+    });
+    for r in futures::future::join_all(beats).await {
+        r.expect("a refresh is answered 204 once written");
+    }
+    // Answered means written: a linearizable read on any node sees every refresh.
+    let refreshed = seen().await;
+    for id in &ids {
+        assert!(refreshed[id] > first[id], "{id}: last_seen {} after {}", refreshed[id], first[id]);
+    }
+    let entries = cluster.local_status(leader).await.last_log_index - entries_before;
+    // One batch per node (at most two if a batch's linger ended mid-burst); each refresh
+    // was its own entry before.
+    assert!(entries <= 6, "{} refreshes took {entries} log entries", ids.len());
+}
+
+#[tokio::test]
 async fn a_dynamic_executor_that_stops_heartbeating_is_removed() {
     let cluster = Cluster::bootstrap(1, &["--executor-timeout-ms", "1000"]).await;
     let c = cluster.client(1);

@@ -66,6 +66,8 @@ pub struct Ctx {
     pub(crate) large_bodies: [tokio::sync::Semaphore; 2],
     /// The tokens in force (replaced whole by a reload).
     pub(crate) tokens: std::sync::RwLock<Arc<crate::auth::Tokens>>,
+    /// Heartbeats that only refresh `last_seen`, written in batches.
+    pub(crate) refreshes: crate::refresh::Refreshes,
 }
 
 impl Ctx {
@@ -93,6 +95,7 @@ impl Ctx {
         let live_logs = crate::spool::LiveLogs::new(spool_dir)?;
         let tokens = cfg.tokens.load().map_err(std::io::Error::other)?;
         Ok(Arc::new(Ctx {
+            refreshes: crate::refresh::Refreshes::start(&node),
             node,
             cfg,
             metrics: Metrics::default(),
@@ -294,8 +297,18 @@ pub(crate) async fn write(ctx: &Ctx, cmd: Command) -> Result<Response, ApiError>
 /// [`write`], also returning the log index of the write.
 pub(crate) async fn write_at(ctx: &Ctx, cmd: Command) -> Result<(u64, Response), ApiError> {
     let kind = cmd.kind();
+    settle(ctx, kind, ctx.node.write(cmd)).await
+}
+
+/// Awaits a proposal of a command of `kind` (however it was sent), records its latency and
+/// turns a refusal into a 4xx error.
+pub(crate) async fn settle(
+    ctx: &Ctx,
+    kind: &'static str,
+    proposal: impl std::future::Future<Output = Result<(u64, Response), flotilla_raft::NodeError>>,
+) -> Result<(u64, Response), ApiError> {
     let start = Instant::now();
-    let result = ctx.node.write(cmd).await;
+    let result = proposal.await;
     ctx.metrics.write(
         kind,
         matches!(&result, Ok((_, r)) if !matches!(r, Response::Rejected(_))),

@@ -15,6 +15,7 @@ pub mod lifecycle;
 pub mod metrics;
 pub mod objects;
 mod openapi;
+mod refresh;
 mod routes;
 mod runs;
 pub mod server;

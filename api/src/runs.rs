@@ -20,7 +20,7 @@ use flotilla_store::{Command, Response};
 use tokio::sync::broadcast::error::RecvError;
 
 use crate::error::ApiError;
-use crate::handler::{json, read_barrier, unexpected, write, write_at, Ctx, Reply, Request};
+use crate::handler::{json, read_barrier, settle, unexpected, write, write_at, Ctx, Reply, Request};
 use crate::types::*;
 
 /// `POST /api/v1/runs`, with or without an `Idempotency-Key`.
@@ -406,33 +406,49 @@ impl Drop for Decrement {
 }
 
 /// `PUT /api/v1/executor/{id}`: registration and heartbeat. Only a heartbeat that brings
-/// something new is written (see [`heartbeat_recorded`]).
+/// something new is written at once; one that only refreshes `last_seen` goes out with
+/// the others of its moment ([`crate::refresh`]); the rest are answered here.
 pub(crate) async fn executor_heartbeat(ctx: &Ctx, id: &str, req: &Request<'_>) -> Result<Reply, ApiError> {
     validate_executor_id(id).map_err(ApiError::bad_request)?;
     let info: ExecutorInfo = req.json()?;
     let now = now_ms();
-    if heartbeat_recorded(ctx, id, &info, now) {
-        return Ok(Reply::Empty);
+    let cmd = |info| Command::PutExecutor { id: id.to_string(), info, now_ms: now };
+    match recorded(ctx, id, &info, now) {
+        Recorded::Fresh => Ok(Reply::Empty),
+        Recorded::Stale => {
+            let cmd = cmd(info);
+            expect_done(settle(ctx, cmd.kind(), ctx.refreshes.write(cmd)).await?.1)
+        }
+        Recorded::New => expect_done(write(ctx, cmd(info)).await?),
     }
-    expect_done(write(ctx, Command::PutExecutor { id: id.to_string(), info, now_ms: now }).await?)
 }
 
-/// Whether this node's state already holds executor `id` with this very `info`, seen less
-/// than a third of the executor timeout ago: then the heartbeat is answered here, without
-/// a replicated write. Thousands of executors heartbeating every few seconds were
-/// otherwise a stream of log entries that changed nothing but `last_seen`. The recorded
-/// `last_seen` then lags the last heartbeat by at most that third (plus one heartbeat
-/// period), so a live executor is never taken for silent; one that stops is, a third
-/// earlier at most. A node whose state is behind writes more often; one cut off from the
-/// leader answers so for at most that third too, then its write fails with 503 and the
-/// executor moves on to another server.
-fn heartbeat_recorded(ctx: &Ctx, id: &str, info: &ExecutorInfo, now: u64) -> bool {
+/// What this node's state holds of a heartbeat's executor.
+enum Recorded {
+    /// This very offer, seen less than a third of the executor timeout ago: the heartbeat
+    /// is answered without a replicated write. Thousands of executors heartbeating every
+    /// few seconds were otherwise a stream of log entries that changed nothing but
+    /// `last_seen`. The recorded `last_seen` then lags the last heartbeat by at most that
+    /// third (plus one heartbeat period and the refresh's linger), so a live executor is
+    /// never taken for silent; one that stops is, a third earlier at most. A node whose
+    /// state is behind writes more often; one cut off from the leader answers so for at
+    /// most that third too, then its write fails with 503 and the executor moves on to
+    /// another server.
+    Fresh,
+    /// This very offer, seen longer ago: only `last_seen` is to be written.
+    Stale,
+    /// Nothing, or another offer: written at once.
+    New,
+}
+
+fn recorded(ctx: &Ctx, id: &str, info: &ExecutorInfo, now: u64) -> Recorded {
     let refresh_ms = ctx.cfg.scheduler.settings.executor_timeout_ms / 3;
     let sm = ctx.node.state.read();
-    sm.state
-        .executors
-        .get(id)
-        .is_some_and(|e| e.info == *info && now.saturating_sub(e.last_seen) < refresh_ms)
+    match sm.state.executors.get(id) {
+        Some(e) if e.info == *info && now.saturating_sub(e.last_seen) < refresh_ms => Recorded::Fresh,
+        Some(e) if e.info == *info => Recorded::Stale,
+        _ => Recorded::New,
+    }
 }
 
 /// `GET /api/v1/executor/{id}/siblings`: the executors of its group (itself included).
