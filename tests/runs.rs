@@ -630,7 +630,7 @@ async fn heartbeats_that_only_refresh_last_seen_are_written_together() {
         let offer = offer.clone();
         async move {
             tokio::time::sleep(Duration::from_millis(8 * i as u64)).await;
-            node.executor_heartbeat(id, &offer).await
+            retry("a refresh", || node.executor_heartbeat(id, &offer)).await
         }
     });
     for r in futures::future::join_all(beats).await {
