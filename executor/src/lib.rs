@@ -160,6 +160,10 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     let mut since = 0u64;
     let mut last_heartbeat = tokio::time::Instant::now() - agent.cfg.heartbeat * 2;
     let mut last_sweep = tokio::time::Instant::now();
+    // The heartbeat in flight: it runs beside the polls, so that one that waits (a refresh
+    // the server writes with others, up to 250 ms; a slow server) or the warm pool's check
+    // of a slow engine never holds up the next poll.
+    let mut beating: Option<tokio::task::JoinHandle<()>> = None;
     loop {
         if *shutdown.borrow() {
             break;
@@ -171,11 +175,15 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
                 ended.insert(id, r.handle.await.ok());
             }
         }
-        if last_heartbeat.elapsed() >= agent.cfg.heartbeat {
-            heartbeat(&agent, running.len() as u32).await;
+        if last_heartbeat.elapsed() >= agent.cfg.heartbeat && beating.as_ref().is_none_or(|h| h.is_finished())
+        {
+            let (a, active) = (agent.clone(), running.len() as u32);
+            beating = Some(tokio::spawn(async move {
+                heartbeat(&a, active).await;
+                // Bounded: a stuck engine must not hold up the next heartbeats.
+                let _ = tokio::time::timeout(Duration::from_secs(5), a.warm.tend(&a)).await;
+            }));
             last_heartbeat = tokio::time::Instant::now();
-            // Bounded: a stuck engine must not hold up the heartbeats and task polls.
-            let _ = tokio::time::timeout(Duration::from_secs(5), agent.warm.tend(&agent)).await;
         }
         if last_sweep.elapsed() >= Duration::from_secs(10) {
             remove_lost_siblings(&agent).await;
@@ -190,7 +198,11 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         let tasks = match polled {
             Ok(t) => t,
             Err(ClientError::Api { status: 404, .. }) => {
-                last_heartbeat -= agent.cfg.heartbeat * 2; // not registered (yet): register
+                // Not registered (yet): let the heartbeat in flight finish, then register.
+                if let Some(h) = beating.take() {
+                    let _ = h.await;
+                }
+                last_heartbeat -= agent.cfg.heartbeat * 2;
                 continue;
             }
             Err(e) => {
@@ -274,6 +286,11 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         ended.retain(|id, _| listed.contains(id));
         // Ended before this poll: a task still not final at the next one is re-reported.
         since_ended = ended.keys().cloned().collect();
+    }
+    // Draining heartbeats on its own; the pool closes next, with no check of it under way.
+    if let Some(h) = beating.take() {
+        h.abort();
+        let _ = h.await;
     }
     agent.warm.close(&agent).await;
     drain(&agent, &mut running).await;
