@@ -117,9 +117,8 @@ async fn propose(node: &RaftNode, batch: Vec<Pending>) {
         0 => return,
         1 => vec![node.write(cmds.pop().expect("one refresh")).await],
         n => match node.write(Command::Batch(cmds)).await {
-            Ok((i, Response::Batch(rs))) if rs.len() == n => rs.into_iter().map(|r| Ok((i, r))).collect(),
-            // The batch itself was refused (cannot happen for a batch built here).
-            Ok((i, other)) => vec![Ok((i, other)); n],
+            // A batch refused whole cannot happen for a batch built here.
+            Ok((i, r)) => r.into_batch_answers(n).into_iter().map(|r| Ok((i, r))).collect(),
             Err(e) => vec![Err(e); n],
         },
     };

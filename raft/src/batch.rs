@@ -114,12 +114,8 @@ async fn propose(raft: &Raft, mut batch: Vec<Pending>) {
     match raft.client_write(Arc::new(Command::Batch(cmds))).await {
         Ok(r) => {
             let index = r.log_id.index;
-            let responses = match r.data {
-                Response::Batch(rs) if rs.len() == n => rs,
-                // The batch itself was refused (cannot happen for a batch the loop built).
-                other => vec![other; n],
-            };
-            for (reply, response) in replies.into_iter().zip(responses) {
+            // A batch refused whole cannot happen for a batch the loop built.
+            for (reply, response) in replies.into_iter().zip(r.data.into_batch_answers(n)) {
                 let _ = reply.send(Ok((index, response)));
             }
         }

@@ -807,6 +807,10 @@ mod tests {
         assert_eq!(rs[4], Response::KvDelete { revision: 5 });
         assert_eq!(s.kv["k"].value, "new");
         assert!(!s.kv.contains_key("a"));
+        // Each waiter gets its own answer; a batch refused whole gives each the refusal.
+        assert_eq!(Response::Batch(rs.clone()).into_batch_answers(5), rs);
+        let refused = Response::Rejected(CommandError::Invalid { reason: "no".into() });
+        assert_eq!(refused.clone().into_batch_answers(2), vec![refused.clone(), refused]);
     }
 
     #[test]

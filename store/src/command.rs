@@ -483,6 +483,18 @@ pub enum Response {
     Batch(Vec<Response>),
 }
 
+impl Response {
+    /// The answers to the `n` commands of a [`Command::Batch`], from the batch's answer:
+    /// its responses in order, or, for a batch answered as a whole (refused), that answer
+    /// for each.
+    pub fn into_batch_answers(self, n: usize) -> Vec<Response> {
+        match self {
+            Response::Batch(rs) if rs.len() == n => rs,
+            other => vec![other; n],
+        }
+    }
+}
+
 /// Why a command changed nothing.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize, thiserror::Error)]
 #[serde(rename_all = "snake_case")]
