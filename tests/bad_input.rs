@@ -82,6 +82,19 @@ async fn bad_requests_get_json_4xx_errors_and_change_nothing() {
     assert_error("wrong method", call("PATCH", &kv, t, None).await, 405);
     assert_error("missing key", call("GET", &format!("{base}/api/v1/kv/absent"), t, None).await, 404);
     assert_error("list limit", call("GET", &format!("{base}/api/v1/kv?limit=100000"), t, None).await, 400);
+    let puts = format!("{base}/api/v1/kv");
+    let body = |b: &str| Some(b.as_bytes().to_vec());
+    assert_error("puts: not JSON", call("POST", &puts, t, body("{\"puts\":[")).await, 400);
+    assert_error(
+        "puts: a key not a string",
+        call("POST", &puts, t, body(r#"{"puts":[{"key":1,"value":"v"}]}"#)).await,
+        400,
+    );
+    assert_error(
+        "puts: an unknown field",
+        call("POST", &puts, t, body(r#"{"puts":[],"atomic":true}"#)).await,
+        400,
+    );
     assert_error(
         "init twice",
         call(

@@ -580,3 +580,72 @@ async fn reports_sent_together_are_each_answered_as_alone() {
         assert!(expected, "task {i}: {p:?}");
     }
 }
+
+/// Puts sent together (`POST /api/v1/kv`, through a follower) are each answered as they
+/// would be alone, in order: written, a revision mismatch (409), a bad key (400); a
+/// request putting one key twice or carrying too many puts is refused whole and writes
+/// nothing. Puts made at once through one client share requests (fewer requests than
+/// puts reach the server), and each caller gets its own revision.
+#[tokio::test(flavor = "multi_thread")]
+async fn kv_puts_sent_together_are_each_answered_as_alone() {
+    use flotilla_api::types::{KvPutItem, MAX_KV_PUTS};
+    use flotilla_api::ClientError;
+    let c = Cluster::bootstrap(3, &[]).await;
+    let leader = c.wait_for_leader().await;
+    let follower = (1..=3).find(|&n| n != leader).unwrap();
+    let client = c.client(follower);
+    let put =
+        |key: &str, prev_revision| KvPutItem { key: key.into(), value: format!("v-{key}"), prev_revision };
+
+    let a = client.kv_put_alone("a", "first", None).await.unwrap();
+    let outcomes =
+        client.kv_puts(&[put("a", Some(a)), put("b", None), put("c", Some(a)), put("", None)]).await.unwrap();
+    let revision =
+        |i: usize| outcomes[i].as_ref().copied().unwrap_or_else(|e| panic!("{i}: {e} {outcomes:?}"));
+    assert!(revision(0) > a && revision(1) > a, "{outcomes:?}");
+    assert!(
+        matches!(&outcomes[2], Err(ClientError::Api { status: 409, code, .. }) if code == "revision_mismatch")
+    );
+    assert_eq!(outcomes[3].as_ref().unwrap_err().status(), Some(400), "{outcomes:?}");
+    let item = client.kv_get("a", false).await.unwrap();
+    assert_eq!((item.value.as_str(), item.revision), ("v-a", revision(0)));
+    assert_eq!(client.kv_get("b", false).await.unwrap().value, "v-b");
+    assert_eq!(client.kv_get("c", false).await.unwrap_err().status(), Some(404));
+
+    let twice = client.kv_puts(&[put("d", None), put("e", None), put("d", None)]).await;
+    assert_eq!(twice.unwrap_err().status(), Some(400), "a key put twice");
+    let many: Vec<KvPutItem> = (0..=MAX_KV_PUTS).map(|i| put(&format!("many/{i}"), None)).collect();
+    assert_eq!(client.kv_puts(&many).await.unwrap_err().status(), Some(400), "too many puts");
+    assert_eq!(client.kv_get("d", false).await.unwrap_err().status(), Some(404), "a refused request wrote");
+    assert!(client.kv_list("many/", None, 10, false).await.unwrap().items.is_empty());
+
+    // 64 puts at once through one client of the leader: fewer requests than puts.
+    let series = r#"flotilla_http_requests_total{route="kv",status="200"}"#;
+    let url = c.url(leader);
+    let before = metrics::metric(&url, series).await;
+    let client = std::sync::Arc::new(c.client(leader));
+    let puts: Vec<_> = (0..64)
+        .map(|i| {
+            let client = client.clone();
+            tokio::spawn(async move { client.kv_put(&format!("at-once/{i}"), &format!("{i}"), None).await })
+        })
+        .collect();
+    let mut revisions = std::collections::BTreeSet::new();
+    for p in puts {
+        revisions.insert(p.await.unwrap().unwrap());
+    }
+    let requests = metrics::metric(&url, series).await - before;
+    assert!(requests < 64, "64 puts at once took {requests} requests");
+    let items = client.kv_list("at-once/", None, 100, false).await.unwrap().items;
+    assert_eq!(items.len(), 64);
+    for item in &items {
+        let i = item.key.trim_start_matches("at-once/");
+        assert_eq!(item.value, i, "{item:?}");
+        assert!(revisions.contains(&item.revision), "{item:?} was answered another revision");
+    }
+    // A put of a key already on its way waits for the next request: both land, in order.
+    let (first, second) = tokio::join!(client.kv_put("same", "1", None), client.kv_put("same", "2", None));
+    let (first, second) = (first.unwrap(), second.unwrap());
+    assert!(first < second, "{first} {second}");
+    assert_eq!(client.kv_get("same", false).await.unwrap().value, "2");
+}

@@ -87,9 +87,12 @@ async fn each_role_may_do_what_the_table_says_and_nothing_more() {
     assert_eq!(status(viewer.cluster(false).await), 200);
     assert_eq!(status(viewer.run_create(&gated()).await), 403);
     assert_eq!(status(viewer.kv_put("k", "v", None).await), 403);
+    let puts = [flotilla_api::types::KvPutItem { key: "k".into(), value: "v".into(), prev_revision: None }];
+    assert_eq!(status(viewer.kv_puts(&puts).await), 403);
     // write: runs and kv, not the cluster, maintenance, export or executors' admin.
     let run = ci.run_create(&gated()).await.expect("write creates runs");
     assert_eq!(status(ci.kv_put("k", "v", None).await), 200);
+    assert!(matches!(ci.kv_puts(&puts).await.as_deref(), Ok([Ok(_)])), "write puts together");
     assert_eq!(status(ci.set_maintenance(true).await), 403);
     assert_eq!(status(ci.export().await), 403);
     assert_eq!(status(ci.remove_node(7).await), 403);

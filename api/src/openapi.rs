@@ -324,6 +324,12 @@ impl Endpoint<'_> {
                 None,
                 vec![(200, "A page of keys.", Some(Json(shape::<t::KvList>())))],
             ),
+            E::KvPuts => d(
+                "Set several keys (at most 256, one per key), each as its own put would be.",
+                NONE,
+                Some(Json(shape::<t::KvPuts>())),
+                vec![(200, "Each put's outcome, in order.", Some(Json(shape::<t::KvPutOutcomes>())))],
+            ),
             E::KvGet { .. } => {
                 d("A key's value.", &[STALE], None, vec![(200, "The item.", Some(Json(shape::<t::KvItem>())))])
             }

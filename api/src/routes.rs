@@ -43,6 +43,8 @@ pub(crate) enum Endpoint<'a> {
 
     // The key-value store.
     KvList,
+    /// Several puts at once (`POST /api/v1/kv`).
+    KvPuts,
     KvGet {
         key: &'a [&'a str],
     },
@@ -319,6 +321,7 @@ impl<'a> Endpoint<'a> {
                 ("DELETE", "/api/v1/cluster/nodes/{node_id}", "cluster", Admin, Open, Small)
             }
             E::KvList => ("GET", "/api/v1/kv", "kv", Read, Closed, Small),
+            E::KvPuts => ("POST", "/api/v1/kv", "kv", Write, Closed, Small),
             E::KvGet { .. } => ("GET", "/api/v1/kv/{key}", "kv", Read, Closed, Small),
             E::KvPut { .. } => ("PUT", "/api/v1/kv/{key}", "kv", Write, Closed, Small),
             E::KvDelete { .. } => ("DELETE", "/api/v1/kv/{key}", "kv", Write, Closed, Small),
@@ -451,7 +454,7 @@ pub(crate) fn at<'a>(s: &'a [&'a str]) -> Vec<Endpoint<'a>> {
             ["cluster", "learners"] => vec![E::AddLearner],
             ["cluster", "voters"] => vec![E::SetVoters],
             ["cluster", "nodes", node_id] => vec![E::RemoveNode { node_id }],
-            ["kv"] => vec![E::KvList],
+            ["kv"] => vec![E::KvList, E::KvPuts],
             ["kv", key @ ..] => vec![E::KvGet { key }, E::KvPut { key }, E::KvDelete { key }],
             ["maintenance"] => vec![E::MaintenanceStatus, E::MaintenanceEnable, E::MaintenanceDisable],
             ["export"] => vec![E::Export],
@@ -517,6 +520,7 @@ impl Endpoint<'static> {
             E::SetVoters,
             E::RemoveNode { node_id: ID },
             E::KvList,
+            E::KvPuts,
             E::KvGet { key: PATH },
             E::KvPut { key: PATH },
             E::KvDelete { key: PATH },
@@ -591,6 +595,7 @@ mod tests {
         ("POST", "/api/v1/cluster/voters", "cluster", Api, true),
         ("DELETE", "/api/v1/cluster/nodes/{node_id}", "cluster", Api, true),
         ("GET", "/api/v1/kv", "kv", Api, false),
+        ("POST", "/api/v1/kv", "kv", Api, false),
         ("GET", "/api/v1/kv/{key}", "kv", Api, false),
         ("PUT", "/api/v1/kv/{key}", "kv", Api, false),
         ("DELETE", "/api/v1/kv/{key}", "kv", Api, false),

@@ -428,6 +428,7 @@ async fn dispatch(
         E::SetVoters => set_voters(ctx, req).await,
         E::RemoveNode { node_id } => remove_node(ctx, node_id).await,
         E::KvList => kv_list(ctx, req).await,
+        E::KvPuts => kv_puts(ctx, req).await,
         E::KvGet { key } => kv_get(ctx, req, decode_key(key)?).await,
         E::KvPut { key } => kv_put(ctx, req, decode_key(key)?).await,
         E::KvDelete { key } => kv_delete(ctx, req, decode_key(key)?).await,
@@ -529,6 +530,47 @@ async fn kv_put(ctx: &Ctx, req: &Request<'_>, key: String) -> Result<Reply, ApiE
         Response::KvPut { revision } => Ok(json(200, &Revision { revision })),
         other => Err(unexpected(other)),
     }
+}
+
+/// `POST /api/v1/kv`: several puts, each written as its own put would be (the writes
+/// leave together, batched by the leader or forwarded together by a follower) and
+/// answered put by put.
+async fn kv_puts(ctx: &Ctx, req: &Request<'_>) -> Result<Reply, ApiError> {
+    let body: KvPuts = req.json()?;
+    if body.puts.len() > MAX_KV_PUTS {
+        return Err(ApiError::bad_request(format!(
+            "{} puts: at most {MAX_KV_PUTS} go in one request",
+            body.puts.len()
+        )));
+    }
+    let mut seen = std::collections::HashSet::new();
+    if let Some(twice) = body.puts.iter().find(|p| !seen.insert(p.key.as_str())) {
+        return Err(ApiError::bad_request(format!(
+            "key {:?} is put twice: send its puts in order, one request after the other",
+            twice.key
+        )));
+    }
+    let writes = body.puts.into_iter().map(|p| async move {
+        let result = async {
+            flotilla_store::command::validate_key(&p.key)?;
+            let cmd = Command::KvPut { key: p.key.clone(), value: p.value, prev_revision: p.prev_revision };
+            match write(ctx, cmd).await? {
+                Response::KvPut { revision } => Ok(revision),
+                other => Err(unexpected(other)),
+            }
+        };
+        match result.await {
+            Ok(revision) => KvPutOutcome { key: p.key, status: 200, revision: Some(revision), error: None },
+            Err(e) => KvPutOutcome {
+                key: p.key,
+                status: e.status,
+                revision: None,
+                error: Some(ErrorBody { code: e.code.to_string(), message: e.message }),
+            },
+        }
+    });
+    let outcomes = futures::future::join_all(writes).await;
+    Ok(json(200, &KvPutOutcomes { outcomes }))
 }
 
 /// `DELETE /api/v1/kv/{key}[?prev_revision=N]`.

@@ -48,7 +48,7 @@ pub async fn run(quick: bool, clients: &[usize]) -> Outcome {
     for &n in clients {
         let ((fw, fcpu), (ew, ecpu)) = take_turns(
             slices,
-            (|s| flotilla_writes(&flotilla, &value, n, s, slice_len), &procs.0),
+            (|s| flotilla_writes(&flotilla, &value, n, s, slice_len, Puts::Together), &procs.0),
             (|s| etcd_writes(&etcd_kv, &value, n, s, slice_len), &procs.1),
         )
         .await;
@@ -58,6 +58,22 @@ pub async fn run(quick: bool, clients: &[usize]) -> Outcome {
         chart.push((n, f.ops_per_s, e.ops_per_s));
         push_rows(&mut rows, "write", n, &f, &e);
         push_cpu_rows(&mut rows, n, (&f, &fcpu), (&e, &ecpu));
+        if n == 64 {
+            // The same point with a request per put (the client before it sent queued
+            // puts together), beside etcd again.
+            let ((fw, fcpu), (ew, ecpu)) = take_turns(
+                slices,
+                (|s| flotilla_writes(&flotilla, &value, n, s + slices, slice_len, Puts::Alone), &procs.0),
+                (|s| etcd_writes(&etcd_kv, &value, n, s + slices, slice_len), &procs.1),
+            )
+            .await;
+            let (f, e) = (fw.stats(), ew.stats());
+            print_point("alone", n, &f, &e);
+            print_cpu(n, (&f, &fcpu), (&e, &ecpu));
+            let name = |what: &str| format!("kv_write_{what}_{n}_clients_one_request_each");
+            rows.push(Row::new(name("throughput"), "writes/s", f.ops_per_s, "etcd", e.ops_per_s, true));
+            rows.push(Row::new(name("p99"), "ms", f.p99_ms, "etcd", e.p99_ms, false));
+        }
         // scripts/flamegraph.sh profiles the write load alone.
         if std::env::var_os("FLOTILLA_BENCH_KV_WRITES_ONLY").is_some() {
             continue;
@@ -106,6 +122,14 @@ where
     (fs, es)
 }
 
+/// How the load's puts travel: as the client sends them (those that queue together), or
+/// each in a request of its own.
+#[derive(Clone, Copy)]
+enum Puts {
+    Together,
+    Alone,
+}
+
 /// Durable puts of distinct keys through flotilla's HTTP API client.
 async fn flotilla_writes(
     c: &Arc<flotilla_api::Client>,
@@ -113,11 +137,19 @@ async fn flotilla_writes(
     n: usize,
     slice: u32,
     d: Duration,
+    puts: Puts,
 ) -> Sample {
     let (c, v) = (c.clone(), v.clone());
     drive(n, d, move |w, i| {
         let (c, v) = (c.clone(), v.clone());
-        async move { c.kv_put(&format!("bench/{n}/{slice}/{w}/{i}"), &v, None).await.map(|_| ()) }
+        async move {
+            let key = format!("bench/{n}/{slice}/{w}/{i}");
+            match puts {
+                Puts::Together => c.kv_put(&key, &v, None).await,
+                Puts::Alone => c.kv_put_alone(&key, &v, None).await,
+            }
+            .map(|_| ())
+        }
     })
     .await
 }
@@ -228,8 +260,8 @@ pub async fn tls(quick: bool) -> Vec<Row> {
     println!("== the cost of TLS: {N} clients writing, HTTPS + mTLS vs plain HTTP (both flotilla, 3 nodes)");
     let ((ts, tcpu), (ps, pcpu)) = take_turns(
         slices,
-        (|s| flotilla_writes(&t, &value, N, s, duration / slices), &procs.0),
-        (|s| flotilla_writes(&p, &value, N, s, duration / slices), &procs.1),
+        (|s| flotilla_writes(&t, &value, N, s, duration / slices, Puts::Together), &procs.0),
+        (|s| flotilla_writes(&p, &value, N, s, duration / slices, Puts::Together), &procs.1),
     )
     .await;
     let (ts, ps) = (ts.stats(), ps.stats());

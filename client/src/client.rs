@@ -2,12 +2,14 @@
 //! message, so the CLI can print exactly what the server said.
 
 use std::collections::BTreeMap;
-use std::time::Duration;
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use percent_encoding::{utf8_percent_encode, AsciiSet, CONTROLS};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
+use crate::coalesce::{each_alone, json_len, Coalescer, Rules};
 use crate::http::{header, Answer, Auth, Base, HeaderName, HeaderValue, Http};
 use crate::types::*;
 use bytes::Bytes;
@@ -61,6 +63,21 @@ fn api_error(status: u16, body: &[u8]) -> ClientError {
         },
     }
 }
+
+/// The error of one call's outcome in an answer to several (`status` and its `{code,
+/// message}`).
+fn outcome_error(status: u16, error: Option<ErrorBody>) -> ClientError {
+    let e = error.unwrap_or(ErrorBody { code: "unknown".into(), message: String::new() });
+    ClientError::Api { status, code: e.code, message: e.message }
+}
+
+/// The JSON one request of puts carries at most (unless one put alone is bigger), as for
+/// an executor's reports: under the size from which a server makes a body wait for a
+/// large-body permit.
+pub const PUTS_BATCH_BYTES: usize = crate::report::BATCH_BYTES;
+
+/// How long a client sends its puts one by one after a server did not take them together.
+const ALONE_FOR: Duration = Duration::from_secs(300);
 
 #[derive(Clone, Debug, thiserror::Error)]
 pub enum ClientError {
@@ -125,6 +142,8 @@ pub struct Client {
     /// Every server given (`--server a,b,c`); `base` is the one requests go to, and the
     /// calls that retry ([`Client::run_create`]) move along this list.
     servers: Vec<String>,
+    /// The queue of [`Client::kv_put`], started at its first call (one per `base`).
+    puts: Arc<OnceLock<Coalescer<KvPutItem, u64>>>,
 }
 
 impl Client {
@@ -142,7 +161,15 @@ impl Client {
             servers.push(base.trim().trim_end_matches('/').to_string());
         }
         let auth = Auth::new(token.as_deref());
-        Client { target: Base::parse(&servers[0]), base: servers[0].clone(), token, auth, http, servers }
+        Client {
+            target: Base::parse(&servers[0]),
+            base: servers[0].clone(),
+            token,
+            auth,
+            http,
+            servers,
+            puts: Arc::default(),
+        }
     }
 
     /// Every server this client was given, in order.
@@ -153,7 +180,7 @@ impl Client {
     /// The same client (token, connection pool, server list) sending to `server`.
     pub fn at(&self, server: &str) -> Client {
         let base = server.trim_end_matches('/').to_string();
-        Client { target: Base::parse(&base), base, ..self.clone() }
+        Client { target: Base::parse(&base), base, puts: Arc::default(), ..self.clone() }
     }
 
     pub fn base(&self) -> &str {
@@ -248,7 +275,33 @@ impl Client {
         self.get("/readyz").await
     }
 
+    /// Puts `value` at `key` (only if its revision is `prev_revision`, when given) and
+    /// returns the write's revision. Puts made through one client while its request is on
+    /// its way queue and go together in its next one (`POST /api/v1/kv`, at most
+    /// [`MAX_KV_PUTS`] and [`PUTS_BATCH_BYTES`] of JSON, one per key); a lone put goes at
+    /// once as `PUT /api/v1/kv/{key}`. Each gets what it would have got alone.
     pub async fn kv_put(
+        &self,
+        key: &str,
+        value: &str,
+        prev_revision: Option<u64>,
+    ) -> Result<u64, ClientError> {
+        check_path(&Self::key_path(key))?;
+        let put = KvPutItem { key: key.into(), value: value.into(), prev_revision };
+        let bytes = json_len(&put, PUTS_BATCH_BYTES);
+        let queue = self.puts.get_or_init(|| self.start_puts());
+        match queue.submit(put, bytes) {
+            Ok(answer) => answer.await.map_err(|_| ClientError::Transport {
+                url: format!("{}{}", self.base, Self::key_path(key)),
+                message: "the client's queue of puts stopped".into(),
+            })?,
+            // The queue's loop ended with the runtime it was started on: alone.
+            Err(put) => self.kv_put_alone(&put.key, &put.value, put.prev_revision).await,
+        }
+    }
+
+    /// [`Client::kv_put`] in a request of its own, never joined with others.
+    pub async fn kv_put_alone(
         &self,
         key: &str,
         value: &str,
@@ -260,6 +313,65 @@ impl Client {
         }
         let r: Revision = self.with_body(Method::PUT, &path, &KvPutRequest { value: value.into() }).await?;
         Ok(r.revision)
+    }
+
+    /// Several puts in one request (see [`KvPuts`]): each put's outcome as
+    /// [`Client::kv_put_alone`] would give it, in order.
+    pub async fn kv_puts(&self, puts: &[KvPutItem]) -> Result<Vec<Result<u64, ClientError>>, ClientError> {
+        let path = "/api/v1/kv";
+        let answer: KvPutOutcomes =
+            self.with_body(Method::POST, path, &KvPuts { puts: puts.to_vec() }).await?;
+        let matched = answer.outcomes.len() == puts.len()
+            && answer.outcomes.iter().zip(puts).all(|(o, p)| o.key == p.key);
+        if !matched {
+            return Err(ClientError::Transport {
+                url: format!("{}{path}", self.base),
+                message: format!(
+                    "the {} outcomes do not answer the {} puts",
+                    answer.outcomes.len(),
+                    puts.len()
+                ),
+            });
+        }
+        Ok(answer
+            .outcomes
+            .into_iter()
+            .map(|o| match (o.status, o.revision) {
+                (200..=299, Some(revision)) => Ok(revision),
+                (status, _) => Err(outcome_error(status, o.error)),
+            })
+            .collect())
+    }
+
+    /// The loop behind [`Client::kv_put`]: a lone put alone, queued ones together; to a
+    /// server that does not take puts together (405: an older release, during a rolling
+    /// upgrade), one by one for [`ALONE_FOR`].
+    fn start_puts(&self) -> Coalescer<KvPutItem, u64> {
+        // A client of the same server that sends, never queues (no cycle to keep the loop).
+        let client = Client { puts: Arc::default(), ..self.clone() };
+        let alone_until: Arc<Mutex<Option<Instant>>> = Arc::default();
+        let rules: Rules<KvPutItem, u64> = Rules {
+            items: MAX_KV_PUTS,
+            bytes: PUTS_BATCH_BYTES,
+            joins: |queued, put| queued.iter().all(|q| q.item.key != put.key),
+            group: each_alone,
+        };
+        Coalescer::start(rules, move |puts: Vec<KvPutItem>| {
+            let (client, alone_until) = (client.clone(), alone_until.clone());
+            async move {
+                let until = || alone_until.lock().unwrap_or_else(|e| e.into_inner());
+                if puts.len() > 1 && until().is_none_or(|t| Instant::now() >= t) {
+                    match client.kv_puts(&puts).await {
+                        Err(ClientError::Api { status: 405, .. }) => {
+                            *until() = Some(Instant::now() + ALONE_FOR)
+                        }
+                        other => return other,
+                    }
+                }
+                let alone = puts.iter().map(|p| client.kv_put_alone(&p.key, &p.value, p.prev_revision));
+                Ok(futures::future::join_all(alone).await)
+            }
+        })
     }
 
     pub async fn kv_get(&self, key: &str, stale: bool) -> Result<KvItem, ClientError> {
@@ -514,10 +626,7 @@ impl Client {
             .into_iter()
             .map(|o| match o.status {
                 200..=299 => Ok(()),
-                status => {
-                    let e = o.error.unwrap_or(ErrorBody { code: "unknown".into(), message: String::new() });
-                    Err(ClientError::Api { status, code: e.code, message: e.message })
-                }
+                status => Err(outcome_error(status, o.error)),
             })
             .collect())
     }

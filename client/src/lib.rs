@@ -11,6 +11,7 @@
 //! handler answers) stays in `flotilla-api`.
 
 pub mod client;
+mod coalesce;
 pub mod http;
 pub mod report;
 pub mod server_tls;

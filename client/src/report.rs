@@ -13,9 +13,9 @@
 use std::collections::HashMap;
 use std::future::Future;
 
-use futures::FutureExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::oneshot;
 
+use crate::coalesce::{json_len, Coalescer, Queued, Rules};
 use crate::types::{ExecutorTaskStatus, TaskReport, MAX_TASK_REPORTS};
 use crate::ClientError;
 
@@ -26,19 +26,12 @@ pub const BATCH_BYTES: usize = 60 * 1024;
 
 type Outcome = Result<(), ClientError>;
 
-struct Queued {
-    report: TaskReport,
-    /// Its JSON's length.
-    bytes: usize,
-    reply: oneshot::Sender<Outcome>,
-}
-
 /// Sends an executor's reports through `send` (one request of reports → their outcomes in
 /// order, or the request's own error for all of them). Cloned, it feeds the same queue; the
 /// loop ends when every clone is dropped.
 #[derive(Clone)]
 pub struct Reporter {
-    queue: mpsc::UnboundedSender<Queued>,
+    queue: Coalescer<TaskReport, ()>,
 }
 
 impl Reporter {
@@ -47,90 +40,27 @@ impl Reporter {
         S: Fn(Vec<TaskReport>) -> F + Send + 'static,
         F: Future<Output = Result<Vec<Outcome>, ClientError>> + Send + 'static,
     {
-        let (queue, rx) = mpsc::unbounded_channel();
-        tokio::spawn(send_loop(rx, send));
-        Reporter { queue }
+        let rules =
+            Rules { items: MAX_TASK_REPORTS, bytes: BATCH_BYTES, joins: |_, _| true, group: together };
+        Reporter { queue: Coalescer::start(rules, send) }
     }
 
     /// Reports `status` of task `id` and waits for its outcome.
     pub async fn report(&self, id: &str, status: &ExecutorTaskStatus) -> Outcome {
-        let (reply, rx) = oneshot::channel();
         let report = TaskReport { id: id.to_string(), status: status.clone() };
-        let bytes = json_len(&report);
+        let bytes = json_len(&report, BATCH_BYTES);
         let gone = || ClientError::Refused("the executor's reporter has stopped".into());
-        self.queue.send(Queued { report, bytes, reply }).map_err(|_| gone())?;
+        let rx = self.queue.submit(report, bytes).map_err(|_| gone())?;
         rx.await.map_err(|_| gone())?
     }
 }
 
-async fn send_loop<S, F>(mut rx: mpsc::UnboundedReceiver<Queued>, send: S)
-where
-    S: Fn(Vec<TaskReport>) -> F,
-    F: Future<Output = Result<Vec<Outcome>, ClientError>>,
-{
-    let mut next: Option<Queued> = None;
-    loop {
-        let first = match next.take() {
-            Some(q) => q,
-            None => match rx.recv().await {
-                Some(q) => q,
-                None => return,
-            },
-        };
-        let mut bytes = first.bytes;
-        let mut queued = vec![first];
-        while queued.len() < MAX_TASK_REPORTS {
-            match rx.try_recv() {
-                Ok(q) if bytes + q.bytes > BATCH_BYTES => {
-                    next = Some(q); // the first of the next request
-                    break;
-                }
-                Ok(q) => {
-                    bytes += q.bytes;
-                    queued.push(q);
-                }
-                Err(_) => break,
-            }
-        }
-        let (reports, waiting) = together(queued);
-        // A sender that panics fails its request's reports, not the reporter.
-        let sent = std::panic::AssertUnwindSafe(send(reports)).catch_unwind().await;
-        let outcomes = match sent {
-            Ok(Ok(outcomes)) if outcomes.len() == waiting.len() => outcomes,
-            Ok(Ok(outcomes)) => {
-                let e = ClientError::Refused(format!(
-                    "{} outcomes for {} reports",
-                    outcomes.len(),
-                    waiting.len()
-                ));
-                waiting.iter().map(|_| Err(e.clone())).collect()
-            }
-            Ok(Err(e)) => waiting.iter().map(|_| Err(e.clone())).collect(),
-            Err(_) => {
-                let e = ClientError::Refused("sending the reports failed (a panic)".into());
-                waiting.iter().map(|_| Err(e.clone())).collect()
-            }
-        };
-        for (replies, outcome) in waiting.into_iter().zip(outcomes) {
-            for reply in replies {
-                let _ = reply.send(outcome.clone());
-            }
-        }
-    }
-}
-
-/// The length of `report` as JSON (and a comma), counted as it is written out.
-fn json_len(report: &TaskReport) -> usize {
-    let mut count = flotilla_store::count::ByteCount::default();
-    serde_json::to_writer(&mut count, report).map_or(BATCH_BYTES, |_| count.0 + 1)
-}
-
 /// The reports to send, one per task (the newest of each, where the oldest stood), and
 /// for each the callers waiting for its outcome.
-fn together(queued: Vec<Queued>) -> (Vec<TaskReport>, Vec<Vec<oneshot::Sender<Outcome>>>) {
+fn together(queued: Vec<Queued<TaskReport, ()>>) -> (Vec<TaskReport>, Vec<Vec<oneshot::Sender<Outcome>>>) {
     let mut at: HashMap<String, usize> = HashMap::new();
     let (mut reports, mut waiting): (Vec<TaskReport>, Vec<Vec<_>>) = (Vec::new(), Vec::new());
-    for Queued { report, reply, .. } in queued {
+    for Queued { item: report, reply, .. } in queued {
         match at.get(&report.id) {
             Some(&i) => {
                 reports[i] = report;

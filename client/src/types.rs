@@ -63,6 +63,52 @@ pub struct Revision {
     pub revision: u64,
 }
 
+/// `POST /api/v1/kv`: several puts at once, each what `PUT /api/v1/kv/{key}` would carry,
+/// written and answered as that put alone would be (not a transaction: each stands or
+/// fails by itself). At most [`MAX_KV_PUTS`], one per key. The client sends the puts
+/// that queue while one request is on its way together.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct KvPuts {
+    pub puts: Vec<KvPutItem>,
+}
+
+/// The most puts one `POST /api/v1/kv` carries.
+pub const MAX_KV_PUTS: usize = 256;
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+#[serde(deny_unknown_fields)]
+pub struct KvPutItem {
+    pub key: String,
+    pub value: String,
+    /// As `?prev_revision=N` of the single put (0: only if the key does not exist).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub prev_revision: Option<u64>,
+}
+
+/// The answer to [`KvPuts`]: each put's outcome, in their order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct KvPutOutcomes {
+    pub outcomes: Vec<KvPutOutcome>,
+}
+
+/// What the put alone would have been answered: `status` 200 and the `revision`, or an
+/// error's status (409 `revision_mismatch`, 400 for a bad key or value, 503...) and the
+/// error.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
+pub struct KvPutOutcome {
+    pub key: String,
+    pub status: u16,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub revision: Option<u64>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<ErrorBody>,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[cfg_attr(feature = "openapi", derive(utoipa::ToSchema))]
 pub struct KvItem {

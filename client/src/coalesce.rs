@@ -1,0 +1,134 @@
+//! Calls of one kind sent together when they queue: a call that finds no request on its
+//! way leaves at once, alone; those made while one request is out go in the next one,
+//! together, each caller getting its own outcome. Under load one request carries many
+//! calls instead of one request each (issue 24); a lone call pays nothing but a hop
+//! through the loop's task.
+//!
+//! One request is out at a time, so calls leave in the order they were made. A request
+//! carries at most [`Rules::items`] calls and [`Rules::bytes`] of body (a call bigger than
+//! that goes alone). Two users: an executor's task reports ([`crate::report`]) and the
+//! client's kv puts ([`crate::Client::kv_put`]).
+
+use std::future::Future;
+
+use futures::FutureExt;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::ClientError;
+
+pub(crate) type Outcome<O> = Result<O, ClientError>;
+
+pub(crate) struct Queued<T, O> {
+    pub item: T,
+    /// Its share of a request's body.
+    pub bytes: usize,
+    pub reply: oneshot::Sender<Outcome<O>>,
+}
+
+/// How the calls that queued become one request.
+pub(crate) struct Rules<T, O> {
+    /// The most calls one request carries.
+    pub items: usize,
+    /// The most body one request carries (unless one call alone is bigger).
+    pub bytes: usize,
+    /// Whether `item` may join the calls gathered so far (else it opens the next request).
+    pub joins: fn(&[Queued<T, O>], &T) -> bool,
+    /// The request's items, and for each the callers waiting for its outcome.
+    pub group: fn(Vec<Queued<T, O>>) -> (Vec<T>, Vec<Vec<oneshot::Sender<Outcome<O>>>>),
+}
+
+/// Each caller alone with its own item (the `group` of calls that never merge).
+pub(crate) fn each_alone<T, O>(queued: Vec<Queued<T, O>>) -> (Vec<T>, Vec<Vec<oneshot::Sender<Outcome<O>>>>) {
+    queued.into_iter().map(|q| (q.item, vec![q.reply])).unzip()
+}
+
+/// The queue of one kind of call. Cloned, it feeds the same loop, which ends when every
+/// clone is dropped (or with the runtime it was started on).
+pub(crate) struct Coalescer<T, O> {
+    queue: mpsc::UnboundedSender<Queued<T, O>>,
+}
+
+impl<T, O> Clone for Coalescer<T, O> {
+    fn clone(&self) -> Self {
+        Coalescer { queue: self.queue.clone() }
+    }
+}
+
+impl<T: Send + 'static, O: Clone + Send + 'static> Coalescer<T, O> {
+    /// Starts the loop that sends the queued calls through `send` (one request of items →
+    /// their outcomes in order, or the request's own error for all of them).
+    pub fn start<S, F>(rules: Rules<T, O>, send: S) -> Coalescer<T, O>
+    where
+        S: Fn(Vec<T>) -> F + Send + 'static,
+        F: Future<Output = Result<Vec<Outcome<O>>, ClientError>> + Send + 'static,
+    {
+        let (queue, rx) = mpsc::unbounded_channel();
+        tokio::spawn(send_loop(rx, rules, send));
+        Coalescer { queue }
+    }
+
+    /// Queues `item` (`bytes` of body) for the next request; the item back when the loop
+    /// is gone.
+    pub fn submit(&self, item: T, bytes: usize) -> Result<oneshot::Receiver<Outcome<O>>, T> {
+        let (reply, rx) = oneshot::channel();
+        self.queue.send(Queued { item, bytes, reply }).map_err(|e| e.0.item)?;
+        Ok(rx)
+    }
+}
+
+async fn send_loop<T, O: Clone, S, F>(
+    mut rx: mpsc::UnboundedReceiver<Queued<T, O>>,
+    rules: Rules<T, O>,
+    send: S,
+) where
+    S: Fn(Vec<T>) -> F,
+    F: Future<Output = Result<Vec<Outcome<O>>, ClientError>>,
+{
+    let mut next: Option<Queued<T, O>> = None;
+    loop {
+        let first = match next.take() {
+            Some(q) => q,
+            None => match rx.recv().await {
+                Some(q) => q,
+                None => return,
+            },
+        };
+        let mut bytes = first.bytes;
+        let mut queued = vec![first];
+        while queued.len() < rules.items {
+            let Ok(q) = rx.try_recv() else { break };
+            if bytes + q.bytes > rules.bytes || !(rules.joins)(&queued, &q.item) {
+                next = Some(q); // the first of the next request
+                break;
+            }
+            bytes += q.bytes;
+            queued.push(q);
+        }
+        let (items, waiting) = (rules.group)(queued);
+        // A sender that panics fails its request's calls, not the loop.
+        let sent = std::panic::AssertUnwindSafe(send(items)).catch_unwind().await;
+        let failed = |e: ClientError| waiting.iter().map(|_| Err(e.clone())).collect::<Vec<_>>();
+        let outcomes = match sent {
+            Ok(Ok(outcomes)) if outcomes.len() == waiting.len() => outcomes,
+            Ok(Ok(outcomes)) => failed(ClientError::Refused(format!(
+                "{} outcomes for {} calls sent together",
+                outcomes.len(),
+                waiting.len()
+            ))),
+            Ok(Err(e)) => failed(e),
+            Err(_) => failed(ClientError::Refused("sending the request failed (a panic)".into())),
+        };
+        for (replies, outcome) in waiting.into_iter().zip(outcomes) {
+            for reply in replies {
+                let _ = reply.send(outcome.clone());
+            }
+        }
+    }
+}
+
+/// The length of `item` as JSON (and a comma), counted as it is written out; `otherwise`
+/// if it cannot be written.
+pub(crate) fn json_len(item: &impl serde::Serialize, otherwise: usize) -> usize {
+    let mut count = flotilla_store::count::ByteCount::default();
+    serde_json::to_writer(&mut count, item).map_or(otherwise, |_| count.0 + 1)
+}
