@@ -257,6 +257,25 @@ impl Client {
         self.send::<serde_json::Value>(method, path, None::<&()>).await.map(|_| ())
     }
 
+    /// Checks that the outcomes of calls sent together (named by `answers`) answer the calls
+    /// `sent`, one by one, in order.
+    fn check_answers<'a, 'b>(
+        &self,
+        path: &str,
+        answers: impl ExactSizeIterator<Item = &'a str>,
+        sent: impl ExactSizeIterator<Item = &'b str>,
+        what: &str,
+    ) -> Result<(), ClientError> {
+        let (got, asked) = (answers.len(), sent.len());
+        if got == asked && answers.zip(sent).all(|(a, s)| a == s) {
+            return Ok(());
+        }
+        Err(ClientError::Transport {
+            url: format!("{}{path}", self.base),
+            message: format!("the {got} outcomes do not answer the {asked} {what}"),
+        })
+    }
+
     fn empty(&self, path: &str) -> ClientError {
         ClientError::Transport { url: format!("{}{}", self.base, path), message: "empty answer".into() }
     }
@@ -321,18 +340,12 @@ impl Client {
         let path = "/api/v1/kv";
         let answer: KvPutOutcomes =
             self.with_body(Method::POST, path, &KvPuts { puts: puts.to_vec() }).await?;
-        let matched = answer.outcomes.len() == puts.len()
-            && answer.outcomes.iter().zip(puts).all(|(o, p)| o.key == p.key);
-        if !matched {
-            return Err(ClientError::Transport {
-                url: format!("{}{path}", self.base),
-                message: format!(
-                    "the {} outcomes do not answer the {} puts",
-                    answer.outcomes.len(),
-                    puts.len()
-                ),
-            });
-        }
+        self.check_answers(
+            path,
+            answer.outcomes.iter().map(|o| o.key.as_str()),
+            puts.iter().map(|p| p.key.as_str()),
+            "puts",
+        )?;
         Ok(answer
             .outcomes
             .into_iter()
@@ -609,18 +622,12 @@ impl Client {
         let path = format!("/api/v1/executor/{}/tasks", Self::seg(id));
         let body = TaskReports { reports: reports.to_vec() };
         let answer: TaskReportOutcomes = self.with_body(Method::PUT, &path, &body).await?;
-        let matched = answer.outcomes.len() == reports.len()
-            && answer.outcomes.iter().zip(reports).all(|(o, r)| o.id == r.id);
-        if !matched {
-            return Err(ClientError::Transport {
-                url: format!("{}{path}", self.base),
-                message: format!(
-                    "the {} outcomes do not answer the {} reports",
-                    answer.outcomes.len(),
-                    reports.len()
-                ),
-            });
-        }
+        self.check_answers(
+            &path,
+            answer.outcomes.iter().map(|o| o.id.as_str()),
+            reports.iter().map(|r| r.id.as_str()),
+            "reports",
+        )?;
         Ok(answer
             .outcomes
             .into_iter()

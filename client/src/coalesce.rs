@@ -18,6 +18,12 @@ use crate::ClientError;
 
 pub(crate) type Outcome<O> = Result<O, ClientError>;
 
+/// A request's items, and for each the callers waiting for its outcome.
+pub(crate) type Grouped<T, O> = (Vec<T>, Vec<Vec<oneshot::Sender<Outcome<O>>>>);
+
+/// How the calls gathered for a request become its items ([`Rules::group`]).
+pub(crate) type Group<T, O> = fn(Vec<Queued<T, O>>) -> Grouped<T, O>;
+
 pub(crate) struct Queued<T, O> {
     pub item: T,
     /// Its share of a request's body.
@@ -34,11 +40,11 @@ pub(crate) struct Rules<T, O> {
     /// Whether `item` may join the calls gathered so far (else it opens the next request).
     pub joins: fn(&[Queued<T, O>], &T) -> bool,
     /// The request's items, and for each the callers waiting for its outcome.
-    pub group: fn(Vec<Queued<T, O>>) -> (Vec<T>, Vec<Vec<oneshot::Sender<Outcome<O>>>>),
+    pub group: Group<T, O>,
 }
 
 /// Each caller alone with its own item (the `group` of calls that never merge).
-pub(crate) fn each_alone<T, O>(queued: Vec<Queued<T, O>>) -> (Vec<T>, Vec<Vec<oneshot::Sender<Outcome<O>>>>) {
+pub(crate) fn each_alone<T, O>(queued: Vec<Queued<T, O>>) -> Grouped<T, O> {
     queued.into_iter().map(|q| (q.item, vec![q.reply])).unzip()
 }
 

@@ -13,9 +13,7 @@
 use std::collections::HashMap;
 use std::future::Future;
 
-use tokio::sync::oneshot;
-
-use crate::coalesce::{json_len, Coalescer, Queued, Rules};
+use crate::coalesce::{json_len, Coalescer, Grouped, Queued, Rules};
 use crate::types::{ExecutorTaskStatus, TaskReport, MAX_TASK_REPORTS};
 use crate::ClientError;
 
@@ -57,7 +55,7 @@ impl Reporter {
 
 /// The reports to send, one per task (the newest of each, where the oldest stood), and
 /// for each the callers waiting for its outcome.
-fn together(queued: Vec<Queued<TaskReport, ()>>) -> (Vec<TaskReport>, Vec<Vec<oneshot::Sender<Outcome>>>) {
+fn together(queued: Vec<Queued<TaskReport, ()>>) -> Grouped<TaskReport, ()> {
     let mut at: HashMap<String, usize> = HashMap::new();
     let (mut reports, mut waiting): (Vec<TaskReport>, Vec<Vec<_>>) = (Vec::new(), Vec::new());
     for Queued { item: report, reply, .. } in queued {
