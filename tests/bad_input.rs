@@ -96,6 +96,11 @@ async fn bad_requests_get_json_4xx_errors_and_change_nothing() {
         400,
     );
     assert_error(
+        "tasks listing: unknown data",
+        call("GET", &format!("{base}/api/v1/executor/e1/tasks?data=some"), t, None).await,
+        400,
+    );
+    assert_error(
         "init twice",
         call(
             "POST",

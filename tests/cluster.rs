@@ -381,6 +381,55 @@ async fn follower_executor_and_run(tasks: usize) -> (Cluster, u64, flotilla_api:
     (c, leader, exec, id)
 }
 
+/// A listing asked with `data=notstarted` gives a task's data (steps, environment, registry
+/// credentials) only while the task has not started, through a follower as through the
+/// leader; the default listing gives it for every task.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_task_data_is_listed_only_while_it_has_not_started_when_asked_so() {
+    use flotilla_api::types::TaskDataFor;
+    use flotilla_store::run::Phase;
+    let (c, leader, exec, id) = follower_executor_and_run(2).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let listed = loop {
+        let tasks = exec.executor_tasks_with("e1", 0, 500, TaskDataFor::NotStarted).await.unwrap().tasks;
+        if tasks.len() == 2 {
+            break tasks;
+        }
+        assert!(Instant::now() < deadline, "the run's tasks were not handed out: {tasks:?}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert!(
+        listed.iter().all(|t| t.status.phase == Phase::Notstarted && t.spec.data.is_some()),
+        "{listed:?}"
+    );
+    let first = &listed[0];
+    exec.executor_task_status("e1", &first.id, &sim_executor::status(first, Phase::Running)).await.unwrap();
+    for via in [exec.clone(), c.client(leader)] {
+        let lean = via.executor_tasks_with("e1", 0, 0, TaskDataFor::NotStarted).await.unwrap().tasks;
+        let data = |tasks: &[flotilla_api::types::ExecutorTaskView]| {
+            tasks.iter().map(|t| (t.id.clone(), t.status.phase, t.spec.data.is_some())).collect::<Vec<_>>()
+        };
+        assert_eq!(
+            data(&lean),
+            vec![(first.id.clone(), Phase::Running, false), (listed[1].id.clone(), Phase::Notstarted, true)],
+            "run {id}"
+        );
+        let whole = via.executor_tasks("e1", 0, 0).await.unwrap().tasks;
+        assert!(whole.iter().all(|t| t.spec.data.is_some()), "{whole:?}");
+        // The rest of each task is listed alike either way.
+        let strip = |tasks: Vec<flotilla_api::types::ExecutorTaskView>| {
+            tasks
+                .into_iter()
+                .map(|mut t| {
+                    t.spec.data = None;
+                    t
+                })
+                .collect::<Vec<_>>()
+        };
+        assert_eq!(strip(lean), strip(whole));
+    }
+}
+
 /// Scheduler decisions travel as patches of the run once every member reads them (all run
 /// this release here), and every node makes the same run of them as the leader.
 #[tokio::test(flavor = "multi_thread")]

@@ -141,8 +141,8 @@ async fn logs_archives_and_caches_flow_through_any_node_into_s3() {
 
     // The child restores it from another node.
     let test = task_named(&exec, "test").await;
-    assert_eq!(test.spec.data.workspace.len(), 1);
-    let w = &test.spec.data.workspace[0];
+    assert_eq!(test.spec.data.as_ref().expect("data by default").workspace.len(), 1);
+    let w = &test.spec.data.as_ref().expect("data by default").workspace[0];
     let restored =
         reader.executor_archive_get(EXECUTOR, &w.task_id, w.step).await.unwrap().bytes().await.unwrap();
     assert!(restored == archive, "restored archive differs");

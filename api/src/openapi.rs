@@ -480,6 +480,7 @@ impl Endpoint<'_> {
                 &[
                     ("since", "integer", false, "The revision the executor has."),
                     ("wait_ms", "integer", false, "Wait this long for a change (at most 60000)."),
+                    ("data", "string", false, "`all` (default): every task's `spec.data`; `notstarted`: only for the tasks that have not started."),
                     STALE,
                 ],
                 None,

@@ -15,7 +15,7 @@ use flotilla_store::executor::{task_data, validate_executor_id, ExecutorInfo, Ex
 use flotilla_store::limits::{
     DEFAULT_LIST_LIMIT, EVENT_KEEPALIVE_MS, MAX_EVENT_SUBSCRIBERS, MAX_LIST_LIMIT, MAX_LONG_POLL_MS,
 };
-use flotilla_store::run::{group_matches, RunCreate, RunPhase};
+use flotilla_store::run::{group_matches, Phase, RunCreate, RunPhase};
 use flotilla_store::{Command, Response};
 use tokio::sync::broadcast::error::RecvError;
 
@@ -517,6 +517,15 @@ pub(crate) async fn set_task_statuses(ctx: &Ctx, id: &str, req: &Request<'_>) ->
 pub(crate) async fn executor_tasks(ctx: &Ctx, id: &str, req: &Request<'_>) -> Result<Reply, ApiError> {
     let since = req.number("since")?.unwrap_or(0);
     let wait_ms = req.number("wait_ms")?.unwrap_or(0).min(MAX_LONG_POLL_MS);
+    let data_for = match req.query.get("data").map(String::as_str) {
+        None | Some("all") => TaskDataFor::All,
+        Some("notstarted") => TaskDataFor::NotStarted,
+        Some(other) => {
+            return Err(ApiError::bad_request(format!(
+                "query parameter data={other:?}: expected \"all\" or \"notstarted\""
+            )))
+        }
+    };
     read_barrier(ctx, req).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
     let mut changed = ctx.node.state.watch_executor(id);
@@ -538,7 +547,12 @@ pub(crate) async fn executor_tasks(ctx: &Ctx, id: &str, req: &Request<'_>) -> Re
                     .filter_map(|t| {
                         let run = state.runs.get(&t.spec.run_id)?;
                         let config = state.run_configs.get(&t.spec.run_id)?;
-                        let data = task_data(run, config, &t.spec.task_name)?;
+                        config.task(&t.spec.task_name)?;
+                        // Built only where it is asked for: it is most of a listing's
+                        // bytes, and carries the registry credentials.
+                        let wanted = data_for == TaskDataFor::All || t.status.phase == Phase::Notstarted;
+                        let data =
+                            if wanted { Some(task_data(run, config, &t.spec.task_name)?) } else { None };
                         let spec = ExecutorTaskSpecView { spec: t.spec.clone(), data };
                         Some(ExecutorTaskView { id: t.id.clone(), spec, status: t.status.clone() })
                     })

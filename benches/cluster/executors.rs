@@ -26,7 +26,7 @@ use crate::cpu;
 use crate::load::percentile_ms;
 use crate::report::Row;
 use crate::sim_executor::status;
-use flotilla_api::types::{ExecutorInfo, RunCreate};
+use flotilla_api::types::{ExecutorInfo, RunCreate, TaskDataFor};
 use flotilla_api::Client;
 use flotilla_store::run::{Phase, RunPhase};
 
@@ -119,7 +119,7 @@ async fn executor(c: Client, id: String, start_at: tokio::time::Instant, shared:
         let mut since = 0;
         let mut seen: HashSet<String> = HashSet::new();
         while !shared.stopped() {
-            let tasks = match c.executor_tasks(&id, since, LONG_POLL_MS).await {
+            let tasks = match c.executor_tasks_with(&id, since, LONG_POLL_MS, TaskDataFor::NotStarted).await {
                 Ok(t) => t,
                 Err(_) => {
                     shared.poll_errors.fetch_add(1, Ordering::Relaxed);

@@ -15,7 +15,7 @@ use crate::cpu::{self, Procs, Split};
 use crate::report::Row;
 use crate::sim_executor::status;
 use flotilla_api::report::Reporter;
-use flotilla_api::types::{ExecutorInfo, RunCreate, TaskReport};
+use flotilla_api::types::{ExecutorInfo, RunCreate, TaskDataFor, TaskReport};
 use flotilla_api::Client;
 use flotilla_store::run::{Phase, RunPhase};
 use futures::StreamExt;
@@ -49,7 +49,10 @@ async fn executor(
             let _ = c.executor_heartbeat(&id, &info).await;
             last_beat = Instant::now();
         }
-        let Ok(tasks) = c.executor_tasks(&id, since, 1000).await else { continue };
+        // As the agent asks: a task's data only while it has not started.
+        let Ok(tasks) = c.executor_tasks_with(&id, since, 1000, TaskDataFor::NotStarted).await else {
+            continue;
+        };
         since = tasks.revision;
         let mut todo = Vec::new();
         for t in tasks.tasks {

@@ -593,13 +593,28 @@ impl Client {
     }
 
     /// The executor's tasks, waiting up to `wait_ms` for a change after revision `since`.
+    /// The executor's tasks, each with its `spec.data`, once its tasks changed after
+    /// `since` or `wait_ms` passed.
     pub async fn executor_tasks(
         &self,
         id: &str,
         since: u64,
         wait_ms: u64,
     ) -> Result<ExecutorTasks, ClientError> {
-        self.get(&format!("/api/v1/executor/{}/tasks?since={since}&wait_ms={wait_ms}", Self::seg(id))).await
+        self.executor_tasks_with(id, since, wait_ms, TaskDataFor::All).await
+    }
+
+    /// [`Client::executor_tasks`], with `spec.data` for the tasks `data` says. A server
+    /// older than the parameter gives it for every task.
+    pub async fn executor_tasks_with(
+        &self,
+        id: &str,
+        since: u64,
+        wait_ms: u64,
+        data: TaskDataFor,
+    ) -> Result<ExecutorTasks, ClientError> {
+        let query = format!("since={since}&wait_ms={wait_ms}&data={}", data.as_query());
+        self.get(&format!("/api/v1/executor/{}/tasks?{query}", Self::seg(id))).await
     }
 
     pub async fn executor_task_status(

@@ -236,7 +236,32 @@ pub struct ExecutorTaskView {
 pub struct ExecutorTaskSpecView {
     #[serde(flatten)]
     pub spec: ExecutorTaskSpec,
-    pub data: TaskData,
+    /// What the executor needs to start the task. Always given, except to a listing asked
+    /// with `data=notstarted` ([`TaskDataFor::NotStarted`]): then only for the tasks that
+    /// have not started, the ones an executor may still start.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub data: Option<TaskData>,
+}
+
+/// Which tasks of an executor's listing carry their `spec.data`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskDataFor {
+    /// Every task (`data=all`, the default).
+    All,
+    /// Only the tasks that have not started (`data=notstarted`): what an executor asks for.
+    /// A task it runs or ran needs nothing of it again, so every change to the executor's
+    /// tasks no longer sends each task's steps, environment and registry credentials again.
+    NotStarted,
+}
+
+impl TaskDataFor {
+    /// The value of the `data` query parameter.
+    pub fn as_query(self) -> &'static str {
+        match self {
+            TaskDataFor::All => "all",
+            TaskDataFor::NotStarted => "notstarted",
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]

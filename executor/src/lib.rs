@@ -26,7 +26,7 @@ use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_client::types::ExecutorInfo;
+use flotilla_client::types::{ExecutorInfo, TaskDataFor};
 use flotilla_client::ClientError;
 use flotilla_store::executor::ExecutorTaskStatus;
 use flotilla_store::run::{Phase, StringMap};
@@ -158,6 +158,9 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
     let mut ended: BTreeMap<String, Option<ExecutorTaskStatus>> = BTreeMap::new();
     let mut since_ended: BTreeSet<String> = BTreeSet::new();
     let mut since = 0u64;
+    // A task's data (steps, environment, registry credentials) comes only while it has not
+    // started; a listing that lacks the data of a task to start is asked again whole.
+    let mut data_for = TaskDataFor::NotStarted;
     let mut last_heartbeat = tokio::time::Instant::now() - agent.cfg.heartbeat * 2;
     let mut last_sweep = tokio::time::Instant::now();
     // The heartbeat in flight: it runs beside the polls, so that one that waits (a refresh
@@ -192,7 +195,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
         let wait_ms = agent.cfg.heartbeat.as_millis() as u64;
         let client = agent.servers.client();
         let polled = tokio::select! {
-            r = client.executor_tasks(&agent.cfg.id, since, wait_ms) => r,
+            r = client.executor_tasks_with(&agent.cfg.id, since, wait_ms, data_for) => r,
             _ = shutdown.changed() => continue,
         };
         let tasks = match polled {
@@ -213,6 +216,7 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
             }
         };
         since = tasks.revision;
+        data_for = TaskDataFor::NotStarted;
         let listed: BTreeSet<String> = tasks.tasks.iter().map(|t| t.id.clone()).collect();
         for t in tasks.tasks {
             if let Some(r) = running.get(&t.id) {
@@ -241,10 +245,18 @@ pub async fn run(cfg: Config, mut shutdown: watch::Receiver<bool>) -> anyhow::Re
                     ended.insert(t.id.clone(), Some(s));
                 }
                 (Phase::Notstarted, false) => {
+                    let Some(data) = t.spec.data else {
+                        tracing::warn!(
+                            task = t.id,
+                            "task to start listed without its data; asking for every task's"
+                        );
+                        (data_for, since) = (TaskDataFor::All, 0);
+                        continue;
+                    };
                     let (stop, stop_rx) = watch::channel(false);
                     let id = t.id.clone();
                     tracing::info!(task = id, "starting task");
-                    let handle = tokio::spawn(task::run(agent.clone(), t, stop_rx));
+                    let handle = tokio::spawn(task::run(agent.clone(), t.id, t.status, data, stop_rx));
                     running.insert(id, Running { stop, handle });
                 }
                 // Running on the servers, unknown here: this agent restarted mid-task and

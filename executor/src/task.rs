@@ -9,7 +9,6 @@ use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_client::types::ExecutorTaskView;
 use flotilla_client::ClientError;
 use flotilla_store::executor::{ExecutorTaskStatus, TaskData};
 use flotilla_store::limits::ARCHIVE_ZSTD_LEVEL;
@@ -44,12 +43,11 @@ enum Outcome {
 /// agent reports it again while the servers still show the task running).
 pub async fn run(
     agent: Arc<Agent>,
-    task: ExecutorTaskView,
+    id: String,
+    mut status: ExecutorTaskStatus,
+    data: TaskData,
     mut stop: watch::Receiver<bool>,
 ) -> ExecutorTaskStatus {
-    let id = task.id.clone();
-    let data = task.spec.data.clone();
-    let mut status = task.status.clone();
     status.steps.resize(data.steps.len(), StepStatus::default());
     status.phase = Phase::Running;
     status.start_time = Some(now_ms());
