@@ -163,7 +163,7 @@ pub fn redact_config(config: &mut crate::run::RunCreate) {
 }
 
 /// Checks a `docker_registries_auth` map; `what` names where it was given.
-pub fn validate_auths(what: &str, auths: &RegistriesAuth) -> Result<(), String> {
+pub fn validate_auths(what: impl std::fmt::Display, auths: &RegistriesAuth) -> Result<(), String> {
     if auths.len() > MAX_REGISTRIES_AUTH {
         return Err(format!("{what} has {} registries, the limit is {MAX_REGISTRIES_AUTH}", auths.len()));
     }
@@ -283,7 +283,7 @@ pub fn validate_pod(t: &TaskConfig) -> Result<(), String> {
         if c.image.is_empty() || c.image.len() > MAX_GROUP_BYTES {
             return Err(format!("{at} image must be 1 to {MAX_GROUP_BYTES} bytes"));
         }
-        crate::run::validate_map_pub(&format!("{at} environment"), &c.environment)?;
+        crate::run::validate_map_pub(format_args!("{at} environment"), &c.environment)?;
         if c.user.as_ref().is_some_and(|u| u.is_empty() || u.len() > MAX_NAME_BYTES) {
             return Err(format!("{at} user must be 1 to {MAX_NAME_BYTES} bytes"));
         }
@@ -332,7 +332,7 @@ pub fn validate_pod(t: &TaskConfig) -> Result<(), String> {
             ));
         }
     }
-    validate_auths(&format!("task {n:?} docker_registries_auth"), &t.docker_registries_auth)?;
+    validate_auths(format_args!("task {n:?} docker_registries_auth"), &t.docker_registries_auth)?;
     Ok(())
 }
 

@@ -522,7 +522,7 @@ pub fn group_matches(group: &str, filter: &str) -> bool {
 }
 
 /// Names of tasks, runs, executors: short and safe in URLs and object-storage keys.
-pub fn validate_name(what: &str, name: &str) -> Result<(), String> {
+pub fn validate_name(what: impl std::fmt::Display, name: &str) -> Result<(), String> {
     if name.is_empty() || name.len() > MAX_NAME_BYTES {
         return Err(format!("{what} {name:?} must be 1 to {MAX_NAME_BYTES} bytes"));
     }
@@ -534,24 +534,24 @@ pub fn validate_name(what: &str, name: &str) -> Result<(), String> {
     Ok(())
 }
 
-fn validate_group(what: &str, group: &str) -> Result<(), String> {
+fn validate_group(what: impl std::fmt::Display, group: &str) -> Result<(), String> {
     if !group.starts_with('/') || group.len() > MAX_GROUP_BYTES {
         return Err(format!(
             "{what} {group:?} must be a path starting with '/' of at most {MAX_GROUP_BYTES} bytes"
         ));
     }
     for part in group.split('/').skip(1).filter(|p| !p.is_empty()) {
-        validate_name(&format!("{what} component"), part)?;
+        validate_name(format_args!("{what} component"), part)?;
     }
     Ok(())
 }
 
 /// [`validate_map`] for the pod module.
-pub(crate) fn validate_map_pub(what: &str, map: &StringMap) -> Result<(), String> {
+pub(crate) fn validate_map_pub(what: impl std::fmt::Display, map: &StringMap) -> Result<(), String> {
     validate_map(what, map)
 }
 
-fn validate_map(what: &str, map: &StringMap) -> Result<(), String> {
+fn validate_map(what: impl std::fmt::Display, map: &StringMap) -> Result<(), String> {
     if map.len() > MAX_MAP_ENTRIES {
         return Err(format!("{what} has {} entries, the limit is {MAX_MAP_ENTRIES}", map.len()));
     }
@@ -629,9 +629,9 @@ fn validate_task(t: &TaskConfig, names: &BTreeSet<&str>) -> Result<(), String> {
     let n = &t.name;
     crate::pod::validate_pod(t)?;
     if let Some(arch) = &t.arch {
-        validate_name(&format!("task {n:?} arch"), arch)?;
+        validate_name(format_args!("task {n:?} arch"), arch)?;
     }
-    validate_map(&format!("task {n:?} environment"), &t.environment)?;
+    validate_map(format_args!("task {n:?} environment"), &t.environment)?;
     if t.approvers_required == 0 || t.approvers_required > MAX_APPROVERS_REQUIRED {
         return Err(format!("task {n:?}: approvers_required must be 1 to {MAX_APPROVERS_REQUIRED}"));
     }
@@ -660,7 +660,7 @@ fn validate_task(t: &TaskConfig, names: &BTreeSet<&str>) -> Result<(), String> {
                 if r.command.is_empty() || r.command.len() > MAX_MAP_VALUE_BYTES {
                     return bad(&format!("command must be 1 to {MAX_MAP_VALUE_BYTES} bytes"));
                 }
-                validate_map(&format!("task {n:?} step {i} environment"), &r.environment)?;
+                validate_map(format_args!("task {n:?} step {i} environment"), &r.environment)?;
             }
             Step::SaveToWorkspace(s) if s.contents.is_empty() => {
                 return bad("save_to_workspace needs contents")

@@ -5,14 +5,15 @@
 //! One function per type, called by [`RunCreate::validate`] after its structural checks
 //! (names, dependencies, cycles); a new field gets its line in its type's function.
 
+use std::fmt::Display;
 use std::path::{Component, Path};
 
 use crate::limits::*;
 use crate::run::{RunCreate, RunStep, SaveContent, Step, StringMap, TaskConfig};
 
 pub fn run_create(c: &RunCreate) -> Result<(), String> {
-    environment("environment", &c.environment)?;
-    environment("static_environment", &c.static_environment)?;
+    environment(&"environment", &c.environment)?;
+    environment(&"static_environment", &c.static_environment)?;
     for t in &c.tasks {
         task(t)?;
     }
@@ -20,39 +21,41 @@ pub fn run_create(c: &RunCreate) -> Result<(), String> {
 }
 
 pub fn task(t: &TaskConfig) -> Result<(), String> {
-    let what = |field: &str| format!("task {:?} {field}", t.name);
-    docker_text(&what("image"), &t.image, MAX_GROUP_BYTES)?;
+    // The context of an error is only formatted for an error: a valid run (every one the
+    // state machine applies, on every node) formats nothing.
+    let name = &t.name;
+    docker_text(&format_args!("task {name:?} image"), &t.image, MAX_GROUP_BYTES)?;
     if let Some(dir) = &t.working_dir {
-        docker_text(&what("working_dir"), dir, MAX_PATH_BYTES)?;
+        docker_text(&format_args!("task {name:?} working_dir"), dir, MAX_PATH_BYTES)?;
     }
     if let Some(shell) = &t.shell {
-        docker_text(&what("shell"), shell, MAX_PATH_BYTES)?;
+        docker_text(&format_args!("task {name:?} shell"), shell, MAX_PATH_BYTES)?;
     }
     if let Some(user) = &t.user {
-        docker_text(&what("user"), user, MAX_USER_BYTES)?;
+        docker_text(&format_args!("task {name:?} user"), user, MAX_USER_BYTES)?;
     }
-    environment(&what("environment"), &t.environment)?;
+    environment(&format_args!("task {name:?} environment"), &t.environment)?;
     for d in &t.depends {
         let mut seen = d.conditions.clone();
         seen.sort();
         seen.dedup();
         if d.conditions.len() > MAX_CONDITIONS || seen.len() != d.conditions.len() {
-            return Err(format!("{}: conditions of {:?} must be distinct", what("depends"), d.task));
+            return Err(format!("task {name:?} depends: conditions of {:?} must be distinct", d.task));
         }
     }
     for (i, s) in t.steps.iter().enumerate() {
-        step(&format!("task {:?} step {i}", t.name), s)?;
+        step(&format_args!("task {name:?} step {i}"), s)?;
     }
     Ok(())
 }
 
-pub fn step(what: &str, s: &Step) -> Result<(), String> {
+pub fn step(what: &dyn Display, s: &Step) -> Result<(), String> {
     match s {
         Step::Run(r) => run_step(what, r),
         Step::SaveToWorkspace(s) => contents(what, &s.contents),
-        Step::RestoreWorkspace(r) => workspace_path(&format!("{what} dest_dir"), &r.dest_dir),
+        Step::RestoreWorkspace(r) => workspace_path(&format_args!("{what} dest_dir"), &r.dest_dir),
         Step::SaveCache(s) => {
-            docker_text(&format!("{what} key"), &s.key, MAX_CACHE_KEY_BYTES)?;
+            docker_text(&format_args!("{what} key"), &s.key, MAX_CACHE_KEY_BYTES)?;
             contents(what, &s.contents)
         }
         Step::RestoreCache(r) => {
@@ -63,44 +66,44 @@ pub fn step(what: &str, s: &Step) -> Result<(), String> {
                 ));
             }
             for k in &r.keys {
-                docker_text(&format!("{what} key"), k, MAX_CACHE_KEY_BYTES)?;
+                docker_text(&format_args!("{what} key"), k, MAX_CACHE_KEY_BYTES)?;
             }
-            workspace_path(&format!("{what} dest_dir"), &r.dest_dir)
+            workspace_path(&format_args!("{what} dest_dir"), &r.dest_dir)
         }
     }
 }
 
-fn run_step(what: &str, r: &RunStep) -> Result<(), String> {
+fn run_step(what: &dyn Display, r: &RunStep) -> Result<(), String> {
     if let Some(name) = &r.name {
-        docker_text(&format!("{what} name"), name, MAX_NAME_BYTES)?;
+        docker_text(&format_args!("{what} name"), name, MAX_NAME_BYTES)?;
     }
     // A command is a shell script: line breaks and tabs belong in it, NUL never does.
     if r.command.contains('\0') {
         return Err(format!("{what}: the command contains a NUL character"));
     }
     if let Some(dir) = &r.working_dir {
-        docker_text(&format!("{what} working_dir"), dir, MAX_PATH_BYTES)?;
+        docker_text(&format_args!("{what} working_dir"), dir, MAX_PATH_BYTES)?;
     }
     if let Some(shell) = &r.shell {
-        docker_text(&format!("{what} shell"), shell, MAX_PATH_BYTES)?;
+        docker_text(&format_args!("{what} shell"), shell, MAX_PATH_BYTES)?;
     }
-    environment(&format!("{what} environment"), &r.environment)
+    environment(&format_args!("{what} environment"), &r.environment)
 }
 
-fn contents(what: &str, list: &[SaveContent]) -> Result<(), String> {
+fn contents(what: &dyn Display, list: &[SaveContent]) -> Result<(), String> {
     if list.len() > MAX_SAVE_CONTENTS {
         return Err(format!("{what}: {} contents entries, the limit is {MAX_SAVE_CONTENTS}", list.len()));
     }
     for c in list {
-        workspace_path(&format!("{what} source_dir"), &c.source_dir)?;
+        workspace_path(&format_args!("{what} source_dir"), &c.source_dir)?;
         if let Some(dest) = &c.dest_dir {
-            workspace_path(&format!("{what} dest_dir"), dest)?;
+            workspace_path(&format_args!("{what} dest_dir"), dest)?;
         }
         if c.paths.len() > MAX_PATHS_PER_CONTENT {
             return Err(format!("{what}: {} paths, the limit is {MAX_PATHS_PER_CONTENT}", c.paths.len()));
         }
         for p in &c.paths {
-            workspace_path(&format!("{what} path"), p)?;
+            workspace_path(&format_args!("{what} path"), p)?;
             if p.starts_with('/') {
                 return Err(format!("{what}: path {p:?} must be relative to its source_dir"));
             }
@@ -112,7 +115,7 @@ fn contents(what: &str, list: &[SaveContent]) -> Result<(), String> {
 /// A string handed to Docker (image, directory, shell, user, cache key): bounded, and
 /// no control characters (a NUL or line break there is never meant and may be read as
 /// a separator).
-fn docker_text(what: &str, value: &str, max_bytes: usize) -> Result<(), String> {
+fn docker_text(what: &dyn Display, value: &str, max_bytes: usize) -> Result<(), String> {
     if value.len() > max_bytes {
         return Err(format!("{what} is {} bytes, the limit is {max_bytes}", value.len()));
     }
@@ -124,7 +127,7 @@ fn docker_text(what: &str, value: &str, max_bytes: usize) -> Result<(), String> 
 
 /// A workspace or cache directory (relative to the working dir): it may not leave the
 /// workspace, so no `..` component.
-fn workspace_path(what: &str, p: &str) -> Result<(), String> {
+fn workspace_path(what: &dyn Display, p: &str) -> Result<(), String> {
     docker_text(what, p, MAX_PATH_BYTES)?;
     if Path::new(p).components().any(|c| c == Component::ParentDir) {
         return Err(format!("{what} {p:?} leaves the workspace ('..' is not allowed)"));
@@ -133,7 +136,7 @@ fn workspace_path(what: &str, p: &str) -> Result<(), String> {
 }
 
 /// Environment values go to Docker as `KEY=VALUE` strings: NUL would cut them.
-fn environment(what: &str, env: &StringMap) -> Result<(), String> {
+fn environment(what: &dyn Display, env: &StringMap) -> Result<(), String> {
     if let Some(k) = env.iter().find(|(_, v)| v.contains('\0')).map(|(k, _)| k) {
         return Err(format!("{what} value of {k:?} contains a NUL character"));
     }
