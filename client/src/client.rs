@@ -592,9 +592,8 @@ impl Client {
         self.put_no_content(&format!("/api/v1/executor/{}", Self::seg(id)), info).await
     }
 
-    /// The executor's tasks, waiting up to `wait_ms` for a change after revision `since`.
-    /// The executor's tasks, each with its `spec.data`, once its tasks changed after
-    /// `since` or `wait_ms` passed.
+    /// The executor's tasks, each with its `spec.data`, waiting up to `wait_ms` for a
+    /// change after revision `since`.
     pub async fn executor_tasks(
         &self,
         id: &str,
