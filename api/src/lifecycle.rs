@@ -154,40 +154,64 @@ async fn current_run(ctx: &Ctx, run_id: &str) -> Result<Option<Run>, ApiError> {
 }
 
 /// SHA-256 (hex) of `v` as canonical JSON (object keys sorted at every level), so that two
-/// bodies equal as JSON hash alike whatever their key order or spacing.
+/// bodies equal as JSON hash alike whatever their key order or spacing. The canonical text
+/// is written straight into the hash, never held; a digest stored by an older node (24 h of
+/// idempotency keys) is the same digest.
 pub fn json_sha256(v: &serde_json::Value) -> String {
-    fn canonical(v: &serde_json::Value, out: &mut String) {
-        match v {
-            serde_json::Value::Object(m) => {
-                let mut entries: Vec<_> = m.iter().collect();
-                entries.sort_by(|a, b| a.0.cmp(b.0));
-                out.push('{');
-                for (i, (k, v)) in entries.into_iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    out.push_str(&serde_json::Value::String(k.clone()).to_string());
-                    out.push(':');
-                    canonical(v, out);
-                }
-                out.push('}');
-            }
-            serde_json::Value::Array(a) => {
-                out.push('[');
-                for (i, v) in a.iter().enumerate() {
-                    if i > 0 {
-                        out.push(',');
-                    }
-                    canonical(v, out);
-                }
-                out.push(']');
-            }
-            other => out.push_str(&other.to_string()),
+    /// The hash as a writer, for serde_json to write keys and scalars into.
+    struct Hashing(Sha256);
+    impl std::io::Write for Hashing {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.update(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
         }
     }
-    let mut s = String::new();
-    canonical(v, &mut s);
-    hex::encode(Sha256::digest(s.as_bytes()))
+    fn entries<'a>(
+        entries: impl Iterator<Item = (&'a String, &'a serde_json::Value)>,
+        out: &mut Hashing,
+    ) -> serde_json::Result<()> {
+        out.0.update(b"{");
+        for (i, (k, v)) in entries.enumerate() {
+            if i > 0 {
+                out.0.update(b",");
+            }
+            serde_json::to_writer(&mut *out, k)?;
+            out.0.update(b":");
+            canonical(v, out)?;
+        }
+        out.0.update(b"}");
+        Ok(())
+    }
+    fn canonical(v: &serde_json::Value, out: &mut Hashing) -> serde_json::Result<()> {
+        match v {
+            // serde_json's map iterates in key order (unless its `preserve_order` feature
+            // is on somewhere in the build): sorted only if it does not.
+            serde_json::Value::Object(m) if m.keys().is_sorted() => entries(m.iter(), out),
+            serde_json::Value::Object(m) => {
+                let mut sorted: Vec<_> = m.iter().collect();
+                sorted.sort_by(|a, b| a.0.cmp(b.0));
+                entries(sorted.into_iter(), out)
+            }
+            serde_json::Value::Array(a) => {
+                out.0.update(b"[");
+                for (i, v) in a.iter().enumerate() {
+                    if i > 0 {
+                        out.0.update(b",");
+                    }
+                    canonical(v, out)?;
+                }
+                out.0.update(b"]");
+                Ok(())
+            }
+            scalar => serde_json::to_writer(&mut *out, scalar),
+        }
+    }
+    let mut hashing = Hashing(Sha256::new());
+    canonical(v, &mut hashing).expect("writing into a hash cannot fail");
+    hex::encode(hashing.0.finalize())
 }
 
 #[cfg(test)]
@@ -206,6 +230,59 @@ mod tests {
         assert_eq!(json_sha256(&a), json_sha256(&b));
         assert_ne!(json_sha256(&a), json_sha256(&c));
         assert_eq!(json_sha256(&a).len(), 64);
+    }
+
+    /// The digest is the SHA-256 of the canonical text (keys sorted, no spaces, serde_json's
+    /// escapes and numbers), as every earlier version computed it — the reference below is
+    /// the earlier code — so that a key stored before an upgrade still matches its retry.
+    #[test]
+    fn the_digest_is_that_of_the_canonical_text() {
+        fn reference(v: &serde_json::Value, out: &mut String) {
+            match v {
+                serde_json::Value::Object(m) => {
+                    let mut entries: Vec<_> = m.iter().collect();
+                    entries.sort_by(|a, b| a.0.cmp(b.0));
+                    out.push('{');
+                    for (i, (k, v)) in entries.into_iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        out.push_str(&serde_json::Value::String(k.clone()).to_string());
+                        out.push(':');
+                        reference(v, out);
+                    }
+                    out.push('}');
+                }
+                serde_json::Value::Array(a) => {
+                    out.push('[');
+                    for (i, v) in a.iter().enumerate() {
+                        if i > 0 {
+                            out.push(',');
+                        }
+                        reference(v, out);
+                    }
+                    out.push(']');
+                }
+                other => out.push_str(&other.to_string()),
+            }
+        }
+        let bodies = [
+            r#"{"z":{"y":[1,-2.5,1e300,null,true,false,"\u00e9\"\n\u0001\ud83d\ude00"],"b":{}},"a":[],"é":"x","A":0}"#,
+            r#"{"name":"r","group":"/g","tasks":[{"name":"t","image":"busybox","steps":[{"run":{"command":"true"}}]}]}"#,
+            r#"[]"#,
+            r#""s""#,
+            r#"18446744073709551615"#,
+        ];
+        for body in bodies {
+            let v: serde_json::Value = serde_json::from_str(body).unwrap();
+            let mut text = String::new();
+            reference(&v, &mut text);
+            assert_eq!(json_sha256(&v), hex::encode(Sha256::digest(text.as_bytes())), "{body}");
+        }
+        let v: serde_json::Value =
+            serde_json::from_str(r#"{ "b" : [ 1, {"d":1,"c":"\n"} ], "a" : null }"#).unwrap();
+        let text = r#"{"a":null,"b":[1,{"c":"\n","d":1}]}"#;
+        assert_eq!(json_sha256(&v), hex::encode(Sha256::digest(text.as_bytes())));
     }
 
     #[test]
