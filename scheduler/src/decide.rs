@@ -186,73 +186,81 @@ pub fn decide_run(
     }
 
     if run.phase == RunPhase::Running {
+        // Where each configured task is, for its children to find its status (a DAG only).
+        let position: BTreeMap<&str, usize> = if config.tasks.iter().any(|t| !t.depends.is_empty()) {
+            config.tasks.iter().enumerate().map(|(i, t)| (t.name.as_str(), i)).collect()
+        } else {
+            BTreeMap::new()
+        };
         loop {
             // A pass decides from the statuses it began with (a task skipped in this pass
             // moves its children in the next); it changes only tasks it decides on, each in
             // its own turn, and the loop ends with a pass that changed nothing.
-            let statuses: BTreeMap<&str, TaskStatus> = config
-                .tasks
-                .iter()
-                .filter_map(|t| Some((t.name.as_str(), run.task(&t.name)?.status)))
-                .collect();
+            let statuses: Vec<Option<TaskStatus>> =
+                config.tasks.iter().map(|t| Some(run.task(&t.name)?.status)).collect();
+            let status_of = |name: &str| position.get(name).and_then(|&i| statuses[i]);
             let mut changed = false;
-            for task in &config.tasks {
+            for (task, status) in config.tasks.iter().zip(&statuses) {
                 let name = &task.name;
-                if statuses.get(name.as_str()) != Some(&TaskStatus::Notstarted) || assigned.contains(name) {
+                if *status != Some(TaskStatus::Notstarted) || assigned.contains(name) {
                     continue;
                 }
-                let parents: Option<Vec<TaskStatus>> = task
-                    .depends
-                    .iter()
-                    .map(|d| statuses.get(d.task.as_str()).copied().filter(|s| s.is_final()))
-                    .collect();
+                let parents: Option<Vec<TaskStatus>> =
+                    task.depends.iter().map(|d| status_of(&d.task).filter(|s| s.is_final())).collect();
                 if parents.is_none() && !cur.stop {
                     continue; // waits for a parent to end, untouched
                 }
-                let rt = run.task_mut(name).expect("a run has a status for each configured task");
-                let before = rt.clone();
-                'decide: {
-                    if cur.stop {
-                        rt.status = TaskStatus::Cancelled;
-                        break 'decide;
+                let stored = run.task(name).expect("a run has a status for each configured task");
+                let start = match parents {
+                    _ if cur.stop => Start::Cancel,
+                    Some(parents) if !task.depends.iter().zip(&parents).all(|(d, s)| d.satisfied_by(*s)) => {
+                        Start::Skip
                     }
-                    let Some(parents) = parents else { break 'decide };
-                    if !task.depends.iter().zip(&parents).all(|(d, s)| d.satisfied_by(*s)) {
-                        rt.status = TaskStatus::Skipped;
-                        break 'decide;
-                    }
-                    if task.needs_approval && !before.approved {
-                        if approvers(&before.annotations) >= task.approvers_required as usize {
-                            rt.approved = true;
-                            rt.waiting_approval = false;
+                    _ if task.needs_approval && !stored.approved => {
+                        if approvers(&stored.annotations) >= task.approvers_required as usize {
+                            Start::Approve
+                        } else if !stored.waiting_approval {
+                            Start::AwaitApproval
                         } else {
-                            rt.waiting_approval = true;
+                            continue; // still waits for approvers
                         }
-                        break 'decide;
                     }
-                    match choose_executor(state, task, active, now_ms, settings) {
-                        Choice::Wait => {}
-                        Choice::Fail(why) => {
-                            fail_task(rt, why, now_ms);
-                            rt.setup_step.phase = Phase::Failed;
-                            rt.setup_step.end_time = Some(now_ms);
-                        }
-                        Choice::Executor(executor_id) => {
-                            *active.entry(executor_id.clone()).or_insert(0) += 1;
-                            rt.executor_id = Some(executor_id.clone());
-                            assigned.insert(name.clone());
-                            create_tasks.push(ExecutorTaskSpec {
-                                run_id: cur.id.clone(),
-                                task_name: name.clone(),
-                                executor_id,
-                                stop: false,
-                                generation: 0,
-                                decided_by: None,
-                            });
-                        }
+                    _ => match choose_executor(state, task, active, now_ms, settings) {
+                        Choice::Wait => continue,
+                        Choice::Fail(why) => Start::Fail(why),
+                        Choice::Executor(executor_id) => Start::Assign(executor_id),
+                    },
+                };
+                // Copied into the draft only to change.
+                let rt = run.task_mut(name).expect("looked up above");
+                match start {
+                    Start::Cancel => rt.status = TaskStatus::Cancelled,
+                    Start::Skip => rt.status = TaskStatus::Skipped,
+                    Start::Approve => {
+                        rt.approved = true;
+                        rt.waiting_approval = false;
+                    }
+                    Start::AwaitApproval => rt.waiting_approval = true,
+                    Start::Fail(why) => {
+                        fail_task(rt, why, now_ms);
+                        rt.setup_step.phase = Phase::Failed;
+                        rt.setup_step.end_time = Some(now_ms);
+                    }
+                    Start::Assign(executor_id) => {
+                        *active.entry(executor_id.clone()).or_insert(0) += 1;
+                        rt.executor_id = Some(executor_id.clone());
+                        assigned.insert(name.clone());
+                        create_tasks.push(ExecutorTaskSpec {
+                            run_id: cur.id.clone(),
+                            task_name: name.clone(),
+                            executor_id,
+                            stop: false,
+                            generation: 0,
+                            decided_by: None,
+                        });
                     }
                 }
-                changed |= *rt != before;
+                changed = true;
             }
             if !changed {
                 break;
@@ -352,6 +360,16 @@ enum Choice {
     Executor(String),
     Wait,
     Fail(String),
+}
+
+/// What a pass does to a task that has not started; each one changes the task.
+enum Start {
+    Cancel,
+    Skip,
+    Approve,
+    AwaitApproval,
+    Fail(String),
+    Assign(String),
 }
 
 /// The least loaded live executor that supports the task's arch and has room; if
