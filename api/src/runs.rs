@@ -517,15 +517,13 @@ pub(crate) async fn set_task_statuses(ctx: &Ctx, id: &str, req: &Request<'_>) ->
 pub(crate) async fn executor_tasks(ctx: &Ctx, id: &str, req: &Request<'_>) -> Result<Reply, ApiError> {
     let since = req.number("since")?.unwrap_or(0);
     let wait_ms = req.number("wait_ms")?.unwrap_or(0).min(MAX_LONG_POLL_MS);
-    let data_for = match req.query.get("data").map(String::as_str) {
-        None | Some("all") => TaskDataFor::All,
-        Some("notstarted") => TaskDataFor::NotStarted,
-        Some(other) => {
-            return Err(ApiError::bad_request(format!(
-                "query parameter data={other:?}: expected \"all\" or \"notstarted\""
-            )))
-        }
-    };
+    let data = req.query.get("data").map(String::as_str);
+    let data_for = TaskDataFor::from_query(data).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "query parameter data={:?}: expected \"all\" or \"notstarted\"",
+            data.unwrap_or_default()
+        ))
+    })?;
     read_barrier(ctx, req).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(wait_ms);
     let mut changed = ctx.node.state.watch_executor(id);

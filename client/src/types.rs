@@ -262,6 +262,13 @@ impl TaskDataFor {
             TaskDataFor::NotStarted => "notstarted",
         }
     }
+
+    /// The `data` query parameter read back: absent is [`TaskDataFor::All`], a value no
+    /// variant writes is `None`.
+    pub fn from_query(value: Option<&str>) -> Option<TaskDataFor> {
+        let Some(value) = value else { return Some(TaskDataFor::All) };
+        [TaskDataFor::All, TaskDataFor::NotStarted].into_iter().find(|d| d.as_query() == value)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -414,4 +421,20 @@ pub struct IndexDumped {
     pub key: String,
     pub runs: u64,
     pub bytes: u64,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_data_parameter_reads_back_what_it_writes() {
+        for d in [TaskDataFor::All, TaskDataFor::NotStarted] {
+            assert_eq!(TaskDataFor::from_query(Some(d.as_query())), Some(d));
+        }
+        assert_eq!(TaskDataFor::from_query(None), Some(TaskDataFor::All), "absent: every task's");
+        for bad in ["", "some", "All", "notstarted "] {
+            assert_eq!(TaskDataFor::from_query(Some(bad)), None, "{bad:?}");
+        }
+    }
 }
