@@ -362,7 +362,8 @@ enum Choice {
     Fail(String),
 }
 
-/// What a pass does to a task that has not started; each one changes the task.
+/// What a pass does to a task that has not started: each one changes the task (`Assign`
+/// also hands it to an executor), so a pass that makes one is followed by another.
 enum Start {
     Cancel,
     Skip,
