@@ -520,8 +520,10 @@ pub(crate) async fn executor_tasks(ctx: &Ctx, id: &str, req: &Request<'_>) -> Re
     let data = req.query.get("data").map(String::as_str);
     let data_for = TaskDataFor::from_query(data).ok_or_else(|| {
         ApiError::bad_request(format!(
-            "query parameter data={:?}: expected \"all\" or \"notstarted\"",
-            data.unwrap_or_default()
+            "query parameter data={:?}: expected {:?} or {:?}",
+            data.unwrap_or_default(),
+            TaskDataFor::All.as_query(),
+            TaskDataFor::NotStarted.as_query()
         ))
     })?;
     read_barrier(ctx, req).await?;
