@@ -547,12 +547,11 @@ pub(crate) async fn executor_tasks(ctx: &Ctx, id: &str, req: &Request<'_>) -> Re
                     .filter_map(|t| {
                         let run = state.runs.get(&t.spec.run_id)?;
                         let config = state.run_configs.get(&t.spec.run_id)?;
-                        config.task(&t.spec.task_name)?;
+                        let task = config.task(&t.spec.task_name)?;
                         // Built only where it is asked for: it is most of a listing's
                         // bytes, and carries the registry credentials.
                         let wanted = data_for == TaskDataFor::All || t.status.phase == Phase::Notstarted;
-                        let data =
-                            if wanted { Some(task_data(run, config, &t.spec.task_name)?) } else { None };
+                        let data = wanted.then(|| task_data(run, config, task));
                         let spec = ExecutorTaskSpecView { spec: t.spec.clone(), data };
                         Some(ExecutorTaskView { id: t.id.clone(), spec, status: t.status.clone() })
                     })

@@ -194,9 +194,9 @@ pub struct TaskData {
     pub docker_registries_auth: BTreeMap<String, crate::pod::RegistryAuth>,
 }
 
-/// Builds the data an executor needs for `task_name` of `run`; `None` if the task is unknown.
-pub fn task_data(run: &Run, config: &RunConfig, task_name: &str) -> Option<TaskData> {
-    let task = config.task(task_name)?;
+/// Builds the data an executor needs for `task` (one of `config`'s tasks) of `run`.
+pub fn task_data(run: &Run, config: &RunConfig, task: &crate::run::TaskConfig) -> TaskData {
+    let task_name = task.name.as_str();
     let mut environment = config.static_environment.clone();
     environment.extend(config.environment.clone());
     environment.extend(task.environment.clone());
@@ -240,7 +240,7 @@ pub fn task_data(run: &Run, config: &RunConfig, task_name: &str) -> Option<TaskD
     let containers = crate::pod::pod_of(task);
     let mut docker_registries_auth = config.docker_registries_auth.clone();
     docker_registries_auth.extend(task.docker_registries_auth.clone());
-    Some(TaskData {
+    TaskData {
         run_name: run.name.clone(),
         group: run.group.clone(),
         image: containers[0].image.clone(),
@@ -256,7 +256,7 @@ pub fn task_data(run: &Run, config: &RunConfig, task_name: &str) -> Option<TaskD
         containers,
         timeout_s: task.timeout_s.map(|t| t.max(1) as u64),
         docker_registries_auth,
-    })
+    }
 }
 
 /// Level of every task: 0 for roots, else 1 + the highest parent level. Iterative
