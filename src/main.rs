@@ -509,7 +509,22 @@ async fn shutdown_signal() {
 #[global_allocator]
 static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
+/// Transparent huge pages off for this process (and anything it starts). mimalloc asks
+/// for them on its arenas (`madvise(MADV_HUGEPAGE)`), and a huge page is resident whole
+/// once any byte of it is touched: an idle node held 45 MiB of them for 4 MiB of heap, a
+/// leader after 100,000 archived runs 141 MiB instead of 100; and where free memory is
+/// fragmented the kernel compacts it to make them, on the allocating thread
+/// (docs/benchmarks.md, "Transparent huge pages"). Set before anything big is allocated:
+/// the flag holds for every later page fault.
+fn no_transparent_huge_pages() {
+    #[cfg(target_os = "linux")]
+    if let Err(e) = nix::sys::prctl::set_thp_disable(true) {
+        eprintln!("warning: could not turn transparent huge pages off: {e}");
+    }
+}
+
 fn main() -> ExitCode {
+    no_transparent_huge_pages();
     let args: Vec<std::ffi::OsString> = std::env::args_os().collect();
     let mut command = Cli::command();
     if let Some(path) = config_file::path_from(&args) {
