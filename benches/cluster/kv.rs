@@ -52,6 +52,12 @@ pub async fn run(quick: bool, clients: &[usize]) -> Outcome {
             (|s| etcd_writes(&etcd_kv, &value, n, s, slice_len), &procs.1),
         )
         .await;
+        if let Some(dir) = std::env::var_os("FLOTILLA_BENCH_TRACE") {
+            for (side, sample) in [("flotilla", &fw), ("etcd", &ew)] {
+                let path = std::path::Path::new(&dir).join(format!("{side}-{n}.txt"));
+                sample.write_trace(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
+            }
+        }
         let (f, e) = (fw.stats(), ew.stats());
         print_point("write", n, &f, &e);
         print_cpu(n, (&f, &fcpu), (&e, &ecpu));

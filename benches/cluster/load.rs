@@ -1,9 +1,14 @@
 //! The load generator both systems get: N concurrent clients, each doing one operation after
 //! another for a fixed time; every operation's latency is kept, so that several slices of
 //! load (see `kv`, which alternates the two systems) add up to one figure.
+//!
+//! `FLOTILLA_BENCH_TRACE=DIR` (diagnosis): `kv` writes every operation of its write points
+//! to `DIR/{flotilla,etcd}-{clients}.txt`, one line each: when it started (µs since the
+//! Unix epoch, to line up with the nodes' logs) and its latency (µs).
 
 use std::future::Future;
-use std::time::{Duration, Instant};
+use std::path::Path;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub struct Stats {
     /// Operations done, over every slice.
@@ -15,28 +20,43 @@ pub struct Stats {
     pub p99_ms: f64,
 }
 
-/// What one or more slices of load measured: time under load and every latency.
+/// What one or more slices of load measured: time under load, and every operation's
+/// start and latency.
 #[derive(Default)]
 pub struct Sample {
     elapsed: Duration,
-    latencies: Vec<Duration>,
+    ops: Vec<(Instant, Duration)>,
 }
 
 impl Sample {
     pub fn add(&mut self, other: Sample) {
         self.elapsed += other.elapsed;
-        self.latencies.extend(other.latencies);
+        self.ops.extend(other.ops);
     }
 
-    pub fn stats(mut self) -> Stats {
-        self.latencies.sort();
-        let all = &self.latencies;
+    /// Writes every operation, in the order they started, as `start_µs latency_µs` lines
+    /// (the start since the Unix epoch).
+    pub fn write_trace(&self, path: &Path) -> std::io::Result<()> {
+        let (now, wall) = (Instant::now(), SystemTime::now());
+        let mut ops = self.ops.clone();
+        ops.sort();
+        let mut out = String::with_capacity(ops.len() * 24);
+        for (start, latency) in ops {
+            let since_epoch = (wall - (now - start)).duration_since(UNIX_EPOCH).unwrap_or_default();
+            out.push_str(&format!("{} {}\n", since_epoch.as_micros(), latency.as_micros()));
+        }
+        std::fs::write(path, out)
+    }
+
+    pub fn stats(self) -> Stats {
+        let mut all: Vec<Duration> = self.ops.iter().map(|(_, latency)| *latency).collect();
+        all.sort();
         Stats {
             ops: all.len() as f64,
             secs: self.elapsed.as_secs_f64(),
             ops_per_s: all.len() as f64 / self.elapsed.as_secs_f64(),
-            p50_ms: percentile_ms(all, 0.5),
-            p99_ms: percentile_ms(all, 0.99),
+            p50_ms: percentile_ms(&all, 0.5),
+            p99_ms: percentile_ms(&all, 0.99),
         }
     }
 }
@@ -55,25 +75,25 @@ where
         .map(|c| {
             let op = op.clone();
             tokio::spawn(async move {
-                let mut latencies = Vec::with_capacity(4096);
+                let mut ops = Vec::with_capacity(4096);
                 let mut i = 0u64;
                 while Instant::now() < deadline {
                     let t = Instant::now();
                     if let Err(e) = op(c, i).await {
                         panic!("client {c}, operation {i}: {e}");
                     }
-                    latencies.push(t.elapsed());
+                    ops.push((t, t.elapsed()));
                     i += 1;
                 }
-                latencies
+                ops
             })
         })
         .collect();
-    let mut all: Vec<Duration> = Vec::new();
+    let mut all = Vec::new();
     for t in tasks {
         all.extend(t.await.expect("a load client panicked"));
     }
-    Sample { elapsed: start.elapsed(), latencies: all }
+    Sample { elapsed: start.elapsed(), ops: all }
 }
 
 /// The `p` quantile (nearest rank) of sorted durations, in milliseconds; NaN when empty.

@@ -2,7 +2,8 @@
 //! way leaves at once, alone; those made while one request is out go in the next one,
 //! together, each caller getting its own outcome. Under load one request carries many
 //! calls instead of one request each (issue 24); a lone call pays nothing but a hop
-//! through the loop's task.
+//! through the loop's task. After a request the loop lets the callers it answered run
+//! before it gathers the next one, so that callers who call again at once stay together.
 //!
 //! One request is out at a time, so calls leave in the order they were made. A request
 //! carries at most [`Rules::items`] calls and [`Rules::bytes`] of body (a call bigger than
@@ -15,6 +16,10 @@ use futures::FutureExt;
 use tokio::sync::{mpsc, oneshot};
 
 use crate::ClientError;
+
+/// The most turns the loop yields, after a request, for the callers it answered to call
+/// again (see `send_loop`).
+const GATHER_TURNS: usize = 8;
 
 pub(crate) type Outcome<O> = Result<O, ClientError>;
 
@@ -129,6 +134,21 @@ async fn send_loop<T, O: Clone, S, F>(
                 let _ = reply.send(outcome.clone());
             }
         }
+        // The callers just answered are woken now, and a caller in a loop calls again at
+        // once: let them run before the next request is gathered, so that their calls join
+        // those that queued meanwhile — as long as calls keep coming (a few turns at most).
+        // Without this the first caller back found the loop waiting and went alone, the
+        // rest queued behind its request, and the load split into two groups taking turns,
+        // each call waiting for a request of the other group before its own (issue 24: at
+        // 64 writers, batches of 63 and 1 alternating).
+        let mut queued = rx.len();
+        for _ in 0..GATHER_TURNS {
+            tokio::task::yield_now().await;
+            if rx.len() == queued || rx.len() >= rules.items {
+                break;
+            }
+            queued = rx.len();
+        }
     }
 }
 
@@ -137,4 +157,54 @@ async fn send_loop<T, O: Clone, S, F>(
 pub(crate) fn json_len(item: &impl serde::Serialize, otherwise: usize) -> usize {
     let mut count = flotilla_store::count::ByteCount::default();
     serde_json::to_writer(&mut count, item).map_or(otherwise, |_| count.0 + 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use super::*;
+
+    /// Callers in a loop, each calling again as soon as it is answered (the kv benchmark's
+    /// writers), on a multi-threaded runtime (where a woken task runs next on its worker):
+    /// once every caller is in, each request carries all of them — the load does not split
+    /// into groups taking turns.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn callers_answered_together_call_again_together() {
+        const CALLERS: usize = 16;
+        const ROUNDS: usize = 40;
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let rules = Rules { items: 256, bytes: 1 << 20, joins: |_, _| true, group: each_alone };
+        let recorded = sizes.clone();
+        let queue: Coalescer<usize, ()> = Coalescer::start(rules, move |items: Vec<usize>| {
+            recorded.lock().unwrap().push(items.len());
+            async move {
+                tokio::time::sleep(Duration::from_millis(1)).await;
+                Ok(items.iter().map(|_| Ok(())).collect())
+            }
+        });
+        let callers: Vec<_> = (0..CALLERS)
+            .map(|c| {
+                let queue = queue.clone();
+                tokio::spawn(async move {
+                    for _ in 0..ROUNDS {
+                        queue.submit(c, 1).map_err(|_| "the loop is gone").unwrap().await.unwrap().unwrap();
+                    }
+                })
+            })
+            .collect();
+        for c in callers {
+            c.await.unwrap();
+        }
+        let sizes = sizes.lock().unwrap().clone();
+        assert_eq!(sizes.iter().sum::<usize>(), CALLERS * ROUNDS);
+        // Split into two groups, the same calls would take about twice as many requests.
+        let full = sizes.iter().filter(|&&n| n == CALLERS).count();
+        assert!(
+            full >= ROUNDS - 5,
+            "requests of all {CALLERS} callers: {full} of {}: {sizes:?}",
+            sizes.len()
+        );
+    }
 }
